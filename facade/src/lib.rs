@@ -1,0 +1,326 @@
+//! The public, blocking API of the odissey pooler.
+//!
+//! A [`Handle`] is a thin RPC client: every method wraps a [`Request`] in a
+//! [`Call`], hands it to the backend's polled channel (the system thread's
+//! reactor), and blocks until the matching [`Reply`] comes back. Programs
+//! that embed odissey, the `odissey` binary and the integration tests all
+//! drive the pooler through this one type; `odissey::spawn()` or
+//! `odissey::start()` give you one.
+//!
+//! Dropping a handle shuts the pooler down (immediately) and joins its
+//! threads; call [`Handle::shutdown`] for a graceful stop.
+#![deny(missing_docs)]
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Where a configuration comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// TOML text.
+    Toml(String),
+    /// A TOML file, re-read on every reload.
+    File(PathBuf),
+}
+
+/// What a caller asks of the backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Request {
+    /// Parse and validate the config, bind the listeners, start the workers.
+    Start(ConfigSource),
+    /// Apply a new config (`None`: re-read the file given at start). New
+    /// settings apply to new work; what is running keeps its settings.
+    Reload(Option<ConfigSource>),
+    /// Report listeners and per-route counters.
+    Inspect,
+    /// Stop accepting, let running transactions finish for up to `grace`,
+    /// then close everything and stop the threads.
+    Shutdown {
+        /// How long running transactions get to finish.
+        grace: Duration,
+    },
+}
+
+/// What the backend answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reply {
+    /// The pooler runs and listens on these addresses.
+    Started(Started),
+    /// The new config is in place.
+    Reloaded,
+    /// A snapshot of the pooler's state.
+    Inspected(Inspection),
+    /// Everything is closed; the backend thread is about to exit.
+    ShutDown,
+    /// The request failed.
+    Failed(Error),
+}
+
+/// One request in flight: the backend answers on `reply` with the same id.
+#[derive(Debug)]
+pub struct Call {
+    /// Echoed in the reply so a stray reply is detected, not trusted.
+    pub id: u64,
+    /// What is asked.
+    pub request: Request,
+    /// Where the answer goes.
+    pub reply: mpsc::Sender<(u64, Reply)>,
+}
+
+impl Call {
+    /// Sends the answer; the caller may have given up, which is fine.
+    pub fn answer(self, reply: Reply) {
+        let _ = self.reply.send((self.id, reply));
+    }
+}
+
+/// The result of a successful start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    /// TCP addresses actually bound (port 0 resolved).
+    pub tcp: Vec<SocketAddr>,
+    /// Unix-domain socket paths bound.
+    pub unix: Vec<PathBuf>,
+    /// Worker threads hosting clients.
+    pub workers: usize,
+}
+
+/// A snapshot of the pooler.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inspection {
+    /// TCP addresses bound.
+    pub tcp: Vec<SocketAddr>,
+    /// Unix-domain socket paths bound.
+    pub unix: Vec<PathBuf>,
+    /// Worker threads.
+    pub workers: usize,
+    /// Clients connected, in total.
+    pub clients: usize,
+    /// One entry per route that has had clients or servers.
+    pub routes: Vec<RouteStats>,
+}
+
+impl Inspection {
+    /// The route for (database, user) as configured (names as in the config,
+    /// e.g. "default").
+    pub fn route(&self, database: &str, user: &str) -> Option<&RouteStats> {
+        self.routes
+            .iter()
+            .find(|r| r.database == database && r.user == user)
+    }
+}
+
+/// Counters of one route's pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteStats {
+    /// Database name of the route (as configured).
+    pub database: String,
+    /// User name of the route (as configured).
+    pub user: String,
+    /// "session" or "transaction".
+    pub pool_mode: String,
+    /// Clients of this route that are not waiting for a server.
+    pub clients_active: usize,
+    /// Clients waiting for a server connection.
+    pub clients_waiting: usize,
+    /// Server connections attached to a client.
+    pub servers_active: usize,
+    /// Server connections idle in the pool.
+    pub servers_idle: usize,
+    /// Server connections being opened (connect, login, reset).
+    pub servers_login: usize,
+    /// The route's pool_size (0 = unlimited).
+    pub pool_size: usize,
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid; the message names the key.
+    Config(String),
+    /// A socket or file operation failed.
+    Io(String),
+    /// `start` on a running pooler.
+    AlreadyStarted,
+    /// A request that needs a running pooler before `start`.
+    NotStarted,
+    /// The backend has stopped.
+    Stopped,
+    /// The backend answered something that doesn't fit the request.
+    UnexpectedReply(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Config(m) => write!(f, "invalid configuration: {m}"),
+            Self::Io(m) => write!(f, "I/O error: {m}"),
+            Self::AlreadyStarted => f.write_str("the pooler is already started"),
+            Self::NotStarted => f.write_str("the pooler is not started"),
+            Self::Stopped => f.write_str("the pooler has stopped"),
+            Self::UnexpectedReply(m) => write!(f, "unexpected reply from the pooler: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Delivers a call to the backend; false when the backend is gone.
+pub type Mailbox = Box<dyn Fn(Call) -> bool + Send + Sync>;
+
+/// The blocking handle on a running (or about to run) pooler.
+pub struct Handle {
+    mailbox: Mailbox,
+    thread: Option<JoinHandle<()>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handle").finish_non_exhaustive()
+    }
+}
+
+impl Handle {
+    /// Wraps a backend: `mailbox` delivers calls to it and `thread` is the
+    /// thread to join at shutdown. Backends call this; users get a handle
+    /// from `odissey::spawn()`.
+    pub fn new(mailbox: Mailbox, thread: JoinHandle<()>) -> Self {
+        Self {
+            mailbox,
+            thread: Some(thread),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// Sends one request and waits for its reply.
+    pub fn call(&self, request: Request) -> Result<Reply, Error> {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        if !(self.mailbox)(Call {
+            id,
+            request,
+            reply: tx,
+        }) {
+            return Err(Error::Stopped);
+        }
+        match rx.recv() {
+            Ok((rid, reply)) if rid == id => Ok(reply),
+            Ok((rid, _)) => Err(Error::UnexpectedReply(format!(
+                "reply to request {rid} while waiting for {id}"
+            ))),
+            Err(_) => Err(Error::Stopped),
+        }
+    }
+
+    /// Starts the pooler from a config; returns the addresses bound.
+    pub fn start(&self, config: ConfigSource) -> Result<Started, Error> {
+        match self.call(Request::Start(config))? {
+            Reply::Started(s) => Ok(s),
+            Reply::Failed(e) => Err(e),
+            other => Err(Error::UnexpectedReply(format!("{other:?}"))),
+        }
+    }
+
+    /// Applies a new config, or re-reads the start file when `None`.
+    pub fn reload(&self, config: Option<ConfigSource>) -> Result<(), Error> {
+        match self.call(Request::Reload(config))? {
+            Reply::Reloaded => Ok(()),
+            Reply::Failed(e) => Err(e),
+            other => Err(Error::UnexpectedReply(format!("{other:?}"))),
+        }
+    }
+
+    /// A snapshot of listeners and pools.
+    pub fn inspect(&self) -> Result<Inspection, Error> {
+        match self.call(Request::Inspect)? {
+            Reply::Inspected(i) => Ok(i),
+            Reply::Failed(e) => Err(e),
+            other => Err(Error::UnexpectedReply(format!("{other:?}"))),
+        }
+    }
+
+    /// Graceful shutdown: stop accepting, give running transactions up to
+    /// `grace`, close everything, join the threads.
+    pub fn shutdown(mut self, grace: Duration) -> Result<(), Error> {
+        self.stop(grace)
+    }
+
+    fn stop(&mut self, grace: Duration) -> Result<(), Error> {
+        let result = match self.call(Request::Shutdown { grace }) {
+            Ok(Reply::ShutDown) | Err(Error::Stopped) => Ok(()),
+            Ok(Reply::Failed(e)) => Err(e),
+            Ok(other) => Err(Error::UnexpectedReply(format!("{other:?}"))),
+            Err(e) => Err(e),
+        };
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                return Err(Error::Stopped);
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.stop(Duration::ZERO);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A toy backend answering on its own thread, to check the RPC plumbing.
+    fn toy() -> Handle {
+        let (tx, rx) = mpsc::channel::<Call>();
+        let t = std::thread::spawn(move || {
+            while let Ok(call) = rx.recv() {
+                let reply = match &call.request {
+                    Request::Inspect => Reply::Inspected(Inspection {
+                        workers: 3,
+                        ..Inspection::default()
+                    }),
+                    Request::Reload(_) => Reply::Failed(Error::Config("nope".into())),
+                    Request::Shutdown { .. } => {
+                        call.answer(Reply::ShutDown);
+                        return;
+                    }
+                    Request::Start(_) => Reply::Reloaded, // wrong on purpose
+                };
+                call.answer(reply);
+            }
+        });
+        Handle::new(Box::new(move |c| tx.send(c).is_ok()), t)
+    }
+
+    #[test]
+    fn replies_map_to_results() {
+        let h = toy();
+        assert_eq!(h.inspect().unwrap().workers, 3);
+        assert_eq!(h.reload(None), Err(Error::Config("nope".into())));
+        assert!(matches!(
+            h.start(ConfigSource::Toml(String::new())),
+            Err(Error::UnexpectedReply(_))
+        ));
+        h.shutdown(Duration::ZERO).unwrap();
+    }
+
+    #[test]
+    fn drop_shuts_down_and_joins() {
+        let h = toy();
+        drop(h);
+    }
+}

@@ -1,0 +1,139 @@
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use mio::event::Source;
+use mio::net::{TcpListener, UnixListener};
+use mio::{Interest, Registry, Token};
+use socket2::{Domain, Socket, Type};
+
+use crate::stream::{Peer, Stream};
+
+/// What a listener is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerAddr {
+    /// A TCP address (with the real port when 0 was asked for).
+    Tcp(SocketAddr),
+    /// A Unix-domain socket path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// A non-blocking listening socket of either kind.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix-domain socket.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds a TCP listener with SO_REUSEADDR (a restart must not wait for
+    /// TIME_WAIT) and the given backlog.
+    pub fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<Self> {
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        sock.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            sock.set_only_v6(true)?;
+        }
+        sock.set_nonblocking(true)?;
+        sock.bind(&addr.into())?;
+        sock.listen(backlog)?;
+        Ok(Self::Tcp(TcpListener::from_std(sock.into())))
+    }
+
+    /// Binds a Unix-domain listener, replacing a stale socket file.
+    pub fn bind_unix(path: &Path) -> io::Result<Self> {
+        if path.exists() {
+            std::fs::remove_file(path)?;
+        }
+        Ok(Self::Unix(UnixListener::bind(path)?, path.to_path_buf()))
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> io::Result<ListenerAddr> {
+        match self {
+            Self::Tcp(l) => l.local_addr().map(ListenerAddr::Tcp),
+            Self::Unix(_, p) => Ok(ListenerAddr::Unix(p.clone())),
+        }
+    }
+
+    /// Accepts one pending connection; `Ok(None)` when none is pending.
+    pub fn accept(&self) -> io::Result<Option<(Stream, Peer)>> {
+        let r = match self {
+            Self::Tcp(l) => l.accept().map(|(s, a)| (Stream::Tcp(s), Peer::Tcp(a))),
+            Self::Unix(l, _) => l.accept().map(|(s, _)| (Stream::Unix(s), Peer::Unix)),
+        };
+        match r {
+            Ok(x) => Ok(Some(x)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Self::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Source for Listener {
+    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Self::Tcp(l) => l.register(r, t, i),
+            Self::Unix(l, _) => l.register(r, t, i),
+        }
+    }
+    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Self::Tcp(l) => l.reregister(r, t, i),
+            Self::Unix(l, _) => l.reregister(r, t, i),
+        }
+    }
+    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
+        match self {
+            Self::Tcp(l) => l.deregister(r),
+            Self::Unix(l, _) => l.deregister(r),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_port_zero_reports_the_real_port() {
+        let l = Listener::bind_tcp("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let ListenerAddr::Tcp(a) = l.local_addr().unwrap() else {
+            panic!("tcp")
+        };
+        assert_ne!(a.port(), 0);
+        assert!(l.accept().unwrap().is_none());
+        let _c = std::net::TcpStream::connect(a).unwrap();
+        // The connection may take a moment to be queued.
+        let mut got = None;
+        for _ in 0..100 {
+            got = l.accept().unwrap();
+            if got.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let (s, peer) = got.expect("accepted");
+        assert!(matches!(peer, Peer::Tcp(_)));
+        s.tune(Some(std::time::Duration::from_secs(60))).unwrap();
+    }
+}
