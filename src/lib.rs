@@ -1,1 +1,43 @@
-//! odissey
+//! odissey: a multi-threaded PostgreSQL connection pooler and request router.
+//!
+//! Embed it through the blocking [`Handle`]:
+//!
+//! ```no_run
+//! let handle = odissey::start(odissey::ConfigSource::File("odissey.toml".into()))?;
+//! println!("{:?}", handle.inspect()?.tcp);
+//! handle.shutdown(std::time::Duration::from_secs(30))?;
+//! # Ok::<(), odissey::Error>(())
+//! ```
+//!
+//! See DESIGN.md for the threads, the modules and the path of a query.
+
+mod auth;
+mod backend_login;
+mod client;
+mod cmd;
+pub mod config;
+mod ids;
+mod io;
+pub mod logging;
+mod relay;
+mod router;
+mod server;
+mod system;
+mod worker;
+
+pub use odissey_facade as facade;
+pub use odissey_facade::{
+    ConfigSource, Error, Handle, Inspection, Reply, Request, RouteStats, Started,
+};
+
+/// Spawns the system thread, idle until [`Handle::start`].
+pub fn spawn() -> Result<Handle, Error> {
+    system::spawn_system().map_err(|e| Error::Io(e.to_string()))
+}
+
+/// Spawns the pooler and starts it from `config`.
+pub fn start(config: ConfigSource) -> Result<Handle, Error> {
+    let handle = spawn()?;
+    handle.start(config)?;
+    Ok(handle)
+}

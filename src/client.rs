@@ -1,0 +1,56 @@
+//! A client (frontend) connection and its states.
+
+use odissey_reactor::Key;
+
+use crate::auth::{Identity, Login};
+use crate::ids::ConnId;
+use crate::io::Io;
+use crate::relay::Relay;
+use crate::router::PoolKey;
+
+/// What a client connection waits for.
+#[derive(Debug)]
+pub(crate) enum ClientState {
+    /// Its startup packet and password.
+    Login(Login),
+    /// Its next request; it holds no server (transaction pooling).
+    Idle,
+    /// A server from the router.
+    Waiting,
+    /// Traffic to and from its server.
+    Linked,
+}
+
+impl ClientState {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Login(_) => "Login",
+            Self::Idle => "Idle",
+            Self::Waiting => "Waiting",
+            Self::Linked => "Linked",
+        }
+    }
+}
+
+/// One client connection.
+#[derive(Debug)]
+pub(crate) struct Client {
+    pub(crate) id: ConnId,
+    pub(crate) io: Io,
+    pub(crate) state: ClientState,
+    pub(crate) who: Option<Box<Identity>>,
+    pub(crate) pool: Option<PoolKey>,
+    pub(crate) server: Option<Key>,
+    /// Walks the client's input to count requests and spot Terminate.
+    pub(crate) relay: Relay,
+    /// ReadyForQuery messages the server still owes (one per Query, Sync,
+    /// FunctionCall forwarded).
+    pub(crate) pending: usize,
+    /// Extended-protocol messages forwarded since the last Sync: the server
+    /// is mid-pipeline even if its last status was idle.
+    pub(crate) unsynced: bool,
+    /// Sent ParameterStatus/BackendKeyData/ReadyForQuery already.
+    pub(crate) greeted: bool,
+    /// Refuse after the startup packet (client_max reached).
+    pub(crate) reject: bool,
+}

@@ -1,0 +1,93 @@
+//! Commands between threads. `SysCmd` goes to the system thread (facade
+//! calls, and workers' requests and reports to the router); `WorkerCmd` goes
+//! to a worker (new clients, grants, migrations, lifecycle).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use odissey_facade::Call;
+use odissey_reactor::Key;
+use odissey_transport::{Peer, Stream};
+
+use crate::config::{Config, ResolvedRoute};
+use crate::router::{Lease, PoolKey, ServerWas, WorkerId};
+use crate::server::Server;
+
+/// To the system thread.
+pub(crate) enum SysCmd {
+    /// A facade request.
+    Facade(Call),
+    /// A client logged in on a pool.
+    ClientOpened {
+        pool: PoolKey,
+        route: Arc<ResolvedRoute>,
+    },
+    /// A client left (`pool` when it had logged in).
+    ClientClosed { pool: Option<PoolKey> },
+    /// A client needs a server.
+    Attach {
+        pool: PoolKey,
+        route: Arc<ResolvedRoute>,
+        worker: WorkerId,
+        client: Key,
+    },
+    /// A waiting client no longer needs one.
+    Abandon {
+        pool: PoolKey,
+        worker: WorkerId,
+        client: Key,
+    },
+    /// A new server finished its login.
+    ServerUp { pool: PoolKey },
+    /// A server is idle and clean on `worker`.
+    Release {
+        pool: PoolKey,
+        worker: WorkerId,
+        server: Key,
+    },
+    /// A server closed.
+    ServerClosed {
+        pool: PoolKey,
+        worker: WorkerId,
+        server: Option<Key>,
+        was: ServerWas,
+    },
+    /// A ship request found its server gone: find the client another.
+    ShipFailed {
+        pool: PoolKey,
+        to: WorkerId,
+        client: Key,
+    },
+    /// A draining worker has no connections left and has stopped.
+    Drained { worker: WorkerId },
+}
+
+/// To a worker.
+pub(crate) enum WorkerCmd {
+    /// A new client socket; `reject` when client_max is reached.
+    Accept {
+        stream: Stream,
+        peer: Peer,
+        reject: bool,
+    },
+    /// The router gave `client` a server.
+    Granted { client: Key, lease: Lease },
+    /// Hand idle `server` to `client` on worker `to`.
+    Ship {
+        server: Key,
+        to: WorkerId,
+        client: Key,
+        pool: PoolKey,
+    },
+    /// A server moved here from another worker for `client`.
+    Adopt { server: Box<Server>, client: Key },
+    /// `client` waited pool_timeout for nothing.
+    PoolTimeout { client: Key },
+    /// Close idle `server` (its pool was retired by a reload).
+    CloseIdle { server: Key },
+    /// A new config for new clients.
+    Configure(Arc<Config>),
+    /// Graceful shutdown: close clients between transactions, everything
+    /// at the deadline, then stop.
+    Drain { deadline: Instant },
+}

@@ -1,0 +1,471 @@
+//! The configuration: TOML, parsed and validated outside the reactors.
+//!
+//! Names follow Odyssey's. A route is `[database.<db>.user.<user>]`; the name
+//! `default` matches any database or user. Validation errors name the key at
+//! fault and, where it can be found in the source, its line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+/// Why a config was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// `workers = 4` or `workers = "auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Workers {
+    /// A fixed count.
+    Count(usize),
+    /// `"auto"`: one per core.
+    Auto(AutoWord),
+}
+
+/// The word "auto".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AutoWord {
+    /// one per core
+    #[serde(rename = "auto")]
+    Auto,
+}
+
+impl Default for Workers {
+    fn default() -> Self {
+        Self::Auto(AutoWord::Auto)
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Reactor threads hosting clients.
+    #[serde(default)]
+    pub workers: Workers,
+    /// Clients in total; beyond it new clients get SQLSTATE 53300. 0 = no limit.
+    #[serde(default)]
+    pub client_max: usize,
+    /// Debug logging.
+    #[serde(default)]
+    pub log_debug: bool,
+    /// Milliseconds a graceful shutdown waits for running transactions.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: u64,
+    /// Seconds of TCP idleness before keepalive probes (0 = off).
+    #[serde(default = "default_keepalive")]
+    pub keepalive: u64,
+    /// Largest protocol message accepted from a client, in bytes.
+    #[serde(default = "default_max_message")]
+    pub max_message_size: usize,
+    /// Listening sockets.
+    #[serde(default)]
+    pub listen: Vec<Listen>,
+    /// Named backends.
+    #[serde(default)]
+    pub storage: BTreeMap<String, Storage>,
+    /// Routes: database name -> users.
+    #[serde(default)]
+    pub database: BTreeMap<String, Database>,
+}
+
+fn default_shutdown_timeout() -> u64 {
+    30_000
+}
+fn default_keepalive() -> u64 {
+    60
+}
+fn default_max_message() -> usize {
+    64 * 1024 * 1024
+}
+
+/// One `[[listen]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Address to bind; default 127.0.0.1. Omit with `unix_socket` only.
+    pub host: Option<String>,
+    /// TCP port (0 = any free port).
+    pub port: Option<u16>,
+    /// Path of a Unix-domain socket to listen on.
+    pub unix_socket: Option<String>,
+    /// listen(2) backlog.
+    #[serde(default = "default_backlog")]
+    pub backlog: i32,
+}
+
+fn default_backlog() -> i32 {
+    1024
+}
+
+/// The kind of a storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageType {
+    /// A PostgreSQL server.
+    Remote,
+}
+
+/// One `[storage.<name>]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Storage {
+    /// Only "remote" for now ("local", the console, arrives later).
+    #[serde(rename = "type")]
+    pub kind: StorageType,
+    /// Server host name or address; default 127.0.0.1.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Server port; default 5432.
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// Connect through this Unix-socket directory instead of TCP
+    /// (the socket is `<dir>/.s.PGSQL.<port>`).
+    pub unix_socket_dir: Option<String>,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_pg_port() -> u16 {
+    5432
+}
+
+/// `[database.<db>]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    /// Users of that database.
+    #[serde(default)]
+    pub user: BTreeMap<String, Route>,
+}
+
+/// How clients of a route prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Authentication {
+    /// No password asked.
+    None,
+    /// Cleartext password.
+    ClearText,
+    /// md5 challenge.
+    Md5,
+}
+
+/// Pool mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A client keeps its server connection until it leaves.
+    Session,
+    /// The server connection returns to the pool after each transaction.
+    Transaction,
+}
+
+impl PoolMode {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::Transaction => "transaction",
+        }
+    }
+}
+
+/// `[database.<db>.user.<user>]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Client authentication.
+    pub authentication: Authentication,
+    /// The client's password (plain or an md5 hash as PostgreSQL stores it).
+    pub password: Option<String>,
+    /// Name of the storage.
+    pub storage: String,
+    /// Database on the server; default: the client's.
+    pub storage_db: Option<String>,
+    /// User on the server; default: the client's.
+    pub storage_user: Option<String>,
+    /// Password on the server; default: `password` when that is plain text.
+    pub storage_password: Option<String>,
+    /// Pool mode.
+    #[serde(default = "default_pool")]
+    pub pool: PoolMode,
+    /// Server connections in total for this route, across workers; 0 = no limit.
+    #[serde(default)]
+    pub pool_size: usize,
+    /// Milliseconds a client may wait for a server connection; 0 = forever.
+    #[serde(default)]
+    pub pool_timeout: u64,
+}
+
+fn default_pool() -> PoolMode {
+    PoolMode::Session
+}
+
+/// A matched route, resolved against its storage: everything a worker needs
+/// to serve the client and open server connections for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedRoute {
+    /// Database name of the rule that matched (may be "default").
+    pub rule_db: String,
+    /// User name of the rule that matched (may be "default").
+    pub rule_user: String,
+    /// The rule.
+    pub route: Route,
+    /// Its storage.
+    pub storage: Storage,
+    /// Database to open on the server.
+    pub server_db: String,
+    /// User to log in as on the server.
+    pub server_user: String,
+    /// Password to log in with, if any.
+    pub server_password: Option<String>,
+}
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn parse(src: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(src).map_err(|e| ConfigError(e.to_string()))?;
+        cfg.validate(src)?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let src = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&src).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// Worker threads to start.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            Workers::Count(n) => n,
+            Workers::Auto(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
+    fn validate(&self, src: &str) -> Result<(), ConfigError> {
+        let at = |needle: &str| match line_of(src, needle) {
+            Some(l) => format!(" (line {l})"),
+            None => String::new(),
+        };
+        if let Workers::Count(0) = self.workers {
+            return Err(ConfigError(format!(
+                "workers: must be at least 1 or \"auto\"{}",
+                at("workers")
+            )));
+        }
+        if self.listen.is_empty() {
+            return Err(ConfigError(
+                "listen: at least one [[listen]] section is required".into(),
+            ));
+        }
+        for (i, l) in self.listen.iter().enumerate() {
+            if l.port.is_none() && l.unix_socket.is_none() {
+                return Err(ConfigError(format!(
+                    "listen[{i}]: needs `port` or `unix_socket`"
+                )));
+            }
+            if l.unix_socket.is_some() && l.port.is_none() && l.host.is_some() {
+                return Err(ConfigError(format!(
+                    "listen[{i}].host: set with `unix_socket` but no `port`"
+                )));
+            }
+            if let Some(h) = &l.host {
+                if resolve(h, l.port.unwrap_or(0)).is_err() {
+                    return Err(ConfigError(format!(
+                        "listen[{i}].host: cannot resolve {h:?}{}",
+                        at(&format!("\"{h}\""))
+                    )));
+                }
+            }
+        }
+        if self.max_message_size < 1024 {
+            return Err(ConfigError(format!(
+                "max_message_size: at least 1024 bytes{}",
+                at("max_message_size")
+            )));
+        }
+        for (db, d) in &self.database {
+            for (user, r) in &d.user {
+                let key = format!("database.{db}.user.{user}");
+                let line = at(&format!("user.{user}]"));
+                if !self.storage.contains_key(&r.storage) {
+                    return Err(ConfigError(format!(
+                        "{key}.storage: no storage named {:?}{line}",
+                        r.storage
+                    )));
+                }
+                match r.authentication {
+                    Authentication::ClearText | Authentication::Md5 if r.password.is_none() => {
+                        return Err(ConfigError(format!(
+                            "{key}.password: required by authentication = {:?}{line}",
+                            r.authentication
+                        )));
+                    }
+                    Authentication::ClearText if r.password.as_deref().is_some_and(is_md5_hash) => {
+                        // A cleartext password can be checked against an md5
+                        // hash, so this combination works; nothing to refuse.
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Finds the route for a client's (database, user): exact match first,
+    /// then `default` user of that database, then the `default` database.
+    pub fn route(&self, database: &str, user: &str) -> Option<Arc<ResolvedRoute>> {
+        let candidates = [
+            (database, user),
+            (database, "default"),
+            ("default", user),
+            ("default", "default"),
+        ];
+        for (db, u) in candidates {
+            if let Some(route) = self.database.get(db).and_then(|d| d.user.get(u)) {
+                let storage = self.storage.get(&route.storage)?.clone();
+                let server_password = route.storage_password.clone().or_else(|| {
+                    route
+                        .password
+                        .clone()
+                        .filter(|p| route.storage_user.is_none() && !is_md5_hash(p))
+                });
+                return Some(Arc::new(ResolvedRoute {
+                    rule_db: db.to_string(),
+                    rule_user: u.to_string(),
+                    route: route.clone(),
+                    storage,
+                    server_db: route.storage_db.clone().unwrap_or_else(|| database.into()),
+                    server_user: route.storage_user.clone().unwrap_or_else(|| user.into()),
+                    server_password,
+                }));
+            }
+        }
+        None
+    }
+}
+
+/// True for an md5 hash as PostgreSQL stores it ("md5" + 32 hex digits).
+pub fn is_md5_hash(s: &str) -> bool {
+    s.len() == 35 && s.starts_with("md5") && s[3..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Resolves a host and port to one socket address.
+pub fn resolve(host: &str, port: u16) -> std::io::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))
+}
+
+fn line_of(src: &str, needle: &str) -> Option<usize> {
+    src.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+workers = 2
+client_max = 10000
+log_debug = false
+
+[[listen]]
+host = "127.0.0.1"
+port = 6432
+
+[storage.main]
+type = "remote"
+host = "127.0.0.1"
+port = 5432
+
+[database.app.user.app]
+authentication = "md5"
+password = "client-password"
+storage = "main"
+storage_db = "app"
+storage_user = "app"
+storage_password = "server-password"
+pool = "transaction"
+pool_size = 20
+pool_timeout = 4000
+
+[database.default.user.default]
+authentication = "none"
+storage = "main"
+"#;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(c.worker_count(), 2);
+        assert_eq!(c.client_max, 10000);
+        let r = c.route("app", "app").unwrap();
+        assert_eq!(r.route.pool, PoolMode::Transaction);
+        assert_eq!(r.route.pool_size, 20);
+        assert_eq!(r.server_password.as_deref(), Some("server-password"));
+        let d = c.route("other", "bob").unwrap();
+        assert_eq!(
+            (d.rule_db.as_str(), d.rule_user.as_str()),
+            ("default", "default")
+        );
+        assert_eq!(
+            (d.server_db.as_str(), d.server_user.as_str()),
+            ("other", "bob")
+        );
+        assert_eq!(d.route.pool, PoolMode::Session);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_line() {
+        let bad = EXAMPLE.replace(
+            "storage = \"main\"\nstorage_db",
+            "storage = \"nope\"\nstorage_db",
+        );
+        let e = Config::parse(&bad).unwrap_err().0;
+        assert!(e.contains("database.app.user.app.storage"), "{e}");
+        assert!(e.contains("line 15"), "{e}");
+
+        let e = Config::parse(&EXAMPLE.replace("pool_size = 20", "pool_size = \"x\""))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("pool_size") && e.contains("line 23"), "{e}");
+
+        let e = Config::parse(&EXAMPLE.replace("log_debug", "log_debugg"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("log_debugg"), "{e}");
+
+        let e = Config::parse(&EXAMPLE.replace("workers = 2", "workers = \"many\""))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("workers"), "{e}");
+
+        let e = Config::parse("workers = 1\n").unwrap_err().0;
+        assert!(e.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn md5_route_needs_a_password() {
+        let bad = EXAMPLE.replace("password = \"client-password\"\n", "");
+        let e = Config::parse(&bad).unwrap_err().0;
+        assert!(e.contains("database.app.user.app.password"), "{e}");
+    }
+}

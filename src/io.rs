@@ -1,0 +1,77 @@
+//! A socket with its receive and send buffers and its readiness, as the
+//! state machines see it. Readiness is remembered because mio is
+//! edge-triggered: a socket we stopped reading for backpressure gets no new
+//! event, so we must know it still has data.
+
+use bytes::BytesMut;
+use odissey_reactor::Ready;
+use odissey_transport::{SocketResult, Stream};
+
+/// Buffered, readiness-tracking socket.
+#[derive(Debug)]
+pub(crate) struct Io {
+    pub(crate) stream: Stream,
+    pub(crate) rx: BytesMut,
+    pub(crate) out: BytesMut,
+    pub(crate) readable: bool,
+    pub(crate) writable: bool,
+    /// The peer closed, or the socket failed: nothing more will be read.
+    pub(crate) eof: bool,
+}
+
+impl Io {
+    pub(crate) fn new(stream: Stream, connected: bool) -> Self {
+        Self {
+            stream,
+            rx: BytesMut::with_capacity(4096),
+            out: BytesMut::new(),
+            readable: connected,
+            writable: connected,
+            eof: false,
+        }
+    }
+
+    /// Records an event's readiness.
+    pub(crate) fn on_ready(&mut self, r: Ready) {
+        self.readable |= r.readable || r.closed || r.error;
+        self.writable |= r.writable;
+    }
+
+    /// Reads while readable and `rx` is under `limit`. True on progress
+    /// (bytes read or EOF seen).
+    pub(crate) fn fill(&mut self, limit: usize) -> bool {
+        if !self.readable || self.eof || self.rx.len() >= limit {
+            return false;
+        }
+        let (n, r) = self.stream.read_into(&mut self.rx, limit);
+        match r {
+            SocketResult::Continue => {}
+            SocketResult::WouldBlock => self.readable = false,
+            SocketResult::Closed | SocketResult::Error(_) => {
+                self.readable = false;
+                self.eof = true;
+                return true;
+            }
+        }
+        n > 0
+    }
+
+    /// Writes what is pending while writable. True on progress.
+    pub(crate) fn flush(&mut self) -> bool {
+        if self.out.is_empty() || !self.writable {
+            return false;
+        }
+        let (n, r) = self.stream.write_from(&mut self.out);
+        match r {
+            SocketResult::Continue => {}
+            SocketResult::WouldBlock => self.writable = false,
+            SocketResult::Closed | SocketResult::Error(_) => {
+                self.writable = false;
+                self.eof = true;
+                self.out.clear();
+                return true;
+            }
+        }
+        n > 0
+    }
+}

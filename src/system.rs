@@ -1,0 +1,487 @@
+//! The system thread: listeners, the router, and the facade's requests.
+//!
+//! It accepts connections and deals them round-robin to the workers, keeps
+//! the pools' books (see [`crate::router`]), and answers start, reload,
+//! inspect and shutdown.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{error, info, warn};
+use odissey_facade::{Call, ConfigSource, Error, Inspection, Reply, Request, Started};
+use odissey_reactor::{Context, Handler, Interest, Key, Reactor, Ready, Sender, TimerId, Token};
+use odissey_transport::{Listener, ListenerAddr};
+
+use crate::cmd::{SysCmd, WorkerCmd};
+use crate::config::{resolve, Config};
+use crate::router::{Action, PoolKey, Router, WorkerId};
+use crate::worker::Worker;
+
+/// Deadlines of the system thread.
+#[derive(Debug)]
+pub(crate) enum SysTimer {
+    /// A client has waited pool_timeout for a server.
+    PoolTimeout {
+        pool: PoolKey,
+        worker: WorkerId,
+        client: Key,
+    },
+    /// Workers had their grace period and a bit more: stop regardless.
+    ShutdownDeadline,
+}
+
+struct Running {
+    cfg: Arc<Config>,
+    source: ConfigSource,
+    listeners: Vec<Listener>,
+    started: Started,
+    workers: Vec<Sender<WorkerCmd>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// The system thread's handler.
+pub(crate) struct System {
+    me: Sender<SysCmd>,
+    running: Option<Running>,
+    router: Router,
+    clients: usize,
+    next_worker: usize,
+    /// The shutdown call to answer once every worker has drained.
+    stopping: Option<(Call, usize)>,
+}
+
+impl System {
+    pub(crate) fn new(me: Sender<SysCmd>) -> Self {
+        Self {
+            me,
+            running: None,
+            router: Router::default(),
+            clients: 0,
+            next_worker: 0,
+            stopping: None,
+        }
+    }
+
+    fn load(source: &ConfigSource) -> Result<Config, Error> {
+        match source {
+            ConfigSource::Toml(t) => Config::parse(t),
+            ConfigSource::File(p) => Config::load(p),
+        }
+        .map_err(|e| Error::Config(e.0))
+    }
+
+    fn start(
+        &mut self,
+        cx: &mut Context<'_, SysTimer>,
+        source: ConfigSource,
+    ) -> Result<Started, Error> {
+        if self.running.is_some() {
+            return Err(Error::AlreadyStarted);
+        }
+        let cfg = Arc::new(Self::load(&source)?);
+        let mut listeners = Vec::new();
+        let mut started = Started {
+            tcp: Vec::new(),
+            unix: Vec::new(),
+            workers: cfg.worker_count(),
+        };
+        for l in &cfg.listen {
+            if let Some(port) = l.port {
+                let host = l.host.as_deref().unwrap_or("127.0.0.1");
+                let addr = resolve(host, port)
+                    .map_err(|e| Error::Io(format!("listen {host}:{port}: {e}")))?;
+                let listener = Listener::bind_tcp(addr, l.backlog)
+                    .map_err(|e| Error::Io(format!("cannot listen on {addr}: {e}")))?;
+                listeners.push(listener);
+            }
+            if let Some(path) = &l.unix_socket {
+                let listener = Listener::bind_unix(std::path::Path::new(path))
+                    .map_err(|e| Error::Io(format!("cannot listen on {path}: {e}")))?;
+                listeners.push(listener);
+            }
+        }
+        for (i, l) in listeners.iter_mut().enumerate() {
+            match l.local_addr() {
+                Ok(ListenerAddr::Tcp(a)) => started.tcp.push(a),
+                Ok(ListenerAddr::Unix(p)) => started.unix.push(p),
+                Err(e) => return Err(Error::Io(e.to_string())),
+            }
+            cx.registry()
+                .register(l, Token(i), Interest::READABLE)
+                .map_err(|e| Error::Io(e.to_string()))?;
+        }
+        let (workers, threads) =
+            spawn_workers(&cfg, &self.me).map_err(|e| Error::Io(e.to_string()))?;
+        for a in &started.tcp {
+            info!("listening on {a}");
+        }
+        for p in &started.unix {
+            info!("listening on {}", p.display());
+        }
+        info!("{} worker(s) started", started.workers);
+        self.running = Some(Running {
+            cfg,
+            source,
+            listeners,
+            started: started.clone(),
+            workers,
+            threads,
+        });
+        Ok(started)
+    }
+
+    fn reload(&mut self, source: Option<ConfigSource>) -> Result<(), Error> {
+        let Some(run) = &mut self.running else {
+            return Err(Error::NotStarted);
+        };
+        let source = source.unwrap_or_else(|| run.source.clone());
+        let cfg = Arc::new(Self::load(&source)?);
+        if cfg.listen != run.cfg.listen {
+            warn!("reload: [[listen]] changes take effect at restart");
+        }
+        if cfg.worker_count() != run.cfg.worker_count() {
+            warn!("reload: a new `workers` count takes effect at restart");
+        }
+        for w in &run.workers {
+            let _ = w.send(WorkerCmd::Configure(Arc::clone(&cfg)));
+        }
+        let actions = self.router.configure(&cfg);
+        run.cfg = cfg;
+        if let ConfigSource::File(_) = source {
+            run.source = source;
+        }
+        for a in actions {
+            self.act(a);
+        }
+        info!("configuration reloaded");
+        Ok(())
+    }
+
+    fn inspect(&self) -> Inspection {
+        let mut i = Inspection {
+            clients: self.clients,
+            routes: self.router.stats(),
+            ..Inspection::default()
+        };
+        if let Some(run) = &self.running {
+            i.tcp.clone_from(&run.started.tcp);
+            i.unix.clone_from(&run.started.unix);
+            i.workers = run.started.workers;
+        }
+        i
+    }
+
+    fn shutdown(&mut self, cx: &mut Context<'_, SysTimer>, call: Call, grace: Duration) {
+        let Some(run) = &mut self.running else {
+            call.answer(Reply::ShutDown);
+            cx.stop();
+            return;
+        };
+        if self.stopping.is_some() {
+            call.answer(Reply::Failed(Error::Stopped));
+            return;
+        }
+        info!("shutting down (grace {} ms)", grace.as_millis());
+        for mut l in run.listeners.drain(..) {
+            let _ = cx.registry().deregister(&mut l);
+        }
+        let deadline = cx.now() + grace;
+        let mut alive = 0;
+        for w in &run.workers {
+            if w.send(WorkerCmd::Drain { deadline }).is_ok() {
+                alive += 1;
+            }
+        }
+        cx.set_timer(
+            deadline + Duration::from_secs(2),
+            SysTimer::ShutdownDeadline,
+        );
+        self.stopping = Some((call, alive));
+        if alive == 0 {
+            self.finish(cx);
+        }
+    }
+
+    fn finish(&mut self, cx: &mut Context<'_, SysTimer>) {
+        if let Some(run) = &mut self.running {
+            for t in run.threads.drain(..) {
+                if t.join().is_err() {
+                    error!("a worker thread panicked");
+                }
+            }
+        }
+        if let Some((call, _)) = self.stopping.take() {
+            call.answer(Reply::ShutDown);
+        }
+        info!("stopped");
+        cx.stop();
+    }
+
+    fn act(&self, action: Action) {
+        let Some(run) = &self.running else {
+            return;
+        };
+        let send = |w: WorkerId, cmd: WorkerCmd| {
+            if let Some(tx) = run.workers.get(w) {
+                let _ = tx.send(cmd);
+            }
+        };
+        match action {
+            Action::Grant {
+                worker,
+                client,
+                lease,
+            } => send(worker, WorkerCmd::Granted { client, lease }),
+            Action::Ship { .. } => {} // needs the pool: see act_pool
+            Action::Close { worker, server } => send(worker, WorkerCmd::CloseIdle { server }),
+            Action::Wait { .. } => {} // see act_pool
+        }
+    }
+
+    /// Like `act`, for actions about `pool` (ships carry the pool, waits set
+    /// a timer for it).
+    fn act_pool(
+        &mut self,
+        cx: &mut Context<'_, SysTimer>,
+        pool: &PoolKey,
+        worker: WorkerId,
+        client: Key,
+        action: Action,
+    ) {
+        match action {
+            Action::Ship {
+                from,
+                server,
+                to,
+                client,
+            } => {
+                if let Some(run) = &self.running {
+                    if let Some(tx) = run.workers.get(from) {
+                        let _ = tx.send(WorkerCmd::Ship {
+                            server,
+                            to,
+                            client,
+                            pool: pool.clone(),
+                        });
+                    }
+                }
+            }
+            Action::Wait { deadline: Some(at) } => {
+                cx.set_timer(
+                    at,
+                    SysTimer::PoolTimeout {
+                        pool: pool.clone(),
+                        worker,
+                        client,
+                    },
+                );
+            }
+            other => self.act(other),
+        }
+    }
+
+    fn accept(&mut self, token: Token) {
+        let Some(run) = &self.running else {
+            return;
+        };
+        let Some(listener) = run.listeners.get(token.0) else {
+            return;
+        };
+        loop {
+            match listener.accept() {
+                Ok(Some((stream, peer))) => {
+                    let max = run.cfg.client_max;
+                    let reject = max > 0 && self.clients >= max;
+                    self.clients += 1;
+                    let n = run.workers.len().max(1);
+                    let w = self.next_worker % n;
+                    self.next_worker = self.next_worker.wrapping_add(1);
+                    if run.workers[w]
+                        .send(WorkerCmd::Accept {
+                            stream,
+                            peer,
+                            reject,
+                        })
+                        .is_err()
+                    {
+                        self.clients -= 1;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    // EMFILE and friends: the connection stays queued in the
+                    // kernel; say so once per wake-up, not per attempt.
+                    warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Handler for System {
+    type Cmd = SysCmd;
+    type Timer = SysTimer;
+
+    fn ready(&mut self, _cx: &mut Context<'_, SysTimer>, token: Token, _ready: Ready) {
+        self.accept(token);
+    }
+
+    fn command(&mut self, cx: &mut Context<'_, SysTimer>, cmd: SysCmd) {
+        match cmd {
+            SysCmd::Facade(call) => match call.request.clone() {
+                Request::Start(source) => {
+                    let reply = match self.start(cx, source) {
+                        Ok(s) => Reply::Started(s),
+                        Err(e) => Reply::Failed(e),
+                    };
+                    call.answer(reply);
+                }
+                Request::Reload(source) => {
+                    let reply = match self.reload(source) {
+                        Ok(()) => Reply::Reloaded,
+                        Err(e) => {
+                            warn!("reload refused: {e}");
+                            Reply::Failed(e)
+                        }
+                    };
+                    call.answer(reply);
+                }
+                Request::Inspect => call.answer(Reply::Inspected(self.inspect())),
+                Request::Shutdown { grace } => self.shutdown(cx, call, grace),
+                _ => call.answer(Reply::Failed(Error::UnexpectedReply(
+                    "unknown request".into(),
+                ))),
+            },
+            SysCmd::ClientOpened { pool, route } => self.router.client_opened(&pool, &route),
+            SysCmd::ClientClosed { pool } => {
+                self.clients = self.clients.saturating_sub(1);
+                if let Some(p) = pool {
+                    self.router.client_closed(&p);
+                }
+            }
+            SysCmd::Attach {
+                pool,
+                route,
+                worker,
+                client,
+            } => {
+                let a = self.router.attach(&pool, &route, worker, client, cx.now());
+                self.act_pool(cx, &pool, worker, client, a);
+            }
+            SysCmd::Abandon {
+                pool,
+                worker,
+                client,
+            } => self.router.abandon(&pool, worker, client),
+            SysCmd::ServerUp { pool } => self.router.server_up(&pool),
+            SysCmd::Release {
+                pool,
+                worker,
+                server,
+            } => {
+                if let Some(a) = self.router.release(&pool, worker, server) {
+                    self.act_pool(cx, &pool, worker, server, a);
+                }
+            }
+            SysCmd::ServerClosed {
+                pool,
+                worker,
+                server,
+                was,
+            } => {
+                if let Some(a) = self.router.server_closed(&pool, worker, server, was) {
+                    self.act_pool(cx, &pool, worker, server.unwrap_or(Key::from_u64(0)), a);
+                }
+            }
+            SysCmd::ShipFailed { pool, to, client } => {
+                if let Some(route) = self.router.route_of(&pool) {
+                    let a = self.router.attach(&pool, &route, to, client, cx.now());
+                    self.act_pool(cx, &pool, to, client, a);
+                }
+            }
+            SysCmd::Drained { worker } => {
+                info!("worker {worker} drained");
+                if let Some((_, left)) = &mut self.stopping {
+                    *left = left.saturating_sub(1);
+                    if *left == 0 {
+                        self.finish(cx);
+                    }
+                }
+            }
+        }
+    }
+
+    fn timeout(&mut self, cx: &mut Context<'_, SysTimer>, _id: TimerId, timer: SysTimer) {
+        match timer {
+            SysTimer::PoolTimeout {
+                pool,
+                worker,
+                client,
+            } => {
+                if self.router.expire(&pool, worker, client) {
+                    if let Some(run) = &self.running {
+                        if let Some(tx) = run.workers.get(worker) {
+                            let _ = tx.send(WorkerCmd::PoolTimeout { client });
+                        }
+                    }
+                }
+            }
+            SysTimer::ShutdownDeadline => {
+                if self.stopping.is_some() {
+                    warn!("workers did not drain in time; stopping anyway");
+                    if let Some(run) = &mut self.running {
+                        run.threads.clear(); // detach: they stop on their own deadline
+                    }
+                    self.finish(cx);
+                }
+            }
+        }
+    }
+}
+
+fn spawn_workers(
+    cfg: &Arc<Config>,
+    sys: &Sender<SysCmd>,
+) -> std::io::Result<(Vec<Sender<WorkerCmd>>, Vec<JoinHandle<()>>)> {
+    let n = cfg.worker_count();
+    let mut reactors = Vec::with_capacity(n);
+    let mut senders = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (r, tx) = Reactor::new()?;
+        reactors.push(r);
+        senders.push(tx);
+    }
+    let mut threads = Vec::with_capacity(n);
+    for (id, mut reactor) in reactors.into_iter().enumerate() {
+        let mut worker = Worker::new(id, sys.clone(), senders.clone(), Arc::clone(cfg));
+        let t = std::thread::Builder::new()
+            .name(format!("odissey-worker-{id}"))
+            .spawn(move || {
+                if let Err(e) = reactor.run(&mut worker) {
+                    error!("worker {id}: event loop failed: {e}");
+                }
+            })?;
+        threads.push(t);
+    }
+    Ok((senders, threads))
+}
+
+/// Starts the system thread, idle until a `Start` request.
+pub(crate) fn spawn_system() -> std::io::Result<odissey_facade::Handle> {
+    let (mut reactor, tx) = Reactor::<SysCmd, SysTimer>::new()?;
+    let me = tx.clone();
+    let thread = std::thread::Builder::new()
+        .name("odissey-system".into())
+        .spawn(move || {
+            let mut system = System::new(me);
+            if let Err(e) = reactor.run(&mut system) {
+                error!("system thread: event loop failed: {e}");
+            }
+        })?;
+    Ok(odissey_facade::Handle::new(
+        Box::new(move |call| tx.send(SysCmd::Facade(call)).is_ok()),
+        thread,
+    ))
+}

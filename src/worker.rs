@@ -1,0 +1,1129 @@
+//! A worker thread: one reactor hosting client connections and the server
+//! connections they use, and the code that drives both.
+//!
+//! Everything that touches a socket runs here. The worker asks the router
+//! (system thread) for servers and reports to it; between a client and its
+//! server, bytes move without leaving the thread.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use log::{debug, info, warn};
+use odissey_protocol::backend::BackendMessage;
+use odissey_protocol::backend::{self, TransactionStatus};
+use odissey_protocol::{codec, frontend};
+use odissey_reactor::{Context, Handler, Interest, Key, Machines, Ready, Sender, TimerId, Token};
+use odissey_transport::{connect, connect_unix, Stream};
+
+use crate::auth::{Fatal, Identity, Login, Outcome};
+use crate::backend_login::{BackendLogin, LoginError, Progress};
+use crate::client::{Client, ClientState};
+use crate::cmd::{SysCmd, WorkerCmd};
+use crate::config::{Config, PoolMode};
+use crate::ids::ConnId;
+use crate::io::Io;
+use crate::relay::{Relay, Step};
+use crate::router::{Lease, PoolKey, ServerWas, WorkerId};
+use crate::server::{Server, ServerState};
+
+/// Stop reading a socket once this much input waits to be relayed.
+const RX_LIMIT: usize = 256 * 1024;
+/// Stop reading a server once this much output waits for its client.
+const OUT_LIMIT: usize = 256 * 1024;
+/// Rounds of read/relay/write per wake-up before yielding to others.
+const MAX_ROUNDS: usize = 32;
+
+/// A slot of the worker's slab.
+#[derive(Debug)]
+pub(crate) enum Conn {
+    Client(Box<Client>),
+    Server(Box<Server>),
+    /// Closed during this batch; freed after it so the slot is not reused
+    /// while events for the old socket may still be queued.
+    Dead,
+}
+
+/// Deadlines of a worker.
+#[derive(Debug)]
+pub(crate) enum WorkerTimer {
+    /// The graceful-shutdown grace period is over.
+    DrainDeadline,
+}
+
+/// State shared by all connections of a worker.
+pub(crate) struct Shared {
+    pub(crate) id: WorkerId,
+    pub(crate) sys: Sender<SysCmd>,
+    pub(crate) peers: Vec<Sender<WorkerCmd>>,
+    pub(crate) cfg: Arc<Config>,
+    /// ParameterStatus of the first server login per pool, for greeting
+    /// clients without waiting for a server.
+    params: HashMap<PoolKey, Arc<Vec<(String, String)>>>,
+    dead: Vec<Key>,
+    draining: bool,
+}
+
+/// The worker's handler.
+pub(crate) struct Worker {
+    conns: Machines<Conn>,
+    w: Shared,
+}
+
+impl Worker {
+    pub(crate) fn new(
+        id: WorkerId,
+        sys: Sender<SysCmd>,
+        peers: Vec<Sender<WorkerCmd>>,
+        cfg: Arc<Config>,
+    ) -> Self {
+        Self {
+            conns: Machines::default(),
+            w: Shared {
+                id,
+                sys,
+                peers,
+                cfg,
+                params: HashMap::new(),
+                dead: Vec::new(),
+                draining: false,
+            },
+        }
+    }
+}
+
+impl Shared {
+    fn send(&self, cmd: SysCmd) {
+        if self.sys.send(cmd).is_err() {
+            debug!("worker {}: system thread gone", self.id);
+        }
+    }
+
+    fn max_len(&self) -> usize {
+        self.cfg.max_message_size
+    }
+}
+
+/// Appends a pooler-made error for `id`'s client.
+fn write_error(out: &mut BytesMut, id: ConnId, severity: &str, code: &str, message: &str) {
+    let text = format!("odissey: {id}: {message}");
+    backend::error_response(out, severity, code, &text, None);
+}
+
+fn greet(c: &mut Client, params: &[(String, String)]) {
+    let mine = c.who.as_ref().map(|w| w.params.as_slice()).unwrap_or(&[]);
+    for (name, value) in params {
+        let value = mine
+            .iter()
+            .find(|(n, _)| n == name && name == "application_name")
+            .map_or(value.as_str(), |(_, v)| v.as_str());
+        backend::parameter_status(&mut c.io.out, name, value);
+    }
+    // Our own cancel key: cancel forwarding arrives with the next issue,
+    // and the server's key must never reach a client that may get another
+    // server next.
+    let mut key = [0u8; 8];
+    let _ = getrandom::getrandom(&mut key);
+    let pid = u32::from_be_bytes([key[0], key[1], key[2], key[3]]) & 0x7fff_ffff;
+    let secret = u32::from_be_bytes([key[4], key[5], key[6], key[7]]);
+    backend::backend_key_data(&mut c.io.out, pid, secret);
+    backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
+    c.greeted = true;
+}
+
+impl Handler for Worker {
+    type Cmd = WorkerCmd;
+    type Timer = WorkerTimer;
+
+    fn ready(&mut self, cx: &mut Context<'_, WorkerTimer>, token: Token, ready: Ready) {
+        let Some(key) = self.conns.key_of(token) else {
+            return;
+        };
+        match self.conns.get_mut(key) {
+            Some(Conn::Client(c)) => {
+                c.io.on_ready(ready);
+                self.drive_client(cx, key);
+            }
+            Some(Conn::Server(s)) => {
+                s.io.on_ready(ready);
+                match (&s.state, s.client) {
+                    (ServerState::Linked, Some(ck)) => self.drive_client(cx, ck),
+                    _ => self.drive_server(cx, key),
+                }
+            }
+            Some(Conn::Dead) | None => {}
+        }
+    }
+
+    fn command(&mut self, cx: &mut Context<'_, WorkerTimer>, cmd: WorkerCmd) {
+        match cmd {
+            WorkerCmd::Accept {
+                stream,
+                peer,
+                reject,
+            } => self.accept(cx, stream, peer, reject),
+            WorkerCmd::Granted { client, lease } => self.granted(cx, client, lease),
+            WorkerCmd::Ship {
+                server,
+                to,
+                client,
+                pool,
+            } => self.ship(cx, server, to, client, pool),
+            WorkerCmd::Adopt { server, client } => self.adopt(cx, server, client),
+            WorkerCmd::PoolTimeout { client } => {
+                if let Some(Conn::Client(c)) = self.conns.get_mut(client) {
+                    if matches!(c.state, ClientState::Waiting) {
+                        let (pool, timeout) = match &c.who {
+                            Some(w) => (
+                                format!("{}.{}", w.database, w.user),
+                                w.route.route.pool_timeout,
+                            ),
+                            None => (String::new(), 0),
+                        };
+                        // The router already forgot this waiter.
+                        c.state = ClientState::Idle;
+                        let f = Fatal::new(
+                            "53300",
+                            format!("timed out waiting for a server connection for route {pool} (pool_timeout {timeout} ms)"),
+                        );
+                        self.close_client(cx, client, Some(f));
+                    }
+                }
+            }
+            WorkerCmd::CloseIdle { server } => {
+                if let Some(Conn::Server(s)) = self.conns.get(server) {
+                    if matches!(s.state, ServerState::Idle) {
+                        self.close_server(cx, server, "its route changed");
+                    }
+                }
+            }
+            WorkerCmd::Configure(cfg) => self.w.cfg = cfg,
+            WorkerCmd::Drain { deadline } => self.drain(cx, deadline),
+        }
+    }
+
+    fn timeout(&mut self, cx: &mut Context<'_, WorkerTimer>, _id: TimerId, timer: WorkerTimer) {
+        match timer {
+            WorkerTimer::DrainDeadline => {
+                let keys: Vec<Key> = self.conns.iter().map(|(k, _)| k).collect();
+                for k in keys {
+                    match self.conns.get(k) {
+                        Some(Conn::Client(_)) => self.close_client(
+                            cx,
+                            k,
+                            Some(Fatal::new(
+                                "57P01",
+                                "terminating connection: odissey is shutting down",
+                            )),
+                        ),
+                        Some(Conn::Server(_)) => self.close_server(cx, k, "shutdown"),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn after_batch(&mut self, cx: &mut Context<'_, WorkerTimer>) {
+        for k in self.w.dead.drain(..) {
+            self.conns.remove(k);
+        }
+        if self.w.draining && self.conns.is_empty() {
+            info!("worker {}: drained", self.w.id);
+            self.w.send(SysCmd::Drained { worker: self.w.id });
+            cx.stop();
+        }
+    }
+}
+
+impl Worker {
+    fn accept(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        stream: Stream,
+        peer: odissey_transport::Peer,
+        reject: bool,
+    ) {
+        let keepalive = (self.w.cfg.keepalive > 0)
+            .then(|| std::time::Duration::from_secs(self.w.cfg.keepalive));
+        if let Err(e) = stream.tune(keepalive) {
+            debug!("tuning a client socket: {e}");
+        }
+        let id = ConnId::client();
+        let registry = cx.registry();
+        let mut failed = None;
+        let key = self.conns.insert_with(|key| {
+            let mut io = Io::new(stream, true);
+            if let Err(e) = registry.register(
+                &mut io.stream,
+                key.token(),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                failed = Some(e);
+            }
+            Conn::Client(Box::new(Client {
+                id,
+                io,
+                state: ClientState::Login(Login::AwaitingStartup),
+                who: None,
+                pool: None,
+                server: None,
+                relay: Relay::default(),
+                pending: 0,
+                unsynced: false,
+                greeted: false,
+                reject,
+            }))
+        });
+        if let Some(e) = failed {
+            warn!("{id}: cannot register: {e}");
+            self.conns.remove(key);
+            self.w.send(SysCmd::ClientClosed { pool: None });
+            return;
+        }
+        debug!("{id}: new client from {peer} on worker {}", self.w.id);
+        self.drive_client(cx, key);
+    }
+
+    /// Runs a client (and its server, if linked) until nothing moves.
+    fn drive_client(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) {
+        for _ in 0..MAX_ROUNDS {
+            let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+                return;
+            };
+            let mut progress = c.io.flush();
+            if !matches!(c.state, ClientState::Waiting) || c.io.rx.len() < RX_LIMIT {
+                progress |= c.io.fill(RX_LIMIT);
+            }
+            let state = std::mem::replace(&mut c.state, ClientState::Idle);
+            match state {
+                ClientState::Login(login) => {
+                    match login.step(&mut c.io.rx, &mut c.io.out, &self.w.cfg) {
+                        Ok((login, Outcome::NeedMore)) => c.state = ClientState::Login(login),
+                        Ok((_, Outcome::Cancel { pid })) => {
+                            // Cancel forwarding arrives with the next issue;
+                            // the protocol wants no answer either way.
+                            debug!("{}: cancel request for pid {pid} ignored", c.id);
+                            self.close_client(cx, ck, None);
+                            return;
+                        }
+                        Ok((_, Outcome::Authenticated(_))) if c.reject => {
+                            let f = Fatal::new("53300", "too many clients: client_max reached");
+                            self.close_client(cx, ck, Some(f));
+                            return;
+                        }
+                        Ok((_, Outcome::Authenticated(who))) => {
+                            self.logged_in(cx, ck, who);
+                            progress = true;
+                        }
+                        Err(f) => {
+                            info!("{}: login refused: {} ({})", c.id, f.message, f.code);
+                            self.close_client(cx, ck, Some(f));
+                            return;
+                        }
+                    }
+                    if c_eof(&self.conns, ck) {
+                        self.close_client(cx, ck, None);
+                        return;
+                    }
+                }
+                ClientState::Idle => {
+                    c.state = ClientState::Idle;
+                    if !c.io.rx.is_empty() {
+                        match codec::peek_header(&c.io.rx, self.w.max_len()) {
+                            Ok(Some((b'X', _))) => {
+                                self.close_client(cx, ck, None);
+                                return;
+                            }
+                            Ok(_) if self.w.draining => {
+                                let f = Fatal::new(
+                                    "57P01",
+                                    "terminating connection: odissey is shutting down",
+                                );
+                                self.close_client(cx, ck, Some(f));
+                                return;
+                            }
+                            Ok(_) => {
+                                self.attach(ck);
+                                progress = true;
+                            }
+                            Err(e) => {
+                                self.close_client(
+                                    cx,
+                                    ck,
+                                    Some(Fatal::new("08P01", format!("protocol violation: {e}"))),
+                                );
+                                return;
+                            }
+                        }
+                    } else if c.io.eof {
+                        self.close_client(cx, ck, None);
+                        return;
+                    }
+                }
+                ClientState::Waiting => {
+                    c.state = ClientState::Waiting;
+                    if c.io.eof {
+                        self.close_client(cx, ck, None);
+                        return;
+                    }
+                }
+                ClientState::Linked => {
+                    c.state = ClientState::Linked;
+                    match self.relay_pair(cx, ck) {
+                        Some(p) => progress |= p,
+                        None => return,
+                    }
+                }
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    /// Moves bytes both ways between a linked client and server. None when
+    /// the pair was closed or split.
+    fn relay_pair(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) -> Option<bool> {
+        let max_len = self.w.max_len();
+        let Some(Conn::Client(c)) = self.conns.get(ck) else {
+            return None;
+        };
+        let Some(sk) = c.server else {
+            return None;
+        };
+        let Some((Conn::Client(c), Conn::Server(s))) = self.conns.get2_mut(ck, sk) else {
+            return None;
+        };
+        let mut progress = false;
+        // Client -> server.
+        let mut terminate = false;
+        loop {
+            let (pending, unsynced) = (&mut c.pending, &mut c.unsynced);
+            let step = c.relay.step(&mut c.io.rx, max_len, |tag| {
+                match tag {
+                    b'Q' | b'S' | b'F' => {
+                        *pending += 1;
+                        *unsynced = false;
+                    }
+                    b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => *unsynced = true,
+                    _ => {}
+                }
+                tag == b'X'
+            });
+            match step {
+                Ok(Step::NeedMore) => break,
+                Ok(Step::Pass(b)) => {
+                    s.io.out.unsplit(b);
+                    progress = true;
+                }
+                Ok(Step::Inspect(_, _)) => {
+                    terminate = true;
+                    break;
+                }
+                Err(e) => {
+                    let f = Fatal::new("08P01", format!("protocol violation: {e}"));
+                    self.close_client(cx, ck, Some(f));
+                    return None;
+                }
+            }
+        }
+        progress |= s.io.flush();
+        // Server -> client, only while the client keeps up.
+        if c.io.out.len() < OUT_LIMIT {
+            progress |= s.io.fill(RX_LIMIT);
+        }
+        loop {
+            match s
+                .relay
+                .step(&mut s.io.rx, usize::MAX >> 1, |tag| tag == b'Z')
+            {
+                Ok(Step::NeedMore) => break,
+                Ok(Step::Pass(b)) => c.io.out.unsplit(b),
+                Ok(Step::Inspect(_, f)) => {
+                    if let Ok(st) = TransactionStatus::from_byte(f.get(5).copied().unwrap_or(0)) {
+                        s.status = st;
+                    }
+                    c.pending = c.pending.saturating_sub(1);
+                    c.io.out.unsplit(f);
+                }
+                Err(e) => {
+                    warn!("{}: protocol violation from server: {e}", s.id);
+                    s.io.eof = true;
+                    break;
+                }
+            }
+            progress = true;
+        }
+        progress |= c.io.flush();
+        let clean = c.pending == 0
+            && !c.unsynced
+            && c.relay.at_boundary()
+            && s.relay.at_boundary()
+            && s.io.rx.is_empty()
+            && s.status == TransactionStatus::Idle;
+        if s.io.eof {
+            let id = s.id;
+            let f = Fatal::new(
+                "08006",
+                format!("server connection {id} closed unexpectedly"),
+            );
+            self.close_client(cx, ck, Some(f));
+            return None;
+        }
+        if terminate || c.io.eof {
+            self.close_client(cx, ck, None);
+            return None;
+        }
+        if clean {
+            let mode = c.who.as_ref().map(|w| w.route.route.pool);
+            if self.w.draining {
+                let f = Fatal::new("57P01", "terminating connection: odissey is shutting down");
+                self.close_client(cx, ck, Some(f));
+                return None;
+            }
+            if mode == Some(PoolMode::Transaction) {
+                self.unlink_and_release(ck, sk);
+                return Some(true);
+            }
+        }
+        Some(progress)
+    }
+
+    fn unlink_and_release(&mut self, ck: Key, sk: Key) {
+        if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+            c.server = None;
+            c.state = ClientState::Idle;
+        }
+        if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
+            s.client = None;
+            s.state = ServerState::Idle;
+            self.w.send(SysCmd::Release {
+                pool: s.pool.clone(),
+                worker: self.w.id,
+                server: sk,
+            });
+        }
+    }
+
+    fn logged_in(&mut self, _cx: &mut Context<'_, WorkerTimer>, ck: Key, who: Box<Identity>) {
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return;
+        };
+        let pool = PoolKey::new(&who.database, &who.user, &who.route);
+        info!(
+            "{}: login as {}@{} (route {}.{}, {} mode)",
+            c.id,
+            who.user,
+            who.database,
+            who.route.rule_db,
+            who.route.rule_user,
+            who.route.route.pool.as_str()
+        );
+        self.w.send(SysCmd::ClientOpened {
+            pool: pool.clone(),
+            route: Arc::clone(&who.route),
+        });
+        c.pool = Some(pool.clone());
+        c.who = Some(who);
+        c.state = ClientState::Idle;
+        if let Some(params) = self.w.params.get(&pool) {
+            let params = Arc::clone(params);
+            greet(c, &params);
+        } else {
+            self.attach(ck);
+        }
+    }
+
+    fn attach(&mut self, ck: Key) {
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return;
+        };
+        let (Some(pool), Some(who)) = (&c.pool, &c.who) else {
+            return;
+        };
+        c.state = ClientState::Waiting;
+        self.w.send(SysCmd::Attach {
+            pool: pool.clone(),
+            route: Arc::clone(&who.route),
+            worker: self.w.id,
+            client: ck,
+        });
+    }
+
+    fn granted(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, lease: Lease) {
+        let waiting = matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting));
+        match lease {
+            Lease::New if waiting => self.open_server(cx, ck),
+            Lease::New => {
+                // The client left before the grant arrived: give the slot back.
+                if let Some(Conn::Client(c)) = self.conns.get(ck) {
+                    if let Some(pool) = &c.pool {
+                        self.w.send(SysCmd::ServerClosed {
+                            pool: pool.clone(),
+                            worker: self.w.id,
+                            server: None,
+                            was: ServerWas::Opening,
+                        });
+                    }
+                }
+            }
+            Lease::Local(sk) => {
+                let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
+                match (waiting, idle) {
+                    (true, true) => self.link(cx, ck, sk),
+                    (true, false) => self.attach(ck), // it died meanwhile; the router knows
+                    (false, true) => {
+                        if let Some(Conn::Server(s)) = self.conns.get(sk) {
+                            self.w.send(SysCmd::Release {
+                                pool: s.pool.clone(),
+                                worker: self.w.id,
+                                server: sk,
+                            });
+                        }
+                    }
+                    (false, false) => {}
+                }
+            }
+        }
+    }
+
+    /// The grant for a client that left while waiting: return what it got.
+    fn open_server(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) {
+        let Some(Conn::Client(c)) = self.conns.get(ck) else {
+            return;
+        };
+        let (Some(who), Some(pool)) = (&c.who, &c.pool) else {
+            return;
+        };
+        let route = Arc::clone(&who.route);
+        let pool = pool.clone();
+        let client_id = c.id;
+        let st = &route.storage;
+        let stream = match &st.unix_socket_dir {
+            Some(dir) => {
+                connect_unix(&std::path::Path::new(dir).join(format!(".s.PGSQL.{}", st.port)))
+            }
+            None => crate::config::resolve(&st.host, st.port).and_then(connect),
+        };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                self.w.send(SysCmd::ServerClosed {
+                    pool,
+                    worker: self.w.id,
+                    server: None,
+                    was: ServerWas::Opening,
+                });
+                let f = Fatal::new(
+                    "08006",
+                    format!("cannot connect to the server {}:{}: {e}", st.host, st.port),
+                );
+                self.close_client(cx, ck, Some(f));
+                return;
+            }
+        };
+        let keepalive = (self.w.cfg.keepalive > 0)
+            .then(|| std::time::Duration::from_secs(self.w.cfg.keepalive));
+        let _ = stream.tune(keepalive);
+        let id = ConnId::server();
+        let mut io = Io::new(stream, false);
+        let login = BackendLogin::start(
+            &mut io.out,
+            &route.server_db,
+            &route.server_user,
+            route.server_password.clone(),
+        );
+        let registry = cx.registry();
+        let mut failed = None;
+        let sk = self.conns.insert_with(|key| {
+            if let Err(e) = registry.register(
+                &mut io.stream,
+                key.token(),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                failed = Some(e);
+            }
+            Conn::Server(Box::new(Server {
+                id,
+                io,
+                pool: pool.clone(),
+                route: Arc::clone(&route),
+                state: ServerState::Connecting(login),
+                client: Some(ck),
+                relay: Relay::default(),
+                status: TransactionStatus::Idle,
+            }))
+        });
+        debug!(
+            "{id}: connecting to {}:{} for {client_id}",
+            route.storage.host, route.storage.port
+        );
+        if let Some(e) = failed {
+            self.fail_login(
+                cx,
+                sk,
+                format!("cannot register the server socket: {e}"),
+                "08006",
+            );
+        }
+    }
+
+    /// Drives a server that is not linked: connecting, logging in, idle or
+    /// being reset.
+    fn drive_server(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key) {
+        for _ in 0..MAX_ROUNDS {
+            let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+                return;
+            };
+            let mut progress = s.io.flush();
+            let state = std::mem::replace(&mut s.state, ServerState::Idle);
+            match state {
+                ServerState::Connecting(login) => match s.io.stream.take_error() {
+                    Ok(None) if s.io.stream.is_connected() => {
+                        s.io.writable = true;
+                        s.state = ServerState::LoggingIn(login);
+                        progress = true;
+                    }
+                    Ok(None) if !s.io.eof => s.state = ServerState::Connecting(login),
+                    Ok(Some(e)) | Err(e) => {
+                        let msg = format!(
+                            "cannot connect to the server {}:{}: {e}",
+                            s.route.storage.host, s.route.storage.port
+                        );
+                        self.fail_login(cx, sk, msg, "08006");
+                        return;
+                    }
+                    Ok(None) => {
+                        self.fail_login(cx, sk, "the server closed the connection".into(), "08006");
+                        return;
+                    }
+                },
+                ServerState::LoggingIn(mut login) => {
+                    progress |= s.io.fill(RX_LIMIT);
+                    let mut ready = false;
+                    loop {
+                        match codec::read_frame(&mut s.io.rx, 1 << 20) {
+                            Ok(Some(f)) => match login.handle(&f, &mut s.io.out) {
+                                Ok(Progress::Continue) => {}
+                                Ok(Progress::Ready) => {
+                                    ready = true;
+                                    break;
+                                }
+                                Err(e) => {
+                                    let code = match &e {
+                                        LoginError::Server(f) => code_of(&f.code),
+                                        _ => "08006",
+                                    };
+                                    self.fail_login(
+                                        cx,
+                                        sk,
+                                        format!("server login failed: {e}"),
+                                        code,
+                                    );
+                                    return;
+                                }
+                            },
+                            Ok(None) => break,
+                            Err(e) => {
+                                self.fail_login(
+                                    cx,
+                                    sk,
+                                    format!("server login failed: {e}"),
+                                    "08006",
+                                );
+                                return;
+                            }
+                        }
+                    }
+                    if ready {
+                        self.server_ready(cx, sk, login);
+                        return;
+                    }
+                    if s.io.eof {
+                        self.fail_login(
+                            cx,
+                            sk,
+                            "the server closed the connection during login".into(),
+                            "08006",
+                        );
+                        return;
+                    }
+                    s.state = ServerState::LoggingIn(login);
+                    progress |= s.io.flush();
+                }
+                ServerState::Idle => {
+                    s.state = ServerState::Idle;
+                    progress |= s.io.fill(RX_LIMIT);
+                    // An idle server may send notices or parameter changes;
+                    // an error here means it is going away.
+                    let mut fatal = false;
+                    while let Ok(Some(f)) = codec::read_frame(&mut s.io.rx, 1 << 20) {
+                        fatal |= f.tag == b'E';
+                    }
+                    if fatal || s.io.eof {
+                        self.close_server(cx, sk, "closed by the server while idle");
+                        return;
+                    }
+                }
+                ServerState::Linked => {
+                    s.state = ServerState::Linked;
+                    if let Some(ck) = s.client {
+                        self.drive_client(cx, ck);
+                    }
+                    return;
+                }
+                ServerState::Resetting { mut replies } => {
+                    progress |= s.io.fill(RX_LIMIT);
+                    let mut failed = false;
+                    while let Ok(Some(f)) = codec::read_frame(&mut s.io.rx, 1 << 30) {
+                        match BackendMessage::parse(&f) {
+                            Ok(BackendMessage::ReadyForQuery(st)) => {
+                                replies = replies.saturating_sub(1);
+                                s.status = st;
+                            }
+                            Ok(BackendMessage::ErrorResponse(e)) => {
+                                debug!("{}: reset failed: {}", s.id, e.message);
+                                failed = true;
+                            }
+                            _ => {}
+                        }
+                    }
+                    if failed || s.io.eof {
+                        self.close_server(cx, sk, "reset failed");
+                        return;
+                    }
+                    if replies == 0 && s.status == TransactionStatus::Idle && s.io.out.is_empty() {
+                        s.state = ServerState::Idle;
+                        if self.w.draining {
+                            self.close_server(cx, sk, "shutdown");
+                            return;
+                        }
+                        self.w.send(SysCmd::Release {
+                            pool: s.pool.clone(),
+                            worker: self.w.id,
+                            server: sk,
+                        });
+                    } else {
+                        s.state = ServerState::Resetting { replies };
+                    }
+                }
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    fn server_ready(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, login: BackendLogin) {
+        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+            return;
+        };
+        info!(
+            "{}: logged in to {} as {}",
+            s.id, s.route.server_db, s.route.server_user
+        );
+        s.state = ServerState::Idle;
+        s.status = TransactionStatus::Idle;
+        let pool = s.pool.clone();
+        self.w.send(SysCmd::ServerUp { pool: pool.clone() });
+        self.w
+            .params
+            .entry(pool.clone())
+            .or_insert_with(|| Arc::new(login.params));
+        let client = s.client.take();
+        match client {
+            Some(ck) if matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting)) => {
+                self.link(cx, ck, sk)
+            }
+            _ => self.w.send(SysCmd::Release {
+                pool,
+                worker: self.w.id,
+                server: sk,
+            }),
+        }
+    }
+
+    /// A server opened for a client could not log in: the client hears why.
+    fn fail_login(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        sk: Key,
+        message: String,
+        code: &'static str,
+    ) {
+        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+            return;
+        };
+        warn!("{}: {message}", s.id);
+        let client = s.client.take();
+        let pool = s.pool.clone();
+        let _ = cx.registry().deregister(&mut s.io.stream);
+        s.io.stream.shutdown();
+        self.kill(sk);
+        self.w.send(SysCmd::ServerClosed {
+            pool,
+            worker: self.w.id,
+            server: Some(sk),
+            was: ServerWas::Opening,
+        });
+        if let Some(ck) = client {
+            if matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting))
+            {
+                if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+                    c.state = ClientState::Idle; // no longer queued at the router
+                }
+                self.close_client(cx, ck, Some(Fatal::new(code, message)));
+            }
+        }
+    }
+
+    fn link(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, sk: Key) {
+        let Some((Conn::Client(c), Conn::Server(s))) = self.conns.get2_mut(ck, sk) else {
+            return;
+        };
+        debug!("{}: linked to {}", c.id, s.id);
+        c.server = Some(sk);
+        c.state = ClientState::Linked;
+        s.client = Some(ck);
+        s.state = ServerState::Linked;
+        if !c.greeted {
+            let params = self.w.params.get(&s.pool).cloned().unwrap_or_default();
+            greet(c, &params);
+        }
+        self.drive_client(cx, ck);
+    }
+
+    fn ship(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        sk: Key,
+        to: WorkerId,
+        ck: Key,
+        pool: PoolKey,
+    ) {
+        let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
+        if !idle || to >= self.w.peers.len() {
+            self.w.send(SysCmd::ShipFailed {
+                pool,
+                to,
+                client: ck,
+            });
+            return;
+        }
+        let Some(Conn::Server(mut s)) = self
+            .conns
+            .get_mut(sk)
+            .map(|c| std::mem::replace(c, Conn::Dead))
+        else {
+            return;
+        };
+        self.w.dead.push(sk);
+        let _ = cx.registry().deregister(&mut s.io.stream);
+        s.client = None;
+        debug!("{}: moving to worker {to}", s.id);
+        if let Err(e) = self.w.peers[to].send(WorkerCmd::Adopt {
+            server: s,
+            client: ck,
+        }) {
+            if let WorkerCmd::Adopt { server, .. } = e.0 {
+                self.w.send(SysCmd::ServerClosed {
+                    pool: server.pool.clone(),
+                    worker: self.w.id,
+                    server: None,
+                    was: ServerWas::Active,
+                });
+            }
+        }
+    }
+
+    fn adopt(&mut self, cx: &mut Context<'_, WorkerTimer>, mut server: Box<Server>, ck: Key) {
+        let registry = cx.registry();
+        let mut failed = None;
+        // Readiness is unknown after the move: assume both, the calls will
+        // find out (and mio re-arms edges on registration).
+        server.io.readable = true;
+        server.io.writable = true;
+        let sk = self.conns.insert_with(|key| {
+            if let Err(e) = registry.register(
+                &mut server.io.stream,
+                key.token(),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                failed = Some(e);
+            }
+            Conn::Server(server)
+        });
+        if failed.is_some() {
+            self.close_server(cx, sk, "cannot register after moving");
+            return;
+        }
+        let waiting = matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting));
+        if waiting {
+            self.link(cx, ck, sk);
+        } else if let Some(Conn::Server(s)) = self.conns.get(sk) {
+            self.w.send(SysCmd::Release {
+                pool: s.pool.clone(),
+                worker: self.w.id,
+                server: sk,
+            });
+        }
+    }
+
+    /// Closes a client, with a FATAL error first when given. Its server, if
+    /// any, is reset and released when it is between requests, and closed
+    /// when it is not: an abandoned transaction never reaches anyone else.
+    fn close_client(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, fatal: Option<Fatal>) {
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return;
+        };
+        if let Some(f) = &fatal {
+            write_error(&mut c.io.out, c.id, "FATAL", f.code, &f.message);
+            c.io.writable = true; // try once even without a writable edge
+            c.io.flush();
+        }
+        debug!("{}: closing ({})", c.id, c.state.name());
+        let _ = cx.registry().deregister(&mut c.io.stream);
+        c.io.stream.shutdown();
+        if matches!(c.state, ClientState::Waiting) {
+            if let Some(pool) = &c.pool {
+                self.w.send(SysCmd::Abandon {
+                    pool: pool.clone(),
+                    worker: self.w.id,
+                    client: ck,
+                });
+            }
+        }
+        let clean = c.pending == 0 && !c.unsynced && c.relay.at_boundary();
+        let mode = c.who.as_ref().map(|w| w.route.route.pool);
+        let server = c.server.take();
+        let pool = c.pool.take();
+        self.kill(ck);
+        self.w.send(SysCmd::ClientClosed { pool });
+        let Some(sk) = server else {
+            return;
+        };
+        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+            return;
+        };
+        s.client = None;
+        if !clean || !s.relay.at_boundary() || !s.io.rx.is_empty() || s.io.eof {
+            // A query is in flight: closing is the only way to be sure it
+            // neither commits nor leaks (cancel + rollback is the next issue).
+            self.close_server(cx, sk, "its client left mid-request");
+            return;
+        }
+        let mut queries = 0;
+        if s.status != TransactionStatus::Idle {
+            frontend::query(&mut s.io.out, "ROLLBACK");
+            queries += 1;
+        }
+        if mode == Some(PoolMode::Session) || self.w.draining {
+            frontend::query(&mut s.io.out, "DISCARD ALL");
+            queries += 1;
+        }
+        if queries == 0 {
+            if self.w.draining {
+                self.close_server(cx, sk, "shutdown");
+                return;
+            }
+            s.state = ServerState::Idle;
+            self.w.send(SysCmd::Release {
+                pool: s.pool.clone(),
+                worker: self.w.id,
+                server: sk,
+            });
+        } else {
+            debug!("{}: resetting", s.id);
+            s.state = ServerState::Resetting { replies: queries };
+            self.drive_server(cx, sk);
+        }
+    }
+
+    fn close_server(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, why: &str) {
+        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+            return;
+        };
+        info!("{}: closing ({}): {why}", s.id, s.state.name());
+        let was = match s.state {
+            ServerState::Connecting(_) | ServerState::LoggingIn(_) => ServerWas::Opening,
+            ServerState::Idle => ServerWas::Idle,
+            ServerState::Linked | ServerState::Resetting { .. } => ServerWas::Active,
+        };
+        if !s.io.eof {
+            frontend::terminate(&mut s.io.out);
+            s.io.writable = true;
+            s.io.flush();
+        }
+        let _ = cx.registry().deregister(&mut s.io.stream);
+        s.io.stream.shutdown();
+        let pool = s.pool.clone();
+        let client = s.client.take();
+        self.kill(sk);
+        self.w.send(SysCmd::ServerClosed {
+            pool,
+            worker: self.w.id,
+            server: Some(sk),
+            was,
+        });
+        if let Some(ck) = client {
+            if matches!(self.conns.get(ck), Some(Conn::Client(c)) if c.server == Some(sk)) {
+                if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+                    c.server = None;
+                    c.state = ClientState::Idle;
+                }
+                let f = Fatal::new("08006", "server connection closed");
+                self.close_client(cx, ck, Some(f));
+            }
+        }
+    }
+
+    fn kill(&mut self, k: Key) {
+        if let Some(slot) = self.conns.get_mut(k) {
+            if !matches!(slot, Conn::Dead) {
+                *slot = Conn::Dead;
+                self.w.dead.push(k);
+            }
+        }
+    }
+
+    fn drain(&mut self, cx: &mut Context<'_, WorkerTimer>, deadline: Instant) {
+        self.w.draining = true;
+        cx.set_timer(deadline, WorkerTimer::DrainDeadline);
+        let keys: Vec<Key> = self.conns.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            match self.conns.get(k) {
+                Some(Conn::Client(c)) => match c.state {
+                    ClientState::Linked => self.drive_client(cx, k),
+                    _ => {
+                        let f =
+                            Fatal::new("57P01", "terminating connection: odissey is shutting down");
+                        self.close_client(cx, k, Some(f));
+                    }
+                },
+                Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle) => {
+                    self.close_server(cx, k, "shutdown")
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn c_eof(conns: &Machines<Conn>, ck: Key) -> bool {
+    matches!(conns.get(ck), Some(Conn::Client(c)) if c.io.eof && matches!(c.state, ClientState::Login(_)))
+}
+
+/// SQLSTATEs are five ASCII characters; anything else from a server
+/// becomes a generic connection failure.
+fn code_of(code: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "28P01", "28000", "3D000", "53300", "57P03", "08006", "08P01", "57P01",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == code)
+        .copied()
+        .unwrap_or("08006")
+}
