@@ -136,7 +136,7 @@ impl Login {
         out: &mut BytesMut,
         cfg: &Config,
     ) -> Result<(Self, Outcome), Fatal> {
-        loop {
+        {
             let Some(startup) = codec::read_startup(rx)? else {
                 return Ok((Self::AwaitingStartup, Outcome::NeedMore));
             };
@@ -189,7 +189,7 @@ impl Login {
                 params: kept,
                 route,
             });
-            return match who.route.route.authentication {
+            match who.route.route.authentication {
                 Authentication::None => {
                     backend::authentication_ok(out);
                     Ok((Self::AwaitingStartup, Outcome::Authenticated(who)))
@@ -217,7 +217,7 @@ impl Login {
                         Outcome::NeedMore,
                     ))
                 }
-            };
+            }
         }
     }
 }

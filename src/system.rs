@@ -441,10 +441,10 @@ impl Handler for System {
     }
 }
 
-fn spawn_workers(
-    cfg: &Arc<Config>,
-    sys: &Sender<SysCmd>,
-) -> std::io::Result<(Vec<Sender<WorkerCmd>>, Vec<JoinHandle<()>>)> {
+/// The workers' command channels and their threads.
+type Workers = (Vec<Sender<WorkerCmd>>, Vec<JoinHandle<()>>);
+
+fn spawn_workers(cfg: &Arc<Config>, sys: &Sender<SysCmd>) -> std::io::Result<Workers> {
     let n = cfg.worker_count();
     let mut reactors = Vec::with_capacity(n);
     let mut senders = Vec::with_capacity(n);

@@ -390,9 +390,7 @@ impl Worker {
         let Some(Conn::Client(c)) = self.conns.get(ck) else {
             return None;
         };
-        let Some(sk) = c.server else {
-            return None;
-        };
+        let sk = c.server?;
         let Some((Conn::Client(c), Conn::Server(s))) = self.conns.get2_mut(ck, sk) else {
             return None;
         };
