@@ -62,6 +62,9 @@ pub(crate) struct Shared {
     /// clients without waiting for a server.
     params: HashMap<PoolKey, Arc<Vec<(String, String)>>>,
     dead: Vec<Key>,
+    /// Connections that hit MAX_ROUNDS with work left: driven again after
+    /// the batch, since no new edge will announce them.
+    again: Vec<Key>,
     draining: bool,
 }
 
@@ -87,6 +90,7 @@ impl Worker {
                 cfg,
                 params: HashMap::new(),
                 dead: Vec::new(),
+                again: Vec::new(),
                 draining: false,
             },
         }
@@ -226,6 +230,13 @@ impl Handler for Worker {
     }
 
     fn after_batch(&mut self, cx: &mut Context<'_, WorkerTimer>) {
+        for k in std::mem::take(&mut self.w.again) {
+            match self.conns.get(k) {
+                Some(Conn::Client(_)) => self.drive_client(cx, k),
+                Some(Conn::Server(_)) => self.drive_server(cx, k),
+                _ => {}
+            }
+        }
         for k in self.w.dead.drain(..) {
             self.conns.remove(k);
         }
@@ -381,6 +392,8 @@ impl Worker {
                 return;
             }
         }
+        self.w.again.push(ck);
+        cx.again();
     }
 
     /// Moves bytes both ways between a linked client and server. None when
@@ -397,7 +410,9 @@ impl Worker {
         let mut progress = false;
         // Client -> server.
         let mut terminate = false;
-        loop {
+        // A server slower than its client: leave the input in the client's
+        // buffer, which stops reading the client socket once full.
+        while s.io.out.len() < OUT_LIMIT {
             let (pending, unsynced) = (&mut c.pending, &mut c.unsynced);
             let step = c.relay.step(&mut c.io.rx, max_len, |tag| {
                 match tag {
@@ -812,6 +827,8 @@ impl Worker {
                 return;
             }
         }
+        self.w.again.push(sk);
+        cx.again();
     }
 
     fn server_ready(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, login: BackendLogin) {

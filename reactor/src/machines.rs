@@ -101,7 +101,9 @@ impl<M> Machines<M> {
             return None; // slab would panic on aliasing slots
         }
         match self.slab.get2_mut(a.index as usize, b.index as usize) {
-            Some((x, y)) if x.gen == a.gen && y.gen == b.gen => Some((&mut x.machine, &mut y.machine)),
+            Some((x, y)) if x.gen == a.gen && y.gen == b.gen => {
+                Some((&mut x.machine, &mut y.machine))
+            }
             _ => None,
         }
     }

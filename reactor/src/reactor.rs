@@ -47,6 +47,7 @@ pub struct Context<'a, T> {
     timers: &'a mut Timers<T>,
     now: Instant,
     stop: &'a mut bool,
+    again: &'a mut bool,
 }
 
 impl<T> Context<'_, T> {
@@ -69,6 +70,13 @@ impl<T> Context<'_, T> {
     /// Cancels a deadline set earlier; harmless when it has fired.
     pub fn cancel_timer(&mut self, id: TimerId) {
         self.timers.cancel(id);
+    }
+
+    /// Asks for another batch without sleeping: a machine stopped short of
+    /// WouldBlock (to be fair to the others) and, with edge-triggered
+    /// readiness, no new event would wake it.
+    pub fn again(&mut self) {
+        *self.again = true;
     }
 
     /// Ends [`Reactor::run`] after the current batch.
@@ -128,11 +136,16 @@ impl<C: Send + 'static, T> Reactor<C, T> {
     /// Dispatches until a handler calls [`Context::stop`].
     pub fn run<H: Handler<Cmd = C, Timer = T>>(&mut self, handler: &mut H) -> io::Result<()> {
         let mut stop = false;
+        let mut again = false;
         while !stop {
-            let timeout = self
-                .timers
-                .next_timeout(Instant::now())
-                .map_or(MAX_SLEEP, |t| t.min(MAX_SLEEP));
+            let timeout = if again {
+                Duration::ZERO
+            } else {
+                self.timers
+                    .next_timeout(Instant::now())
+                    .map_or(MAX_SLEEP, |t| t.min(MAX_SLEEP))
+            };
+            again = false;
             match self.poll.poll(&mut self.events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -143,6 +156,7 @@ impl<C: Send + 'static, T> Reactor<C, T> {
                 timers: &mut self.timers,
                 now: Instant::now(),
                 stop: &mut stop,
+                again: &mut again,
             };
             for event in self.events.iter() {
                 if event.token() == WAKER_TOKEN {
@@ -223,6 +237,9 @@ mod tests {
         assert_eq!(out_rx.recv().unwrap(), "timer 30");
         tx.send(Cmd::Stop).unwrap();
         assert_eq!(t.join().unwrap(), 2);
-        assert!(tx.send(Cmd::Stop).is_err(), "receiver dropped with the reactor");
+        assert!(
+            tx.send(Cmd::Stop).is_err(),
+            "receiver dropped with the reactor"
+        );
     }
 }
