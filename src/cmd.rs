@@ -71,7 +71,11 @@ pub(crate) enum WorkerCmd {
         reject: bool,
     },
     /// The router gave `client` a server.
-    Granted { client: Key, lease: Lease },
+    Granted {
+        client: Key,
+        lease: Lease,
+        pool: PoolKey,
+    },
     /// Hand idle `server` to `client` on worker `to`.
     Ship {
         server: Key,

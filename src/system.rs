@@ -228,19 +228,15 @@ impl System {
             }
         };
         match action {
-            Action::Grant {
-                worker,
-                client,
-                lease,
-            } => send(worker, WorkerCmd::Granted { client, lease }),
-            Action::Ship { .. } => {} // needs the pool: see act_pool
+            Action::Grant { .. } => {} // needs the pool: see act_pool
+            Action::Ship { .. } => {}  // needs the pool: see act_pool
             Action::Close { worker, server } => send(worker, WorkerCmd::CloseIdle { server }),
             Action::Wait { .. } => {} // see act_pool
         }
     }
 
-    /// Like `act`, for actions about `pool` (ships carry the pool, waits set
-    /// a timer for it).
+    /// Like `act`, for actions about `pool` (grants and ships carry the
+    /// pool, waits set a timer for it).
     fn act_pool(
         &mut self,
         cx: &mut Context<'_, SysTimer>,
@@ -250,6 +246,19 @@ impl System {
         action: Action,
     ) {
         match action {
+            Action::Grant {
+                worker,
+                client,
+                lease,
+            } => {
+                if let Some(tx) = self.running.as_ref().and_then(|r| r.workers.get(worker)) {
+                    let _ = tx.send(WorkerCmd::Granted {
+                        client,
+                        lease,
+                        pool: pool.clone(),
+                    });
+                }
+            }
             Action::Ship {
                 from,
                 server,

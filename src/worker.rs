@@ -167,7 +167,11 @@ impl Handler for Worker {
                 peer,
                 reject,
             } => self.accept(cx, stream, peer, reject),
-            WorkerCmd::Granted { client, lease } => self.granted(cx, client, lease),
+            WorkerCmd::Granted {
+                client,
+                lease,
+                pool,
+            } => self.granted(cx, client, lease, pool),
             WorkerCmd::Ship {
                 server,
                 to,
@@ -565,22 +569,18 @@ impl Worker {
         });
     }
 
-    fn granted(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, lease: Lease) {
+    fn granted(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, lease: Lease, pool: PoolKey) {
         let waiting = matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting));
         match lease {
             Lease::New if waiting => self.open_server(cx, ck),
             Lease::New => {
                 // The client left before the grant arrived: give the slot back.
-                if let Some(Conn::Client(c)) = self.conns.get(ck) {
-                    if let Some(pool) = &c.pool {
-                        self.w.send(SysCmd::ServerClosed {
-                            pool: pool.clone(),
-                            worker: self.w.id,
-                            server: None,
-                            was: ServerWas::Opening,
-                        });
-                    }
-                }
+                self.w.send(SysCmd::ServerClosed {
+                    pool,
+                    worker: self.w.id,
+                    server: None,
+                    was: ServerWas::Opening,
+                });
             }
             Lease::Local(sk) => {
                 let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
@@ -602,7 +602,7 @@ impl Worker {
         }
     }
 
-    /// The grant for a client that left while waiting: return what it got.
+    /// Opens a new server connection for a waiting client.
     fn open_server(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) {
         let Some(Conn::Client(c)) = self.conns.get(ck) else {
             return;

@@ -107,8 +107,7 @@ pub struct Inspection {
 }
 
 impl Inspection {
-    /// The route for (database, user) as configured (names as in the config,
-    /// e.g. "default").
+    /// The pool of clients that logged in to `database` as `user`.
     pub fn route(&self, database: &str, user: &str) -> Option<&RouteStats> {
         self.routes
             .iter()
@@ -119,9 +118,10 @@ impl Inspection {
 /// Counters of one route's pool.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteStats {
-    /// Database name of the route (as configured).
+    /// The clients' database name (a pool per real database and user,
+    /// also under a `default` rule).
     pub database: String,
-    /// User name of the route (as configured).
+    /// The clients' user name.
     pub user: String,
     /// "session" or "transaction".
     pub pool_mode: String,
