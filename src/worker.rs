@@ -50,7 +50,12 @@ pub(crate) enum Conn {
 pub(crate) enum WorkerTimer {
     /// The graceful-shutdown grace period is over.
     DrainDeadline,
+    /// Close the clients that finished their transactions while draining.
+    DrainSweep,
 }
+
+/// How long after its last reply a client is closed while draining.
+const DRAIN_SWEEP: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// State shared by all connections of a worker.
 pub(crate) struct Shared {
@@ -66,6 +71,7 @@ pub(crate) struct Shared {
     /// the batch, since no new edge will announce them.
     again: Vec<Key>,
     draining: bool,
+    sweep_set: bool,
 }
 
 /// The worker's handler.
@@ -92,6 +98,7 @@ impl Worker {
                 dead: Vec::new(),
                 again: Vec::new(),
                 draining: false,
+                sweep_set: false,
             },
         }
     }
@@ -213,6 +220,19 @@ impl Handler for Worker {
 
     fn timeout(&mut self, cx: &mut Context<'_, WorkerTimer>, _id: TimerId, timer: WorkerTimer) {
         match timer {
+            WorkerTimer::DrainSweep => {
+                self.w.sweep_set = false;
+                let idle: Vec<Key> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| matches!(c, Conn::Client(c) if matches!(c.state, ClientState::Idle)))
+                    .map(|(k, _)| k)
+                    .collect();
+                for k in idle {
+                    let f = Fatal::new("57P01", "terminating connection: odissey is shutting down");
+                    self.close_client(cx, k, Some(f));
+                }
+            }
             WorkerTimer::DrainDeadline => {
                 let keys: Vec<Key> = self.conns.iter().map(|(k, _)| k).collect();
                 for k in keys {
@@ -496,19 +516,26 @@ impl Worker {
         if clean {
             let mode = c.who.as_ref().map(|w| w.route.route.pool);
             if self.w.draining {
-                let f = Fatal::new("57P01", "terminating connection: odissey is shutting down");
-                self.close_client(cx, ck, Some(f));
-                return None;
+                // The transaction is over: the server goes, and the client
+                // is told a moment later, so that the error does not arrive
+                // in the same read as the reply (some drivers would take it
+                // for the reply's).
+                self.unlink_and_release(cx, ck, sk);
+                if !self.w.sweep_set {
+                    self.w.sweep_set = true;
+                    cx.set_timer(cx.now() + DRAIN_SWEEP, WorkerTimer::DrainSweep);
+                }
+                return Some(true);
             }
             if mode == Some(PoolMode::Transaction) {
-                self.unlink_and_release(ck, sk);
+                self.unlink_and_release(cx, ck, sk);
                 return Some(true);
             }
         }
         Some(progress)
     }
 
-    fn unlink_and_release(&mut self, ck: Key, sk: Key) {
+    fn unlink_and_release(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, sk: Key) {
         if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
             c.server = None;
             c.state = ClientState::Idle;
@@ -516,6 +543,10 @@ impl Worker {
         if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
             s.client = None;
             s.state = ServerState::Idle;
+            if self.w.draining {
+                self.close_server(cx, sk, "shutdown");
+                return;
+            }
             self.w.send(SysCmd::Release {
                 pool: s.pool.clone(),
                 worker: self.w.id,
@@ -995,9 +1026,11 @@ impl Worker {
         };
         if let Some(f) = &fatal {
             write_error(&mut c.io.out, c.id, "FATAL", f.code, &f.message);
-            c.io.writable = true; // try once even without a writable edge
-            c.io.flush();
         }
+        // Whatever is owed (a last reply, the error) goes out in one try,
+        // even without a writable edge; a client that doesn't read it loses it.
+        c.io.writable = true;
+        c.io.flush();
         debug!("{}: closing ({})", c.id, c.state.name());
         let _ = cx.registry().deregister(&mut c.io.stream);
         c.io.stream.shutdown();
@@ -1023,6 +1056,10 @@ impl Worker {
             return;
         };
         s.client = None;
+        if self.w.draining {
+            self.close_server(cx, sk, "shutdown");
+            return;
+        }
         if !clean || !s.relay.at_boundary() || !s.io.rx.is_empty() || s.io.eof {
             // A query is in flight: closing is the only way to be sure it
             // neither commits nor leaks (cancel + rollback is the next issue).
@@ -1034,15 +1071,11 @@ impl Worker {
             frontend::query(&mut s.io.out, "ROLLBACK");
             queries += 1;
         }
-        if mode == Some(PoolMode::Session) || self.w.draining {
+        if mode == Some(PoolMode::Session) {
             frontend::query(&mut s.io.out, "DISCARD ALL");
             queries += 1;
         }
         if queries == 0 {
-            if self.w.draining {
-                self.close_server(cx, sk, "shutdown");
-                return;
-            }
             s.state = ServerState::Idle;
             self.w.send(SysCmd::Release {
                 pool: s.pool.clone(),

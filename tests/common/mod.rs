@@ -1,0 +1,807 @@
+//! Helpers shared by odissey's end-to-end tests: a config builder, pooler
+//! start-up, postgres-crate connections through the pooler, a tiny raw
+//! protocol client (for abrupt disconnects and garbage input), a monitor of
+//! server connection counts, and a per-test watchdog.
+//!
+//! Every test file does `mod common;` and uses a subset, hence the allow.
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub(crate) use odissey::{ConfigSource, Handle, Inspection};
+pub(crate) use odissey_harness::PgCluster;
+pub(crate) use postgres::error::SqlState;
+pub(crate) use postgres::{Client, NoTls};
+
+// ---------------------------------------------------------------------------
+// Configuration builder
+// ---------------------------------------------------------------------------
+
+/// One `[database.<db>.user.<user>]` section.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    pub(crate) db: String,
+    pub(crate) user: String,
+    pub(crate) authentication: String,
+    pub(crate) password: Option<String>,
+    pub(crate) storage_db: Option<String>,
+    pub(crate) storage_user: Option<String>,
+    pub(crate) storage_password: Option<String>,
+    pub(crate) pool: String,
+    pub(crate) pool_size: usize,
+    pub(crate) pool_timeout: u64,
+}
+
+impl Route {
+    /// A route with `authentication = "none"`, session pooling, unlimited
+    /// pool and no pool timeout.
+    pub(crate) fn new(db: &str, user: &str) -> Self {
+        Self {
+            db: db.into(),
+            user: user.into(),
+            authentication: "none".into(),
+            password: None,
+            storage_db: None,
+            storage_user: None,
+            storage_password: None,
+            pool: "session".into(),
+            pool_size: 0,
+            pool_timeout: 0,
+        }
+    }
+
+    /// Client authentication "md5" with `password`.
+    pub(crate) fn md5(mut self, password: &str) -> Self {
+        self.authentication = "md5".into();
+        self.password = Some(password.into());
+        self
+    }
+
+    /// Client authentication "clear_text" with `password`.
+    pub(crate) fn clear_text(mut self, password: &str) -> Self {
+        self.authentication = "clear_text".into();
+        self.password = Some(password.into());
+        self
+    }
+
+    pub(crate) fn storage_db(mut self, db: &str) -> Self {
+        self.storage_db = Some(db.into());
+        self
+    }
+
+    pub(crate) fn storage_user(mut self, user: &str) -> Self {
+        self.storage_user = Some(user.into());
+        self
+    }
+
+    pub(crate) fn storage_password(mut self, password: &str) -> Self {
+        self.storage_password = Some(password.into());
+        self
+    }
+
+    pub(crate) fn session(mut self) -> Self {
+        self.pool = "session".into();
+        self
+    }
+
+    pub(crate) fn transaction(mut self) -> Self {
+        self.pool = "transaction".into();
+        self
+    }
+
+    pub(crate) fn pool_size(mut self, n: usize) -> Self {
+        self.pool_size = n;
+        self
+    }
+
+    pub(crate) fn pool_timeout_ms(mut self, ms: u64) -> Self {
+        self.pool_timeout = ms;
+        self
+    }
+
+    fn write_toml(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "\n[database.{}.user.{}]",
+            key(&self.db),
+            key(&self.user)
+        );
+        let _ = writeln!(out, "authentication = {}", s(&self.authentication));
+        if let Some(p) = &self.password {
+            let _ = writeln!(out, "password = {}", s(p));
+        }
+        let _ = writeln!(out, "storage = \"main\"");
+        if let Some(v) = &self.storage_db {
+            let _ = writeln!(out, "storage_db = {}", s(v));
+        }
+        if let Some(v) = &self.storage_user {
+            let _ = writeln!(out, "storage_user = {}", s(v));
+        }
+        if let Some(v) = &self.storage_password {
+            let _ = writeln!(out, "storage_password = {}", s(v));
+        }
+        let _ = writeln!(out, "pool = {}", s(&self.pool));
+        let _ = writeln!(out, "pool_size = {}", self.pool_size);
+        let _ = writeln!(out, "pool_timeout = {}", self.pool_timeout);
+    }
+}
+
+/// A whole pooler config: one `[[listen]]` on 127.0.0.1 port 0, one
+/// `[storage.main]` pointing at the test cluster, and the routes.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) pg_port: u16,
+    pub(crate) workers: usize,
+    pub(crate) client_max: usize,
+    pub(crate) shutdown_timeout: Option<u64>,
+    pub(crate) routes: Vec<Route>,
+}
+
+impl Config {
+    /// `workers = 2`, no client limit, no routes yet.
+    pub(crate) fn new(pg_port: u16) -> Self {
+        Self {
+            pg_port,
+            workers: 2,
+            client_max: 0,
+            shutdown_timeout: None,
+            routes: Vec::new(),
+        }
+    }
+
+    pub(crate) fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    pub(crate) fn client_max(mut self, n: usize) -> Self {
+        self.client_max = n;
+        self
+    }
+
+    pub(crate) fn shutdown_timeout_ms(mut self, ms: u64) -> Self {
+        self.shutdown_timeout = Some(ms);
+        self
+    }
+
+    pub(crate) fn route(mut self, route: Route) -> Self {
+        self.routes.push(route);
+        self
+    }
+
+    /// The TOML text. `log_debug` follows `$ODISSEY_TEST_DEBUG`.
+    pub(crate) fn toml(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "workers = {}", self.workers);
+        let _ = writeln!(out, "client_max = {}", self.client_max);
+        let _ = writeln!(out, "log_debug = {}", debug_enabled());
+        if let Some(ms) = self.shutdown_timeout {
+            let _ = writeln!(out, "shutdown_timeout = {ms}");
+        }
+        let _ = writeln!(out, "\n[[listen]]\nhost = \"127.0.0.1\"\nport = 0");
+        let _ = writeln!(
+            out,
+            "\n[storage.main]\ntype = \"remote\"\nhost = \"127.0.0.1\"\nport = {}",
+            self.pg_port
+        );
+        for r in &self.routes {
+            r.write_toml(&mut out);
+        }
+        out
+    }
+}
+
+fn debug_enabled() -> bool {
+    std::env::var_os("ODISSEY_TEST_DEBUG").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// A TOML basic string.
+fn s(v: &str) -> String {
+    let mut out = String::from("\"");
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A TOML key: bare when possible, quoted otherwise.
+fn key(v: &str) -> String {
+    if !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        v.to_string()
+    } else {
+        s(v)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Starting the pooler
+// ---------------------------------------------------------------------------
+
+/// Starts the pooler from TOML text; returns the handle and its TCP port.
+pub(crate) fn start_pooler(config: &Config) -> (Handle, u16) {
+    start_pooler_from(ConfigSource::Toml(config.toml()))
+}
+
+/// Starts the pooler from any config source; returns the handle and the
+/// TCP port of its first listener.
+pub(crate) fn start_pooler_from(source: ConfigSource) -> (Handle, u16) {
+    if std::env::var_os("ODISSEY_TEST_DEBUG").is_some_and(|v| !v.is_empty() && v != "0") {
+        odissey::logging::init(true);
+    }
+    let shown = format!("{source:?}");
+    let handle = odissey::start(source)
+        .unwrap_or_else(|e| panic!("odissey::start failed: {e}\nconfig: {shown}"));
+    let inspection = handle
+        .inspect()
+        .unwrap_or_else(|e| panic!("inspect after start failed: {e}"));
+    let addr = *inspection
+        .tcp
+        .first()
+        .unwrap_or_else(|| panic!("the pooler bound no TCP listener: {inspection:?}"));
+    assert_ne!(addr.port(), 0, "inspect() must report the real port");
+    (handle, addr.port())
+}
+
+/// Server connections of all routes: active + idle + login.
+pub(crate) fn servers_total(inspection: &Inspection) -> usize {
+    inspection
+        .routes
+        .iter()
+        .map(|r| r.servers_active + r.servers_idle + r.servers_login)
+        .sum()
+}
+
+/// Server connections (active + idle + login) of the routes whose user is
+/// `user` (whether the route is reported by the client's names or by the
+/// configured names, the tests that use this have exact routes only).
+pub(crate) fn servers_of_user(inspection: &Inspection, user: &str) -> usize {
+    inspection
+        .routes
+        .iter()
+        .filter(|r| r.user == user)
+        .map(|r| r.servers_active + r.servers_idle + r.servers_login)
+        .sum()
+}
+
+// ---------------------------------------------------------------------------
+// postgres-crate clients through the pooler
+// ---------------------------------------------------------------------------
+
+/// Connection parameters for the pooler on `port`.
+pub(crate) fn pg_config(
+    port: u16,
+    db: &str,
+    user: &str,
+    password: Option<&str>,
+) -> postgres::Config {
+    let mut config = postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .dbname(db)
+        .user(user)
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(p) = password {
+        config.password(p);
+    }
+    config
+}
+
+pub(crate) fn try_connect(
+    port: u16,
+    db: &str,
+    user: &str,
+    password: Option<&str>,
+) -> Result<Client, postgres::Error> {
+    pg_config(port, db, user, password).connect(NoTls)
+}
+
+/// A client logged in through the pooler; panics with the server's error.
+pub(crate) fn connect(port: u16, db: &str, user: &str, password: Option<&str>) -> Client {
+    try_connect(port, db, user, password).unwrap_or_else(|e| {
+        panic!(
+            "cannot connect through the pooler (port {port}) db={db} user={user}: {}",
+            describe(&e)
+        )
+    })
+}
+
+/// Retries `try_connect` until it works or `timeout` passes (for things
+/// that settle asynchronously: a server going back to the pool, a client
+/// slot being freed).
+pub(crate) fn connect_eventually(
+    port: u16,
+    db: &str,
+    user: &str,
+    password: Option<&str>,
+    timeout: Duration,
+) -> Client {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match try_connect(port, db, user, password) {
+            Ok(c) => return c,
+            Err(e) if Instant::now() >= deadline => panic!(
+                "still cannot connect through the pooler after {timeout:?}: {}",
+                describe(&e)
+            ),
+            Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// "message (SEVERITY: text [CODE])" for any postgres error.
+pub(crate) fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "{e} ({}: {} [{}])",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        ),
+        None => format!("{e}"),
+    }
+}
+
+/// Asserts that `result` failed with SQLSTATE `code`; returns the error.
+#[track_caller]
+pub(crate) fn expect_code<T>(
+    result: Result<T, postgres::Error>,
+    code: &SqlState,
+    what: &str,
+) -> postgres::Error {
+    match result {
+        Ok(_) => panic!("{what}: expected SQLSTATE {} but it succeeded", code.code()),
+        Err(e) => {
+            assert_eq!(
+                e.code().map(SqlState::code),
+                Some(code.code()),
+                "{what}: expected SQLSTATE {}, got {}",
+                code.code(),
+                describe(&e)
+            );
+            e
+        }
+    }
+}
+
+/// Asserts that `e` is one of the pooler's own errors: FATAL, message
+/// starting with "odissey:".
+#[track_caller]
+pub(crate) fn assert_pooler_fatal(e: &postgres::Error, what: &str) {
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("{what}: expected an ErrorResponse, got {}", describe(e)));
+    assert_eq!(db.severity(), "FATAL", "{what}: {}", describe(e));
+    assert!(
+        db.message().starts_with("odissey:"),
+        "{what}: the pooler's errors start with \"odissey:\": {}",
+        describe(e)
+    );
+}
+
+/// First column of the first row of a simple query, as text.
+#[track_caller]
+pub(crate) fn scalar(client: &mut Client, sql: &str) -> Option<String> {
+    let messages = client
+        .simple_query(sql)
+        .unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
+    for m in messages {
+        if let postgres::SimpleQueryMessage::Row(row) = m {
+            return row.get(0).map(str::to_owned);
+        }
+    }
+    panic!("{sql}: no row returned");
+}
+
+/// `select pg_backend_pid()` through the simple protocol.
+#[track_caller]
+pub(crate) fn backend_pid(client: &mut Client) -> i32 {
+    scalar(client, "select pg_backend_pid()")
+        .expect("pid is not null")
+        .parse()
+        .expect("pid is an integer")
+}
+
+/// A single-value query straight on the cluster (as superuser).
+#[track_caller]
+pub(crate) fn pg_scalar(cluster: &PgCluster, db: &str, sql: &str) -> Option<String> {
+    let rows = cluster.sql(db, sql);
+    assert_eq!(rows.len(), 1, "{sql}: {rows:?}");
+    rows[0][0].clone()
+}
+
+// ---------------------------------------------------------------------------
+// Monitor of server connection counts
+// ---------------------------------------------------------------------------
+
+/// Polls, on its own scoped thread, PostgreSQL's count of backends of
+/// `user` and the pooler's servers of all routes, keeping the maxima.
+pub(crate) struct Monitor {
+    stop: AtomicBool,
+    pub(crate) max_backends: AtomicUsize,
+    pub(crate) max_servers: AtomicUsize,
+    pub(crate) samples: AtomicUsize,
+}
+
+impl Monitor {
+    pub(crate) fn new() -> Self {
+        Self {
+            stop: AtomicBool::new(false),
+            max_backends: AtomicUsize::new(0),
+            max_servers: AtomicUsize::new(0),
+            samples: AtomicUsize::new(0),
+        }
+    }
+
+    /// The polling loop; run it in `thread::scope`. `handle` may be None to
+    /// watch PostgreSQL only.
+    pub(crate) fn run(&self, cluster: &PgCluster, user: &str, handle: Option<&Handle>) {
+        while !self.stop.load(Ordering::SeqCst) {
+            let b = cluster.backends(user);
+            self.max_backends.fetch_max(b, Ordering::SeqCst);
+            if let Some(h) = handle {
+                if let Ok(i) = h.inspect() {
+                    self.max_servers
+                        .fetch_max(servers_total(&i), Ordering::SeqCst);
+                }
+            }
+            self.samples.fetch_add(1, Ordering::SeqCst);
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn max_backends(&self) -> usize {
+        self.max_backends.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn max_servers(&self) -> usize {
+        self.max_servers.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn samples(&self) -> usize {
+        self.samples.load(Ordering::SeqCst)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Watchdog
+// ---------------------------------------------------------------------------
+
+/// Aborts the whole test process when a test runs longer than `limit`
+/// (the postgres client has no query timeout, and a hung pooler would hang
+/// the test run forever). Keep the guard alive for the test's duration.
+pub(crate) struct Watchdog {
+    _done: mpsc::Sender<()>,
+}
+
+pub(crate) fn watchdog(name: &'static str, limit: Duration) -> Watchdog {
+    let (tx, rx) = mpsc::channel::<()>();
+    thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            // Straight to the process's stderr: eprintln! output is captured
+            // by the test harness and would be lost at exit.
+            let _ = writeln!(
+                io::stderr(),
+                "test {name} is still running after {limit:?}: the pooler hangs; aborting"
+            );
+            std::process::exit(101);
+        }
+    });
+    Watchdog { _done: tx }
+}
+
+// ---------------------------------------------------------------------------
+// Raw protocol client
+// ---------------------------------------------------------------------------
+
+/// Fields of an ErrorResponse / NoticeResponse.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ErrorFields {
+    pub(crate) severity: String,
+    pub(crate) code: String,
+    pub(crate) message: String,
+}
+
+/// Parses the body (after tag and length) of an ErrorResponse.
+pub(crate) fn parse_error_fields(body: &[u8]) -> ErrorFields {
+    let mut f = ErrorFields::default();
+    let mut rest = body;
+    while let Some((&kind, tail)) = rest.split_first() {
+        if kind == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        let value = String::from_utf8_lossy(&tail[..end]).into_owned();
+        match kind {
+            b'S' => f.severity = value,
+            b'C' => f.code = value,
+            b'M' => f.message = value,
+            _ => {}
+        }
+        rest = tail.get(end + 1..).unwrap_or(&[]);
+    }
+    f
+}
+
+/// Parses every complete message in `bytes`, returning (tag, body) pairs.
+/// Stops at the first incomplete one.
+pub(crate) fn split_messages(bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        if len < 4 || rest.len() < 1 + len {
+            break;
+        }
+        out.push((rest[0], rest[5..1 + len].to_vec()));
+        rest = &rest[1 + len..];
+    }
+    out
+}
+
+/// The result of one simple query.
+#[derive(Debug, Default)]
+pub(crate) struct QueryOutcome {
+    pub(crate) rows: Vec<Vec<Option<String>>>,
+    pub(crate) error: Option<ErrorFields>,
+    /// The ReadyForQuery status: b'I', b'T' or b'E'.
+    pub(crate) status: u8,
+}
+
+/// A hand-written protocol v3 client (trust / authentication = "none"
+/// routes only), able to leave without a Terminate.
+pub(crate) struct RawClient {
+    pub(crate) stream: TcpStream,
+}
+
+impl RawClient {
+    /// A plain TCP connection to the pooler (nothing sent yet), with a 10 s
+    /// read timeout.
+    pub(crate) fn tcp(port: u16) -> Self {
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("cannot connect to 127.0.0.1:{port}: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("set_read_timeout");
+        stream.set_nodelay(true).expect("set_nodelay");
+        Self { stream }
+    }
+
+    /// Connects and logs in as `user` on `db`; Err with the ErrorResponse
+    /// when the pooler refuses.
+    pub(crate) fn login(port: u16, user: &str, db: &str) -> Result<Self, ErrorFields> {
+        let mut c = Self::tcp(port);
+        c.send_startup(&[("user", user), ("database", db)]);
+        c.finish_login()?;
+        Ok(c)
+    }
+
+    pub(crate) fn send_startup(&mut self, params: &[(&str, &str)]) {
+        let mut body = Vec::new();
+        body.extend_from_slice(&196_608u32.to_be_bytes()); // 3.0
+        for (k, v) in params {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        msg.extend_from_slice(&body);
+        self.stream.write_all(&msg).expect("write startup");
+    }
+
+    /// Reads the login exchange up to ReadyForQuery.
+    pub(crate) fn finish_login(&mut self) -> Result<(), ErrorFields> {
+        loop {
+            let (tag, body) = self
+                .read_msg()
+                .unwrap_or_else(|e| panic!("raw client: reading the login reply: {e}"));
+            match tag {
+                b'R' => {
+                    let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    assert_eq!(
+                        code, 0,
+                        "the raw test client only supports routes without authentication"
+                    );
+                }
+                b'S' | b'K' | b'N' => {}
+                b'E' => return Err(parse_error_fields(&body)),
+                b'Z' => return Ok(()),
+                other => panic!(
+                    "raw client: unexpected message {:?} during login",
+                    other as char
+                ),
+            }
+        }
+    }
+
+    /// One message: (tag, body).
+    pub(crate) fn read_msg(&mut self) -> io::Result<(u8, Vec<u8>)> {
+        let mut head = [0u8; 5];
+        self.stream.read_exact(&mut head)?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if !(4..=(1 << 26)).contains(&len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad message length {len} (tag {:?})", head[0] as char),
+            ));
+        }
+        let mut body = vec![0u8; len - 4];
+        self.stream.read_exact(&mut body)?;
+        Ok((head[0], body))
+    }
+
+    /// Sends a simple Query and reads up to ReadyForQuery.
+    pub(crate) fn query(&mut self, sql: &str) -> QueryOutcome {
+        let mut msg = vec![b'Q'];
+        msg.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+        msg.extend_from_slice(sql.as_bytes());
+        msg.push(0);
+        self.stream.write_all(&msg).expect("write Query");
+        let mut out = QueryOutcome::default();
+        loop {
+            let (tag, body) = self
+                .read_msg()
+                .unwrap_or_else(|e| panic!("raw client: reading the reply to {sql:?}: {e}"));
+            match tag {
+                b'D' => out.rows.push(parse_data_row(&body)),
+                b'E' => out.error = Some(parse_error_fields(&body)),
+                b'Z' => {
+                    out.status = body[0];
+                    return out;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends Terminate and closes.
+    pub(crate) fn terminate(mut self) {
+        let _ = self.stream.write_all(&[b'X', 0, 0, 0, 4]);
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// Closes the socket without a Terminate message: the client vanishes.
+    pub(crate) fn vanish(self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+        drop(self.stream);
+    }
+}
+
+fn parse_data_row(body: &[u8]) -> Vec<Option<String>> {
+    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut at = 2;
+    let mut row = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = i32::from_be_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
+        at += 4;
+        if len < 0 {
+            row.push(None);
+        } else {
+            let len = len as usize;
+            row.push(Some(
+                String::from_utf8_lossy(&body[at..at + len]).into_owned(),
+            ));
+            at += len;
+        }
+    }
+    row
+}
+
+/// Reads from `stream` until the peer closes it (EOF or reset), returning
+/// what was read; Err when it is still open after `timeout`.
+pub(crate) fn read_until_closed(
+    stream: &mut TcpStream,
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "the connection is still open after {timeout:?} (read {} bytes: {:?})",
+                got.len(),
+                String::from_utf8_lossy(&got)
+            ));
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .expect("set_read_timeout");
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                return Ok(got)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read error: {e}")),
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+pub(crate) fn pseudo_random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+/// Whether the pooler on `port` refuses a new trust client `user`/`db`:
+/// Ok(how) when the TCP connect is refused or the login ends in an
+/// ErrorResponse / close; Err(what happened) when the login is served or
+/// left hanging for `timeout`.
+pub(crate) fn login_refused(
+    port: u16,
+    user: &str,
+    db: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
+        Err(e) => return Ok(format!("connect failed: {e}")),
+        Ok(s) => s,
+    };
+    let mut c = RawClient {
+        stream: stream.try_clone().expect("try_clone"),
+    };
+    c.send_startup(&[("user", user), ("database", db)]);
+    match read_until_closed(&mut stream, timeout) {
+        Ok(bytes) if bytes.is_empty() => Ok("closed without a reply".into()),
+        Ok(bytes) if bytes[0] == b'E' => {
+            let msgs = split_messages(&bytes);
+            Ok(format!(
+                "refused: {:?}",
+                msgs.first().map(|(_, body)| parse_error_fields(body))
+            ))
+        }
+        Ok(bytes) => Err(format!(
+            "the login was answered with {:?} before the close",
+            String::from_utf8_lossy(&bytes)
+        )),
+        Err(e) => Err(format!("the login was served or hangs: {e}")),
+    }
+}
