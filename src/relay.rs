@@ -27,6 +27,9 @@ pub(crate) enum Step {
 pub(crate) struct Relay {
     /// Bytes of the current pass-through frame not yet seen.
     left: usize,
+    /// The frame at the front of the buffer was already judged (it is to be
+    /// delivered whole): `inspect` is called once per frame, never twice.
+    whole: bool,
 }
 
 impl Relay {
@@ -35,15 +38,25 @@ impl Relay {
         self.left == 0
     }
 
-    /// Takes the next step out of `rx`. `inspect` is called once for every
-    /// frame header crossed (so the caller can count tags) and says whether
-    /// that frame must be delivered whole; `max_len` bounds any frame.
+    /// Takes the next step out of `rx`. `inspect` is called exactly once for
+    /// every frame header crossed (so the caller can count tags and keep
+    /// state) and says whether that frame must be delivered whole;
+    /// `max_len` bounds any frame.
     pub(crate) fn step(
         &mut self,
         rx: &mut BytesMut,
         max_len: usize,
         mut inspect: impl FnMut(u8) -> bool,
     ) -> Result<Step, odissey_protocol::Error> {
+        if self.whole {
+            return Ok(match peek_header(rx, max_len)? {
+                Some((tag, total)) if rx.len() >= total => {
+                    self.whole = false;
+                    Step::Inspect(tag, rx.split_to(total))
+                }
+                _ => Step::NeedMore,
+            });
+        }
         let mut pos = 0;
         loop {
             if self.left > 0 {
@@ -58,11 +71,9 @@ impl Relay {
                 break;
             };
             if inspect(tag) {
-                if pos > 0 {
+                if pos > 0 || rx.len() < total {
+                    self.whole = true;
                     break;
-                }
-                if rx.len() < total {
-                    return Ok(Step::NeedMore);
                 }
                 return Ok(Step::Inspect(tag, rx.split_to(total)));
             }
@@ -129,6 +140,38 @@ mod tests {
         }
         assert_eq!(passed, total - 6);
         assert!(seen_z && r.at_boundary());
+    }
+
+    #[test]
+    fn inspect_is_asked_once_per_frame() {
+        let mut all = BytesMut::new();
+        backend::command_complete(&mut all, "SELECT 1");
+        backend::ready_for_query(&mut all, backend::TransactionStatus::Idle);
+        backend::command_complete(&mut all, "SELECT 2");
+        let mut asked = Vec::new();
+        let mut r = Relay::default();
+        let mut rx = BytesMut::new();
+        let mut out = Vec::new();
+        for b in all.iter() {
+            rx.extend_from_slice(&[*b]);
+            loop {
+                let step = r
+                    .step(&mut rx, 1 << 20, |t| {
+                        asked.push(t);
+                        t == b'Z'
+                    })
+                    .unwrap();
+                match step {
+                    Step::NeedMore => break,
+                    Step::Pass(p) => out.push(('-', p.len())),
+                    Step::Inspect(t, f) => out.push((t as char, f.len())),
+                }
+            }
+        }
+        assert_eq!(asked, b"CZC");
+        let passed: usize = out.iter().filter(|o| o.0 == '-').map(|o| o.1).sum();
+        assert_eq!(passed, 28);
+        assert!(out.contains(&('Z', 6)));
     }
 
     #[test]
