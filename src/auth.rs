@@ -69,7 +69,7 @@ pub(crate) enum Outcome {
     /// More bytes are needed; `out` may hold a reply (e.g. 'N' to SSL).
     NeedMore,
     /// A CancelRequest: nothing more will come on this connection.
-    Cancel { pid: u32 },
+    Cancel { pid: u32, key: u32 },
     /// The client is who it says; AuthenticationOk is already in `out`.
     Authenticated(Box<Identity>),
 }
@@ -153,8 +153,8 @@ impl Login {
                     }
                     return Ok((Self::AwaitingStartup, Outcome::NeedMore));
                 }
-                Startup::Cancel { pid, .. } => {
-                    return Ok((Self::AwaitingStartup, Outcome::Cancel { pid }))
+                Startup::Cancel { pid, key } => {
+                    return Ok((Self::AwaitingStartup, Outcome::Cancel { pid, key }))
                 }
                 Startup::Startup {
                     params,

@@ -5,6 +5,7 @@ use odissey_reactor::Key;
 use crate::auth::{Identity, Login};
 use crate::ids::ConnId;
 use crate::io::Io;
+use crate::params::Params;
 use crate::relay::Relay;
 use crate::router::PoolKey;
 
@@ -36,6 +37,8 @@ impl ClientState {
 #[derive(Debug)]
 pub(crate) struct Client {
     pub(crate) id: ConnId,
+    /// Its own slot, to name it in commands.
+    pub(crate) key: Key,
     pub(crate) io: Io,
     pub(crate) state: ClientState,
     pub(crate) who: Option<Box<Identity>>,
@@ -53,4 +56,8 @@ pub(crate) struct Client {
     pub(crate) greeted: bool,
     /// Refuse after the startup packet (client_max reached).
     pub(crate) reject: bool,
+    /// The session settings that follow this client (see `params`).
+    pub(crate) params: Params,
+    /// The BackendKeyData odissey gave it, for its CancelRequests.
+    pub(crate) cancel_key: Option<(u32, u32)>,
 }

@@ -60,6 +60,17 @@ pub(crate) enum SysCmd {
     },
     /// A draining worker has no connections left and has stopped.
     Drained { worker: WorkerId },
+    /// A client got this cancel key.
+    CancelKey {
+        pid: u32,
+        key: u32,
+        worker: WorkerId,
+        client: Key,
+    },
+    /// A client with this cancel key left.
+    CancelKeyGone { pid: u32, key: u32 },
+    /// A CancelRequest arrived (on any worker).
+    Cancel { pid: u32, key: u32 },
 }
 
 /// To a worker.
@@ -91,6 +102,8 @@ pub(crate) enum WorkerCmd {
     CloseIdle { server: Key },
     /// A new config for new clients.
     Configure(Arc<Config>),
+    /// Cancel what `client`'s server runs, if it holds one.
+    Cancel { client: Key },
     /// Graceful shutdown: close clients between transactions, everything
     /// at the deadline, then stop.
     Drain { deadline: Instant },

@@ -171,6 +171,9 @@ pub enum PoolMode {
     Session,
     /// The server connection returns to the pool after each transaction.
     Transaction,
+    /// The server connection returns to the pool after each statement;
+    /// multi-statement transactions are refused.
+    Statement,
 }
 
 impl PoolMode {
@@ -179,6 +182,7 @@ impl PoolMode {
         match self {
             Self::Session => "session",
             Self::Transaction => "transaction",
+            Self::Statement => "statement",
         }
     }
 }
@@ -208,6 +212,38 @@ pub struct Route {
     /// Milliseconds a client may wait for a server connection; 0 = forever.
     #[serde(default)]
     pub pool_timeout: u64,
+    /// When a client leaves with a query running, cancel it on the server.
+    #[serde(default = "yes")]
+    pub pool_cancel: bool,
+    /// When a client leaves inside a transaction, roll it back and reuse the
+    /// server connection (false: close the connection instead).
+    #[serde(default = "yes")]
+    pub pool_rollback: bool,
+    /// Run DISCARD ALL whenever a server connection changes owner.
+    #[serde(default)]
+    pub pool_discard: bool,
+    /// Milliseconds a server connection may take to come back clean after
+    /// its client left (cancel, rollback, reset) before it is closed.
+    #[serde(default = "default_reset_timeout")]
+    pub pool_reset_timeout: u64,
+    /// Track protocol-level prepared statements so they work across server
+    /// connections in transaction and statement pooling.
+    #[serde(default = "yes")]
+    pub prepared_statements: bool,
+    /// Prepared statements kept per server connection (least recently used
+    /// ones are closed beyond it).
+    #[serde(default = "default_prepared_max")]
+    pub prepared_statements_max: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_reset_timeout() -> u64 {
+    5_000
+}
+fn default_prepared_max() -> usize {
+    256
 }
 
 fn default_pool() -> PoolMode {
@@ -307,6 +343,11 @@ impl Config {
                     return Err(ConfigError(format!(
                         "{key}.storage: no storage named {:?}{line}",
                         r.storage
+                    )));
+                }
+                if r.prepared_statements_max == 0 {
+                    return Err(ConfigError(format!(
+                        "{key}.prepared_statements_max: must be at least 1{line}"
                     )));
                 }
                 match r.authentication {

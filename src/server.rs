@@ -3,12 +3,13 @@
 use std::sync::Arc;
 
 use odissey_protocol::backend::TransactionStatus;
-use odissey_reactor::Key;
+use odissey_reactor::{Key, TimerId};
 
 use crate::backend_login::BackendLogin;
 use crate::config::ResolvedRoute;
 use crate::ids::ConnId;
 use crate::io::Io;
+use crate::params::Params;
 use crate::relay::Relay;
 use crate::router::PoolKey;
 
@@ -23,8 +24,25 @@ pub(crate) enum ServerState {
     Idle,
     /// Its client's traffic.
     Linked,
-    /// The replies to the reset queries (ROLLBACK, DISCARD ALL) we sent.
-    Resetting { replies: usize },
+    /// Its client left: odissey brings it back to a clean idle state
+    /// (cancel, drain, ROLLBACK, DISCARD ALL) before it is reused.
+    Recovering(Recovery),
+}
+
+/// Where the recovery of a server connection stands.
+#[derive(Debug)]
+pub(crate) struct Recovery {
+    /// ReadyForQuery messages still owed for requests already sent.
+    pub(crate) replies: usize,
+    /// ROLLBACK may be sent (route's pool_rollback).
+    pub(crate) may_rollback: bool,
+    /// DISCARD ALL is due once idle (session pooling).
+    pub(crate) discard: bool,
+    /// Closes the connection if it doesn't come back in time.
+    pub(crate) timer: Option<TimerId>,
+    /// A CancelRequest for it is on its way: don't reuse the connection
+    /// before the postmaster has taken it, or it could hit the next query.
+    pub(crate) cancelling: bool,
 }
 
 impl ServerState {
@@ -34,7 +52,7 @@ impl ServerState {
             Self::LoggingIn(_) => "LoggingIn",
             Self::Idle => "Idle",
             Self::Linked => "Linked",
-            Self::Resetting { .. } => "Resetting",
+            Self::Recovering(_) => "Recovering",
         }
     }
 }
@@ -54,4 +72,17 @@ pub(crate) struct Server {
     pub(crate) relay: Relay,
     /// As of the last ReadyForQuery.
     pub(crate) status: TransactionStatus,
+    /// The server's BackendKeyData, to cancel what runs on it.
+    pub(crate) key: Option<(u32, u32)>,
+    /// Reported parameters as they stand now.
+    pub(crate) params: Params,
+    /// Reported parameters as they stood after login.
+    pub(crate) defaults: Arc<Params>,
+    /// The last client that used it: the same client back needs no SETs.
+    pub(crate) owner: Option<ConnId>,
+    /// ReadyForQuery messages of odissey's own queries (parameter sync,
+    /// statement-mode rollback) whose replies the client must not see.
+    pub(crate) swallow: usize,
+    /// The server expects COPY data from the client.
+    pub(crate) copy_in: bool,
 }

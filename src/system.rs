@@ -4,11 +4,12 @@
 //! the pools' books (see [`crate::router`]), and answers start, reload,
 //! inspect and shutdown.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use odissey_facade::{Call, ConfigSource, Error, Inspection, Reply, Request, Started};
 use odissey_reactor::{Context, Handler, Interest, Key, Reactor, Ready, Sender, TimerId, Token};
 use odissey_transport::{Listener, ListenerAddr};
@@ -49,6 +50,9 @@ pub(crate) struct System {
     next_worker: usize,
     /// The shutdown call to answer once every worker has drained.
     stopping: Option<(Call, usize)>,
+    /// Cancel keys handed to clients, to route CancelRequests that arrive
+    /// on any worker to the worker holding the client.
+    cancel_keys: HashMap<(u32, u32), (WorkerId, Key)>,
 }
 
 impl System {
@@ -60,6 +64,7 @@ impl System {
             clients: 0,
             next_worker: 0,
             stopping: None,
+            cancel_keys: HashMap::new(),
         }
     }
 
@@ -410,6 +415,26 @@ impl Handler for System {
                     self.act_pool(cx, &pool, to, client, a);
                 }
             }
+            SysCmd::CancelKey {
+                pid,
+                key,
+                worker,
+                client,
+            } => {
+                self.cancel_keys.insert((pid, key), (worker, client));
+            }
+            SysCmd::CancelKeyGone { pid, key } => {
+                self.cancel_keys.remove(&(pid, key));
+            }
+            SysCmd::Cancel { pid, key } => match self.cancel_keys.get(&(pid, key)) {
+                Some(&(worker, client)) => {
+                    if let Some(tx) = self.running.as_ref().and_then(|r| r.workers.get(worker)) {
+                        let _ = tx.send(WorkerCmd::Cancel { client });
+                    }
+                }
+                // An unknown key does nothing, and says nothing to anyone.
+                None => debug!("cancel request with an unknown key ignored"),
+            },
             SysCmd::Drained { worker } => {
                 info!("worker {worker} drained");
                 if let Some((_, left)) = &mut self.stopping {

@@ -26,7 +26,7 @@ use crate::ids::ConnId;
 use crate::io::Io;
 use crate::relay::{Relay, Step};
 use crate::router::{Lease, PoolKey, ServerWas, WorkerId};
-use crate::server::{Server, ServerState};
+use crate::server::{Recovery, Server, ServerState};
 
 /// Stop reading a socket once this much input waits to be relayed.
 const RX_LIMIT: usize = 256 * 1024;
@@ -40,6 +40,8 @@ const MAX_ROUNDS: usize = 32;
 pub(crate) enum Conn {
     Client(Box<Client>),
     Server(Box<Server>),
+    /// A CancelRequest on its way to a server.
+    Cancel(Box<Canceller>),
     /// Closed during this batch; freed after it so the slot is not reused
     /// while events for the old socket may still be queued.
     Dead,
@@ -52,7 +54,23 @@ pub(crate) enum WorkerTimer {
     DrainDeadline,
     /// Close the clients that finished their transactions while draining.
     DrainSweep,
+    /// A server left by its client did not come back clean in time.
+    Recover(Key),
+    /// A CancelRequest connection took too long.
+    CancelTimeout(Key),
 }
+
+/// A connection that carries one CancelRequest to a server.
+#[derive(Debug)]
+pub(crate) struct Canceller {
+    io: Io,
+    /// The recovering server waiting for this cancel to be delivered.
+    server: Option<Key>,
+    timer: Option<TimerId>,
+}
+
+/// How long a CancelRequest may take to be delivered.
+const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long after its last reply a client is closed while draining.
 const DRAIN_SWEEP: std::time::Duration = std::time::Duration::from_millis(50);
@@ -122,25 +140,30 @@ fn write_error(out: &mut BytesMut, id: ConnId, severity: &str, code: &str, messa
     backend::error_response(out, severity, code, &text, None);
 }
 
-fn greet(c: &mut Client, params: &[(String, String)]) {
-    let mine = c.who.as_ref().map(|w| w.params.as_slice()).unwrap_or(&[]);
+/// Sends a client what PostgreSQL sends after authentication: the
+/// ParameterStatus values (the server's, with the client's own settings
+/// where it asked for some), a BackendKeyData of odissey's own (the
+/// server's key must never reach a client that may hold another server
+/// next) and ReadyForQuery.
+fn greet(c: &mut Client, shared: &Shared, params: &[(String, String)]) {
     for (name, value) in params {
-        let value = mine
-            .iter()
-            .find(|(n, _)| n == name && name == "application_name")
-            .map_or(value.as_str(), |(_, v)| v.as_str());
+        let value = crate::params::get(&c.params, name).unwrap_or(value);
         backend::parameter_status(&mut c.io.out, name, value);
     }
-    // Our own cancel key: cancel forwarding arrives with the next issue,
-    // and the server's key must never reach a client that may get another
-    // server next.
     let mut key = [0u8; 8];
     let _ = getrandom::getrandom(&mut key);
     let pid = u32::from_be_bytes([key[0], key[1], key[2], key[3]]) & 0x7fff_ffff;
     let secret = u32::from_be_bytes([key[4], key[5], key[6], key[7]]);
     backend::backend_key_data(&mut c.io.out, pid, secret);
     backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
+    c.cancel_key = Some((pid, secret));
     c.greeted = true;
+    shared.send(SysCmd::CancelKey {
+        pid,
+        key: secret,
+        worker: shared.id,
+        client: c.key,
+    });
 }
 
 impl Handler for Worker {
@@ -162,6 +185,10 @@ impl Handler for Worker {
                     (ServerState::Linked, Some(ck)) => self.drive_client(cx, ck),
                     _ => self.drive_server(cx, key),
                 }
+            }
+            Some(Conn::Cancel(k)) => {
+                k.io.on_ready(ready);
+                self.drive_canceller(cx, key);
             }
             Some(Conn::Dead) | None => {}
         }
@@ -214,12 +241,40 @@ impl Handler for Worker {
                 }
             }
             WorkerCmd::Configure(cfg) => self.w.cfg = cfg,
+            WorkerCmd::Cancel { client } => {
+                let target = match self.conns.get(client) {
+                    Some(Conn::Client(c)) => c.server,
+                    _ => None,
+                };
+                match target {
+                    Some(sk) => self.send_cancel(cx, sk, false),
+                    None => debug!("cancel for a client without a server: nothing to do"),
+                }
+            }
             WorkerCmd::Drain { deadline } => self.drain(cx, deadline),
         }
     }
 
     fn timeout(&mut self, cx: &mut Context<'_, WorkerTimer>, _id: TimerId, timer: WorkerTimer) {
         match timer {
+            WorkerTimer::Recover(sk) => {
+                if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
+                    if let ServerState::Recovering(r) = &mut s.state {
+                        r.timer = None;
+                        self.close_server(
+                            cx,
+                            sk,
+                            "did not come back clean in time (pool_reset_timeout)",
+                        );
+                    }
+                }
+            }
+            WorkerTimer::CancelTimeout(k) => {
+                if let Some(Conn::Cancel(c)) = self.conns.get_mut(k) {
+                    c.timer = None;
+                    self.finish_canceller(cx, k);
+                }
+            }
             WorkerTimer::DrainSweep => {
                 self.w.sweep_set = false;
                 let idle: Vec<Key> = self
@@ -246,6 +301,7 @@ impl Handler for Worker {
                             )),
                         ),
                         Some(Conn::Server(_)) => self.close_server(cx, k, "shutdown"),
+                        Some(Conn::Cancel(_)) => self.finish_canceller(cx, k),
                         _ => {}
                     }
                 }
@@ -299,6 +355,7 @@ impl Worker {
             }
             Conn::Client(Box::new(Client {
                 id,
+                key,
                 io,
                 state: ClientState::Login(Login::AwaitingStartup),
                 who: None,
@@ -309,6 +366,8 @@ impl Worker {
                 unsynced: false,
                 greeted: false,
                 reject,
+                params: Vec::new(),
+                cancel_key: None,
             }))
         });
         if let Some(e) = failed {
@@ -336,10 +395,11 @@ impl Worker {
                 ClientState::Login(login) => {
                     match login.step(&mut c.io.rx, &mut c.io.out, &self.w.cfg) {
                         Ok((login, Outcome::NeedMore)) => c.state = ClientState::Login(login),
-                        Ok((_, Outcome::Cancel { pid })) => {
-                            // Cancel forwarding arrives with the next issue;
-                            // the protocol wants no answer either way.
-                            debug!("{}: cancel request for pid {pid} ignored", c.id);
+                        Ok((_, Outcome::Cancel { pid, key })) => {
+                            // The router knows which worker holds the client
+                            // with that key; the protocol wants no answer.
+                            debug!("{}: cancel request for pid {pid}", c.id);
+                            self.w.send(SysCmd::Cancel { pid, key });
                             self.close_client(cx, ck, None);
                             return;
                         }
@@ -471,19 +531,68 @@ impl Worker {
         if c.io.out.len() < OUT_LIMIT {
             progress |= s.io.fill(RX_LIMIT);
         }
+        let mode = c.who.as_ref().map(|w| w.route.route.pool);
         loop {
-            match s
-                .relay
-                .step(&mut s.io.rx, usize::MAX >> 1, |tag| tag == b'Z')
-            {
+            let (swallow, copy_in) = (s.swallow, &mut s.copy_in);
+            let step = s.relay.step(&mut s.io.rx, usize::MAX >> 1, |tag| {
+                match tag {
+                    b'G' | b'W' => *copy_in = true,
+                    b'C' | b'E' | b'Z' => *copy_in = false,
+                    _ => {}
+                }
+                swallow > 0 || tag == b'Z' || tag == b'S'
+            });
+            match step {
                 Ok(Step::NeedMore) => break,
                 Ok(Step::Pass(b)) => c.io.out.unsplit(b),
+                Ok(Step::Inspect(tag, f)) if s.swallow > 0 => {
+                    // A reply to odissey's own queries: the client never
+                    // sees it, but the server's state is noted.
+                    match BackendMessage::parse(&frame_of(tag, &f)) {
+                        Ok(BackendMessage::ReadyForQuery(st)) => {
+                            s.swallow -= 1;
+                            s.status = st;
+                        }
+                        Ok(BackendMessage::ParameterStatus { name, value }) => {
+                            crate::params::set(&mut s.params, &name, &value);
+                        }
+                        Ok(BackendMessage::ErrorResponse(e)) => {
+                            debug!(
+                                "{}: setting for {} failed: {} ({})",
+                                s.id, c.id, e.message, e.code
+                            );
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(Step::Inspect(b'S', f)) => {
+                    if let Ok(BackendMessage::ParameterStatus { name, value }) =
+                        BackendMessage::parse(&frame_of(b'S', &f))
+                    {
+                        crate::params::set(&mut s.params, &name, &value);
+                        if let Some(name) = crate::params::tracked(&name) {
+                            crate::params::set(&mut c.params, name, &value);
+                        }
+                    }
+                    c.io.out.unsplit(f);
+                }
                 Ok(Step::Inspect(_, f)) => {
                     if let Ok(st) = TransactionStatus::from_byte(f.get(5).copied().unwrap_or(0)) {
                         s.status = st;
                     }
                     c.pending = c.pending.saturating_sub(1);
-                    c.io.out.unsplit(f);
+                    if mode == Some(PoolMode::Statement) && s.status != TransactionStatus::Idle {
+                        // Statement pooling cannot keep a transaction open:
+                        // roll it back and tell the client, who stays usable.
+                        let msg = "transaction blocks are not allowed in statement pooling mode";
+                        write_error(&mut c.io.out, c.id, "ERROR", "0A000", msg);
+                        backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
+                        frontend::query(&mut s.io.out, "ROLLBACK");
+                        s.swallow += 1;
+                        s.io.flush();
+                    } else {
+                        c.io.out.unsplit(f);
+                    }
                 }
                 Err(e) => {
                     warn!("{}: protocol violation from server: {e}", s.id);
@@ -495,6 +604,7 @@ impl Worker {
         }
         progress |= c.io.flush();
         let clean = c.pending == 0
+            && s.swallow == 0
             && !c.unsynced
             && c.relay.at_boundary()
             && s.relay.at_boundary()
@@ -514,7 +624,6 @@ impl Worker {
             return None;
         }
         if clean {
-            let mode = c.who.as_ref().map(|w| w.route.route.pool);
             if self.w.draining {
                 // The transaction is over: the server goes, and the client
                 // is told a moment later, so that the error does not arrive
@@ -527,7 +636,7 @@ impl Worker {
                 }
                 return Some(true);
             }
-            if mode == Some(PoolMode::Transaction) {
+            if matches!(mode, Some(PoolMode::Transaction | PoolMode::Statement)) {
                 self.unlink_and_release(cx, ck, sk);
                 return Some(true);
             }
@@ -574,11 +683,16 @@ impl Worker {
             route: Arc::clone(&who.route),
         });
         c.pool = Some(pool.clone());
+        for (name, value) in &who.params {
+            if let Some(name) = crate::params::tracked(name) {
+                crate::params::set(&mut c.params, name, value);
+            }
+        }
         c.who = Some(who);
         c.state = ClientState::Idle;
         if let Some(params) = self.w.params.get(&pool) {
             let params = Arc::clone(params);
-            greet(c, &params);
+            greet(c, &self.w, &params);
         } else {
             self.attach(ck);
         }
@@ -698,6 +812,12 @@ impl Worker {
                 client: Some(ck),
                 relay: Relay::default(),
                 status: TransactionStatus::Idle,
+                key: None,
+                params: Vec::new(),
+                defaults: Arc::default(),
+                owner: None,
+                swallow: 0,
+                copy_in: false,
             }))
         });
         debug!(
@@ -818,40 +938,98 @@ impl Worker {
                     }
                     return;
                 }
-                ServerState::Resetting { mut replies } => {
+                ServerState::Recovering(mut r) => {
                     progress |= s.io.fill(RX_LIMIT);
-                    let mut failed = false;
-                    while let Ok(Some(f)) = codec::read_frame(&mut s.io.rx, 1 << 30) {
-                        match BackendMessage::parse(&f) {
-                            Ok(BackendMessage::ReadyForQuery(st)) => {
-                                replies = replies.saturating_sub(1);
-                                s.status = st;
+                    // Everything the server says now was meant for the
+                    // client that left: drop it, noting the state.
+                    loop {
+                        let step = s.relay.step(&mut s.io.rx, usize::MAX >> 1, |tag| {
+                            matches!(tag, b'Z' | b'S' | b'E' | b'G' | b'W')
+                        });
+                        match step {
+                            Ok(Step::NeedMore) => break,
+                            Ok(Step::Pass(_)) => {}
+                            Ok(Step::Inspect(tag, f)) => {
+                                match BackendMessage::parse(&frame_of(tag, &f)) {
+                                    Ok(BackendMessage::ReadyForQuery(st)) => {
+                                        r.replies = r.replies.saturating_sub(1);
+                                        s.status = st;
+                                    }
+                                    Ok(BackendMessage::ParameterStatus { name, value }) => {
+                                        crate::params::set(&mut s.params, &name, &value);
+                                    }
+                                    Ok(BackendMessage::ErrorResponse(e)) => {
+                                        debug!(
+                                            "{}: while recovering: {} ({})",
+                                            s.id, e.message, e.code
+                                        );
+                                    }
+                                    _ if tag == b'G' => {
+                                        frontend::copy_fail(&mut s.io.out, "client disconnected");
+                                    }
+                                    _ => {
+                                        // COPY BOTH (replication) cannot be
+                                        // wound down from here.
+                                        s.state = ServerState::Recovering(r);
+                                        self.close_server(cx, sk, "client left during COPY BOTH");
+                                        return;
+                                    }
+                                }
                             }
-                            Ok(BackendMessage::ErrorResponse(e)) => {
-                                debug!("{}: reset failed: {}", s.id, e.message);
-                                failed = true;
+                            Err(_) => {
+                                s.io.eof = true;
+                                break;
                             }
-                            _ => {}
                         }
+                        progress = true;
                     }
-                    if failed || s.io.eof {
-                        self.close_server(cx, sk, "reset failed");
+                    if s.io.eof {
+                        s.state = ServerState::Recovering(r);
+                        self.close_server(cx, sk, "closed while recovering");
                         return;
                     }
-                    if replies == 0 && s.status == TransactionStatus::Idle && s.io.out.is_empty() {
-                        s.state = ServerState::Idle;
-                        if self.w.draining {
-                            self.close_server(cx, sk, "shutdown");
+                    if r.replies == 0 && !r.cancelling && s.relay.at_boundary() {
+                        if s.status != TransactionStatus::Idle {
+                            if r.may_rollback {
+                                debug!("{}: rolling back its departed client's transaction", s.id);
+                                frontend::query(&mut s.io.out, "ROLLBACK");
+                                r.replies = 1;
+                                r.may_rollback = false;
+                                progress = true;
+                            } else {
+                                s.state = ServerState::Recovering(r);
+                                self.close_server(
+                                    cx,
+                                    sk,
+                                    "its client left inside a transaction (pool_rollback = false)",
+                                );
+                                return;
+                            }
+                        } else if r.discard {
+                            frontend::query(&mut s.io.out, "DISCARD ALL");
+                            r.replies = 1;
+                            r.discard = false;
+                            progress = true;
+                        } else if s.io.out.is_empty() {
+                            if let Some(t) = r.timer.take() {
+                                cx.cancel_timer(t);
+                            }
+                            s.state = ServerState::Idle;
+                            if self.w.draining {
+                                self.close_server(cx, sk, "shutdown");
+                                return;
+                            }
+                            debug!("{}: clean again", s.id);
+                            self.w.send(SysCmd::Release {
+                                pool: s.pool.clone(),
+                                worker: self.w.id,
+                                server: sk,
+                            });
                             return;
                         }
-                        self.w.send(SysCmd::Release {
-                            pool: s.pool.clone(),
-                            worker: self.w.id,
-                            server: sk,
-                        });
-                    } else {
-                        s.state = ServerState::Resetting { replies };
                     }
+                    progress |= s.io.flush();
+                    s.state = ServerState::Recovering(r);
                 }
             }
             if !progress {
@@ -925,6 +1103,10 @@ impl Worker {
         }
     }
 
+    /// Gives server `sk` to client `ck`. A server whose last owner was
+    /// someone else first gets the client's session settings (and DISCARD
+    /// ALL with pool_discard), sent ahead of the client's own messages and
+    /// answered to odissey alone.
     fn link(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, sk: Key) {
         let Some((Conn::Client(c), Conn::Server(s))) = self.conns.get2_mut(ck, sk) else {
             return;
@@ -934,9 +1116,27 @@ impl Worker {
         c.state = ClientState::Linked;
         s.client = Some(ck);
         s.state = ServerState::Linked;
+        if s.owner != Some(c.id) {
+            let route = &s.route.route;
+            let mut against: &[(String, String)] = &s.params;
+            if route.pool_discard {
+                frontend::query(&mut s.io.out, "DISCARD ALL");
+                s.swallow += 1;
+                against = &s.defaults;
+            }
+            let queries = crate::params::sync_queries(&c.params, against, &s.defaults);
+            for q in &queries {
+                frontend::query(&mut s.io.out, q);
+            }
+            s.swallow += queries.len();
+            if !queries.is_empty() {
+                debug!("{}: {} setting(s) sent for {}", s.id, queries.len(), c.id);
+            }
+            s.owner = Some(c.id);
+        }
         if !c.greeted {
             let params = self.w.params.get(&s.pool).cloned().unwrap_or_default();
-            greet(c, &params);
+            greet(c, &self.w, &params);
         }
         self.drive_client(cx, ck);
     }
@@ -1043,8 +1243,12 @@ impl Worker {
                 });
             }
         }
-        let clean = c.pending == 0 && !c.unsynced && c.relay.at_boundary();
+        let mid_message = !c.relay.at_boundary();
+        let (pending, unsynced) = (c.pending, c.unsynced);
         let mode = c.who.as_ref().map(|w| w.route.route.pool);
+        if let Some((pid, key)) = c.cancel_key.take() {
+            self.w.send(SysCmd::CancelKeyGone { pid, key });
+        }
         let server = c.server.take();
         let pool = c.pool.take();
         self.kill(ck);
@@ -1060,32 +1264,146 @@ impl Worker {
             self.close_server(cx, sk, "shutdown");
             return;
         }
-        if !clean || !s.relay.at_boundary() || !s.io.rx.is_empty() || s.io.eof {
-            // A query is in flight: closing is the only way to be sure it
-            // neither commits nor leaks (cancel + rollback is the next issue).
-            self.close_server(cx, sk, "its client left mid-request");
+        if mid_message || s.io.eof {
+            // The server holds part of a message it can never complete.
+            self.close_server(cx, sk, "its client left in the middle of a message");
             return;
         }
-        let mut queries = 0;
-        if s.status != TransactionStatus::Idle {
-            frontend::query(&mut s.io.out, "ROLLBACK");
-            queries += 1;
+        // Bring the connection back to a clean idle state before anyone
+        // else gets it: close a COPY, finish a pipeline, cancel what runs,
+        // wait for every reply, roll back, reset.
+        let route = Arc::clone(&s.route);
+        let mut replies = pending + s.swallow;
+        s.swallow = 0;
+        if s.copy_in {
+            frontend::copy_fail(&mut s.io.out, "client disconnected");
+            s.copy_in = false;
         }
-        if mode == Some(PoolMode::Session) {
-            frontend::query(&mut s.io.out, "DISCARD ALL");
-            queries += 1;
+        if unsynced {
+            frontend::sync(&mut s.io.out);
+            replies += 1;
         }
-        if queries == 0 {
-            s.state = ServerState::Idle;
-            self.w.send(SysCmd::Release {
-                pool: s.pool.clone(),
-                worker: self.w.id,
-                server: sk,
-            });
-        } else {
-            debug!("{}: resetting", s.id);
-            s.state = ServerState::Resetting { replies: queries };
-            self.drive_server(cx, sk);
+        let timeout = std::time::Duration::from_millis(route.route.pool_reset_timeout.max(1));
+        let timer = cx.set_timer(cx.now() + timeout, WorkerTimer::Recover(sk));
+        s.state = ServerState::Recovering(Recovery {
+            replies,
+            may_rollback: route.route.pool_rollback,
+            discard: mode == Some(PoolMode::Session),
+            timer: Some(timer),
+            cancelling: false,
+        });
+        if replies > 0 {
+            debug!(
+                "{}: its client left with {replies} request(s) in flight",
+                s.id
+            );
+            if route.route.pool_cancel {
+                self.send_cancel(cx, sk, true);
+            }
+        }
+        self.drive_server(cx, sk);
+    }
+
+    /// Sends a CancelRequest for what server `sk` runs, on a new connection
+    /// to its storage. With `recovering`, the server waits for the cancel to
+    /// be delivered before it can be reused.
+    fn send_cancel(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, recovering: bool) {
+        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+            return;
+        };
+        let Some((pid, secret)) = s.key else {
+            return;
+        };
+        let st = &s.route.storage;
+        let stream = match &st.unix_socket_dir {
+            Some(dir) => {
+                connect_unix(&std::path::Path::new(dir).join(format!(".s.PGSQL.{}", st.port)))
+            }
+            None => crate::config::resolve(&st.host, st.port).and_then(connect),
+        };
+        let stream = match stream {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("{}: cannot connect to send a cancel request: {e}", s.id);
+                return;
+            }
+        };
+        debug!("{}: sending a cancel request", s.id);
+        if recovering {
+            if let ServerState::Recovering(r) = &mut s.state {
+                r.cancelling = true;
+            }
+        }
+        let mut io = Io::new(stream, false);
+        frontend::cancel_request(&mut io.out, pid, secret);
+        let registry = cx.registry();
+        let mut failed = false;
+        let k = self.conns.insert_with(|key| {
+            failed = registry
+                .register(
+                    &mut io.stream,
+                    key.token(),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .is_err();
+            Conn::Cancel(Box::new(Canceller {
+                io,
+                server: recovering.then_some(sk),
+                timer: None,
+            }))
+        });
+        if failed {
+            self.finish_canceller(cx, k);
+            return;
+        }
+        let t = cx.set_timer(cx.now() + CANCEL_TIMEOUT, WorkerTimer::CancelTimeout(k));
+        if let Some(Conn::Cancel(c)) = self.conns.get_mut(k) {
+            c.timer = Some(t);
+        }
+    }
+
+    /// Writes the CancelRequest once connected, then waits for the
+    /// postmaster to close the connection (it has signalled the backend).
+    fn drive_canceller(&mut self, cx: &mut Context<'_, WorkerTimer>, k: Key) {
+        let Some(Conn::Cancel(c)) = self.conns.get_mut(k) else {
+            return;
+        };
+        if !c.io.out.is_empty() {
+            if !c.io.writable {
+                return;
+            }
+            if !c.io.stream.is_connected() {
+                self.finish_canceller(cx, k);
+                return;
+            }
+            c.io.flush();
+        }
+        while c.io.fill(1024) {
+            c.io.rx.clear();
+        }
+        if c.io.eof {
+            self.finish_canceller(cx, k);
+        }
+    }
+
+    fn finish_canceller(&mut self, cx: &mut Context<'_, WorkerTimer>, k: Key) {
+        let Some(Conn::Cancel(c)) = self.conns.get_mut(k) else {
+            return;
+        };
+        let _ = cx.registry().deregister(&mut c.io.stream);
+        c.io.stream.shutdown();
+        if let Some(t) = c.timer.take() {
+            cx.cancel_timer(t);
+        }
+        let server = c.server.take();
+        self.kill(k);
+        if let Some(sk) = server {
+            if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
+                if let ServerState::Recovering(r) = &mut s.state {
+                    r.cancelling = false;
+                    self.drive_server(cx, sk);
+                }
+            }
         }
     }
 
@@ -1097,7 +1415,7 @@ impl Worker {
         let was = match s.state {
             ServerState::Connecting(_) | ServerState::LoggingIn(_) => ServerWas::Opening,
             ServerState::Idle => ServerWas::Idle,
-            ServerState::Linked | ServerState::Resetting { .. } => ServerWas::Active,
+            ServerState::Linked | ServerState::Recovering(_) => ServerWas::Active,
         };
         if !s.io.eof {
             frontend::terminate(&mut s.io.out);
@@ -1156,6 +1474,14 @@ impl Worker {
                 _ => {}
             }
         }
+    }
+}
+
+/// A whole frame as the protocol crate's parsers take it.
+fn frame_of(tag: u8, whole: &BytesMut) -> odissey_protocol::Frame {
+    odissey_protocol::Frame {
+        tag,
+        body: bytes::Bytes::copy_from_slice(whole.get(5..).unwrap_or(&[])),
     }
 }
 
