@@ -19,6 +19,7 @@ pub mod config;
 mod ids;
 mod io;
 pub mod logging;
+mod params;
 mod relay;
 mod router;
 mod server;
