@@ -1050,12 +1050,13 @@ impl Worker {
         );
         s.state = ServerState::Idle;
         s.status = TransactionStatus::Idle;
+        s.key = login.key;
+        s.params.clone_from(&login.params);
+        s.defaults = Arc::new(login.params);
         let pool = s.pool.clone();
         self.w.send(SysCmd::ServerUp { pool: pool.clone() });
-        self.w
-            .params
-            .entry(pool.clone())
-            .or_insert_with(|| Arc::new(login.params));
+        let defaults = Arc::clone(&s.defaults);
+        self.w.params.entry(pool.clone()).or_insert(defaults);
         let client = s.client.take();
         match client {
             Some(ck) if matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting)) => {
