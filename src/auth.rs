@@ -83,6 +83,7 @@ const PASSED_PARAMS: &[&str] = &[
     "IntervalStyle",
     "extra_float_digits",
     "search_path",
+    "options",
 ];
 
 impl Login {

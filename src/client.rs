@@ -5,7 +5,9 @@ use odissey_reactor::Key;
 use crate::auth::{Identity, Login};
 use crate::ids::ConnId;
 use crate::io::Io;
-use crate::params::Params;
+use std::collections::VecDeque;
+
+use crate::params::{ClientParams, SetCommand};
 use crate::relay::Relay;
 use crate::router::PoolKey;
 
@@ -57,7 +59,14 @@ pub(crate) struct Client {
     /// Refuse after the startup packet (client_max reached).
     pub(crate) reject: bool,
     /// The session settings that follow this client (see `params`).
-    pub(crate) params: Params,
+    pub(crate) params: ClientParams,
+    /// SET/RESET queries in flight, with the number of the ReadyForQuery
+    /// that ends each and whether it failed: applied to `params` when
+    /// their ReadyForQuery reports success outside a transaction.
+    pub(crate) sets: VecDeque<(u64, SetCommand, bool)>,
+    /// ReadyForQuery messages owed in total, and received in total.
+    pub(crate) z_sent: u64,
+    pub(crate) z_seen: u64,
     /// The BackendKeyData odissey gave it, for its CancelRequests.
     pub(crate) cancel_key: Option<(u32, u32)>,
 }

@@ -38,15 +38,16 @@ impl Relay {
         self.left == 0
     }
 
-    /// Takes the next step out of `rx`. `inspect` is called exactly once for
-    /// every frame header crossed (so the caller can count tags and keep
-    /// state) and says whether that frame must be delivered whole;
+    /// Takes the next step out of `rx`. `inspect(tag, length)` is called
+    /// exactly once for every frame header crossed (so the caller can count
+    /// tags and keep state) and says whether that frame must be delivered
+    /// whole (the caller must then let `rx` grow to hold it);
     /// `max_len` bounds any frame.
     pub(crate) fn step(
         &mut self,
         rx: &mut BytesMut,
         max_len: usize,
-        mut inspect: impl FnMut(u8) -> bool,
+        mut inspect: impl FnMut(u8, usize) -> bool,
     ) -> Result<Step, odissey_protocol::Error> {
         if self.whole {
             return Ok(match peek_header(rx, max_len)? {
@@ -70,7 +71,7 @@ impl Relay {
             let Some((tag, total)) = peek_header(&rx[pos..], max_len)? else {
                 break;
             };
-            if inspect(tag) {
+            if inspect(tag, total) {
                 if pos > 0 || rx.len() < total {
                     self.whole = true;
                     break;
@@ -95,7 +96,7 @@ mod tests {
     fn run(relay: &mut Relay, rx: &mut BytesMut) -> Vec<(char, usize)> {
         let mut out = Vec::new();
         loop {
-            match relay.step(rx, 1 << 20, |t| t == b'Z').unwrap() {
+            match relay.step(rx, 1 << 20, |t, _| t == b'Z').unwrap() {
                 Step::NeedMore => return out,
                 Step::Pass(b) => out.push(('-', b.len())),
                 Step::Inspect(t, b) => out.push((t as char, b.len())),
@@ -128,7 +129,7 @@ mod tests {
         for b in all.iter() {
             rx.extend_from_slice(&[*b]);
             loop {
-                match r.step(&mut rx, 1 << 20, |t| t == b'Z').unwrap() {
+                match r.step(&mut rx, 1 << 20, |t, _| t == b'Z').unwrap() {
                     Step::NeedMore => break,
                     Step::Pass(p) => passed += p.len(),
                     Step::Inspect(t, f) => {
@@ -156,7 +157,7 @@ mod tests {
             rx.extend_from_slice(&[*b]);
             loop {
                 let step = r
-                    .step(&mut rx, 1 << 20, |t| {
+                    .step(&mut rx, 1 << 20, |t, _| {
                         asked.push(t);
                         t == b'Z'
                     })
@@ -177,8 +178,12 @@ mod tests {
     #[test]
     fn bad_lengths_are_errors() {
         let mut rx = BytesMut::from(&b"Q\0\0\0\x01"[..]);
-        assert!(Relay::default().step(&mut rx, 1 << 20, |_| false).is_err());
+        assert!(Relay::default()
+            .step(&mut rx, 1 << 20, |_, _| false)
+            .is_err());
         let mut rx = BytesMut::from(&b"d\x7f\xff\xff\xff"[..]);
-        assert!(Relay::default().step(&mut rx, 1 << 20, |_| false).is_err());
+        assert!(Relay::default()
+            .step(&mut rx, 1 << 20, |_, _| false)
+            .is_err());
     }
 }

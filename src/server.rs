@@ -78,6 +78,8 @@ pub(crate) struct Server {
     pub(crate) params: Params,
     /// Reported parameters as they stood after login.
     pub(crate) defaults: Arc<Params>,
+    /// Unreported parameters odissey set for the last owner.
+    pub(crate) applied: Vec<String>,
     /// The last client that used it: the same client back needs no SETs.
     pub(crate) owner: Option<ConnId>,
     /// ReadyForQuery messages of odissey's own queries (parameter sync,

@@ -5,7 +5,7 @@
 //! (system thread) for servers and reports to it; between a client and its
 //! server, bytes move without leaving the thread.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +24,7 @@ use crate::cmd::{SysCmd, WorkerCmd};
 use crate::config::{Config, PoolMode};
 use crate::ids::ConnId;
 use crate::io::Io;
+use crate::params::{SetCommand, Value};
 use crate::relay::{Relay, Step};
 use crate::router::{Lease, PoolKey, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
@@ -147,7 +148,10 @@ fn write_error(out: &mut BytesMut, id: ConnId, severity: &str, code: &str, messa
 /// next) and ReadyForQuery.
 fn greet(c: &mut Client, shared: &Shared, params: &[(String, String)]) {
     for (name, value) in params {
-        let value = crate::params::get(&c.params, name).unwrap_or(value);
+        let value = match crate::params::client_get(&c.params, name) {
+            Some(Value::Literal(v)) => v.as_str(),
+            _ => value.as_str(),
+        };
         backend::parameter_status(&mut c.io.out, name, value);
     }
     let mut key = [0u8; 8];
@@ -367,6 +371,9 @@ impl Worker {
                 greeted: false,
                 reject,
                 params: Vec::new(),
+                sets: VecDeque::new(),
+                z_sent: 0,
+                z_seen: 0,
                 cancel_key: None,
             }))
         });
@@ -497,22 +504,36 @@ impl Worker {
         // A server slower than its client: leave the input in the client's
         // buffer, which stops reading the client socket once full.
         while s.io.out.len() < OUT_LIMIT {
-            let (pending, unsynced) = (&mut c.pending, &mut c.unsynced);
-            let step = c.relay.step(&mut c.io.rx, max_len, |tag| {
+            let (pending, unsynced, z_sent) = (&mut c.pending, &mut c.unsynced, &mut c.z_sent);
+            let step = c.relay.step(&mut c.io.rx, max_len, |tag, len| {
                 match tag {
                     b'Q' | b'S' | b'F' => {
                         *pending += 1;
+                        *z_sent += 1;
                         *unsynced = false;
                     }
                     b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => *unsynced = true,
                     _ => {}
                 }
-                tag == b'X'
+                // Short simple queries are looked at whole: they may be a
+                // SET whose effect must follow the client.
+                tag == b'X' || (tag == b'Q' && len <= SET_SNIFF_MAX)
             });
             match step {
                 Ok(Step::NeedMore) => break,
                 Ok(Step::Pass(b)) => {
                     s.io.out.unsplit(b);
+                    progress = true;
+                }
+                Ok(Step::Inspect(b'Q', f)) => {
+                    let sql = f.get(5..f.len().saturating_sub(1)).unwrap_or(&[]);
+                    if let Some(cmd) = std::str::from_utf8(sql)
+                        .ok()
+                        .and_then(crate::params::parse_set)
+                    {
+                        c.sets.push_back((c.z_sent, cmd, false));
+                    }
+                    s.io.out.unsplit(f);
                     progress = true;
                 }
                 Ok(Step::Inspect(_, _)) => {
@@ -534,13 +555,27 @@ impl Worker {
         let mode = c.who.as_ref().map(|w| w.route.route.pool);
         loop {
             let (swallow, copy_in) = (s.swallow, &mut s.copy_in);
-            let step = s.relay.step(&mut s.io.rx, usize::MAX >> 1, |tag| {
+            let (sets, z_seen) = (&mut c.sets, c.z_seen);
+            let step = s.relay.step(&mut s.io.rx, usize::MAX >> 1, |tag, _len| {
+                if swallow > 0 {
+                    return true;
+                }
                 match tag {
                     b'G' | b'W' => *copy_in = true,
-                    b'C' | b'E' | b'Z' => *copy_in = false,
+                    b'E' => {
+                        *copy_in = false;
+                        // The request in progress failed: a SET in it took
+                        // no effect.
+                        if let Some(front) = sets.front_mut() {
+                            if front.0 == z_seen + 1 {
+                                front.2 = true;
+                            }
+                        }
+                    }
+                    b'C' | b'Z' => *copy_in = false,
                     _ => {}
                 }
-                swallow > 0 || tag == b'Z' || tag == b'S'
+                tag == b'Z' || tag == b'S'
             });
             match step {
                 Ok(Step::NeedMore) => break,
@@ -571,7 +606,7 @@ impl Worker {
                     {
                         crate::params::set(&mut s.params, &name, &value);
                         if let Some(name) = crate::params::tracked(&name) {
-                            crate::params::set(&mut c.params, name, &value);
+                            crate::params::client_set(&mut c.params, name, Value::Literal(value));
                         }
                     }
                     c.io.out.unsplit(f);
@@ -581,6 +616,14 @@ impl Worker {
                         s.status = st;
                     }
                     c.pending = c.pending.saturating_sub(1);
+                    c.z_seen += 1;
+                    while c.sets.front().is_some_and(|x| x.0 <= c.z_seen) {
+                        if let Some((_, cmd, failed)) = c.sets.pop_front() {
+                            if !failed && s.status == TransactionStatus::Idle {
+                                apply_set(&mut c.params, &s.defaults, cmd);
+                            }
+                        }
+                    }
                     if mode == Some(PoolMode::Statement) && s.status != TransactionStatus::Idle {
                         // Statement pooling cannot keep a transaction open:
                         // roll it back and tell the client, who stays usable.
@@ -684,8 +727,13 @@ impl Worker {
         });
         c.pool = Some(pool.clone());
         for (name, value) in &who.params {
-            if let Some(name) = crate::params::tracked(name) {
-                crate::params::set(&mut c.params, name, value);
+            if name == "options" {
+                for (n, v) in crate::params::parse_options(value) {
+                    let n = crate::params::tracked(&n).map_or(n, str::to_string);
+                    crate::params::client_set(&mut c.params, &n, Value::Literal(v));
+                }
+            } else if let Some(name) = crate::params::tracked(name) {
+                crate::params::client_set(&mut c.params, name, Value::Literal(value.clone()));
             }
         }
         c.who = Some(who);
@@ -815,6 +863,7 @@ impl Worker {
                 key: None,
                 params: Vec::new(),
                 defaults: Arc::default(),
+                applied: Vec::new(),
                 owner: None,
                 swallow: 0,
                 copy_in: false,
@@ -943,7 +992,7 @@ impl Worker {
                     // Everything the server says now was meant for the
                     // client that left: drop it, noting the state.
                     loop {
-                        let step = s.relay.step(&mut s.io.rx, usize::MAX >> 1, |tag| {
+                        let step = s.relay.step(&mut s.io.rx, usize::MAX >> 1, |tag, _len| {
                             matches!(tag, b'Z' | b'S' | b'E' | b'G' | b'W')
                         });
                         match step {
@@ -1120,12 +1169,15 @@ impl Worker {
         if s.owner != Some(c.id) {
             let route = &s.route.route;
             let mut against: &[(String, String)] = &s.params;
+            let mut applied: &[String] = &s.applied;
             if route.pool_discard {
                 frontend::query(&mut s.io.out, "DISCARD ALL");
                 s.swallow += 1;
                 against = &s.defaults;
+                applied = &[];
             }
-            let queries = crate::params::sync_queries(&c.params, against, &s.defaults);
+            let queries = crate::params::sync_queries(&c.params, against, &s.defaults, applied);
+            s.applied = crate::params::applied_by(&c.params, &s.defaults);
             for q in &queries {
                 frontend::query(&mut s.io.out, q);
             }
@@ -1475,6 +1527,27 @@ impl Worker {
                 _ => {}
             }
         }
+    }
+}
+
+/// Simple queries up to this size are checked for SET/RESET.
+const SET_SNIFF_MAX: usize = 4096;
+
+/// Records the effect of a successful SET/RESET on the client's settings.
+/// Reported parameters follow from ParameterStatus instead.
+fn apply_set(
+    params: &mut crate::params::ClientParams,
+    defaults: &[(String, String)],
+    cmd: SetCommand,
+) {
+    let reported = |n: &str| crate::params::get(defaults, n).is_some();
+    match cmd {
+        SetCommand::Set(name, sql) if !reported(&name) => {
+            crate::params::client_set(params, &name, Value::Sql(sql));
+        }
+        SetCommand::Reset(name) if !reported(&name) => crate::params::client_reset(params, &name),
+        SetCommand::ResetAll => params.retain(|(_, v)| matches!(v, Value::Literal(_))),
+        _ => {}
     }
 }
 
