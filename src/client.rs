@@ -8,6 +8,7 @@ use crate::io::Io;
 use std::collections::VecDeque;
 
 use crate::params::{ClientParams, SetCommand};
+use crate::prepared::{ClientStatements, Pipeline};
 use crate::relay::Relay;
 use crate::router::PoolKey;
 
@@ -67,6 +68,13 @@ pub(crate) struct Client {
     /// ReadyForQuery messages owed in total, and received in total.
     pub(crate) z_sent: u64,
     pub(crate) z_seen: u64,
+    /// Follow named prepared statements across servers (transaction and
+    /// statement pooling with `prepared_statements`).
+    pub(crate) prepared: bool,
+    /// Its named prepared statements.
+    pub(crate) stmts: ClientStatements,
+    /// What the server owes it, for synthesized and swallowed replies.
+    pub(crate) pipeline: Pipeline,
     /// The BackendKeyData odissey gave it, for its CancelRequests.
     pub(crate) cancel_key: Option<(u32, u32)>,
 }

@@ -243,7 +243,7 @@ fn default_reset_timeout() -> u64 {
     5_000
 }
 fn default_prepared_max() -> usize {
-    256
+    crate::prepared::DEFAULT_MAX
 }
 
 fn default_pool() -> PoolMode {

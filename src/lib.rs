@@ -20,6 +20,7 @@ mod ids;
 mod io;
 pub mod logging;
 mod params;
+mod prepared;
 mod relay;
 mod router;
 mod server;

@@ -38,6 +38,18 @@ impl Relay {
         self.left == 0
     }
 
+    /// The size of the frame at the front that must be delivered whole,
+    /// once its header has been seen: the receive buffer must be allowed
+    /// to grow to it.
+    pub(crate) fn wanted(&self, rx: &[u8]) -> Option<usize> {
+        if !self.whole {
+            return None;
+        }
+        let len = rx.get(1..5)?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        Some(len + 1)
+    }
+
     /// Takes the next step out of `rx`. `inspect(tag, length)` is called
     /// exactly once for every frame header crossed (so the caller can count
     /// tags and keep state) and says whether that frame must be delivered

@@ -10,6 +10,7 @@ use crate::config::ResolvedRoute;
 use crate::ids::ConnId;
 use crate::io::Io;
 use crate::params::Params;
+use crate::prepared::ServerStatements;
 use crate::relay::Relay;
 use crate::router::PoolKey;
 
@@ -38,6 +39,10 @@ pub(crate) struct Recovery {
     pub(crate) may_rollback: bool,
     /// DISCARD ALL is due once idle (session pooling).
     pub(crate) discard: bool,
+    /// DEALLOCATE ALL is due once idle: the client left with
+    /// prepared-statement work in flight, so the server's statements may no
+    /// longer be what odissey believes.
+    pub(crate) deallocate: bool,
     /// Closes the connection if it doesn't come back in time.
     pub(crate) timer: Option<TimerId>,
     /// A CancelRequest for it is on its way: don't reuse the connection
@@ -87,4 +92,6 @@ pub(crate) struct Server {
     pub(crate) swallow: usize,
     /// The server expects COPY data from the client.
     pub(crate) copy_in: bool,
+    /// Named statements odissey prepared on it.
+    pub(crate) stmts: ServerStatements,
 }

@@ -25,6 +25,7 @@ use crate::config::{Config, PoolMode};
 use crate::ids::ConnId;
 use crate::io::Io;
 use crate::params::{SetCommand, Value};
+use crate::prepared::ServerStatements;
 use crate::relay::{Relay, Step};
 use crate::router::{Lease, PoolKey, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
@@ -374,6 +375,9 @@ impl Worker {
                 sets: VecDeque::new(),
                 z_sent: 0,
                 z_seen: 0,
+                prepared: false,
+                stmts: Default::default(),
+                pipeline: Default::default(),
                 cancel_key: None,
             }))
         });
@@ -394,9 +398,11 @@ impl Worker {
                 return;
             };
             let mut progress = c.io.flush();
-            if !matches!(c.state, ClientState::Waiting) || c.io.rx.len() < RX_LIMIT {
-                progress |= c.io.fill(RX_LIMIT);
-            }
+            let limit = c
+                .relay
+                .wanted(&c.io.rx)
+                .map_or(RX_LIMIT, |w| w.max(RX_LIMIT));
+            progress |= c.io.fill(limit);
             let state = std::mem::replace(&mut c.state, ClientState::Idle);
             match state {
                 ClientState::Login(login) => {
@@ -505,6 +511,7 @@ impl Worker {
         // buffer, which stops reading the client socket once full.
         while s.io.out.len() < OUT_LIMIT {
             let (pending, unsynced, z_sent) = (&mut c.pending, &mut c.unsynced, &mut c.z_sent);
+            let (prepared, pipeline) = (c.prepared, &mut c.pipeline);
             let step = c.relay.step(&mut c.io.rx, max_len, |tag, len| {
                 match tag {
                     b'Q' | b'S' | b'F' => {
@@ -514,6 +521,12 @@ impl Worker {
                     }
                     b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => *unsynced = true,
                     _ => {}
+                }
+                if prepared {
+                    if crate::prepared::needs_whole(tag) {
+                        return true;
+                    }
+                    pipeline.client_passthrough(tag);
                 }
                 // Short simple queries are looked at whole: they may be a
                 // SET whose effect must follow the client.
@@ -525,13 +538,28 @@ impl Worker {
                     s.io.out.unsplit(b);
                     progress = true;
                 }
+                Ok(Step::Inspect(b'P' | b'B' | b'D' | b'C', f)) => {
+                    if let Err(e) = crate::prepared::client_frame(
+                        f,
+                        &mut c.stmts,
+                        &mut s.stmts,
+                        &mut c.pipeline,
+                        &mut s.io.out,
+                    ) {
+                        let f = Fatal::new("08P01", format!("protocol violation: {e}"));
+                        self.close_client(cx, ck, Some(f));
+                        return None;
+                    }
+                    progress = true;
+                }
                 Ok(Step::Inspect(b'Q', f)) => {
                     let sql = f.get(5..f.len().saturating_sub(1)).unwrap_or(&[]);
-                    if let Some(cmd) = std::str::from_utf8(sql)
-                        .ok()
-                        .and_then(crate::params::parse_set)
-                    {
+                    let sql = std::str::from_utf8(sql).unwrap_or("");
+                    if let Some(cmd) = crate::params::parse_set(sql) {
                         c.sets.push_back((c.z_sent, cmd, false));
+                    }
+                    if drops_statements(sql) {
+                        s.stmts.clear();
                     }
                     s.io.out.unsplit(f);
                     progress = true;
@@ -547,19 +575,29 @@ impl Worker {
                 }
             }
         }
+        if c.prepared {
+            c.pipeline.drain_due(&mut c.io.out);
+        }
         progress |= s.io.flush();
         // Server -> client, only while the client keeps up.
         if c.io.out.len() < OUT_LIMIT {
-            progress |= s.io.fill(RX_LIMIT);
+            let limit = s
+                .relay
+                .wanted(&s.io.rx)
+                .map_or(RX_LIMIT, |w| w.max(RX_LIMIT));
+            progress |= s.io.fill(limit);
         }
         let mode = c.who.as_ref().map(|w| w.route.route.pool);
         loop {
             let (swallow, copy_in) = (s.swallow, &mut s.copy_in);
             let (sets, z_seen) = (&mut c.sets, c.z_seen);
+            let (prepared, pipeline) = (c.prepared, &mut c.pipeline);
             let step = s.relay.step(&mut s.io.rx, usize::MAX >> 1, |tag, _len| {
                 if swallow > 0 {
                     return true;
                 }
+                let whole =
+                    prepared && pipeline.server_header(tag) == crate::prepared::Disposition::Whole;
                 match tag {
                     b'G' | b'W' => *copy_in = true,
                     b'E' => {
@@ -575,7 +613,7 @@ impl Worker {
                     b'C' | b'Z' => *copy_in = false,
                     _ => {}
                 }
-                tag == b'Z' || tag == b'S'
+                whole || tag == b'Z' || tag == b'S'
             });
             match step {
                 Ok(Step::NeedMore) => break,
@@ -600,39 +638,57 @@ impl Worker {
                         _ => {}
                     }
                 }
-                Ok(Step::Inspect(b'S', f)) => {
-                    if let Ok(BackendMessage::ParameterStatus { name, value }) =
-                        BackendMessage::parse(&frame_of(b'S', &f))
-                    {
-                        crate::params::set(&mut s.params, &name, &value);
-                        if let Some(name) = crate::params::tracked(&name) {
-                            crate::params::client_set(&mut c.params, name, Value::Literal(value));
-                        }
-                    }
-                    c.io.out.unsplit(f);
-                }
-                Ok(Step::Inspect(_, f)) => {
-                    if let Ok(st) = TransactionStatus::from_byte(f.get(5).copied().unwrap_or(0)) {
-                        s.status = st;
-                    }
-                    c.pending = c.pending.saturating_sub(1);
-                    c.z_seen += 1;
-                    while c.sets.front().is_some_and(|x| x.0 <= c.z_seen) {
-                        if let Some((_, cmd, failed)) = c.sets.pop_front() {
-                            if !failed && s.status == TransactionStatus::Idle {
-                                apply_set(&mut c.params, &s.defaults, cmd);
+                Ok(Step::Inspect(tag, mut f)) => {
+                    match tag {
+                        b'S' => {
+                            if let Ok(BackendMessage::ParameterStatus { name, value }) =
+                                BackendMessage::parse(&frame_of(b'S', &f))
+                            {
+                                crate::params::set(&mut s.params, &name, &value);
+                                if let Some(name) = crate::params::tracked(&name) {
+                                    crate::params::client_set(
+                                        &mut c.params,
+                                        name,
+                                        Value::Literal(value),
+                                    );
+                                }
                             }
                         }
+                        b'Z' => {
+                            if let Ok(st) =
+                                TransactionStatus::from_byte(f.get(5).copied().unwrap_or(0))
+                            {
+                                s.status = st;
+                            }
+                            c.pending = c.pending.saturating_sub(1);
+                            c.z_seen += 1;
+                            while c.sets.front().is_some_and(|x| x.0 <= c.z_seen) {
+                                if let Some((_, cmd, failed)) = c.sets.pop_front() {
+                                    if !failed && s.status == TransactionStatus::Idle {
+                                        apply_set(&mut c.params, &s.defaults, cmd);
+                                    }
+                                }
+                            }
+                            if mode == Some(PoolMode::Statement)
+                                && s.status != TransactionStatus::Idle
+                            {
+                                // Statement pooling cannot keep a transaction
+                                // open: roll it back and tell the client, who
+                                // stays usable.
+                                let msg =
+                                    "transaction blocks are not allowed in statement pooling mode";
+                                f.clear();
+                                write_error(&mut f, c.id, "ERROR", "0A000", msg);
+                                backend::ready_for_query(&mut f, TransactionStatus::Idle);
+                                frontend::query(&mut s.io.out, "ROLLBACK");
+                                s.swallow += 1;
+                                s.io.flush();
+                            }
+                        }
+                        _ => {}
                     }
-                    if mode == Some(PoolMode::Statement) && s.status != TransactionStatus::Idle {
-                        // Statement pooling cannot keep a transaction open:
-                        // roll it back and tell the client, who stays usable.
-                        let msg = "transaction blocks are not allowed in statement pooling mode";
-                        write_error(&mut c.io.out, c.id, "ERROR", "0A000", msg);
-                        backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
-                        frontend::query(&mut s.io.out, "ROLLBACK");
-                        s.swallow += 1;
-                        s.io.flush();
+                    if c.prepared {
+                        c.pipeline.server_frame(f, &mut s.stmts, &mut c.io.out);
                     } else {
                         c.io.out.unsplit(f);
                     }
@@ -645,9 +701,13 @@ impl Worker {
             }
             progress = true;
         }
+        if c.prepared {
+            c.pipeline.drain_due(&mut c.io.out);
+        }
         progress |= c.io.flush();
         let clean = c.pending == 0
             && s.swallow == 0
+            && c.pipeline.is_idle()
             && !c.unsynced
             && c.relay.at_boundary()
             && s.relay.at_boundary()
@@ -736,6 +796,11 @@ impl Worker {
                 crate::params::client_set(&mut c.params, name, Value::Literal(value.clone()));
             }
         }
+        c.prepared = who.route.route.prepared_statements
+            && matches!(
+                who.route.route.pool,
+                PoolMode::Transaction | PoolMode::Statement
+            );
         c.who = Some(who);
         c.state = ClientState::Idle;
         if let Some(params) = self.w.params.get(&pool) {
@@ -867,6 +932,7 @@ impl Worker {
                 owner: None,
                 swallow: 0,
                 copy_in: false,
+                stmts: ServerStatements::new(route.route.prepared_statements_max),
             }))
         });
         debug!(
@@ -1054,10 +1120,18 @@ impl Worker {
                                 );
                                 return;
                             }
-                        } else if r.discard {
-                            frontend::query(&mut s.io.out, "DISCARD ALL");
+                        } else if r.discard || r.deallocate {
+                            // DISCARD ALL deallocates too.
+                            let q = if r.discard {
+                                "DISCARD ALL"
+                            } else {
+                                "DEALLOCATE ALL"
+                            };
+                            frontend::query(&mut s.io.out, q);
+                            s.stmts.clear();
                             r.replies = 1;
                             r.discard = false;
+                            r.deallocate = false;
                             progress = true;
                         } else if s.io.out.is_empty() {
                             if let Some(t) = r.timer.take() {
@@ -1172,6 +1246,7 @@ impl Worker {
             let mut applied: &[String] = &s.applied;
             if route.pool_discard {
                 frontend::query(&mut s.io.out, "DISCARD ALL");
+                s.stmts.clear();
                 s.swallow += 1;
                 against = &s.defaults;
                 applied = &[];
@@ -1298,6 +1373,7 @@ impl Worker {
         }
         let mid_message = !c.relay.at_boundary();
         let (pending, unsynced) = (c.pending, c.unsynced);
+        let statements_in_flight = c.prepared && !c.pipeline.is_idle();
         let mode = c.who.as_ref().map(|w| w.route.route.pool);
         if let Some((pid, key)) = c.cancel_key.take() {
             self.w.send(SysCmd::CancelKeyGone { pid, key });
@@ -1342,6 +1418,7 @@ impl Worker {
             replies,
             may_rollback: route.route.pool_rollback,
             discard: mode == Some(PoolMode::Session),
+            deallocate: statements_in_flight,
             timer: Some(timer),
             cancelling: false,
         });
@@ -1528,6 +1605,17 @@ impl Worker {
             }
         }
     }
+}
+
+/// True for a simple query that drops the session's prepared statements.
+fn drops_statements(sql: &str) -> bool {
+    let words: Vec<&str> = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .collect();
+    matches!(words.as_slice(), [a, b] if (a.eq_ignore_ascii_case("DISCARD") || a.eq_ignore_ascii_case("DEALLOCATE"))
+        && b.eq_ignore_ascii_case("ALL"))
 }
 
 /// Simple queries up to this size are checked for SET/RESET.
