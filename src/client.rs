@@ -65,6 +65,12 @@ pub(crate) struct Client {
     /// that ends each and whether it failed: applied to `params` when
     /// their ReadyForQuery reports success outside a transaction.
     pub(crate) sets: VecDeque<(u64, SetCommand, bool)>,
+    /// Syncs forwarded since the last Execute or Query: if that Execute
+    /// starts a COPY IN, the server ignores them.
+    pub(crate) syncs_since_execute: usize,
+    /// The server is in COPY IN for this client until it sends CopyDone or
+    /// CopyFail; Sync and Flush meanwhile are ignored by the server.
+    pub(crate) copy_mode: bool,
     /// ReadyForQuery messages owed in total, and received in total.
     pub(crate) z_sent: u64,
     pub(crate) z_seen: u64,

@@ -339,6 +339,28 @@ pub(crate) struct Pipeline {
 }
 
 impl Pipeline {
+    /// The server entered COPY IN for the Execute it is answering: it
+    /// ignores Sync (and Flush) until CopyDone/CopyFail, so the `n` Syncs the
+    /// client sent after that Execute will get no ReadyForQuery.
+    pub(crate) fn ignore_syncs(&mut self, n: usize) {
+        let mut left = n;
+        let mut i = 1;
+        while left > 0 && i < self.queue.len() {
+            if matches!(
+                self.queue.get(i),
+                Some(Item::Expect {
+                    shape: Shape::Sync,
+                    ..
+                })
+            ) {
+                self.queue.remove(i);
+                left -= 1;
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     /// True when nothing is owed (the link may be released if the protocol
     /// state also says so).
     pub(crate) fn is_idle(&self) -> bool {

@@ -375,6 +375,8 @@ impl Worker {
                 sets: VecDeque::new(),
                 z_sent: 0,
                 z_seen: 0,
+                syncs_since_execute: 0,
+                copy_mode: false,
                 prepared: false,
                 stmts: Default::default(),
                 pipeline: Default::default(),
@@ -511,22 +513,41 @@ impl Worker {
         // buffer, which stops reading the client socket once full.
         while s.io.out.len() < OUT_LIMIT {
             let (pending, unsynced, z_sent) = (&mut c.pending, &mut c.unsynced, &mut c.z_sent);
+            let (syncs, copy_mode) = (&mut c.syncs_since_execute, &mut c.copy_mode);
             let (prepared, pipeline) = (c.prepared, &mut c.pipeline);
             let step = c.relay.step(&mut c.io.rx, max_len, |tag, len| {
+                // Sync and Flush in COPY IN are ignored by the server: no
+                // reply is owed for them.
+                let ignored = *copy_mode && matches!(tag, b'S' | b'H');
                 match tag {
-                    b'Q' | b'S' | b'F' => {
+                    _ if ignored => {}
+                    b'Q' | b'F' => {
                         *pending += 1;
                         *z_sent += 1;
                         *unsynced = false;
+                        *syncs = 0;
                     }
-                    b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => *unsynced = true,
+                    b'S' => {
+                        *pending += 1;
+                        *z_sent += 1;
+                        *unsynced = false;
+                        *syncs += 1;
+                    }
+                    b'E' => {
+                        *unsynced = true;
+                        *syncs = 0;
+                    }
+                    b'P' | b'B' | b'D' | b'C' | b'H' => *unsynced = true,
+                    b'c' | b'f' => *copy_mode = false,
                     _ => {}
                 }
                 if prepared {
                     if crate::prepared::needs_whole(tag) {
                         return true;
                     }
-                    pipeline.client_passthrough(tag);
+                    if !ignored {
+                        pipeline.client_passthrough(tag);
+                    }
                 }
                 // Short simple queries are looked at whole: they may be a
                 // SET whose effect must follow the client.
@@ -590,11 +611,25 @@ impl Worker {
         let mode = c.who.as_ref().map(|w| w.route.route.pool);
         loop {
             let (swallow, copy_in) = (s.swallow, &mut s.copy_in);
-            let (sets, z_seen) = (&mut c.sets, c.z_seen);
+            let (sets, z_seen) = (&mut c.sets, &mut c.z_seen);
             let (prepared, pipeline) = (c.prepared, &mut c.pipeline);
+            let (pending, syncs, copy_mode) =
+                (&mut c.pending, &mut c.syncs_since_execute, &mut c.copy_mode);
             let step = s.relay.step(&mut s.io.rx, usize::MAX >> 1, |tag, _len| {
                 if swallow > 0 {
                     return true;
+                }
+                if matches!(tag, b'G' | b'W') {
+                    // COPY IN began: the Syncs sent after its Execute are
+                    // ignored by the server, so their replies aren't owed
+                    // (ReadyForQuery numbering moves on as if they came).
+                    let n = std::mem::take(syncs);
+                    *pending = pending.saturating_sub(n);
+                    *z_seen += n as u64;
+                    if prepared {
+                        pipeline.ignore_syncs(n);
+                    }
+                    *copy_mode = true;
                 }
                 let whole =
                     prepared && pipeline.server_header(tag) == crate::prepared::Disposition::Whole;
@@ -602,10 +637,11 @@ impl Worker {
                     b'G' | b'W' => *copy_in = true,
                     b'E' => {
                         *copy_in = false;
+                        *copy_mode = false;
                         // The request in progress failed: a SET in it took
                         // no effect.
                         if let Some(front) = sets.front_mut() {
-                            if front.0 == z_seen + 1 {
+                            if front.0 == *z_seen + 1 {
                                 front.2 = true;
                             }
                         }

@@ -805,3 +805,170 @@ pub(crate) fn login_refused(
         Err(e) => Err(format!("the login was served or hangs: {e}")),
     }
 }
+
+// ---------------------------------------------------------------------------
+// Route keys of transaction pooling (pool_cancel, pool_rollback, ...) and
+// the statement pool mode
+// ---------------------------------------------------------------------------
+
+impl Route {
+    /// `pool = "statement"`.
+    pub(crate) fn statement(mut self) -> Self {
+        self.pool = "statement".into();
+        self
+    }
+}
+
+/// Extra keys for the `[database.<db>.user.<user>]` section of one route,
+/// added to a [`Config`]'s TOML by [`start_pooler_ext`].
+#[derive(Debug, Clone)]
+pub(crate) struct RouteKeys {
+    pub(crate) db: String,
+    pub(crate) user: String,
+    pub(crate) lines: Vec<String>,
+}
+
+impl RouteKeys {
+    pub(crate) fn new(db: &str, user: &str) -> Self {
+        Self {
+            db: db.into(),
+            user: user.into(),
+            lines: Vec::new(),
+        }
+    }
+
+    /// Any `key = <toml value>` line.
+    pub(crate) fn raw(mut self, key: &str, toml_value: &str) -> Self {
+        self.lines.push(format!("{key} = {toml_value}"));
+        self
+    }
+
+    pub(crate) fn pool_cancel(self, on: bool) -> Self {
+        self.raw("pool_cancel", &on.to_string())
+    }
+
+    pub(crate) fn pool_rollback(self, on: bool) -> Self {
+        self.raw("pool_rollback", &on.to_string())
+    }
+
+    pub(crate) fn pool_discard(self, on: bool) -> Self {
+        self.raw("pool_discard", &on.to_string())
+    }
+
+    pub(crate) fn pool_reset_timeout_ms(self, ms: u64) -> Self {
+        self.raw("pool_reset_timeout", &ms.to_string())
+    }
+
+    pub(crate) fn prepared_statements(self, on: bool) -> Self {
+        self.raw("prepared_statements", &on.to_string())
+    }
+
+    pub(crate) fn prepared_statements_max(self, n: usize) -> Self {
+        self.raw("prepared_statements_max", &n.to_string())
+    }
+}
+
+/// The config's TOML with the extra route keys inserted right after their
+/// section headers. Panics when a section is missing.
+pub(crate) fn toml_with_keys(config: &Config, extra: &[RouteKeys]) -> String {
+    let mut text = config.toml();
+    for keys in extra {
+        let header = format!("[database.{}.user.{}]\n", key(&keys.db), key(&keys.user));
+        let at = text
+            .find(&header)
+            .unwrap_or_else(|| panic!("no section {header:?} in the config:\n{text}"))
+            + header.len();
+        let mut insert = String::new();
+        for line in &keys.lines {
+            insert.push_str(line);
+            insert.push('\n');
+        }
+        text.insert_str(at, &insert);
+    }
+    text
+}
+
+/// [`start_pooler`] with extra route keys.
+pub(crate) fn start_pooler_ext(config: &Config, extra: &[RouteKeys]) -> (Handle, u16) {
+    start_pooler_from(ConfigSource::Toml(toml_with_keys(config, extra)))
+}
+
+// ---------------------------------------------------------------------------
+// More raw-protocol helpers
+// ---------------------------------------------------------------------------
+
+impl RawClient {
+    /// Writes raw bytes (one or more whole messages).
+    pub(crate) fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("raw client: write");
+    }
+
+    /// Sends a simple Query without reading the reply.
+    pub(crate) fn send_query(&mut self, sql: &str) {
+        let mut buf = bytes::BytesMut::new();
+        odissey_protocol::frontend::query(&mut buf, sql);
+        self.send(&buf);
+    }
+
+    /// Reads messages up to and including the one tagged `tag`.
+    pub(crate) fn read_until_tag(&mut self, tag: u8) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        loop {
+            let m = self.read_msg().unwrap_or_else(|e| {
+                panic!(
+                    "raw client: waiting for {:?}, got {:?} then: {e}",
+                    tag as char,
+                    tags(&out)
+                )
+            });
+            let done = m.0 == tag;
+            out.push(m);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// Reads messages up to and including `count` ReadyForQuery.
+    pub(crate) fn read_ready(&mut self, count: usize) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        for _ in 0..count {
+            out.extend(self.read_until_tag(b'Z'));
+        }
+        out
+    }
+
+    /// `select pg_backend_pid()` on the raw client.
+    pub(crate) fn backend_pid(&mut self) -> i32 {
+        let o = self.query("select pg_backend_pid()");
+        assert!(o.error.is_none(), "select pg_backend_pid(): {:?}", o.error);
+        o.rows[0][0]
+            .as_deref()
+            .expect("pid is not null")
+            .parse()
+            .expect("pid is an integer")
+    }
+}
+
+/// The tags of messages, as a string ("12EZ").
+pub(crate) fn tags(msgs: &[(u8, Vec<u8>)]) -> String {
+    msgs.iter().map(|(t, _)| *t as char).collect()
+}
+
+/// Sends a CancelRequest for (pid, key) on a fresh connection to `port`
+/// and waits (up to 5 s) for the pooler to close it.
+pub(crate) fn send_cancel_request(port: u16, pid: u32, key: u32) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("cannot connect to 127.0.0.1:{port}: {e}"));
+    let mut buf = bytes::BytesMut::new();
+    odissey_protocol::frontend::cancel_request(&mut buf, pid, key);
+    assert_eq!(&buf[..8], &[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e]);
+    stream.write_all(&buf).expect("write CancelRequest");
+    let got = read_until_closed(&mut stream, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the CancelRequest connection: {e}"));
+    assert!(
+        got.is_empty(),
+        "a CancelRequest gets no reply, got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+}
