@@ -66,6 +66,10 @@ pub struct Config {
     /// Seconds of TCP idleness before keepalive probes (0 = off).
     #[serde(default = "default_keepalive")]
     pub keepalive: u64,
+    /// Bytes read ahead per connection before relaying waits for the other
+    /// side (a slow client stops its server from being read).
+    #[serde(default = "default_readahead")]
+    pub readahead: usize,
     /// Largest protocol message accepted from a client, in bytes.
     #[serde(default = "default_max_message")]
     pub max_message_size: usize,
@@ -85,6 +89,9 @@ fn default_shutdown_timeout() -> u64 {
 }
 fn default_keepalive() -> u64 {
     60
+}
+fn default_readahead() -> usize {
+    256 * 1024
 }
 fn default_max_message() -> usize {
     64 * 1024 * 1024
@@ -328,6 +335,12 @@ impl Config {
                     )));
                 }
             }
+        }
+        if self.readahead < 4096 {
+            return Err(ConfigError(format!(
+                "readahead: at least 4096 bytes{}",
+                at("readahead")
+            )));
         }
         if self.max_message_size < 1024 {
             return Err(ConfigError(format!(

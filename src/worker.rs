@@ -30,10 +30,6 @@ use crate::relay::{Relay, Step};
 use crate::router::{Lease, PoolKey, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
 
-/// Stop reading a socket once this much input waits to be relayed.
-const RX_LIMIT: usize = 256 * 1024;
-/// Stop reading a server once this much output waits for its client.
-const OUT_LIMIT: usize = 256 * 1024;
 /// Rounds of read/relay/write per wake-up before yielding to others.
 const MAX_ROUNDS: usize = 32;
 
@@ -395,6 +391,7 @@ impl Worker {
 
     /// Runs a client (and its server, if linked) until nothing moves.
     fn drive_client(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) {
+        let readahead = self.w.cfg.readahead;
         for _ in 0..MAX_ROUNDS {
             let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
                 return;
@@ -403,7 +400,7 @@ impl Worker {
             let limit = c
                 .relay
                 .wanted(&c.io.rx)
-                .map_or(RX_LIMIT, |w| w.max(RX_LIMIT));
+                .map_or(readahead, |w| w.max(readahead));
             progress |= c.io.fill(limit);
             let state = std::mem::replace(&mut c.state, ClientState::Idle);
             match state {
@@ -499,6 +496,9 @@ impl Worker {
     /// the pair was closed or split.
     fn relay_pair(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) -> Option<bool> {
         let max_len = self.w.max_len();
+        // Read no more from a socket once this much waits to be relayed, and
+        // no more from a server once this much waits for its client.
+        let readahead = self.w.cfg.readahead;
         let Some(Conn::Client(c)) = self.conns.get(ck) else {
             return None;
         };
@@ -511,7 +511,7 @@ impl Worker {
         let mut terminate = false;
         // A server slower than its client: leave the input in the client's
         // buffer, which stops reading the client socket once full.
-        while s.io.out.len() < OUT_LIMIT {
+        while s.io.out.len() < readahead {
             let (pending, unsynced, z_sent) = (&mut c.pending, &mut c.unsynced, &mut c.z_sent);
             let (syncs, copy_mode) = (&mut c.syncs_since_execute, &mut c.copy_mode);
             let (prepared, pipeline) = (c.prepared, &mut c.pipeline);
@@ -601,11 +601,11 @@ impl Worker {
         }
         progress |= s.io.flush();
         // Server -> client, only while the client keeps up.
-        if c.io.out.len() < OUT_LIMIT {
+        if c.io.out.len() < readahead {
             let limit = s
                 .relay
                 .wanted(&s.io.rx)
-                .map_or(RX_LIMIT, |w| w.max(RX_LIMIT));
+                .map_or(readahead, |w| w.max(readahead));
             progress |= s.io.fill(limit);
         }
         let mode = c.who.as_ref().map(|w| w.route.route.pool);
@@ -1016,7 +1016,7 @@ impl Worker {
                     }
                 },
                 ServerState::LoggingIn(mut login) => {
-                    progress |= s.io.fill(RX_LIMIT);
+                    progress |= s.io.fill(self.w.cfg.readahead);
                     let mut ready = false;
                     loop {
                         match codec::read_frame(&mut s.io.rx, 1 << 20) {
@@ -1070,7 +1070,7 @@ impl Worker {
                 }
                 ServerState::Idle => {
                     s.state = ServerState::Idle;
-                    progress |= s.io.fill(RX_LIMIT);
+                    progress |= s.io.fill(self.w.cfg.readahead);
                     // An idle server may send notices or parameter changes;
                     // an error here means it is going away.
                     let mut fatal = false;
@@ -1090,7 +1090,7 @@ impl Worker {
                     return;
                 }
                 ServerState::Recovering(mut r) => {
-                    progress |= s.io.fill(RX_LIMIT);
+                    progress |= s.io.fill(self.w.cfg.readahead);
                     // Everything the server says now was meant for the
                     // client that left: drop it, noting the state.
                     loop {
