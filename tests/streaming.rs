@@ -291,3 +291,65 @@ fn a_large_result_read_slowly_arrives_whole_while_others_work() {
         "the other client waited up to {worst:?} for one query"
     );
 }
+
+/// Backpressure: while a client reads a large result slowly, odissey stops
+/// reading the server, so the backend waits on the socket (`ClientWrite`)
+/// instead of pouring the whole result into the pooler's memory.
+#[test]
+fn a_slow_reader_holds_its_server_back() {
+    let _w = watchdog("a_slow_reader_holds_its_server_back", LIMIT);
+    let pg = PgCluster::start();
+    let config =
+        Config::new(pg.port()).route(Route::new("test", "trust_user").transaction().pool_size(1));
+    let (_handle, port) = start_pooler(&config);
+    let mut c = RawClient::login(port, "trust_user", "test").expect("login");
+    // 64 MB: well beyond what the kernel's socket buffers on both legs and
+    // odissey's read-ahead can hold.
+    c.send_query("select repeat('x', 1000) from generate_series(1, 64000)");
+    let seen_waiting = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    let total = thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                let rows = pg.sql(
+                    "postgres",
+                    "select 1 from pg_stat_activity where usename = 'trust_user' \
+                     and wait_event = 'ClientWrite' and query like 'select repeat%'",
+                );
+                if !rows.is_empty() {
+                    seen_waiting.store(true, Ordering::SeqCst);
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let mut total = 0usize;
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut tail: Vec<u8> = Vec::new();
+        loop {
+            let n = c.stream.read(&mut chunk).expect("read");
+            assert!(n > 0, "closed after {total} bytes");
+            total += n;
+            tail.extend_from_slice(&chunk[..n]);
+            if tail.len() > 6 {
+                tail.drain(..tail.len() - 6);
+            }
+            if tail.len() == 6 && tail[..5] == [b'Z', 0, 0, 0, 5] {
+                break;
+            }
+            // About 12 MB/s: slow next to what PostgreSQL sends on loopback.
+            thread::sleep(Duration::from_millis(5));
+        }
+        done.store(true, Ordering::SeqCst);
+        total
+    });
+    assert!(
+        total > 64_000 * 1000,
+        "the whole result arrived ({total} bytes)"
+    );
+    assert!(
+        seen_waiting.load(Ordering::SeqCst),
+        "the backend never waited on ClientWrite: the pooler read the result faster than its client"
+    );
+    let o = c.query("select 'after'");
+    assert_eq!(o.rows, vec![vec![Some("after".to_string())]]);
+}
