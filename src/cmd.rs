@@ -10,7 +10,7 @@ use odissey_reactor::Key;
 use odissey_transport::{Peer, Stream};
 
 use crate::config::{Config, ResolvedRoute};
-use crate::router::{Lease, PoolKey, ServerWas, WorkerId};
+use crate::router::{Lease, PoolKey, PoolShared, ServerWas, WorkerId};
 use crate::server::Server;
 
 /// To the system thread.
@@ -86,7 +86,13 @@ pub(crate) enum WorkerCmd {
         client: Key,
         lease: Lease,
         pool: PoolKey,
+        shared: Arc<PoolShared>,
     },
+    /// Clients queue at the router for `pool`: hand it an idle server kept
+    /// for it, if any.
+    Reclaim { pool: PoolKey },
+    /// `pool` was retired by a reload: close the idle servers kept for it.
+    Retire { pool: PoolKey },
     /// Hand idle `server` to `client` on worker `to`.
     Ship {
         server: Key,

@@ -7,6 +7,7 @@
 //! across workers because only the router hands out servers.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -77,10 +78,71 @@ pub(crate) enum Action {
         to: WorkerId,
         client: Key,
     },
-    /// The client waits; time it out at the deadline (if any).
-    Wait { deadline: Option<Instant> },
+    /// The client waits; time it out at the deadline (if any), and ask
+    /// these workers for the idle servers they keep.
+    Wait {
+        deadline: Option<Instant>,
+        reclaim: Vec<WorkerId>,
+    },
     /// Tell `worker` to close its idle `server` (the pool was retired).
     Close { worker: WorkerId, server: Key },
+    /// Tell every worker to close the idle servers it keeps for `pool`.
+    Retire { pool: PoolKey },
+}
+
+/// What the router and the workers share about one pool, as atomics so
+/// that the hot path needs neither a lock nor a message.
+///
+/// The two counters form a handshake: a worker about to keep a released
+/// server increments its `idle` count *then* reads `waiting`; the router
+/// about to queue a client increments `waiting` *then* reads the `idle`
+/// counts. With sequentially consistent atomics at least one of them sees
+/// the other, so a queued client is never left waiting beside an idle
+/// server.
+#[derive(Debug)]
+pub(crate) struct PoolShared {
+    /// Clients queued at the router.
+    pub(crate) waiting: AtomicUsize,
+    /// The pool was retired by a reload: close its servers as they free up.
+    pub(crate) retired: AtomicBool,
+    /// Idle servers each worker keeps for itself.
+    pub(crate) idle: Box<[AtomicUsize]>,
+}
+
+impl PoolShared {
+    fn new(workers: usize) -> Self {
+        Self {
+            waiting: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
+            idle: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+        }
+    }
+
+    /// Idle servers kept by the workers, in total.
+    pub(crate) fn idle_total(&self) -> usize {
+        self.idle.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+
+    /// A worker keeps a released server: true when it may (nobody queues
+    /// at the router), false when it must hand it to the router instead.
+    pub(crate) fn keep(&self, worker: WorkerId) -> bool {
+        let Some(idle) = self.idle.get(worker) else {
+            return false;
+        };
+        idle.fetch_add(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 || self.retired.load(Ordering::SeqCst) {
+            idle.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// A worker takes one of its kept servers back out of its idle list.
+    pub(crate) fn taken(&self, worker: WorkerId) {
+        if let Some(idle) = self.idle.get(worker) {
+            let _ = idle.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +165,7 @@ pub(crate) enum ServerWas {
 #[derive(Debug)]
 struct Pool {
     route: Arc<ResolvedRoute>,
+    shared: Arc<PoolShared>,
     /// Server connections counted against pool_size: opening, idle, active.
     total: usize,
     opening: usize,
@@ -117,18 +180,49 @@ impl Pool {
     fn has_room(&self) -> bool {
         self.route.route.pool_size == 0 || self.total < self.route.route.pool_size
     }
+
+    fn pop_waiter(&mut self) -> Option<Waiter> {
+        let w = self.waiters.pop_front()?;
+        self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+        Some(w)
+    }
+
+    fn remove_waiter(&mut self, worker: WorkerId, client: Key) -> bool {
+        let before = self.waiters.len();
+        self.waiters
+            .retain(|w| !(w.worker == worker && w.client == client));
+        let removed = before - self.waiters.len();
+        self.shared.waiting.fetch_sub(removed, Ordering::SeqCst);
+        removed > 0
+    }
 }
 
 /// All pools.
 #[derive(Debug, Default)]
 pub(crate) struct Router {
     pools: HashMap<PoolKey, Pool>,
+    workers: usize,
 }
 
 impl Router {
+    /// A router for `workers` worker threads.
+    pub(crate) fn new(workers: usize) -> Self {
+        Self {
+            pools: HashMap::new(),
+            workers,
+        }
+    }
+
+    /// The state shared with the workers for a pool.
+    pub(crate) fn shared(&self, key: &PoolKey) -> Option<Arc<PoolShared>> {
+        self.pools.get(key).map(|p| Arc::clone(&p.shared))
+    }
+
     fn pool(&mut self, key: &PoolKey, route: &Arc<ResolvedRoute>) -> &mut Pool {
+        let workers = self.workers;
         self.pools.entry(key.clone()).or_insert_with(|| Pool {
             route: Arc::clone(route),
+            shared: Arc::new(PoolShared::new(workers)),
             total: 0,
             opening: 0,
             idle: VecDeque::new(),
@@ -194,17 +288,21 @@ impl Router {
             };
         }
         pool.waiters.push_back(Waiter { worker, client });
+        pool.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        let reclaim = (0..pool.shared.idle.len())
+            .filter(|&w| pool.shared.idle[w].load(Ordering::SeqCst) > 0)
+            .collect();
         let timeout = pool.route.route.pool_timeout;
         Action::Wait {
             deadline: (timeout > 0).then(|| now + std::time::Duration::from_millis(timeout)),
+            reclaim,
         }
     }
 
     /// A waiting client gave up or vanished.
     pub(crate) fn abandon(&mut self, key: &PoolKey, worker: WorkerId, client: Key) {
         if let Some(p) = self.pools.get_mut(key) {
-            p.waiters
-                .retain(|w| !(w.worker == worker && w.client == client));
+            p.remove_waiter(worker, client);
         }
     }
 
@@ -214,10 +312,7 @@ impl Router {
         let Some(p) = self.pools.get_mut(key) else {
             return false;
         };
-        let before = p.waiters.len();
-        p.waiters
-            .retain(|w| !(w.worker == worker && w.client == client));
-        p.waiters.len() != before
+        p.remove_waiter(worker, client)
     }
 
     /// A new server finished logging in.
@@ -243,7 +338,7 @@ impl Router {
         if p.retired {
             return Some(Action::Close { worker, server });
         }
-        match p.waiters.pop_front() {
+        match p.pop_waiter() {
             Some(w) if w.worker == worker => Some(Action::Grant {
                 worker,
                 client: w.client,
@@ -283,7 +378,7 @@ impl Router {
             ServerWas::Active => {}
         }
         if p.has_room() && !p.retired {
-            if let Some(w) = p.waiters.pop_front() {
+            if let Some(w) = p.pop_waiter() {
                 p.total += 1;
                 p.opening += 1;
                 return Some(Action::Grant {
@@ -306,9 +401,11 @@ impl Router {
                 Some(r) if PoolKey::new(&key.database, &key.user, &r) == *key => pool.route = r,
                 _ => {
                     pool.retired = true;
+                    pool.shared.retired.store(true, Ordering::SeqCst);
                     for (worker, server) in pool.idle.drain(..) {
                         actions.push(Action::Close { worker, server });
                     }
+                    actions.push(Action::Retire { pool: key.clone() });
                 }
             }
         }
@@ -326,14 +423,15 @@ impl Router {
             .pools
             .iter()
             .filter(|(_, p)| !(p.retired && p.total == 0 && p.clients == 0))
-            .map(|(k, p)| odissey_facade::RouteStats {
+            .map(|(k, p)| (k, p, p.idle.len() + p.shared.idle_total()))
+            .map(|(k, p, idle)| odissey_facade::RouteStats {
                 database: k.database.clone(),
                 user: k.user.clone(),
                 pool_mode: p.route.route.pool.as_str().to_string(),
                 clients_active: p.clients.saturating_sub(p.waiters.len()),
                 clients_waiting: p.waiters.len(),
-                servers_active: p.total - p.idle.len().min(p.total) - p.opening.min(p.total),
-                servers_idle: p.idle.len(),
+                servers_active: p.total.saturating_sub(idle).saturating_sub(p.opening),
+                servers_idle: idle.min(p.total),
                 servers_login: p.opening,
                 pool_size: p.route.route.pool_size,
             })
@@ -367,7 +465,7 @@ mod tests {
     #[test]
     fn pool_size_is_global_and_waiters_are_fifo() {
         let (k, r) = route(2, 1000);
-        let mut router = Router::default();
+        let mut router = Router::new(2);
         let now = Instant::now();
         let c = keys(6);
         let new = |w, c| Action::Grant {
@@ -379,6 +477,7 @@ mod tests {
         assert_eq!(router.attach(&k, &r, 1, c[1], now), new(1, c[1]));
         let wait = Action::Wait {
             deadline: Some(now + std::time::Duration::from_millis(1000)),
+            reclaim: vec![],
         };
         assert_eq!(router.attach(&k, &r, 1, c[2], now), wait);
         assert_eq!(router.attach(&k, &r, 0, c[3], now), wait);
@@ -425,7 +524,7 @@ mod tests {
     #[test]
     fn timeouts_abandons_and_closes_free_slots() {
         let (k, r) = route(1, 0);
-        let mut router = Router::default();
+        let mut router = Router::new(2);
         let now = Instant::now();
         let c = keys(3);
         assert!(matches!(
@@ -434,11 +533,17 @@ mod tests {
         ));
         assert_eq!(
             router.attach(&k, &r, 0, c[1], now),
-            Action::Wait { deadline: None }
+            Action::Wait {
+                deadline: None,
+                reclaim: vec![]
+            }
         );
         assert_eq!(
             router.attach(&k, &r, 0, c[2], now),
-            Action::Wait { deadline: None }
+            Action::Wait {
+                deadline: None,
+                reclaim: vec![]
+            }
         );
         assert!(router.expire(&k, 0, c[1]));
         assert!(!router.expire(&k, 0, c[1]), "only once");

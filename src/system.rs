@@ -116,6 +116,7 @@ impl System {
                 .register(l, Token(i), Interest::READABLE)
                 .map_err(|e| Error::Io(e.to_string()))?;
         }
+        self.router = Router::new(cfg.worker_count());
         let (workers, threads) =
             spawn_workers(&cfg, &self.me).map_err(|e| Error::Io(e.to_string()))?;
         for a in &started.tcp {
@@ -237,6 +238,11 @@ impl System {
             Action::Ship { .. } => {}  // needs the pool: see act_pool
             Action::Close { worker, server } => send(worker, WorkerCmd::CloseIdle { server }),
             Action::Wait { .. } => {} // see act_pool
+            Action::Retire { pool } => {
+                for w in &run.workers {
+                    let _ = w.send(WorkerCmd::Retire { pool: pool.clone() });
+                }
+            }
         }
     }
 
@@ -256,11 +262,14 @@ impl System {
                 client,
                 lease,
             } => {
-                if let Some(tx) = self.running.as_ref().and_then(|r| r.workers.get(worker)) {
+                let shared = self.router.shared(pool);
+                let tx = self.running.as_ref().and_then(|r| r.workers.get(worker));
+                if let (Some(tx), Some(shared)) = (tx, shared) {
                     let _ = tx.send(WorkerCmd::Granted {
                         client,
                         lease,
                         pool: pool.clone(),
+                        shared,
                     });
                 }
             }
@@ -281,15 +290,24 @@ impl System {
                     }
                 }
             }
-            Action::Wait { deadline: Some(at) } => {
-                cx.set_timer(
-                    at,
-                    SysTimer::PoolTimeout {
-                        pool: pool.clone(),
-                        worker,
-                        client,
-                    },
-                );
+            Action::Wait { deadline, reclaim } => {
+                if let Some(at) = deadline {
+                    cx.set_timer(
+                        at,
+                        SysTimer::PoolTimeout {
+                            pool: pool.clone(),
+                            worker,
+                            client,
+                        },
+                    );
+                }
+                if let Some(run) = &self.running {
+                    for w in reclaim {
+                        if let Some(tx) = run.workers.get(w) {
+                            let _ = tx.send(WorkerCmd::Reclaim { pool: pool.clone() });
+                        }
+                    }
+                }
             }
             other => self.act(other),
         }

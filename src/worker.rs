@@ -27,7 +27,7 @@ use crate::io::Io;
 use crate::params::{SetCommand, Value};
 use crate::prepared::ServerStatements;
 use crate::relay::{Relay, Step};
-use crate::router::{Lease, PoolKey, ServerWas, WorkerId};
+use crate::router::{Lease, PoolKey, PoolShared, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
 
 /// Rounds of read/relay/write per wake-up before yielding to others.
@@ -82,12 +82,21 @@ pub(crate) struct Shared {
     /// ParameterStatus of the first server login per pool, for greeting
     /// clients without waiting for a server.
     params: HashMap<PoolKey, Arc<Vec<(String, String)>>>,
+    /// Per pool: the state shared with the router, and the idle servers
+    /// this worker keeps for itself (most recently used last).
+    local: HashMap<PoolKey, LocalPool>,
     dead: Vec<Key>,
     /// Connections that hit MAX_ROUNDS with work left: driven again after
     /// the batch, since no new edge will announce them.
     again: Vec<Key>,
     draining: bool,
     sweep_set: bool,
+}
+
+/// A pool as one worker sees it.
+pub(crate) struct LocalPool {
+    shared: Arc<PoolShared>,
+    idle: Vec<Key>,
 }
 
 /// The worker's handler.
@@ -111,6 +120,7 @@ impl Worker {
                 peers,
                 cfg,
                 params: HashMap::new(),
+                local: HashMap::new(),
                 dead: Vec::new(),
                 again: Vec::new(),
                 draining: false,
@@ -206,7 +216,41 @@ impl Handler for Worker {
                 client,
                 lease,
                 pool,
-            } => self.granted(cx, client, lease, pool),
+                shared,
+            } => {
+                self.w
+                    .local
+                    .entry(pool.clone())
+                    .or_insert_with(|| LocalPool {
+                        shared,
+                        idle: Vec::new(),
+                    });
+                self.granted(cx, client, lease, pool)
+            }
+            WorkerCmd::Reclaim { pool } => {
+                let id = self.w.id;
+                if let Some(lp) = self.w.local.get_mut(&pool) {
+                    if let Some(sk) = lp.idle.pop() {
+                        lp.shared.taken(id);
+                        self.w.send(SysCmd::Release {
+                            pool,
+                            worker: id,
+                            server: sk,
+                        });
+                    }
+                }
+            }
+            WorkerCmd::Retire { pool } => {
+                let idle = self
+                    .w
+                    .local
+                    .get(&pool)
+                    .map(|lp| lp.idle.clone())
+                    .unwrap_or_default();
+                for sk in idle {
+                    self.close_server(cx, sk, "its route changed");
+                }
+            }
             WorkerCmd::Ship {
                 server,
                 to,
@@ -452,7 +496,7 @@ impl Worker {
                                 return;
                             }
                             Ok(_) => {
-                                self.attach(ck);
+                                self.attach(cx, ck);
                                 progress = true;
                             }
                             Err(e) => {
@@ -788,22 +832,38 @@ impl Worker {
             c.server = None;
             c.state = ClientState::Idle;
         }
-        if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
-            s.client = None;
-            s.state = ServerState::Idle;
-            if self.w.draining {
-                self.close_server(cx, sk, "shutdown");
-                return;
+        self.release_server(cx, sk);
+    }
+
+    /// A server is idle and clean: keep it on this worker for the next
+    /// client here (no message to anyone), unless clients queue at the
+    /// router, which then gets it; closed when draining or retired.
+    fn release_server(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key) {
+        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+            return;
+        };
+        s.client = None;
+        s.state = ServerState::Idle;
+        if self.w.draining {
+            self.close_server(cx, sk, "shutdown");
+            return;
+        }
+        let id = self.w.id;
+        let pool = s.pool.clone();
+        match self.w.local.get_mut(&pool) {
+            Some(lp) if lp.shared.keep(id) => lp.idle.push(sk),
+            Some(lp) if lp.shared.retired.load(std::sync::atomic::Ordering::SeqCst) => {
+                self.close_server(cx, sk, "its route changed");
             }
-            self.w.send(SysCmd::Release {
-                pool: s.pool.clone(),
-                worker: self.w.id,
+            _ => self.w.send(SysCmd::Release {
+                pool,
+                worker: id,
                 server: sk,
-            });
+            }),
         }
     }
 
-    fn logged_in(&mut self, _cx: &mut Context<'_, WorkerTimer>, ck: Key, who: Box<Identity>) {
+    fn logged_in(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, who: Box<Identity>) {
         let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
             return;
         };
@@ -843,18 +903,36 @@ impl Worker {
             let params = Arc::clone(params);
             greet(c, &self.w, &params);
         } else {
-            self.attach(ck);
+            self.attach(cx, ck);
         }
     }
 
-    fn attach(&mut self, ck: Key) {
+    /// Finds `ck` a server: one this worker keeps idle for its pool (the
+    /// common case: no other thread involved), else from the router.
+    fn attach(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) {
         let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return;
+        };
+        let (Some(pool), Some(_)) = (&c.pool, &c.who) else {
+            return;
+        };
+        c.state = ClientState::Waiting;
+        if let Some(lp) = self.w.local.get_mut(pool) {
+            while let Some(sk) = lp.idle.pop() {
+                lp.shared.taken(self.w.id);
+                let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
+                if idle {
+                    self.link(cx, ck, sk);
+                    return;
+                }
+            }
+        }
+        let Some(Conn::Client(c)) = self.conns.get(ck) else {
             return;
         };
         let (Some(pool), Some(who)) = (&c.pool, &c.who) else {
             return;
         };
-        c.state = ClientState::Waiting;
         self.w.send(SysCmd::Attach {
             pool: pool.clone(),
             route: Arc::clone(&who.route),
@@ -880,16 +958,8 @@ impl Worker {
                 let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
                 match (waiting, idle) {
                     (true, true) => self.link(cx, ck, sk),
-                    (true, false) => self.attach(ck), // it died meanwhile; the router knows
-                    (false, true) => {
-                        if let Some(Conn::Server(s)) = self.conns.get(sk) {
-                            self.w.send(SysCmd::Release {
-                                pool: s.pool.clone(),
-                                worker: self.w.id,
-                                server: sk,
-                            });
-                        }
-                    }
+                    (true, false) => self.attach(cx, ck), // it died meanwhile; the router knows
+                    (false, true) => self.release_server(cx, sk),
                     (false, false) => {}
                 }
             }
@@ -1173,17 +1243,8 @@ impl Worker {
                             if let Some(t) = r.timer.take() {
                                 cx.cancel_timer(t);
                             }
-                            s.state = ServerState::Idle;
-                            if self.w.draining {
-                                self.close_server(cx, sk, "shutdown");
-                                return;
-                            }
                             debug!("{}: clean again", s.id);
-                            self.w.send(SysCmd::Release {
-                                pool: s.pool.clone(),
-                                worker: self.w.id,
-                                server: sk,
-                            });
+                            self.release_server(cx, sk);
                             return;
                         }
                     }
@@ -1221,11 +1282,7 @@ impl Worker {
             Some(ck) if matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting)) => {
                 self.link(cx, ck, sk)
             }
-            _ => self.w.send(SysCmd::Release {
-                pool,
-                worker: self.w.id,
-                server: sk,
-            }),
+            _ => self.release_server(cx, sk),
         }
     }
 
@@ -1372,12 +1429,8 @@ impl Worker {
         let waiting = matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting));
         if waiting {
             self.link(cx, ck, sk);
-        } else if let Some(Conn::Server(s)) = self.conns.get(sk) {
-            self.w.send(SysCmd::Release {
-                pool: s.pool.clone(),
-                worker: self.w.id,
-                server: sk,
-            });
+        } else {
+            self.release_server(cx, sk);
         }
     }
 
@@ -1578,6 +1631,14 @@ impl Worker {
             return;
         };
         info!("{}: closing ({}): {why}", s.id, s.state.name());
+        if matches!(s.state, ServerState::Idle) {
+            if let Some(lp) = self.w.local.get_mut(&s.pool) {
+                if let Some(i) = lp.idle.iter().position(|k| *k == sk) {
+                    lp.idle.swap_remove(i);
+                    lp.shared.taken(self.w.id);
+                }
+            }
+        }
         let was = match s.state {
             ServerState::Connecting(_) | ServerState::LoggingIn(_) => ServerWas::Opening,
             ServerState::Idle => ServerWas::Idle,
