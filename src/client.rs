@@ -59,6 +59,8 @@ pub(crate) struct Client {
     pub(crate) greeted: bool,
     /// Refuse after the startup packet (client_max reached).
     pub(crate) reject: bool,
+    /// Its pool_timeout deadline while it waits for a server.
+    pub(crate) wait_timer: Option<odissey_reactor::TimerId>,
     /// The session settings that follow this client (see `params`).
     pub(crate) params: ClientParams,
     /// SET/RESET queries in flight, with the number of the ReadyForQuery

@@ -10,7 +10,7 @@ use odissey_reactor::Key;
 use odissey_transport::{Peer, Stream};
 
 use crate::config::{Config, ResolvedRoute};
-use crate::router::{Lease, PoolKey, PoolShared, ServerWas, WorkerId};
+use crate::router::{Lease, PoolKey, ServerWas, WorkerId};
 use crate::server::Server;
 
 /// To the system thread.
@@ -24,18 +24,17 @@ pub(crate) enum SysCmd {
     },
     /// A client left (`pool` when it had logged in).
     ClientClosed { pool: Option<PoolKey> },
-    /// A client needs a server.
-    Attach {
+    /// A worker's queued clients need one more server.
+    Need {
         pool: PoolKey,
         route: Arc<ResolvedRoute>,
         worker: WorkerId,
-        client: Key,
     },
-    /// A waiting client no longer needs one.
-    Abandon {
+    /// A worker's queue emptied: `n` of its needs are void.
+    CancelNeed {
         pool: PoolKey,
         worker: WorkerId,
-        client: Key,
+        n: usize,
     },
     /// A new server finished its login.
     ServerUp { pool: PoolKey },
@@ -52,12 +51,9 @@ pub(crate) enum SysCmd {
         server: Option<Key>,
         was: ServerWas,
     },
-    /// A ship request found its server gone: find the client another.
-    ShipFailed {
-        pool: PoolKey,
-        to: WorkerId,
-        client: Key,
-    },
+    /// A ship request found its server gone: meet worker `to`'s need
+    /// another way.
+    ShipFailed { pool: PoolKey, to: WorkerId },
     /// A draining worker has no connections left and has stopped.
     Drained { worker: WorkerId },
     /// A client got this cancel key.
@@ -81,29 +77,25 @@ pub(crate) enum WorkerCmd {
         peer: Peer,
         reject: bool,
     },
-    /// The router gave `client` a server.
+    /// The router met one of this worker's needs.
     Granted {
-        client: Key,
         lease: Lease,
         pool: PoolKey,
-        shared: Arc<PoolShared>,
+        route: Arc<ResolvedRoute>,
     },
-    /// Clients queue at the router for `pool`: hand it an idle server kept
-    /// for it, if any.
+    /// Another worker's need for `pool` waits: hand the router an idle
+    /// server kept for it, if any.
     Reclaim { pool: PoolKey },
     /// `pool` was retired by a reload: close the idle servers kept for it.
     Retire { pool: PoolKey },
-    /// Hand idle `server` to `client` on worker `to`.
+    /// Hand idle `server` to worker `to`.
     Ship {
         server: Key,
         to: WorkerId,
-        client: Key,
         pool: PoolKey,
     },
-    /// A server moved here from another worker for `client`.
-    Adopt { server: Box<Server>, client: Key },
-    /// `client` waited pool_timeout for nothing.
-    PoolTimeout { client: Key },
+    /// A server moved here from another worker, for this worker's queue.
+    Adopt { server: Box<Server> },
     /// Close idle `server` (its pool was retired by a reload).
     CloseIdle { server: Key },
     /// A new config for new clients.

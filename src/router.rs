@@ -1,15 +1,25 @@
-//! Pools and the router: who gets which server connection.
+//! Pools and the router: who may hold which server connection.
 //!
-//! The router runs on the system thread and only does bookkeeping: it never
-//! touches a socket. Workers ask it for a server (`attach`) and give servers
-//! back (`release`); it answers with [`Action`]s that the system thread
-//! turns into commands for the workers. A route's `pool_size` is global
-//! across workers because only the router hands out servers.
+//! The router runs on the system thread and only keeps books: it never
+//! touches a socket. A route's `pool_size` is global across workers because
+//! only the router creates server connections. The common transaction never
+//! reaches it, though:
+//!
+//! - A worker keeps the servers its clients release in a local idle list and
+//!   hands them to its own clients, which queue locally (FIFO) when none is
+//!   free. No message, no lock: see [`PoolShared`].
+//! - A worker whose queue outgrows its servers asks the router for *one more
+//!   server* (`need`), once per queued client. The router answers with a
+//!   server from its own idle list, a new connection within `pool_size`, or
+//!   queues the need (FIFO across workers) and asks the workers that keep
+//!   idle servers to hand one over (`reclaim`).
+//! - While another worker's need is queued, a worker gives every server it
+//!   releases to the router instead of its own queue, so no worker starves
+//!   while another one keeps all the servers.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
 
 use odissey_reactor::Key;
 
@@ -53,68 +63,35 @@ impl std::fmt::Display for PoolKey {
     }
 }
 
-/// How a waiting client gets its server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Lease {
-    /// Open a new connection (already counted against pool_size).
-    New,
-    /// Take this idle server, which lives on the client's own worker.
-    Local(Key),
-}
-
-/// What the system thread must do after a router call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Action {
-    /// Tell `worker` that `client` got a server.
-    Grant {
-        worker: WorkerId,
-        client: Key,
-        lease: Lease,
-    },
-    /// Tell worker `from` to hand its idle `server` to `client` on `to`.
-    Ship {
-        from: WorkerId,
-        server: Key,
-        to: WorkerId,
-        client: Key,
-    },
-    /// The client waits; time it out at the deadline (if any), and ask
-    /// these workers for the idle servers they keep.
-    Wait {
-        deadline: Option<Instant>,
-        reclaim: Vec<WorkerId>,
-    },
-    /// Tell `worker` to close its idle `server` (the pool was retired).
-    Close { worker: WorkerId, server: Key },
-    /// Tell every worker to close the idle servers it keeps for `pool`.
-    Retire { pool: PoolKey },
-}
-
-/// What the router and the workers share about one pool, as atomics so
-/// that the hot path needs neither a lock nor a message.
+/// What the router and the workers share about one pool, as atomics so that
+/// the hot path needs neither a lock nor a message.
 ///
-/// The two counters form a handshake: a worker about to keep a released
-/// server increments its `idle` count *then* reads `waiting`; the router
-/// about to queue a client increments `waiting` *then* reads the `idle`
-/// counts. With sequentially consistent atomics at least one of them sees
-/// the other, so a queued client is never left waiting beside an idle
-/// server.
+/// `keep` and the router's queueing form a handshake: a worker about to
+/// keep a released server increments its `idle` count *then* reads the
+/// other workers' `waiting`; the router about to queue a need increments
+/// `waiting` *then* reads the `idle` counts. With sequentially consistent
+/// atomics at least one of them sees the other, so a queued need is never
+/// left beside an idle server.
 #[derive(Debug)]
 pub(crate) struct PoolShared {
-    /// Clients queued at the router.
-    pub(crate) waiting: AtomicUsize,
+    /// Needs queued at the router, per worker.
+    waiting: Box<[AtomicUsize]>,
+    /// Idle servers each worker keeps for itself.
+    idle: Box<[AtomicUsize]>,
+    /// Clients queued in the workers for a server (for inspect).
+    pub(crate) clients_waiting: AtomicUsize,
     /// The pool was retired by a reload: close its servers as they free up.
     pub(crate) retired: AtomicBool,
-    /// Idle servers each worker keeps for itself.
-    pub(crate) idle: Box<[AtomicUsize]>,
 }
 
 impl PoolShared {
     fn new(workers: usize) -> Self {
+        let n = workers.max(1);
         Self {
-            waiting: AtomicUsize::new(0),
+            waiting: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            idle: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            clients_waiting: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
-            idle: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
         }
     }
 
@@ -123,21 +100,29 @@ impl PoolShared {
         self.idle.iter().map(|a| a.load(Ordering::Relaxed)).sum()
     }
 
-    /// A worker keeps a released server: true when it may (nobody queues
-    /// at the router), false when it must hand it to the router instead.
+    /// True when a worker other than `worker` has a need queued.
+    pub(crate) fn others_waiting(&self, worker: WorkerId) -> bool {
+        self.waiting
+            .iter()
+            .enumerate()
+            .any(|(w, n)| w != worker && n.load(Ordering::SeqCst) > 0)
+    }
+
+    /// A worker keeps a released server idle: true when it may, false when
+    /// it must hand it to the router (another worker's need is queued).
     pub(crate) fn keep(&self, worker: WorkerId) -> bool {
         let Some(idle) = self.idle.get(worker) else {
             return false;
         };
         idle.fetch_add(1, Ordering::SeqCst);
-        if self.waiting.load(Ordering::SeqCst) > 0 || self.retired.load(Ordering::SeqCst) {
+        if self.others_waiting(worker) || self.retired.load(Ordering::SeqCst) {
             idle.fetch_sub(1, Ordering::SeqCst);
             return false;
         }
         true
     }
 
-    /// A worker takes one of its kept servers back out of its idle list.
+    /// A worker takes one of its kept servers out of its idle list.
     pub(crate) fn taken(&self, worker: WorkerId) {
         if let Some(idle) = self.idle.get(worker) {
             let _ = idle.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
@@ -145,10 +130,62 @@ impl PoolShared {
     }
 }
 
+/// Every pool's shared state, found by key. Locked only the first time a
+/// worker meets a pool (it keeps the `Arc`), never per message.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    workers: usize,
+    pools: Mutex<HashMap<PoolKey, Arc<PoolShared>>>,
+}
+
+impl Registry {
+    pub(crate) fn new(workers: usize) -> Self {
+        Self {
+            workers,
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The shared state of `key`, created on first use.
+    pub(crate) fn get(&self, key: &PoolKey) -> Arc<PoolShared> {
+        let mut pools = self
+            .pools
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(
+            pools
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(PoolShared::new(self.workers))),
+        )
+    }
+}
+
+/// How a worker gets the server it needed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Waiter {
-    worker: WorkerId,
-    client: Key,
+pub(crate) enum Lease {
+    /// Open a new connection (already counted against pool_size).
+    New,
+    /// Take this idle server, which lives on the worker already.
+    Local(Key),
+}
+
+/// What the system thread must do after a router call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Tell `worker` its need is met.
+    Grant { worker: WorkerId, lease: Lease },
+    /// Tell worker `from` to hand its idle `server` to worker `to`.
+    Ship {
+        from: WorkerId,
+        server: Key,
+        to: WorkerId,
+    },
+    /// The need waits; ask these workers for the idle servers they keep.
+    Wait { reclaim: Vec<WorkerId> },
+    /// Tell `worker` to close its idle `server` (the pool was retired).
+    Close { worker: WorkerId, server: Key },
+    /// Tell every worker to close the idle servers it keeps for `pool`.
+    Retire { pool: PoolKey },
 }
 
 /// Where a closed server was when it closed.
@@ -156,7 +193,7 @@ struct Waiter {
 pub(crate) enum ServerWas {
     /// Connecting or logging in.
     Opening,
-    /// Idle in the pool.
+    /// Idle (on a worker or in the router's list).
     Idle,
     /// Attached to a client (or being reset).
     Active,
@@ -169,8 +206,10 @@ struct Pool {
     /// Server connections counted against pool_size: opening, idle, active.
     total: usize,
     opening: usize,
+    /// Servers handed to the router, idle on the worker that holds them.
     idle: VecDeque<(WorkerId, Key)>,
-    waiters: VecDeque<Waiter>,
+    /// Needs queued, FIFO, one entry per server a worker asked for.
+    needs: VecDeque<WorkerId>,
     clients: usize,
     /// The config moved this route elsewhere: close servers as they free up.
     retired: bool,
@@ -181,90 +220,73 @@ impl Pool {
         self.route.route.pool_size == 0 || self.total < self.route.route.pool_size
     }
 
-    fn pop_waiter(&mut self) -> Option<Waiter> {
-        let w = self.waiters.pop_front()?;
-        self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+    fn pop_need(&mut self) -> Option<WorkerId> {
+        let w = self.needs.pop_front()?;
+        if let Some(n) = self.shared.waiting.get(w) {
+            n.fetch_sub(1, Ordering::SeqCst);
+        }
         Some(w)
-    }
-
-    fn remove_waiter(&mut self, worker: WorkerId, client: Key) -> bool {
-        let before = self.waiters.len();
-        self.waiters
-            .retain(|w| !(w.worker == worker && w.client == client));
-        let removed = before - self.waiters.len();
-        self.shared.waiting.fetch_sub(removed, Ordering::SeqCst);
-        removed > 0
     }
 }
 
 /// All pools.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Router {
     pools: HashMap<PoolKey, Pool>,
-    workers: usize,
+    registry: Arc<Registry>,
 }
 
 impl Router {
-    /// A router for `workers` worker threads.
-    pub(crate) fn new(workers: usize) -> Self {
+    pub(crate) fn new(registry: Arc<Registry>) -> Self {
         Self {
             pools: HashMap::new(),
-            workers,
+            registry,
         }
     }
 
-    /// The state shared with the workers for a pool.
-    pub(crate) fn shared(&self, key: &PoolKey) -> Option<Arc<PoolShared>> {
-        self.pools.get(key).map(|p| Arc::clone(&p.shared))
-    }
-
     fn pool(&mut self, key: &PoolKey, route: &Arc<ResolvedRoute>) -> &mut Pool {
-        let workers = self.workers;
+        let registry = &self.registry;
         self.pools.entry(key.clone()).or_insert_with(|| Pool {
             route: Arc::clone(route),
-            shared: Arc::new(PoolShared::new(workers)),
+            shared: registry.get(key),
             total: 0,
             opening: 0,
             idle: VecDeque::new(),
-            waiters: VecDeque::new(),
+            needs: VecDeque::new(),
             clients: 0,
             retired: false,
         })
     }
 
-    /// A client logged in on a route.
+    /// A client logged in on a pool.
     pub(crate) fn client_opened(&mut self, key: &PoolKey, route: &Arc<ResolvedRoute>) {
         self.pool(key, route).clients += 1;
     }
 
-    /// A client of a route left.
+    /// A client of a pool left.
     pub(crate) fn client_closed(&mut self, key: &PoolKey) {
         if let Some(p) = self.pools.get_mut(key) {
             p.clients = p.clients.saturating_sub(1);
         }
     }
 
-    /// `client` on `worker` needs a server. Prefers an idle server on the
-    /// same worker (no migration), then any idle server, then a new one
-    /// within pool_size; otherwise the client queues, FIFO.
-    pub(crate) fn attach(
+    /// `worker` needs one more server for its queued clients. Prefers a
+    /// server the router holds on that worker, then one on another worker,
+    /// then a new one within pool_size; otherwise the need queues (FIFO).
+    pub(crate) fn need(
         &mut self,
         key: &PoolKey,
         route: &Arc<ResolvedRoute>,
         worker: WorkerId,
-        client: Key,
-        now: Instant,
     ) -> Action {
         let pool = self.pool(key, route);
         if !pool.retired {
             pool.route = Arc::clone(route);
         }
-        // Servers idle on this worker: the most recently used first.
         if let Some(i) = pool.idle.iter().rposition(|(w, _)| *w == worker) {
             if let Some((_, server)) = pool.idle.remove(i) {
                 return Action::Grant {
                     worker,
-                    client,
                     lease: Lease::Local(server),
                 };
             }
@@ -274,45 +296,44 @@ impl Router {
                 from,
                 server,
                 to: worker,
-                client,
             };
         }
-        // Clients already queued go first, even when room just appeared.
-        if pool.waiters.is_empty() && pool.has_room() {
+        if pool.needs.is_empty() && pool.has_room() {
             pool.total += 1;
             pool.opening += 1;
             return Action::Grant {
                 worker,
-                client,
                 lease: Lease::New,
             };
         }
-        pool.waiters.push_back(Waiter { worker, client });
-        pool.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        pool.needs.push_back(worker);
+        if let Some(n) = pool.shared.waiting.get(worker) {
+            n.fetch_add(1, Ordering::SeqCst);
+        }
         let reclaim = (0..pool.shared.idle.len())
             .filter(|&w| pool.shared.idle[w].load(Ordering::SeqCst) > 0)
             .collect();
-        let timeout = pool.route.route.pool_timeout;
-        Action::Wait {
-            deadline: (timeout > 0).then(|| now + std::time::Duration::from_millis(timeout)),
-            reclaim,
-        }
+        Action::Wait { reclaim }
     }
 
-    /// A waiting client gave up or vanished.
-    pub(crate) fn abandon(&mut self, key: &PoolKey, worker: WorkerId, client: Key) {
-        if let Some(p) = self.pools.get_mut(key) {
-            p.remove_waiter(worker, client);
-        }
-    }
-
-    /// A pool_timeout deadline fired: true when the client was still waiting
-    /// (and is now removed), false when it was served meanwhile.
-    pub(crate) fn expire(&mut self, key: &PoolKey, worker: WorkerId, client: Key) -> bool {
+    /// `worker` no longer needs `n` of the servers it asked for (its queue
+    /// emptied): its latest queued needs go.
+    pub(crate) fn cancel_need(&mut self, key: &PoolKey, worker: WorkerId, n: usize) {
         let Some(p) = self.pools.get_mut(key) else {
-            return false;
+            return;
         };
-        p.remove_waiter(worker, client)
+        let mut left = n;
+        let mut i = p.needs.len();
+        while left > 0 && i > 0 {
+            i -= 1;
+            if p.needs[i] == worker {
+                p.needs.remove(i);
+                left -= 1;
+                if let Some(c) = p.shared.waiting.get(worker) {
+                    c.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        }
     }
 
     /// A new server finished logging in.
@@ -322,8 +343,8 @@ impl Router {
         }
     }
 
-    /// A server on `worker` is idle and clean: give it to the first waiter
-    /// or keep it idle.
+    /// A server on `worker` is handed to the router: it goes to the first
+    /// queued need, or into the router's idle list.
     pub(crate) fn release(
         &mut self,
         key: &PoolKey,
@@ -331,24 +352,20 @@ impl Router {
         server: Key,
     ) -> Option<Action> {
         let Some(p) = self.pools.get_mut(key) else {
-            // Unknown pool (cannot happen: servers are only granted from a
-            // pool). Close rather than leak.
             return Some(Action::Close { worker, server });
         };
         if p.retired {
             return Some(Action::Close { worker, server });
         }
-        match p.pop_waiter() {
-            Some(w) if w.worker == worker => Some(Action::Grant {
+        match p.pop_need() {
+            Some(w) if w == worker => Some(Action::Grant {
                 worker,
-                client: w.client,
                 lease: Lease::Local(server),
             }),
-            Some(w) => Some(Action::Ship {
+            Some(to) => Some(Action::Ship {
                 from: worker,
                 server,
-                to: w.worker,
-                client: w.client,
+                to,
             }),
             None => {
                 p.idle.push_back((worker, server));
@@ -358,7 +375,7 @@ impl Router {
     }
 
     /// A server connection closed (or never opened): its slot frees up and
-    /// may go to the first waiter as a new connection.
+    /// goes to the first queued need as a new connection.
     pub(crate) fn server_closed(
         &mut self,
         key: &PoolKey,
@@ -378,12 +395,11 @@ impl Router {
             ServerWas::Active => {}
         }
         if p.has_room() && !p.retired {
-            if let Some(w) = p.pop_waiter() {
+            if let Some(w) = p.pop_need() {
                 p.total += 1;
                 p.opening += 1;
                 return Some(Action::Grant {
-                    worker: w.worker,
-                    client: w.client,
+                    worker: w,
                     lease: Lease::New,
                 });
             }
@@ -394,7 +410,7 @@ impl Router {
     /// Applies a new config: pools whose route now resolves elsewhere are
     /// retired (their idle servers closed, busy ones closed when released);
     /// the others take the new settings (pool_size, pool_timeout).
-    pub(crate) fn configure(&mut self, cfg: &Config) -> Vec<Action> {
+    pub(crate) fn configure(&mut self, cfg: &Config) -> Vec<(PoolKey, Action)> {
         let mut actions = Vec::new();
         for (key, pool) in &mut self.pools {
             match cfg.route(&key.database, &key.user) {
@@ -403,16 +419,16 @@ impl Router {
                     pool.retired = true;
                     pool.shared.retired.store(true, Ordering::SeqCst);
                     for (worker, server) in pool.idle.drain(..) {
-                        actions.push(Action::Close { worker, server });
+                        actions.push((key.clone(), Action::Close { worker, server }));
                     }
-                    actions.push(Action::Retire { pool: key.clone() });
+                    actions.push((key.clone(), Action::Retire { pool: key.clone() }));
                 }
             }
         }
         actions
     }
 
-    /// The route a pool serves, as of the latest client.
+    /// The route a pool serves, as of the latest need.
     pub(crate) fn route_of(&self, key: &PoolKey) -> Option<Arc<ResolvedRoute>> {
         self.pools.get(key).map(|p| Arc::clone(&p.route))
     }
@@ -423,17 +439,24 @@ impl Router {
             .pools
             .iter()
             .filter(|(_, p)| !(p.retired && p.total == 0 && p.clients == 0))
-            .map(|(k, p)| (k, p, p.idle.len() + p.shared.idle_total()))
-            .map(|(k, p, idle)| odissey_facade::RouteStats {
-                database: k.database.clone(),
-                user: k.user.clone(),
-                pool_mode: p.route.route.pool.as_str().to_string(),
-                clients_active: p.clients.saturating_sub(p.waiters.len()),
-                clients_waiting: p.waiters.len(),
-                servers_active: p.total.saturating_sub(idle).saturating_sub(p.opening),
-                servers_idle: idle.min(p.total),
-                servers_login: p.opening,
-                pool_size: p.route.route.pool_size,
+            .map(|(k, p)| {
+                let idle = (p.idle.len() + p.shared.idle_total()).min(p.total);
+                let waiting = p
+                    .shared
+                    .clients_waiting
+                    .load(Ordering::Relaxed)
+                    .min(p.clients);
+                odissey_facade::RouteStats {
+                    database: k.database.clone(),
+                    user: k.user.clone(),
+                    pool_mode: p.route.route.pool.as_str().to_string(),
+                    clients_active: p.clients - waiting,
+                    clients_waiting: waiting,
+                    servers_active: p.total.saturating_sub(idle).saturating_sub(p.opening),
+                    servers_idle: idle,
+                    servers_login: p.opening,
+                    pool_size: p.route.route.pool_size,
+                }
             })
             .collect();
         v.sort_by(|a, b| (&a.database, &a.user).cmp(&(&b.database, &b.user)));
@@ -446,11 +469,11 @@ mod tests {
     use super::*;
     use odissey_reactor::Machines;
 
-    fn route(size: usize, timeout: u64) -> (PoolKey, Arc<ResolvedRoute>) {
+    fn route(size: usize) -> (PoolKey, Arc<ResolvedRoute>) {
         let cfg = Config::parse(&format!(
             "[[listen]]\nport = 0\n[storage.s]\ntype = \"remote\"\n\
              [database.d.user.u]\nauthentication = \"none\"\nstorage = \"s\"\n\
-             pool = \"transaction\"\npool_size = {size}\npool_timeout = {timeout}\n"
+             pool = \"transaction\"\npool_size = {size}\n"
         ))
         .unwrap();
         let r = cfg.route("d", "u").unwrap();
@@ -463,100 +486,77 @@ mod tests {
     }
 
     #[test]
-    fn pool_size_is_global_and_waiters_are_fifo() {
-        let (k, r) = route(2, 1000);
-        let mut router = Router::new(2);
-        let now = Instant::now();
-        let c = keys(6);
-        let new = |w, c| Action::Grant {
+    fn pool_size_is_global_and_needs_are_fifo() {
+        let (k, r) = route(2);
+        let registry = Arc::new(Registry::new(2));
+        let mut router = Router::new(Arc::clone(&registry));
+        let s = keys(2);
+        let new = |w| Action::Grant {
             worker: w,
-            client: c,
             lease: Lease::New,
         };
-        assert_eq!(router.attach(&k, &r, 0, c[0], now), new(0, c[0]));
-        assert_eq!(router.attach(&k, &r, 1, c[1], now), new(1, c[1]));
-        let wait = Action::Wait {
-            deadline: Some(now + std::time::Duration::from_millis(1000)),
-            reclaim: vec![],
-        };
-        assert_eq!(router.attach(&k, &r, 1, c[2], now), wait);
-        assert_eq!(router.attach(&k, &r, 0, c[3], now), wait);
+        assert_eq!(router.need(&k, &r, 0), new(0));
+        assert_eq!(router.need(&k, &r, 1), new(1));
+        assert_eq!(router.need(&k, &r, 1), Action::Wait { reclaim: vec![] });
+        assert_eq!(router.need(&k, &r, 0), Action::Wait { reclaim: vec![] });
+        let shared = registry.get(&k);
+        assert!(shared.others_waiting(0) && shared.others_waiting(1));
+        // Worker 0 can't keep what it releases while worker 1 waits.
+        assert!(!shared.keep(0));
         router.server_up(&k);
         router.server_up(&k);
-        let s0 = c[4];
-        // Worker 0 releases its server: the first waiter is on worker 1.
         assert_eq!(
-            router.release(&k, 0, s0),
+            router.release(&k, 0, s[0]),
             Some(Action::Ship {
                 from: 0,
-                server: s0,
-                to: 1,
-                client: c[2]
+                server: s[0],
+                to: 1
             })
         );
-        // The second waiter is on worker 0, where the next release happens.
-        let s1 = c[5];
         assert_eq!(
-            router.release(&k, 0, s1),
+            router.release(&k, 0, s[1]),
             Some(Action::Grant {
                 worker: 0,
-                client: c[3],
-                lease: Lease::Local(s1)
+                lease: Lease::Local(s[1])
             })
         );
-        assert_eq!(router.release(&k, 0, s1), None);
-        let st = &router.stats()[0];
+        assert!(!shared.others_waiting(0) && !shared.others_waiting(1));
+        assert!(shared.keep(0), "nobody waits: the worker keeps it");
+        assert_eq!(router.stats()[0].servers_idle, 1);
+        shared.taken(0);
+        assert_eq!(router.release(&k, 1, s[0]), None);
+        // A server the router holds on the asking worker is preferred.
         assert_eq!(
-            (st.servers_idle, st.servers_active, st.clients_waiting),
-            (1, 1, 0)
-        );
-        // An idle server on the asking worker is preferred.
-        assert_eq!(
-            router.attach(&k, &r, 0, c[0], now),
+            router.need(&k, &r, 1),
             Action::Grant {
-                worker: 0,
-                client: c[0],
-                lease: Lease::Local(s1)
+                worker: 1,
+                lease: Lease::Local(s[0])
             }
         );
     }
 
     #[test]
-    fn timeouts_abandons_and_closes_free_slots() {
-        let (k, r) = route(1, 0);
-        let mut router = Router::new(2);
-        let now = Instant::now();
-        let c = keys(3);
-        assert!(matches!(
-            router.attach(&k, &r, 0, c[0], now),
-            Action::Grant { .. }
-        ));
+    fn waiting_needs_reclaim_kept_servers_and_closes_free_slots() {
+        let (k, r) = route(1);
+        let registry = Arc::new(Registry::new(2));
+        let mut router = Router::new(Arc::clone(&registry));
+        let shared = registry.get(&k);
+        assert!(matches!(router.need(&k, &r, 0), Action::Grant { .. }));
+        assert!(shared.keep(0));
+        assert_eq!(router.need(&k, &r, 1), Action::Wait { reclaim: vec![0] });
+        assert_eq!(router.need(&k, &r, 1), Action::Wait { reclaim: vec![0] });
+        router.cancel_need(&k, 1, 1);
+        // The server dies while idle on worker 0: the slot goes to worker 1.
         assert_eq!(
-            router.attach(&k, &r, 0, c[1], now),
-            Action::Wait {
-                deadline: None,
-                reclaim: vec![]
-            }
-        );
-        assert_eq!(
-            router.attach(&k, &r, 0, c[2], now),
-            Action::Wait {
-                deadline: None,
-                reclaim: vec![]
-            }
-        );
-        assert!(router.expire(&k, 0, c[1]));
-        assert!(!router.expire(&k, 0, c[1]), "only once");
-        // The server dies while opening: its slot goes to the next waiter.
-        assert_eq!(
-            router.server_closed(&k, 0, None, ServerWas::Opening),
+            router.server_closed(&k, 0, None, ServerWas::Idle),
             Some(Action::Grant {
-                worker: 0,
-                client: c[2],
+                worker: 1,
                 lease: Lease::New
             })
         );
-        router.abandon(&k, 0, c[2]);
-        assert_eq!(router.stats()[0].servers_login, 1);
+        assert!(
+            !shared.others_waiting(0),
+            "both of worker 1's needs are settled"
+        );
     }
 }

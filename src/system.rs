@@ -16,18 +16,12 @@ use odissey_transport::{Listener, ListenerAddr};
 
 use crate::cmd::{SysCmd, WorkerCmd};
 use crate::config::{resolve, Config};
-use crate::router::{Action, PoolKey, Router, WorkerId};
+use crate::router::{Action, PoolKey, Registry, Router, WorkerId};
 use crate::worker::Worker;
 
 /// Deadlines of the system thread.
 #[derive(Debug)]
 pub(crate) enum SysTimer {
-    /// A client has waited pool_timeout for a server.
-    PoolTimeout {
-        pool: PoolKey,
-        worker: WorkerId,
-        client: Key,
-    },
     /// Workers had their grace period and a bit more: stop regardless.
     ShutdownDeadline,
 }
@@ -60,7 +54,7 @@ impl System {
         Self {
             me,
             running: None,
-            router: Router::default(),
+            router: Router::new(Arc::new(Registry::new(1))),
             clients: 0,
             next_worker: 0,
             stopping: None,
@@ -116,9 +110,10 @@ impl System {
                 .register(l, Token(i), Interest::READABLE)
                 .map_err(|e| Error::Io(e.to_string()))?;
         }
-        self.router = Router::new(cfg.worker_count());
+        let registry = Arc::new(Registry::new(cfg.worker_count()));
+        self.router = Router::new(Arc::clone(&registry));
         let (workers, threads) =
-            spawn_workers(&cfg, &self.me).map_err(|e| Error::Io(e.to_string()))?;
+            spawn_workers(&cfg, &self.me, &registry).map_err(|e| Error::Io(e.to_string()))?;
         for a in &started.tcp {
             info!("listening on {a}");
         }
@@ -157,8 +152,8 @@ impl System {
         if let ConfigSource::File(_) = source {
             run.source = source;
         }
-        for a in actions {
-            self.act(a);
+        for (pool, a) in actions {
+            self.act(&pool, a);
         }
         info!("configuration reloaded");
         Ok(())
@@ -224,7 +219,8 @@ impl System {
         cx.stop();
     }
 
-    fn act(&self, action: Action) {
+    /// Carries out what the router decided about `pool`.
+    fn act(&self, pool: &PoolKey, action: Action) {
         let Some(run) = &self.running else {
             return;
         };
@@ -234,82 +230,37 @@ impl System {
             }
         };
         match action {
-            Action::Grant { .. } => {} // needs the pool: see act_pool
-            Action::Ship { .. } => {}  // needs the pool: see act_pool
+            Action::Grant { worker, lease } => {
+                if let Some(route) = self.router.route_of(pool) {
+                    send(
+                        worker,
+                        WorkerCmd::Granted {
+                            lease,
+                            pool: pool.clone(),
+                            route,
+                        },
+                    );
+                }
+            }
+            Action::Ship { from, server, to } => send(
+                from,
+                WorkerCmd::Ship {
+                    server,
+                    to,
+                    pool: pool.clone(),
+                },
+            ),
+            Action::Wait { reclaim } => {
+                for w in reclaim {
+                    send(w, WorkerCmd::Reclaim { pool: pool.clone() });
+                }
+            }
             Action::Close { worker, server } => send(worker, WorkerCmd::CloseIdle { server }),
-            Action::Wait { .. } => {} // see act_pool
             Action::Retire { pool } => {
                 for w in &run.workers {
                     let _ = w.send(WorkerCmd::Retire { pool: pool.clone() });
                 }
             }
-        }
-    }
-
-    /// Like `act`, for actions about `pool` (grants and ships carry the
-    /// pool, waits set a timer for it).
-    fn act_pool(
-        &mut self,
-        cx: &mut Context<'_, SysTimer>,
-        pool: &PoolKey,
-        worker: WorkerId,
-        client: Key,
-        action: Action,
-    ) {
-        match action {
-            Action::Grant {
-                worker,
-                client,
-                lease,
-            } => {
-                let shared = self.router.shared(pool);
-                let tx = self.running.as_ref().and_then(|r| r.workers.get(worker));
-                if let (Some(tx), Some(shared)) = (tx, shared) {
-                    let _ = tx.send(WorkerCmd::Granted {
-                        client,
-                        lease,
-                        pool: pool.clone(),
-                        shared,
-                    });
-                }
-            }
-            Action::Ship {
-                from,
-                server,
-                to,
-                client,
-            } => {
-                if let Some(run) = &self.running {
-                    if let Some(tx) = run.workers.get(from) {
-                        let _ = tx.send(WorkerCmd::Ship {
-                            server,
-                            to,
-                            client,
-                            pool: pool.clone(),
-                        });
-                    }
-                }
-            }
-            Action::Wait { deadline, reclaim } => {
-                if let Some(at) = deadline {
-                    cx.set_timer(
-                        at,
-                        SysTimer::PoolTimeout {
-                            pool: pool.clone(),
-                            worker,
-                            client,
-                        },
-                    );
-                }
-                if let Some(run) = &self.running {
-                    for w in reclaim {
-                        if let Some(tx) = run.workers.get(w) {
-                            let _ = tx.send(WorkerCmd::Reclaim { pool: pool.clone() });
-                        }
-                    }
-                }
-            }
-            other => self.act(other),
         }
     }
 
@@ -393,20 +344,15 @@ impl Handler for System {
                     self.router.client_closed(&p);
                 }
             }
-            SysCmd::Attach {
+            SysCmd::Need {
                 pool,
                 route,
                 worker,
-                client,
             } => {
-                let a = self.router.attach(&pool, &route, worker, client, cx.now());
-                self.act_pool(cx, &pool, worker, client, a);
+                let a = self.router.need(&pool, &route, worker);
+                self.act(&pool, a);
             }
-            SysCmd::Abandon {
-                pool,
-                worker,
-                client,
-            } => self.router.abandon(&pool, worker, client),
+            SysCmd::CancelNeed { pool, worker, n } => self.router.cancel_need(&pool, worker, n),
             SysCmd::ServerUp { pool } => self.router.server_up(&pool),
             SysCmd::Release {
                 pool,
@@ -414,7 +360,7 @@ impl Handler for System {
                 server,
             } => {
                 if let Some(a) = self.router.release(&pool, worker, server) {
-                    self.act_pool(cx, &pool, worker, server, a);
+                    self.act(&pool, a);
                 }
             }
             SysCmd::ServerClosed {
@@ -424,13 +370,13 @@ impl Handler for System {
                 was,
             } => {
                 if let Some(a) = self.router.server_closed(&pool, worker, server, was) {
-                    self.act_pool(cx, &pool, worker, server.unwrap_or(Key::from_u64(0)), a);
+                    self.act(&pool, a);
                 }
             }
-            SysCmd::ShipFailed { pool, to, client } => {
+            SysCmd::ShipFailed { pool, to } => {
                 if let Some(route) = self.router.route_of(&pool) {
-                    let a = self.router.attach(&pool, &route, to, client, cx.now());
-                    self.act_pool(cx, &pool, to, client, a);
+                    let a = self.router.need(&pool, &route, to);
+                    self.act(&pool, a);
                 }
             }
             SysCmd::CancelKey {
@@ -467,19 +413,6 @@ impl Handler for System {
 
     fn timeout(&mut self, cx: &mut Context<'_, SysTimer>, _id: TimerId, timer: SysTimer) {
         match timer {
-            SysTimer::PoolTimeout {
-                pool,
-                worker,
-                client,
-            } => {
-                if self.router.expire(&pool, worker, client) {
-                    if let Some(run) = &self.running {
-                        if let Some(tx) = run.workers.get(worker) {
-                            let _ = tx.send(WorkerCmd::PoolTimeout { client });
-                        }
-                    }
-                }
-            }
             SysTimer::ShutdownDeadline => {
                 if self.stopping.is_some() {
                     warn!("workers did not drain in time; stopping anyway");
@@ -496,7 +429,11 @@ impl Handler for System {
 /// The workers' command channels and their threads.
 type Workers = (Vec<Sender<WorkerCmd>>, Vec<JoinHandle<()>>);
 
-fn spawn_workers(cfg: &Arc<Config>, sys: &Sender<SysCmd>) -> std::io::Result<Workers> {
+fn spawn_workers(
+    cfg: &Arc<Config>,
+    sys: &Sender<SysCmd>,
+    registry: &Arc<Registry>,
+) -> std::io::Result<Workers> {
     let n = cfg.worker_count();
     let mut reactors = Vec::with_capacity(n);
     let mut senders = Vec::with_capacity(n);
@@ -507,7 +444,13 @@ fn spawn_workers(cfg: &Arc<Config>, sys: &Sender<SysCmd>) -> std::io::Result<Wor
     }
     let mut threads = Vec::with_capacity(n);
     for (id, mut reactor) in reactors.into_iter().enumerate() {
-        let mut worker = Worker::new(id, sys.clone(), senders.clone(), Arc::clone(cfg));
+        let mut worker = Worker::new(
+            id,
+            sys.clone(),
+            senders.clone(),
+            Arc::clone(cfg),
+            Arc::clone(registry),
+        );
         let t = std::thread::Builder::new()
             .name(format!("odissey-worker-{id}"))
             .spawn(move || {

@@ -21,13 +21,13 @@ use crate::auth::{Fatal, Identity, Login, Outcome};
 use crate::backend_login::{BackendLogin, LoginError, Progress};
 use crate::client::{Client, ClientState};
 use crate::cmd::{SysCmd, WorkerCmd};
-use crate::config::{Config, PoolMode};
+use crate::config::{Config, PoolMode, ResolvedRoute};
 use crate::ids::ConnId;
 use crate::io::Io;
 use crate::params::{SetCommand, Value};
 use crate::prepared::ServerStatements;
 use crate::relay::{Relay, Step};
-use crate::router::{Lease, PoolKey, PoolShared, ServerWas, WorkerId};
+use crate::router::{Lease, PoolKey, PoolShared, Registry, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
 
 /// Rounds of read/relay/write per wake-up before yielding to others.
@@ -56,6 +56,8 @@ pub(crate) enum WorkerTimer {
     Recover(Key),
     /// A CancelRequest connection took too long.
     CancelTimeout(Key),
+    /// A client waited pool_timeout for a server.
+    PoolTimeout(Key),
 }
 
 /// A connection that carries one CancelRequest to a server.
@@ -85,6 +87,7 @@ pub(crate) struct Shared {
     /// Per pool: the state shared with the router, and the idle servers
     /// this worker keeps for itself (most recently used last).
     local: HashMap<PoolKey, LocalPool>,
+    registry: Arc<Registry>,
     dead: Vec<Key>,
     /// Connections that hit MAX_ROUNDS with work left: driven again after
     /// the batch, since no new edge will announce them.
@@ -96,7 +99,14 @@ pub(crate) struct Shared {
 /// A pool as one worker sees it.
 pub(crate) struct LocalPool {
     shared: Arc<PoolShared>,
+    /// Servers kept idle here, most recently used last.
     idle: Vec<Key>,
+    /// Clients of this worker waiting for a server, FIFO.
+    queue: VecDeque<Key>,
+    /// Servers asked of the router and not yet granted.
+    asked: usize,
+    /// The route as of the latest client, for new servers.
+    route: Arc<ResolvedRoute>,
 }
 
 /// The worker's handler.
@@ -111,6 +121,7 @@ impl Worker {
         sys: Sender<SysCmd>,
         peers: Vec<Sender<WorkerCmd>>,
         cfg: Arc<Config>,
+        registry: Arc<Registry>,
     ) -> Self {
         Self {
             conns: Machines::default(),
@@ -121,6 +132,7 @@ impl Worker {
                 cfg,
                 params: HashMap::new(),
                 local: HashMap::new(),
+                registry,
                 dead: Vec::new(),
                 again: Vec::new(),
                 draining: false,
@@ -131,6 +143,47 @@ impl Worker {
 }
 
 impl Shared {
+    /// This worker's view of `pool`, created on first use.
+    fn local(&mut self, pool: &PoolKey, route: &Arc<ResolvedRoute>) -> &mut LocalPool {
+        let registry = &self.registry;
+        self.local.entry(pool.clone()).or_insert_with(|| LocalPool {
+            shared: registry.get(pool),
+            idle: Vec::new(),
+            queue: VecDeque::new(),
+            asked: 0,
+            route: Arc::clone(route),
+        })
+    }
+
+    /// Asks the router for more servers while the queue outgrows what was
+    /// asked; gives the needs back when the queue is empty.
+    fn balance_needs(&mut self, pool: &PoolKey) {
+        let id = self.id;
+        let Some(lp) = self.local.get_mut(pool) else {
+            return;
+        };
+        let mut msgs = Vec::new();
+        if lp.queue.is_empty() && lp.asked > 0 {
+            msgs.push(SysCmd::CancelNeed {
+                pool: pool.clone(),
+                worker: id,
+                n: lp.asked,
+            });
+            lp.asked = 0;
+        }
+        while lp.asked < lp.queue.len() {
+            lp.asked += 1;
+            msgs.push(SysCmd::Need {
+                pool: pool.clone(),
+                route: Arc::clone(&lp.route),
+                worker: id,
+            });
+        }
+        for m in msgs {
+            self.send(m);
+        }
+    }
+
     fn send(&self, cmd: SysCmd) {
         if self.sys.send(cmd).is_err() {
             debug!("worker {}: system thread gone", self.id);
@@ -212,21 +265,7 @@ impl Handler for Worker {
                 peer,
                 reject,
             } => self.accept(cx, stream, peer, reject),
-            WorkerCmd::Granted {
-                client,
-                lease,
-                pool,
-                shared,
-            } => {
-                self.w
-                    .local
-                    .entry(pool.clone())
-                    .or_insert_with(|| LocalPool {
-                        shared,
-                        idle: Vec::new(),
-                    });
-                self.granted(cx, client, lease, pool)
-            }
+            WorkerCmd::Granted { lease, pool, route } => self.granted(cx, lease, pool, route),
             WorkerCmd::Reclaim { pool } => {
                 let id = self.w.id;
                 if let Some(lp) = self.w.local.get_mut(&pool) {
@@ -251,33 +290,8 @@ impl Handler for Worker {
                     self.close_server(cx, sk, "its route changed");
                 }
             }
-            WorkerCmd::Ship {
-                server,
-                to,
-                client,
-                pool,
-            } => self.ship(cx, server, to, client, pool),
-            WorkerCmd::Adopt { server, client } => self.adopt(cx, server, client),
-            WorkerCmd::PoolTimeout { client } => {
-                if let Some(Conn::Client(c)) = self.conns.get_mut(client) {
-                    if matches!(c.state, ClientState::Waiting) {
-                        let (pool, timeout) = match &c.who {
-                            Some(w) => (
-                                format!("{}.{}", w.database, w.user),
-                                w.route.route.pool_timeout,
-                            ),
-                            None => (String::new(), 0),
-                        };
-                        // The router already forgot this waiter.
-                        c.state = ClientState::Idle;
-                        let f = Fatal::new(
-                            "53300",
-                            format!("timed out waiting for a server connection for route {pool} (pool_timeout {timeout} ms)"),
-                        );
-                        self.close_client(cx, client, Some(f));
-                    }
-                }
-            }
+            WorkerCmd::Ship { server, to, pool } => self.ship(cx, server, to, pool),
+            WorkerCmd::Adopt { server } => self.adopt(cx, server),
             WorkerCmd::CloseIdle { server } => {
                 if let Some(Conn::Server(s)) = self.conns.get(server) {
                     if matches!(s.state, ServerState::Idle) {
@@ -302,6 +316,27 @@ impl Handler for Worker {
 
     fn timeout(&mut self, cx: &mut Context<'_, WorkerTimer>, _id: TimerId, timer: WorkerTimer) {
         match timer {
+            WorkerTimer::PoolTimeout(ck) => {
+                let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+                    return;
+                };
+                c.wait_timer = None;
+                if !matches!(c.state, ClientState::Waiting) {
+                    return;
+                }
+                let (pool, timeout) = match &c.who {
+                    Some(w) => (
+                        format!("{}.{}", w.database, w.user),
+                        w.route.route.pool_timeout,
+                    ),
+                    None => (String::new(), 0),
+                };
+                let f = Fatal::new(
+                    "53300",
+                    format!("timed out waiting for a server connection for route {pool} (pool_timeout {timeout} ms)"),
+                );
+                self.close_client(cx, ck, Some(f));
+            }
             WorkerTimer::Recover(sk) => {
                 if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
                     if let ServerState::Recovering(r) = &mut s.state {
@@ -412,6 +447,7 @@ impl Worker {
                 greeted: false,
                 reject,
                 params: Vec::new(),
+                wait_timer: None,
                 sets: VecDeque::new(),
                 z_sent: 0,
                 z_seen: 0,
@@ -835,10 +871,17 @@ impl Worker {
         self.release_server(cx, sk);
     }
 
-    /// A server is idle and clean: keep it on this worker for the next
-    /// client here (no message to anyone), unless clients queue at the
-    /// router, which then gets it; closed when draining or retired.
+    /// A server is idle and clean: hand it to the router if another
+    /// worker's need is queued there (fairness), else to the first client
+    /// queued here, else keep it idle here for the next one (no message to
+    /// anyone). Closed when draining or retired.
     fn release_server(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key) {
+        self.offer(cx, sk, false);
+    }
+
+    /// `granted`: the router gave it to this worker's queue (its turn), so
+    /// other workers' needs are not considered.
+    fn offer(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, granted: bool) {
         let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
             return;
         };
@@ -850,17 +893,41 @@ impl Worker {
         }
         let id = self.w.id;
         let pool = s.pool.clone();
-        match self.w.local.get_mut(&pool) {
-            Some(lp) if lp.shared.keep(id) => lp.idle.push(sk),
-            Some(lp) if lp.shared.retired.load(std::sync::atomic::Ordering::SeqCst) => {
-                self.close_server(cx, sk, "its route changed");
-            }
-            _ => self.w.send(SysCmd::Release {
-                pool,
-                worker: id,
-                server: sk,
-            }),
+        let route = Arc::clone(&s.route);
+        let lp = self.w.local(&pool, &route);
+        if lp.shared.retired.load(std::sync::atomic::Ordering::SeqCst) {
+            self.close_server(cx, sk, "its route changed");
+            return;
         }
+        if granted || !lp.shared.others_waiting(id) {
+            while let Some(ck) = lp.queue.pop_front() {
+                lp.shared
+                    .clients_waiting
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                let waiting = matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting));
+                if waiting {
+                    self.w.balance_needs(&pool);
+                    if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+                        if let Some(t) = c.wait_timer.take() {
+                            cx.cancel_timer(t);
+                        }
+                    }
+                    self.link(cx, ck, sk);
+                    return;
+                }
+            }
+            let lp = self.w.local(&pool, &route);
+            if lp.shared.keep(id) {
+                lp.idle.push(sk);
+                self.w.balance_needs(&pool);
+                return;
+            }
+        }
+        self.w.send(SysCmd::Release {
+            pool,
+            worker: id,
+            server: sk,
+        });
     }
 
     fn logged_in(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, who: Box<Identity>) {
@@ -908,75 +975,105 @@ impl Worker {
     }
 
     /// Finds `ck` a server: one this worker keeps idle for its pool (the
-    /// common case: no other thread involved), else from the router.
+    /// common case: no other thread involved), else it queues here and the
+    /// router is asked for one more.
     fn attach(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) {
         let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
             return;
         };
-        let (Some(pool), Some(_)) = (&c.pool, &c.who) else {
+        let (Some(pool), Some(who)) = (c.pool.clone(), &c.who) else {
             return;
         };
+        let route = Arc::clone(&who.route);
         c.state = ClientState::Waiting;
-        if let Some(lp) = self.w.local.get_mut(pool) {
-            while let Some(sk) = lp.idle.pop() {
-                lp.shared.taken(self.w.id);
-                let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
-                if idle {
-                    self.link(cx, ck, sk);
-                    return;
-                }
+        let id = self.w.id;
+        let lp = self.w.local(&pool, &route);
+        lp.route = Arc::clone(&route);
+        while let Some(sk) = lp.idle.pop() {
+            lp.shared.taken(id);
+            let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
+            if idle {
+                self.link(cx, ck, sk);
+                return;
             }
         }
-        let Some(Conn::Client(c)) = self.conns.get(ck) else {
-            return;
-        };
-        let (Some(pool), Some(who)) = (&c.pool, &c.who) else {
-            return;
-        };
-        self.w.send(SysCmd::Attach {
-            pool: pool.clone(),
-            route: Arc::clone(&who.route),
-            worker: self.w.id,
-            client: ck,
-        });
+        lp.queue.push_back(ck);
+        lp.shared
+            .clients_waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let timeout = route.route.pool_timeout;
+        if timeout > 0 {
+            let t = cx.set_timer(
+                cx.now() + std::time::Duration::from_millis(timeout),
+                WorkerTimer::PoolTimeout(ck),
+            );
+            if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+                c.wait_timer = Some(t);
+            }
+        }
+        self.w.balance_needs(&pool);
     }
 
-    fn granted(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, lease: Lease, pool: PoolKey) {
-        let waiting = matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting));
+    /// A client leaves this worker's queue without a server.
+    fn dequeue(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, pool: &PoolKey) {
+        if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+            if let Some(t) = c.wait_timer.take() {
+                cx.cancel_timer(t);
+            }
+        }
+        if let Some(lp) = self.w.local.get_mut(pool) {
+            if let Some(i) = lp.queue.iter().position(|k| *k == ck) {
+                lp.queue.remove(i);
+                lp.shared
+                    .clients_waiting
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.w.balance_needs(pool);
+    }
+
+    /// The router met one of this worker's needs.
+    fn granted(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        lease: Lease,
+        pool: PoolKey,
+        route: Arc<ResolvedRoute>,
+    ) {
+        let lp = self.w.local(&pool, &route);
+        lp.asked = lp.asked.saturating_sub(1);
+        let queued = !lp.queue.is_empty();
         match lease {
-            Lease::New if waiting => self.open_server(cx, ck),
+            Lease::New if queued => self.open_server(cx, pool, route),
             Lease::New => {
-                // The client left before the grant arrived: give the slot back.
+                // The queue emptied before the grant arrived: give the slot back.
                 self.w.send(SysCmd::ServerClosed {
-                    pool,
+                    pool: pool.clone(),
                     worker: self.w.id,
                     server: None,
                     was: ServerWas::Opening,
                 });
+                self.w.balance_needs(&pool);
             }
             Lease::Local(sk) => {
                 let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
-                match (waiting, idle) {
-                    (true, true) => self.link(cx, ck, sk),
-                    (true, false) => self.attach(cx, ck), // it died meanwhile; the router knows
-                    (false, true) => self.release_server(cx, sk),
-                    (false, false) => {}
+                if idle {
+                    self.offer(cx, sk, true);
+                } else {
+                    // It died meanwhile (the router knows): ask again.
+                    self.w.balance_needs(&pool);
                 }
             }
         }
     }
 
-    /// Opens a new server connection for a waiting client.
-    fn open_server(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) {
-        let Some(Conn::Client(c)) = self.conns.get(ck) else {
-            return;
-        };
-        let (Some(who), Some(pool)) = (&c.who, &c.pool) else {
-            return;
-        };
-        let route = Arc::clone(&who.route);
-        let pool = pool.clone();
-        let client_id = c.id;
+    /// Opens a new server connection for this worker's queue.
+    fn open_server(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        pool: PoolKey,
+        route: Arc<ResolvedRoute>,
+    ) {
         let st = &route.storage;
         let stream = match &st.unix_socket_dir {
             Some(dir) => {
@@ -988,7 +1085,7 @@ impl Worker {
             Ok(s) => s,
             Err(e) => {
                 self.w.send(SysCmd::ServerClosed {
-                    pool,
+                    pool: pool.clone(),
                     worker: self.w.id,
                     server: None,
                     was: ServerWas::Opening,
@@ -997,7 +1094,7 @@ impl Worker {
                     "08006",
                     format!("cannot connect to the server {}:{}: {e}", st.host, st.port),
                 );
-                self.close_client(cx, ck, Some(f));
+                self.fail_first_waiter(cx, &pool, f);
                 return;
             }
         };
@@ -1028,7 +1125,7 @@ impl Worker {
                 pool: pool.clone(),
                 route: Arc::clone(&route),
                 state: ServerState::Connecting(login),
-                client: Some(ck),
+                client: None,
                 relay: Relay::default(),
                 status: TransactionStatus::Idle,
                 key: None,
@@ -1042,7 +1139,7 @@ impl Worker {
             }))
         });
         debug!(
-            "{id}: connecting to {}:{} for {client_id}",
+            "{id}: connecting to {}:{} for pool {pool}",
             route.storage.host, route.storage.port
         );
         if let Some(e) = failed {
@@ -1277,13 +1374,7 @@ impl Worker {
         self.w.send(SysCmd::ServerUp { pool: pool.clone() });
         let defaults = Arc::clone(&s.defaults);
         self.w.params.entry(pool.clone()).or_insert(defaults);
-        let client = s.client.take();
-        match client {
-            Some(ck) if matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting)) => {
-                self.link(cx, ck, sk)
-            }
-            _ => self.release_server(cx, sk),
-        }
+        self.offer(cx, sk, true);
     }
 
     /// A server opened for a client could not log in: the client hears why.
@@ -1298,25 +1389,36 @@ impl Worker {
             return;
         };
         warn!("{}: {message}", s.id);
-        let client = s.client.take();
         let pool = s.pool.clone();
         let _ = cx.registry().deregister(&mut s.io.stream);
         s.io.stream.shutdown();
         self.kill(sk);
         self.w.send(SysCmd::ServerClosed {
-            pool,
+            pool: pool.clone(),
             worker: self.w.id,
             server: Some(sk),
             was: ServerWas::Opening,
         });
-        if let Some(ck) = client {
-            if matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting))
-            {
-                if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
-                    c.state = ClientState::Idle; // no longer queued at the router
-                }
-                self.close_client(cx, ck, Some(Fatal::new(code, message)));
-            }
+        self.fail_first_waiter(cx, &pool, Fatal::new(code, message));
+    }
+
+    /// A server opened for this worker's queue failed: the first client in
+    /// the queue hears why (as PgBouncer tells its waiting clients); the
+    /// others keep waiting for another try.
+    fn fail_first_waiter(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        pool: &PoolKey,
+        fatal: Fatal,
+    ) {
+        let first = self
+            .w
+            .local
+            .get(pool)
+            .and_then(|lp| lp.queue.front().copied());
+        match first {
+            Some(ck) => self.close_client(cx, ck, Some(fatal)),
+            None => self.w.balance_needs(pool),
         }
     }
 
@@ -1362,22 +1464,17 @@ impl Worker {
         self.drive_client(cx, ck);
     }
 
-    fn ship(
-        &mut self,
-        cx: &mut Context<'_, WorkerTimer>,
-        sk: Key,
-        to: WorkerId,
-        ck: Key,
-        pool: PoolKey,
-    ) {
+    fn ship(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, to: WorkerId, pool: PoolKey) {
         let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
         if !idle || to >= self.w.peers.len() {
-            self.w.send(SysCmd::ShipFailed {
-                pool,
-                to,
-                client: ck,
-            });
+            self.w.send(SysCmd::ShipFailed { pool, to });
             return;
+        }
+        if let Some(lp) = self.w.local.get_mut(&pool) {
+            if let Some(i) = lp.idle.iter().position(|k| *k == sk) {
+                lp.idle.swap_remove(i);
+                lp.shared.taken(self.w.id);
+            }
         }
         let Some(Conn::Server(mut s)) = self
             .conns
@@ -1390,10 +1487,7 @@ impl Worker {
         let _ = cx.registry().deregister(&mut s.io.stream);
         s.client = None;
         debug!("{}: moving to worker {to}", s.id);
-        if let Err(e) = self.w.peers[to].send(WorkerCmd::Adopt {
-            server: s,
-            client: ck,
-        }) {
+        if let Err(e) = self.w.peers[to].send(WorkerCmd::Adopt { server: s }) {
             if let WorkerCmd::Adopt { server, .. } = e.0 {
                 self.w.send(SysCmd::ServerClosed {
                     pool: server.pool.clone(),
@@ -1405,7 +1499,10 @@ impl Worker {
         }
     }
 
-    fn adopt(&mut self, cx: &mut Context<'_, WorkerTimer>, mut server: Box<Server>, ck: Key) {
+    /// A server shipped here meets one of this worker's needs.
+    fn adopt(&mut self, cx: &mut Context<'_, WorkerTimer>, mut server: Box<Server>) {
+        let lp = self.w.local(&server.pool, &server.route);
+        lp.asked = lp.asked.saturating_sub(1);
         let registry = cx.registry();
         let mut failed = None;
         // Readiness is unknown after the move: assume both, the calls will
@@ -1426,12 +1523,7 @@ impl Worker {
             self.close_server(cx, sk, "cannot register after moving");
             return;
         }
-        let waiting = matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting));
-        if waiting {
-            self.link(cx, ck, sk);
-        } else {
-            self.release_server(cx, sk);
-        }
+        self.offer(cx, sk, true);
     }
 
     /// Closes a client, with a FATAL error first when given. Its server, if
@@ -1452,14 +1544,13 @@ impl Worker {
         let _ = cx.registry().deregister(&mut c.io.stream);
         c.io.stream.shutdown();
         if matches!(c.state, ClientState::Waiting) {
-            if let Some(pool) = &c.pool {
-                self.w.send(SysCmd::Abandon {
-                    pool: pool.clone(),
-                    worker: self.w.id,
-                    client: ck,
-                });
+            if let Some(pool) = c.pool.clone() {
+                self.dequeue(cx, ck, &pool);
             }
         }
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return;
+        };
         let mid_message = !c.relay.at_boundary();
         let (pending, unsynced) = (c.pending, c.unsynced);
         let statements_in_flight = c.prepared && !c.pipeline.is_idle();
