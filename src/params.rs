@@ -264,8 +264,13 @@ pub(crate) fn sync_queries(
                 if reported && get(server, name) == get(defaults, name) {
                     continue;
                 }
+                // An unreported parameter is reset only when odissey set it
+                // for the last owner: one a client set unseen (inside a
+                // transaction or a function) is not known to need it, and
+                // resetting every one on each change of owner would cost
+                // queries per transaction. pool_discard covers the rest.
                 let was_ours = applied.iter().any(|a| a.eq_ignore_ascii_case(name));
-                if reported || was_ours || TRACKED.iter().any(|t| t.eq_ignore_ascii_case(name)) {
+                if reported || was_ours {
                     out.push(format!("RESET {name}"));
                 }
             }
@@ -327,18 +332,16 @@ mod tests {
         set(&mut server, "DateStyle", "German");
         let client = lit(&[("application_name", "mine"), ("timezone", "UTC")]);
         let q = sync_queries(&client, &server, &defaults, &[]);
-        assert_eq!(
-            q,
-            [
-                "SET application_name TO 'mine'",
-                "RESET DateStyle",
-                "RESET search_path",
-                "RESET extra_float_digits"
-            ]
-        );
+        assert_eq!(q, ["SET application_name TO 'mine'", "RESET DateStyle"]);
         set(&mut server, "application_name", "mine");
         set(&mut server, "DateStyle", "ISO, MDY");
-        assert_eq!(sync_queries(&client, &server, &defaults, &[]).len(), 2);
+        assert!(
+            sync_queries(&client, &server, &defaults, &[]).is_empty(),
+            "nothing to do: no query per transaction"
+        );
+        // What odissey set for the last owner is reset.
+        let q = sync_queries(&client, &server, &defaults, &["search_path".into()]);
+        assert_eq!(q, ["RESET search_path"]);
     }
 
     #[test]
