@@ -233,17 +233,22 @@ pub(crate) fn sync_queries(
     defaults: &[(String, String)],
     applied: &[String],
 ) -> Vec<String> {
-    let mut names: Vec<&str> = TRACKED.to_vec();
-    for (n, _) in client {
-        if !names.iter().any(|x| x.eq_ignore_ascii_case(n)) {
-            names.push(n);
-        }
-    }
-    for n in applied {
-        if !names.iter().any(|x| x.eq_ignore_ascii_case(n)) {
-            names.push(n);
-        }
-    }
+    // The tracked names, then the client's others, then the last owner's
+    // others, each once; no allocation unless something must be sent.
+    let is_tracked = |n: &str| TRACKED.iter().any(|t| t.eq_ignore_ascii_case(n));
+    let extra_client = client
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !is_tracked(n));
+    let extra_applied = applied
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !is_tracked(n) && client_get(client, n).is_none());
+    let names = TRACKED
+        .iter()
+        .copied()
+        .chain(extra_client)
+        .chain(extra_applied);
     let mut out = Vec::new();
     for name in names {
         if !valid_name(name) {
