@@ -23,6 +23,9 @@ pub(crate) enum ClientState {
     Waiting,
     /// Traffic to and from its server.
     Linked,
+    /// Closed with an error; the socket lingers so the error is read
+    /// before the end of the stream.
+    Closing,
 }
 
 impl ClientState {
@@ -32,6 +35,7 @@ impl ClientState {
             Self::Idle => "Idle",
             Self::Waiting => "Waiting",
             Self::Linked => "Linked",
+            Self::Closing => "Closing",
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use odissey_facade::Call;
 use odissey_reactor::Key;
-use odissey_transport::{Peer, Stream};
+use odissey_transport::Listener;
 
 use crate::config::{Config, ResolvedRoute};
 use crate::router::{Lease, PoolKey, ServerWas, WorkerId};
@@ -17,13 +17,7 @@ use crate::server::Server;
 pub(crate) enum SysCmd {
     /// A facade request.
     Facade(Call),
-    /// A client logged in on a pool.
-    ClientOpened {
-        pool: PoolKey,
-        route: Arc<ResolvedRoute>,
-    },
-    /// A client left (`pool` when it had logged in).
-    ClientClosed { pool: Option<PoolKey> },
+
     /// A worker's queued clients need one more server.
     Need {
         pool: PoolKey,
@@ -56,27 +50,13 @@ pub(crate) enum SysCmd {
     ShipFailed { pool: PoolKey, to: WorkerId },
     /// A draining worker has no connections left and has stopped.
     Drained { worker: WorkerId },
-    /// A client got this cancel key.
-    CancelKey {
-        pid: u32,
-        key: u32,
-        worker: WorkerId,
-        client: Key,
-    },
-    /// A client with this cancel key left.
-    CancelKeyGone { pid: u32, key: u32 },
-    /// A CancelRequest arrived (on any worker).
-    Cancel { pid: u32, key: u32 },
 }
 
 /// To a worker.
 pub(crate) enum WorkerCmd {
-    /// A new client socket; `reject` when client_max is reached.
-    Accept {
-        stream: Stream,
-        peer: Peer,
-        reject: bool,
-    },
+    /// Listening sockets to accept clients from (clones of the system
+    /// thread's, so every worker accepts directly).
+    Listen(Vec<Listener>),
     /// The router met one of this worker's needs.
     Granted {
         lease: Lease,
@@ -100,8 +80,9 @@ pub(crate) enum WorkerCmd {
     CloseIdle { server: Key },
     /// A new config for new clients.
     Configure(Arc<Config>),
-    /// Cancel what `client`'s server runs, if it holds one.
-    Cancel { client: Key },
+    /// A CancelRequest with this key arrived on another worker: cancel
+    /// what runs for the client it names, if it lives here.
+    Cancel { pid: u32, key: u32 },
     /// Graceful shutdown: close clients between transactions, everything
     /// at the deadline, then stop.
     Drain { deadline: Instant },

@@ -78,6 +78,8 @@ pub(crate) struct PoolShared {
     waiting: Box<[AtomicUsize]>,
     /// Idle servers each worker keeps for itself.
     idle: Box<[AtomicUsize]>,
+    /// Clients logged in on the pool (for inspect).
+    pub(crate) clients: AtomicUsize,
     /// Clients queued in the workers for a server (for inspect).
     pub(crate) clients_waiting: AtomicUsize,
     /// The pool was retired by a reload: close its servers as they free up.
@@ -90,6 +92,7 @@ impl PoolShared {
         Self {
             waiting: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             idle: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            clients: AtomicUsize::new(0),
             clients_waiting: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
         }
@@ -210,7 +213,6 @@ struct Pool {
     idle: VecDeque<(WorkerId, Key)>,
     /// Needs queued, FIFO, one entry per server a worker asked for.
     needs: VecDeque<WorkerId>,
-    clients: usize,
     /// The config moved this route elsewhere: close servers as they free up.
     retired: bool,
 }
@@ -253,21 +255,8 @@ impl Router {
             opening: 0,
             idle: VecDeque::new(),
             needs: VecDeque::new(),
-            clients: 0,
             retired: false,
         })
-    }
-
-    /// A client logged in on a pool.
-    pub(crate) fn client_opened(&mut self, key: &PoolKey, route: &Arc<ResolvedRoute>) {
-        self.pool(key, route).clients += 1;
-    }
-
-    /// A client of a pool left.
-    pub(crate) fn client_closed(&mut self, key: &PoolKey) {
-        if let Some(p) = self.pools.get_mut(key) {
-            p.clients = p.clients.saturating_sub(1);
-        }
     }
 
     /// `worker` needs one more server for its queued clients. Prefers a
@@ -438,19 +427,20 @@ impl Router {
         let mut v: Vec<_> = self
             .pools
             .iter()
-            .filter(|(_, p)| !(p.retired && p.total == 0 && p.clients == 0))
-            .map(|(k, p)| {
+            .map(|(k, p)| (k, p, p.shared.clients.load(Ordering::Relaxed)))
+            .filter(|(_, p, clients)| !(p.retired && p.total == 0 && *clients == 0))
+            .map(|(k, p, clients)| {
                 let idle = (p.idle.len() + p.shared.idle_total()).min(p.total);
                 let waiting = p
                     .shared
                     .clients_waiting
                     .load(Ordering::Relaxed)
-                    .min(p.clients);
+                    .min(clients);
                 odissey_facade::RouteStats {
                     database: k.database.clone(),
                     user: k.user.clone(),
                     pool_mode: p.route.route.pool.as_str().to_string(),
-                    clients_active: p.clients - waiting,
+                    clients_active: clients - waiting,
                     clients_waiting: waiting,
                     servers_active: p.total.saturating_sub(idle).saturating_sub(p.opening),
                     servers_idle: idle,

@@ -4,14 +4,14 @@
 //! the pools' books (see [`crate::router`]), and answers start, reload,
 //! inspect and shutdown.
 
-use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use log::{debug, error, info, warn};
+use log::{error, info, warn};
 use odissey_facade::{Call, ConfigSource, Error, Inspection, Reply, Request, Started};
-use odissey_reactor::{Context, Handler, Interest, Key, Reactor, Ready, Sender, TimerId, Token};
+use odissey_reactor::{Context, Handler, Reactor, Ready, Sender, TimerId, Token};
 use odissey_transport::{Listener, ListenerAddr};
 
 use crate::cmd::{SysCmd, WorkerCmd};
@@ -40,13 +40,11 @@ pub(crate) struct System {
     me: Sender<SysCmd>,
     running: Option<Running>,
     router: Router,
-    clients: usize,
-    next_worker: usize,
+    /// Clients connected, counted by the workers (client_max).
+    clients: Arc<AtomicUsize>,
+
     /// The shutdown call to answer once every worker has drained.
     stopping: Option<(Call, usize)>,
-    /// Cancel keys handed to clients, to route CancelRequests that arrive
-    /// on any worker to the worker holding the client.
-    cancel_keys: HashMap<(u32, u32), (WorkerId, Key)>,
 }
 
 impl System {
@@ -55,10 +53,9 @@ impl System {
             me,
             running: None,
             router: Router::new(Arc::new(Registry::new(1))),
-            clients: 0,
-            next_worker: 0,
+            clients: Arc::new(AtomicUsize::new(0)),
+
             stopping: None,
-            cancel_keys: HashMap::new(),
         }
     }
 
@@ -70,11 +67,7 @@ impl System {
         .map_err(|e| Error::Config(e.0))
     }
 
-    fn start(
-        &mut self,
-        cx: &mut Context<'_, SysTimer>,
-        source: ConfigSource,
-    ) -> Result<Started, Error> {
+    fn start(&mut self, source: ConfigSource) -> Result<Started, Error> {
         if self.running.is_some() {
             return Err(Error::AlreadyStarted);
         }
@@ -100,20 +93,27 @@ impl System {
                 listeners.push(listener);
             }
         }
-        for (i, l) in listeners.iter_mut().enumerate() {
+        for l in &listeners {
             match l.local_addr() {
                 Ok(ListenerAddr::Tcp(a)) => started.tcp.push(a),
                 Ok(ListenerAddr::Unix(p)) => started.unix.push(p),
                 Err(e) => return Err(Error::Io(e.to_string())),
             }
-            cx.registry()
-                .register(l, Token(i), Interest::READABLE)
-                .map_err(|e| Error::Io(e.to_string()))?;
         }
         let registry = Arc::new(Registry::new(cfg.worker_count()));
         self.router = Router::new(Arc::clone(&registry));
-        let (workers, threads) =
-            spawn_workers(&cfg, &self.me, &registry).map_err(|e| Error::Io(e.to_string()))?;
+        let (workers, threads) = spawn_workers(&cfg, &self.me, &registry, &self.clients)
+            .map_err(|e| Error::Io(e.to_string()))?;
+        // Every worker accepts from its own clone of each listener: a new
+        // client never crosses a thread. The system thread keeps the
+        // originals (and closes them first at shutdown).
+        for w in &workers {
+            let mut clones = Vec::with_capacity(listeners.len());
+            for l in &listeners {
+                clones.push(l.try_clone().map_err(|e| Error::Io(e.to_string()))?);
+            }
+            let _ = w.send(WorkerCmd::Listen(clones));
+        }
         for a in &started.tcp {
             info!("listening on {a}");
         }
@@ -161,7 +161,7 @@ impl System {
 
     fn inspect(&self) -> Inspection {
         let mut i = Inspection {
-            clients: self.clients,
+            clients: self.clients.load(std::sync::atomic::Ordering::Relaxed),
             routes: self.router.stats(),
             ..Inspection::default()
         };
@@ -184,9 +184,8 @@ impl System {
             return;
         }
         info!("shutting down (grace {} ms)", grace.as_millis());
-        for mut l in run.listeners.drain(..) {
-            let _ = cx.registry().deregister(&mut l);
-        }
+        // The workers drop their clones when they get Drain.
+        run.listeners.clear();
         let deadline = cx.now() + grace;
         let mut alive = 0;
         for w in &run.workers {
@@ -263,59 +262,21 @@ impl System {
             }
         }
     }
-
-    fn accept(&mut self, token: Token) {
-        let Some(run) = &self.running else {
-            return;
-        };
-        let Some(listener) = run.listeners.get(token.0) else {
-            return;
-        };
-        loop {
-            match listener.accept() {
-                Ok(Some((stream, peer))) => {
-                    let max = run.cfg.client_max;
-                    let reject = max > 0 && self.clients >= max;
-                    self.clients += 1;
-                    let n = run.workers.len().max(1);
-                    let w = self.next_worker % n;
-                    self.next_worker = self.next_worker.wrapping_add(1);
-                    if run.workers[w]
-                        .send(WorkerCmd::Accept {
-                            stream,
-                            peer,
-                            reject,
-                        })
-                        .is_err()
-                    {
-                        self.clients -= 1;
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    // EMFILE and friends: the connection stays queued in the
-                    // kernel; say so once per wake-up, not per attempt.
-                    warn!("accept failed: {e}");
-                    return;
-                }
-            }
-        }
-    }
 }
 
 impl Handler for System {
     type Cmd = SysCmd;
     type Timer = SysTimer;
 
-    fn ready(&mut self, _cx: &mut Context<'_, SysTimer>, token: Token, _ready: Ready) {
-        self.accept(token);
+    fn ready(&mut self, _cx: &mut Context<'_, SysTimer>, _token: Token, _ready: Ready) {
+        // Nothing is registered here but the waker: workers accept.
     }
 
     fn command(&mut self, cx: &mut Context<'_, SysTimer>, cmd: SysCmd) {
         match cmd {
             SysCmd::Facade(call) => match call.request.clone() {
                 Request::Start(source) => {
-                    let reply = match self.start(cx, source) {
+                    let reply = match self.start(source) {
                         Ok(s) => Reply::Started(s),
                         Err(e) => Reply::Failed(e),
                     };
@@ -337,13 +298,7 @@ impl Handler for System {
                     "unknown request".into(),
                 ))),
             },
-            SysCmd::ClientOpened { pool, route } => self.router.client_opened(&pool, &route),
-            SysCmd::ClientClosed { pool } => {
-                self.clients = self.clients.saturating_sub(1);
-                if let Some(p) = pool {
-                    self.router.client_closed(&p);
-                }
-            }
+
             SysCmd::Need {
                 pool,
                 route,
@@ -379,26 +334,6 @@ impl Handler for System {
                     self.act(&pool, a);
                 }
             }
-            SysCmd::CancelKey {
-                pid,
-                key,
-                worker,
-                client,
-            } => {
-                self.cancel_keys.insert((pid, key), (worker, client));
-            }
-            SysCmd::CancelKeyGone { pid, key } => {
-                self.cancel_keys.remove(&(pid, key));
-            }
-            SysCmd::Cancel { pid, key } => match self.cancel_keys.get(&(pid, key)) {
-                Some(&(worker, client)) => {
-                    if let Some(tx) = self.running.as_ref().and_then(|r| r.workers.get(worker)) {
-                        let _ = tx.send(WorkerCmd::Cancel { client });
-                    }
-                }
-                // An unknown key does nothing, and says nothing to anyone.
-                None => debug!("cancel request with an unknown key ignored"),
-            },
             SysCmd::Drained { worker } => {
                 info!("worker {worker} drained");
                 if let Some((_, left)) = &mut self.stopping {
@@ -433,6 +368,7 @@ fn spawn_workers(
     cfg: &Arc<Config>,
     sys: &Sender<SysCmd>,
     registry: &Arc<Registry>,
+    clients: &Arc<AtomicUsize>,
 ) -> std::io::Result<Workers> {
     let n = cfg.worker_count();
     let mut reactors = Vec::with_capacity(n);
@@ -450,6 +386,7 @@ fn spawn_workers(
             senders.clone(),
             Arc::clone(cfg),
             Arc::clone(registry),
+            Arc::clone(clients),
         );
         let t = std::thread::Builder::new()
             .name(format!("odissey-worker-{id}"))

@@ -6,16 +6,17 @@
 //! server, bytes move without leaving the thread.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use odissey_protocol::backend::BackendMessage;
 use odissey_protocol::backend::{self, TransactionStatus};
 use odissey_protocol::{codec, frontend};
 use odissey_reactor::{Context, Handler, Interest, Key, Machines, Ready, Sender, TimerId, Token};
-use odissey_transport::{connect, connect_unix, Stream};
+use odissey_transport::{connect, connect_unix, Listener, Stream};
 
 use crate::auth::{Fatal, Identity, Login, Outcome};
 use crate::backend_login::{BackendLogin, LoginError, Progress};
@@ -58,6 +59,8 @@ pub(crate) enum WorkerTimer {
     CancelTimeout(Key),
     /// A client waited pool_timeout for a server.
     PoolTimeout(Key),
+    /// A client closed with an error has lingered long enough.
+    Linger(Key),
 }
 
 /// A connection that carries one CancelRequest to a server.
@@ -68,6 +71,9 @@ pub(crate) struct Canceller {
     server: Option<Key>,
     timer: Option<TimerId>,
 }
+
+/// How long a client closed with an error keeps its socket open.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How long a CancelRequest may take to be delivered.
 const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -88,6 +94,12 @@ pub(crate) struct Shared {
     /// this worker keeps for itself (most recently used last).
     local: HashMap<PoolKey, LocalPool>,
     registry: Arc<Registry>,
+    /// Clients connected on all workers (client_max).
+    clients: Arc<AtomicUsize>,
+    /// This worker's clones of the listening sockets.
+    listeners: Vec<Listener>,
+    /// Cancel keys of this worker's clients.
+    cancel_keys: HashMap<(u32, u32), Key>,
     dead: Vec<Key>,
     /// Connections that hit MAX_ROUNDS with work left: driven again after
     /// the batch, since no new edge will announce them.
@@ -122,6 +134,7 @@ impl Worker {
         peers: Vec<Sender<WorkerCmd>>,
         cfg: Arc<Config>,
         registry: Arc<Registry>,
+        clients: Arc<AtomicUsize>,
     ) -> Self {
         Self {
             conns: Machines::default(),
@@ -133,6 +146,9 @@ impl Worker {
                 params: HashMap::new(),
                 local: HashMap::new(),
                 registry,
+                clients,
+                listeners: Vec::new(),
+                cancel_keys: HashMap::new(),
                 dead: Vec::new(),
                 again: Vec::new(),
                 draining: false,
@@ -206,7 +222,7 @@ fn write_error(out: &mut BytesMut, id: ConnId, severity: &str, code: &str, messa
 /// where it asked for some), a BackendKeyData of odissey's own (the
 /// server's key must never reach a client that may hold another server
 /// next) and ReadyForQuery.
-fn greet(c: &mut Client, shared: &Shared, params: &[(String, String)]) {
+fn greet(c: &mut Client, shared: &mut Shared, params: &[(String, String)]) {
     for (name, value) in params {
         let value = match crate::params::client_get(&c.params, name) {
             Some(Value::Literal(v)) => v.as_str(),
@@ -214,20 +230,15 @@ fn greet(c: &mut Client, shared: &Shared, params: &[(String, String)]) {
         };
         backend::parameter_status(&mut c.io.out, name, value);
     }
-    let mut key = [0u8; 8];
-    let _ = getrandom::getrandom(&mut key);
+    // From the uuid crate's thread-local CSPRNG: unguessable, no syscall.
+    let key = uuid::Uuid::new_v4().into_bytes();
     let pid = u32::from_be_bytes([key[0], key[1], key[2], key[3]]) & 0x7fff_ffff;
-    let secret = u32::from_be_bytes([key[4], key[5], key[6], key[7]]);
+    let secret = u32::from_be_bytes([key[8], key[9], key[10], key[11]]);
     backend::backend_key_data(&mut c.io.out, pid, secret);
     backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
     c.cancel_key = Some((pid, secret));
     c.greeted = true;
-    shared.send(SysCmd::CancelKey {
-        pid,
-        key: secret,
-        worker: shared.id,
-        client: c.key,
-    });
+    shared.cancel_keys.insert((pid, secret), c.key);
 }
 
 impl Handler for Worker {
@@ -235,6 +246,10 @@ impl Handler for Worker {
     type Timer = WorkerTimer;
 
     fn ready(&mut self, cx: &mut Context<'_, WorkerTimer>, token: Token, ready: Ready) {
+        if let Some(i) = listener_index(token) {
+            self.accept_all(cx, i);
+            return;
+        }
         let Some(key) = self.conns.key_of(token) else {
             return;
         };
@@ -260,11 +275,17 @@ impl Handler for Worker {
 
     fn command(&mut self, cx: &mut Context<'_, WorkerTimer>, cmd: WorkerCmd) {
         match cmd {
-            WorkerCmd::Accept {
-                stream,
-                peer,
-                reject,
-            } => self.accept(cx, stream, peer, reject),
+            WorkerCmd::Listen(mut listeners) => {
+                for (i, l) in listeners.iter_mut().enumerate() {
+                    if let Err(e) = cx
+                        .registry()
+                        .register(l, listener_token(i), Interest::READABLE)
+                    {
+                        error!("worker {}: cannot poll a listener: {e}", self.w.id);
+                    }
+                }
+                self.w.listeners = listeners;
+            }
             WorkerCmd::Granted { lease, pool, route } => self.granted(cx, lease, pool, route),
             WorkerCmd::Reclaim { pool } => {
                 let id = self.w.id;
@@ -300,15 +321,8 @@ impl Handler for Worker {
                 }
             }
             WorkerCmd::Configure(cfg) => self.w.cfg = cfg,
-            WorkerCmd::Cancel { client } => {
-                let target = match self.conns.get(client) {
-                    Some(Conn::Client(c)) => c.server,
-                    _ => None,
-                };
-                match target {
-                    Some(sk) => self.send_cancel(cx, sk, false),
-                    None => debug!("cancel for a client without a server: nothing to do"),
-                }
+            WorkerCmd::Cancel { pid, key } => {
+                self.cancel_for(cx, pid, key);
             }
             WorkerCmd::Drain { deadline } => self.drain(cx, deadline),
         }
@@ -316,6 +330,12 @@ impl Handler for Worker {
 
     fn timeout(&mut self, cx: &mut Context<'_, WorkerTimer>, _id: TimerId, timer: WorkerTimer) {
         match timer {
+            WorkerTimer::Linger(ck) => {
+                if matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Closing))
+                {
+                    self.finish_close(cx, ck);
+                }
+            }
             WorkerTimer::PoolTimeout(ck) => {
                 let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
                     return;
@@ -409,6 +429,46 @@ impl Handler for Worker {
 }
 
 impl Worker {
+    /// Accepts every pending connection on listener `i`.
+    fn accept_all(&mut self, cx: &mut Context<'_, WorkerTimer>, i: usize) {
+        loop {
+            let Some(listener) = self.w.listeners.get(i) else {
+                return;
+            };
+            match listener.accept() {
+                Ok(Some((stream, peer))) => {
+                    let max = self.w.cfg.client_max;
+                    let n = self.w.clients.fetch_add(1, AtomicOrdering::Relaxed) + 1;
+                    self.accept(cx, stream, peer, max > 0 && n > max);
+                }
+                // Another worker took it (they all poll the same socket).
+                Ok(None) => return,
+                Err(e) => {
+                    // EMFILE and friends: the connection stays queued in the
+                    // kernel; say so once per wake-up, not per attempt.
+                    warn!("worker {}: accept failed: {e}", self.w.id);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Cancels what the client with this key runs, if it lives here; false
+    /// when no client here has that key.
+    fn cancel_for(&mut self, cx: &mut Context<'_, WorkerTimer>, pid: u32, key: u32) -> bool {
+        let Some(&ck) = self.w.cancel_keys.get(&(pid, key)) else {
+            return false;
+        };
+        match self.conns.get(ck) {
+            Some(Conn::Client(c)) => match c.server {
+                Some(sk) => self.send_cancel(cx, sk, false),
+                None => debug!("cancel for a client without a server: nothing to do"),
+            },
+            _ => return false,
+        }
+        true
+    }
+
     fn accept(
         &mut self,
         cx: &mut Context<'_, WorkerTimer>,
@@ -462,7 +522,7 @@ impl Worker {
         if let Some(e) = failed {
             warn!("{id}: cannot register: {e}");
             self.conns.remove(key);
-            self.w.send(SysCmd::ClientClosed { pool: None });
+            self.w.clients.fetch_sub(1, AtomicOrdering::Relaxed);
             return;
         }
         debug!("{id}: new client from {peer} on worker {}", self.w.id);
@@ -488,11 +548,17 @@ impl Worker {
                     match login.step(&mut c.io.rx, &mut c.io.out, &self.w.cfg) {
                         Ok((login, Outcome::NeedMore)) => c.state = ClientState::Login(login),
                         Ok((_, Outcome::Cancel { pid, key })) => {
-                            // The router knows which worker holds the client
-                            // with that key; the protocol wants no answer.
+                            // The client with that key lives here or on
+                            // another worker; the protocol wants no answer.
                             debug!("{}: cancel request for pid {pid}", c.id);
-                            self.w.send(SysCmd::Cancel { pid, key });
                             self.close_client(cx, ck, None);
+                            if !self.cancel_for(cx, pid, key) {
+                                for (i, peer) in self.w.peers.iter().enumerate() {
+                                    if i != self.w.id {
+                                        let _ = peer.send(WorkerCmd::Cancel { pid, key });
+                                    }
+                                }
+                            }
                             return;
                         }
                         Ok((_, Outcome::Authenticated(_))) if c.reject => {
@@ -548,6 +614,14 @@ impl Worker {
                         self.close_client(cx, ck, None);
                         return;
                     }
+                }
+                ClientState::Closing => {
+                    c.state = ClientState::Closing;
+                    c.io.rx.clear();
+                    if c.io.eof {
+                        self.finish_close(cx, ck);
+                    }
+                    return;
                 }
                 ClientState::Waiting => {
                     c.state = ClientState::Waiting;
@@ -944,10 +1018,11 @@ impl Worker {
             who.route.rule_user,
             who.route.route.pool.as_str()
         );
-        self.w.send(SysCmd::ClientOpened {
-            pool: pool.clone(),
-            route: Arc::clone(&who.route),
-        });
+        self.w
+            .local(&pool, &who.route)
+            .shared
+            .clients
+            .fetch_add(1, AtomicOrdering::Relaxed);
         c.pool = Some(pool.clone());
         for (name, value) in &who.params {
             if name == "options" {
@@ -968,7 +1043,7 @@ impl Worker {
         c.state = ClientState::Idle;
         if let Some(params) = self.w.params.get(&pool) {
             let params = Arc::clone(params);
-            greet(c, &self.w, &params);
+            greet(c, &mut self.w, &params);
         } else {
             self.attach(cx, ck);
         }
@@ -1459,7 +1534,7 @@ impl Worker {
         }
         if !c.greeted {
             let params = self.w.params.get(&s.pool).cloned().unwrap_or_default();
-            greet(c, &self.w, &params);
+            greet(c, &mut self.w, &params);
         }
         self.drive_client(cx, ck);
     }
@@ -1533,6 +1608,10 @@ impl Worker {
         let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
             return;
         };
+        if matches!(c.state, ClientState::Closing) {
+            self.finish_close(cx, ck);
+            return;
+        }
         if let Some(f) = &fatal {
             write_error(&mut c.io.out, c.id, "FATAL", f.code, &f.message);
         }
@@ -1541,8 +1620,15 @@ impl Worker {
         c.io.writable = true;
         c.io.flush();
         debug!("{}: closing ({})", c.id, c.state.name());
-        let _ = cx.registry().deregister(&mut c.io.stream);
-        c.io.stream.shutdown();
+        // After an error, the socket stays open a moment (or until the
+        // client closes it): a driver that reads the error and the end of
+        // the stream in one go may report "connection closed" instead of
+        // the error (tokio-postgres does).
+        let linger = fatal.is_some() && !c.io.eof && c.io.out.is_empty();
+        if !linger {
+            let _ = cx.registry().deregister(&mut c.io.stream);
+            c.io.stream.shutdown();
+        }
         if matches!(c.state, ClientState::Waiting) {
             if let Some(pool) = c.pool.clone() {
                 self.dequeue(cx, ck, &pool);
@@ -1555,13 +1641,22 @@ impl Worker {
         let (pending, unsynced) = (c.pending, c.unsynced);
         let statements_in_flight = c.prepared && !c.pipeline.is_idle();
         let mode = c.who.as_ref().map(|w| w.route.route.pool);
-        if let Some((pid, key)) = c.cancel_key.take() {
-            self.w.send(SysCmd::CancelKeyGone { pid, key });
+        if let Some(k) = c.cancel_key.take() {
+            self.w.cancel_keys.remove(&k);
         }
         let server = c.server.take();
         let pool = c.pool.take();
-        self.kill(ck);
-        self.w.send(SysCmd::ClientClosed { pool });
+        if linger {
+            c.state = ClientState::Closing;
+            c.io.rx.clear();
+            cx.set_timer(cx.now() + LINGER, WorkerTimer::Linger(ck));
+        } else {
+            self.kill(ck);
+        }
+        self.w.clients.fetch_sub(1, AtomicOrdering::Relaxed);
+        if let Some(lp) = pool.and_then(|p| self.w.local.get(&p)) {
+            lp.shared.clients.fetch_sub(1, AtomicOrdering::Relaxed);
+        }
         let Some(sk) = server else {
             return;
         };
@@ -1717,6 +1812,15 @@ impl Worker {
         }
     }
 
+    /// Ends a lingering client: deregister, shut down, free the slot.
+    fn finish_close(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) {
+        if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+            let _ = cx.registry().deregister(&mut c.io.stream);
+            c.io.stream.shutdown();
+            self.kill(ck);
+        }
+    }
+
     fn close_server(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, why: &str) {
         let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
             return;
@@ -1774,6 +1878,9 @@ impl Worker {
 
     fn drain(&mut self, cx: &mut Context<'_, WorkerTimer>, deadline: Instant) {
         self.w.draining = true;
+        for mut l in self.w.listeners.drain(..) {
+            let _ = cx.registry().deregister(&mut l);
+        }
         cx.set_timer(deadline, WorkerTimer::DrainDeadline);
         let keys: Vec<Key> = self.conns.iter().map(|(k, _)| k).collect();
         for k in keys {
@@ -1825,6 +1932,18 @@ fn apply_set(
         SetCommand::ResetAll => params.retain(|(_, v)| matches!(v, Value::Literal(_))),
         _ => {}
     }
+}
+
+/// Listeners use the top of the token space; slab keys stay far below.
+const LISTENER_TOKENS: usize = 1 << 20;
+
+fn listener_token(i: usize) -> Token {
+    Token(usize::MAX - 1 - i)
+}
+
+fn listener_index(token: Token) -> Option<usize> {
+    let i = (usize::MAX - 1).checked_sub(token.0)?;
+    (i < LISTENER_TOKENS).then_some(i)
 }
 
 /// A whole frame as the protocol crate's parsers take it.

@@ -32,8 +32,10 @@ impl std::fmt::Display for ListenerAddr {
 pub enum Listener {
     /// TCP.
     Tcp(TcpListener),
-    /// Unix-domain socket.
+    /// Unix-domain socket (removes its file when dropped).
     Unix(UnixListener, PathBuf),
+    /// A clone of a Unix-domain listener (leaves the file alone).
+    UnixClone(UnixListener),
 }
 
 impl Listener {
@@ -64,6 +66,36 @@ impl Listener {
         match self {
             Self::Tcp(l) => l.local_addr().map(ListenerAddr::Tcp),
             Self::Unix(_, p) => Ok(ListenerAddr::Unix(p.clone())),
+            Self::UnixClone(l) => l.local_addr().map(|a| {
+                ListenerAddr::Unix(a.as_pathname().map(PathBuf::from).unwrap_or_default())
+            }),
+        }
+    }
+
+    /// Another handle on the same listening socket (a dup'ed descriptor),
+    /// so several reactors can accept from it. Only the original removes a
+    /// Unix socket's file when dropped.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        use std::os::fd::AsFd;
+        match self {
+            Self::Tcp(l) => {
+                let fd = l.as_fd().try_clone_to_owned()?;
+                let std = std::net::TcpListener::from(fd);
+                std.set_nonblocking(true)?;
+                Ok(Self::Tcp(TcpListener::from_std(std)))
+            }
+            Self::Unix(l, _) => {
+                let fd = l.as_fd().try_clone_to_owned()?;
+                let std = std::os::unix::net::UnixListener::from(fd);
+                std.set_nonblocking(true)?;
+                Ok(Self::UnixClone(UnixListener::from_std(std)))
+            }
+            Self::UnixClone(l) => {
+                let fd = l.as_fd().try_clone_to_owned()?;
+                let std = std::os::unix::net::UnixListener::from(fd);
+                std.set_nonblocking(true)?;
+                Ok(Self::UnixClone(UnixListener::from_std(std)))
+            }
         }
     }
 
@@ -71,7 +103,9 @@ impl Listener {
     pub fn accept(&self) -> io::Result<Option<(Stream, Peer)>> {
         let r = match self {
             Self::Tcp(l) => l.accept().map(|(s, a)| (Stream::Tcp(s), Peer::Tcp(a))),
-            Self::Unix(l, _) => l.accept().map(|(s, _)| (Stream::Unix(s), Peer::Unix)),
+            Self::Unix(l, _) | Self::UnixClone(l) => {
+                l.accept().map(|(s, _)| (Stream::Unix(s), Peer::Unix))
+            }
         };
         match r {
             Ok(x) => Ok(Some(x)),
@@ -93,19 +127,19 @@ impl Source for Listener {
     fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match self {
             Self::Tcp(l) => l.register(r, t, i),
-            Self::Unix(l, _) => l.register(r, t, i),
+            Self::Unix(l, _) | Self::UnixClone(l) => l.register(r, t, i),
         }
     }
     fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match self {
             Self::Tcp(l) => l.reregister(r, t, i),
-            Self::Unix(l, _) => l.reregister(r, t, i),
+            Self::Unix(l, _) | Self::UnixClone(l) => l.reregister(r, t, i),
         }
     }
     fn deregister(&mut self, r: &Registry) -> io::Result<()> {
         match self {
             Self::Tcp(l) => l.deregister(r),
-            Self::Unix(l, _) => l.deregister(r),
+            Self::Unix(l, _) | Self::UnixClone(l) => l.deregister(r),
         }
     }
 }
@@ -133,6 +167,18 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let (s, peer) = got.expect("accepted");
+        // A clone accepts from the same socket.
+        let clone = l.try_clone().unwrap();
+        let _c2 = std::net::TcpStream::connect(a).unwrap();
+        let mut got2 = None;
+        for _ in 0..100 {
+            got2 = clone.accept().unwrap();
+            if got2.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(got2.is_some());
         assert!(matches!(peer, Peer::Tcp(_)));
         s.tune(Some(std::time::Duration::from_secs(60))).unwrap();
     }
