@@ -23,11 +23,23 @@ impl Io {
     pub(crate) fn new(stream: Stream, connected: bool) -> Self {
         Self {
             stream,
-            rx: BytesMut::with_capacity(4096),
+            rx: BytesMut::new(),
             out: BytesMut::new(),
             readable: connected,
             writable: connected,
             eof: false,
+        }
+    }
+
+    /// Gives the buffers' memory back when they are empty: an idle
+    /// connection then costs little more than its socket (reads allocate
+    /// what arrives; 10,000 idle clients must not hold 10,000 buffers).
+    pub(crate) fn shrink(&mut self) {
+        if self.rx.is_empty() && self.rx.capacity() > 0 {
+            self.rx = BytesMut::new();
+        }
+        if self.out.is_empty() && self.out.capacity() > 0 {
+            self.out = BytesMut::new();
         }
     }
 

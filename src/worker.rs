@@ -639,6 +639,11 @@ impl Worker {
                 }
             }
             if !progress {
+                if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+                    if matches!(c.state, ClientState::Idle | ClientState::Waiting) {
+                        c.io.shrink();
+                    }
+                }
                 return;
             }
         }
@@ -1039,6 +1044,10 @@ impl Worker {
                 who.route.route.pool,
                 PoolMode::Transaction | PoolMode::Statement
             );
+        // The startup parameters live on in `c.params`; an idle client
+        // should cost as little as possible.
+        let mut who = who;
+        who.params = Vec::new();
         c.who = Some(who);
         c.state = ClientState::Idle;
         if let Some(params) = self.w.params.get(&pool) {
