@@ -157,6 +157,13 @@ pub(crate) enum SetCommand {
 /// trailing semicolon). Anything else, including `SET LOCAL`, `SET ROLE`,
 /// `SET TRANSACTION`, several statements or comments, gives None.
 pub(crate) fn parse_set(sql: &str) -> Option<SetCommand> {
+    // Cheap test first: this runs for every short simple query.
+    if !matches!(
+        sql.trim_start().as_bytes().first(),
+        Some(b's' | b'S' | b'r' | b'R')
+    ) {
+        return None;
+    }
     let sql = sql.trim().trim_end_matches(';').trim_end();
     if sql.contains(';') || sql.contains("--") || sql.contains("/*") {
         return None;

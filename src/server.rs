@@ -9,7 +9,7 @@ use crate::backend_login::BackendLogin;
 use crate::config::ResolvedRoute;
 use crate::ids::ConnId;
 use crate::io::Io;
-use crate::params::Params;
+use crate::params::{ClientParams, Params};
 use crate::prepared::ServerStatements;
 use crate::relay::Relay;
 use crate::router::PoolKey;
@@ -87,6 +87,11 @@ pub(crate) struct Server {
     pub(crate) applied: Vec<String>,
     /// The last client that used it: the same client back needs no SETs.
     pub(crate) owner: Option<ConnId>,
+    /// The settings it was given for its last owner, and whether they may
+    /// have changed since (a ParameterStatus, a tracked SET, a reset): a
+    /// new owner with the same settings on a clean server needs no SETs.
+    pub(crate) synced: ClientParams,
+    pub(crate) params_dirty: bool,
     /// ReadyForQuery messages of odissey's own queries (parameter sync,
     /// statement-mode rollback) whose replies the client must not see.
     pub(crate) swallow: usize,

@@ -839,6 +839,7 @@ impl Worker {
                             if let Ok(BackendMessage::ParameterStatus { name, value }) =
                                 BackendMessage::parse(&frame_of(b'S', &f))
                             {
+                                s.params_dirty = true;
                                 crate::params::set(&mut s.params, &name, &value);
                                 if let Some(name) = crate::params::tracked(&name) {
                                     crate::params::client_set(
@@ -861,6 +862,7 @@ impl Worker {
                                 if let Some((_, cmd, failed)) = c.sets.pop_front() {
                                     if !failed && s.status == TransactionStatus::Idle {
                                         apply_set(&mut c.params, &s.defaults, cmd);
+                                        s.params_dirty = true;
                                     }
                                 }
                             }
@@ -1217,6 +1219,8 @@ impl Worker {
                 defaults: Arc::default(),
                 applied: Vec::new(),
                 owner: None,
+                synced: Vec::new(),
+                params_dirty: true,
                 swallow: 0,
                 copy_in: false,
                 stmts: ServerStatements::new(route.route.prepared_statements_max),
@@ -1416,6 +1420,7 @@ impl Worker {
                             };
                             frontend::query(&mut s.io.out, q);
                             s.stmts.clear();
+                            s.params_dirty = true;
                             r.replies = 1;
                             r.discard = false;
                             r.deallocate = false;
@@ -1519,7 +1524,13 @@ impl Worker {
         c.state = ClientState::Linked;
         s.client = Some(ck);
         s.state = ServerState::Linked;
-        if s.owner != Some(c.id) {
+        let same_settings = !s.params_dirty && !s.route.route.pool_discard && s.synced == c.params;
+        if s.owner != Some(c.id) && same_settings {
+            // Another client, but with the settings the server already has
+            // (pgbench's clients, an application's connections): nothing to
+            // send.
+            s.owner = Some(c.id);
+        } else if s.owner != Some(c.id) {
             let route = &s.route.route;
             let mut against: &[(String, String)] = &s.params;
             let mut applied: &[String] = &s.applied;
@@ -1536,6 +1547,8 @@ impl Worker {
                 frontend::query(&mut s.io.out, q);
             }
             s.swallow += queries.len();
+            s.synced.clone_from(&c.params);
+            s.params_dirty = false;
             if !queries.is_empty() {
                 debug!("{}: {} setting(s) sent for {}", s.id, queries.len(), c.id);
             }
@@ -1913,6 +1926,10 @@ impl Worker {
 
 /// True for a simple query that drops the session's prepared statements.
 fn drops_statements(sql: &str) -> bool {
+    // Cheap test first: this runs for every short simple query.
+    if !matches!(sql.trim_start().as_bytes().first(), Some(b'd' | b'D')) {
+        return false;
+    }
     let words: Vec<&str> = sql
         .trim()
         .trim_end_matches(';')

@@ -44,10 +44,17 @@ impl Cell {
             p99_ms: m(|s| s.p99_ms),
             cpu_us_tx: m(|s| s.cpu_us_tx),
             rss_mb: m(|s| s.rss_mb),
-            idle_bytes: m(|s| s.idle_bytes),
-            peak_mb: m(|s| s.peak_mb),
+            // Memory: the largest round. After the first round the
+            // allocator keeps what the idle clients used, so later rounds
+            // measure (almost) nothing new; the first one is the truth.
+            idle_bytes: max(self.samples.iter().filter_map(|s| s.idle_bytes).collect()),
+            peak_mb: max(self.samples.iter().filter_map(|s| s.peak_mb).collect()),
         }
     }
+}
+
+fn max(v: Vec<f64>) -> Option<f64> {
+    v.into_iter().max_by(f64::total_cmp)
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -163,7 +170,8 @@ pub(crate) fn markdown(header: &Header, rows: &[(Row, [Cell; 3])], idle_k: usize
     let has = |w: Workload| rows.iter().any(|(r, _)| r.workload == w);
     let _ = write!(
         out,
-        "Medians over the successful rounds; `!` = some rounds failed (see below). \
+        "Medians over the successful rounds (memory growth: the largest round, since \
+         the allocator keeps memory between rounds); `!` = some rounds failed (see below). \
          CPU µs/tx = pooler CPU (user+system, all threads) over the run / transactions. \
          RSS MB = pooler RSS after the run"
     );
