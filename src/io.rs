@@ -17,6 +17,9 @@ pub(crate) struct Io {
     pub(crate) writable: bool,
     /// The peer closed, or the socket failed: nothing more will be read.
     pub(crate) eof: bool,
+    /// An event said the peer closed its side (or the socket failed): read
+    /// to the end instead of stopping at a short read.
+    pub(crate) hup: bool,
 }
 
 impl Io {
@@ -28,6 +31,7 @@ impl Io {
             readable: connected,
             writable: connected,
             eof: false,
+            hup: false,
         }
     }
 
@@ -46,6 +50,7 @@ impl Io {
     /// Records an event's readiness.
     pub(crate) fn on_ready(&mut self, r: Ready) {
         self.readable |= r.readable || r.closed || r.error;
+        self.hup |= r.closed || r.error;
         self.writable |= r.writable;
     }
 
@@ -55,7 +60,7 @@ impl Io {
         if !self.readable || self.eof || self.rx.len() >= limit {
             return false;
         }
-        let (n, r) = self.stream.read_into(&mut self.rx, limit);
+        let (n, r) = self.stream.read_into(&mut self.rx, limit, self.hup);
         match r {
             SocketResult::Continue => {}
             SocketResult::WouldBlock => self.readable = false,

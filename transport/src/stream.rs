@@ -73,10 +73,19 @@ impl Stream {
     /// Reads until the kernel would block, the peer closes, or `buf` holds
     /// `limit` bytes (then `Continue`: the caller stops reading until the
     /// buffer drains, which is how backpressure reaches the kernel).
-    pub fn read_into(&mut self, buf: &mut BytesMut, limit: usize) -> (usize, SocketResult) {
+    ///
+    /// A short read counts as would-block (see `read_with`) unless
+    /// `to_the_end`: set it once the peer is known to have closed its side,
+    /// so the end of the stream is read rather than waited for.
+    pub fn read_into(
+        &mut self,
+        buf: &mut BytesMut,
+        limit: usize,
+        to_the_end: bool,
+    ) -> (usize, SocketResult) {
         SCRATCH.with(|chunk| {
             let mut chunk = chunk.borrow_mut();
-            self.read_with(buf, limit, &mut chunk[..])
+            self.read_with(buf, limit, &mut chunk[..], to_the_end)
         })
     }
 
@@ -85,6 +94,7 @@ impl Stream {
         buf: &mut BytesMut,
         limit: usize,
         chunk: &mut [u8],
+        to_the_end: bool,
     ) -> (usize, SocketResult) {
         let mut total = 0;
         loop {
@@ -102,6 +112,13 @@ impl Stream {
                 Ok(n) => {
                     buf.extend_from_slice(&chunk[..n]);
                     total += n;
+                    if n < want && !to_the_end {
+                        // A short read emptied the socket's receive queue.
+                        // Reporting WouldBlock now saves the read that would
+                        // only say so: epoll (edge-triggered) signals every
+                        // later arrival of data anew, so nothing is missed.
+                        return (total, SocketResult::WouldBlock);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return (total, classify(&e)),
@@ -226,16 +243,22 @@ mod tests {
         let mut a = Stream::Unix(UnixStream::from_std(a));
         let mut b = Stream::Unix(UnixStream::from_std(b));
         let mut buf = BytesMut::new();
-        assert_eq!(b.read_into(&mut buf, 1024), (0, SocketResult::WouldBlock));
+        assert_eq!(
+            b.read_into(&mut buf, 1024, false),
+            (0, SocketResult::WouldBlock)
+        );
         let mut out = BytesMut::from(&b"hello world"[..]);
         assert_eq!(a.write_from(&mut out), (11, SocketResult::Continue));
         assert!(out.is_empty());
         // A limit below the available bytes stops early with Continue.
-        assert_eq!(b.read_into(&mut buf, 5), (5, SocketResult::Continue));
+        assert_eq!(b.read_into(&mut buf, 5, false), (5, SocketResult::Continue));
         assert_eq!(&buf[..], b"hello");
-        assert_eq!(b.read_into(&mut buf, 1024), (6, SocketResult::WouldBlock));
+        assert_eq!(
+            b.read_into(&mut buf, 1024, false),
+            (6, SocketResult::WouldBlock)
+        );
         assert_eq!(&buf[..], b"hello world");
         drop(a);
-        assert_eq!(b.read_into(&mut buf, 1024), (0, SocketResult::Closed));
+        assert_eq!(b.read_into(&mut buf, 1024, true), (0, SocketResult::Closed));
     }
 }
