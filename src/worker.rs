@@ -1161,12 +1161,7 @@ impl Worker {
         route: Arc<ResolvedRoute>,
     ) {
         let st = &route.storage;
-        let stream = match &st.unix_socket_dir {
-            Some(dir) => {
-                connect_unix(&std::path::Path::new(dir).join(format!(".s.PGSQL.{}", st.port)))
-            }
-            None => crate::config::resolve(&st.host, st.port).and_then(connect),
-        };
+        let stream = connect_storage(st);
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {
@@ -1742,12 +1737,7 @@ impl Worker {
             return;
         };
         let st = &s.route.storage;
-        let stream = match &st.unix_socket_dir {
-            Some(dir) => {
-                connect_unix(&std::path::Path::new(dir).join(format!(".s.PGSQL.{}", st.port)))
-            }
-            None => crate::config::resolve(&st.host, st.port).and_then(connect),
-        };
+        let stream = connect_storage(st);
         let stream = match stream {
             Ok(x) => x,
             Err(e) => {
@@ -1957,6 +1947,15 @@ fn apply_set(
         SetCommand::Reset(name) if !reported(&name) => crate::params::client_reset(params, &name),
         SetCommand::ResetAll => params.retain(|(_, v)| matches!(v, Value::Literal(_))),
         _ => {}
+    }
+}
+
+/// Starts a non-blocking connection to a storage: its Unix socket
+/// (`<dir>/.s.PGSQL.<port>`, as libpq names it) or its TCP address.
+fn connect_storage(st: &crate::config::Storage) -> std::io::Result<Stream> {
+    match &st.unix_socket_dir {
+        Some(dir) => connect_unix(&std::path::Path::new(dir).join(format!(".s.PGSQL.{}", st.port))),
+        None => crate::config::resolve(&st.host, st.port).and_then(connect),
     }
 }
 
