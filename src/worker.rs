@@ -1475,7 +1475,6 @@ impl Worker {
         warn!("{}: {message}", s.id);
         let pool = s.pool.clone();
         let _ = cx.registry().deregister(&mut s.io.stream);
-        s.io.stream.shutdown();
         self.kill(sk);
         self.w.send(SysCmd::ServerClosed {
             pool: pool.clone(),
@@ -1644,7 +1643,6 @@ impl Worker {
         let linger = fatal.is_some() && !c.io.eof && c.io.out.is_empty();
         if !linger {
             let _ = cx.registry().deregister(&mut c.io.stream);
-            c.io.stream.shutdown();
         }
         if matches!(c.state, ClientState::Waiting) {
             if let Some(pool) = c.pool.clone() {
@@ -1808,7 +1806,6 @@ impl Worker {
             return;
         };
         let _ = cx.registry().deregister(&mut c.io.stream);
-        c.io.stream.shutdown();
         if let Some(t) = c.timer.take() {
             cx.cancel_timer(t);
         }
@@ -1824,11 +1821,12 @@ impl Worker {
         }
     }
 
-    /// Ends a lingering client: deregister, shut down, free the slot.
+    /// Ends a lingering client: deregister and free the slot (the socket
+    /// closes when the slot is freed after the batch; no shutdown(2)
+    /// first, which would only add a system call).
     fn finish_close(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) {
         if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
             let _ = cx.registry().deregister(&mut c.io.stream);
-            c.io.stream.shutdown();
             self.kill(ck);
         }
     }
@@ -1857,7 +1855,6 @@ impl Worker {
             s.io.flush();
         }
         let _ = cx.registry().deregister(&mut s.io.stream);
-        s.io.stream.shutdown();
         let pool = s.pool.clone();
         let client = s.client.take();
         self.kill(sk);
