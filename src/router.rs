@@ -31,20 +31,24 @@ pub(crate) type WorkerId = usize;
 /// Which pool a client belongs to: its real database and user, plus where
 /// and as whom the server connections log in (so a reload that moves a route
 /// to another server starts a fresh pool instead of reusing old servers).
+///
+/// Cloned on every transaction (a server's release names its pool), so
+/// the parts are shared strings: a clone is three reference counts, not
+/// three allocations.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct PoolKey {
-    pub(crate) database: String,
-    pub(crate) user: String,
-    server: String,
+    pub(crate) database: Arc<str>,
+    pub(crate) user: Arc<str>,
+    server: Arc<str>,
 }
 
 impl PoolKey {
     pub(crate) fn new(database: &str, user: &str, route: &ResolvedRoute) -> Self {
         let s = &route.storage;
         Self {
-            database: database.to_string(),
-            user: user.to_string(),
-            server: format!(
+            database: database.into(),
+            user: user.into(),
+            server: Arc::from(format!(
                 "{}:{}:{:?}:{}:{}:{:?}",
                 s.host,
                 s.port,
@@ -52,7 +56,7 @@ impl PoolKey {
                 route.server_db,
                 route.server_user,
                 route.server_password
-            ),
+            )),
         }
     }
 }
@@ -437,8 +441,8 @@ impl Router {
                     .load(Ordering::Relaxed)
                     .min(clients);
                 odissey_facade::RouteStats {
-                    database: k.database.clone(),
-                    user: k.user.clone(),
+                    database: k.database.to_string(),
+                    user: k.user.to_string(),
                     pool_mode: p.route.route.pool.as_str().to_string(),
                     clients_active: clients - waiting,
                     clients_waiting: waiting,
