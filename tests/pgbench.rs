@@ -3,89 +3,11 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use odissey_harness::pg_bin;
-
-/// A libpq tool with a clean environment. SSL and GSS negotiation are
-/// switched off so that these tests are about pooling only (SSLRequest is
-/// covered by tests/robustness.rs).
-fn pg_tool(name: &str) -> Command {
-    let mut cmd = Command::new(pg_bin(name));
-    for var in [
-        "PGHOST",
-        "PGHOSTADDR",
-        "PGPORT",
-        "PGUSER",
-        "PGDATABASE",
-        "PGPASSWORD",
-        "PGPASSFILE",
-        "PGOPTIONS",
-        "PGSERVICE",
-        "PGSERVICEFILE",
-        "PGSSLMODE",
-        "PGAPPNAME",
-        "PSQLRC",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("PGSSLMODE", "disable")
-        .env("PGGSSENCMODE", "disable")
-        .env("PGCONNECT_TIMEOUT", "10")
-        .env("LC_ALL", "C")
-        .env("LANG", "C")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
-
-/// Runs `cmd`, killing it after `limit`.
-fn run(mut cmd: Command, limit: Duration) -> Output {
-    let shown = format!("{cmd:?}");
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let out_t = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_t = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stdout = out_t.join().unwrap_or_default();
-            let stderr = err_t.join().unwrap_or_default();
-            panic!(
-                "{shown} still running after {limit:?}; killed\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                String::from_utf8_lossy(&stdout),
-                String::from_utf8_lossy(&stderr)
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
-    };
-    Output {
-        status,
-        stdout: out_t.join().unwrap_or_default(),
-        stderr: err_t.join().unwrap_or_default(),
-    }
-}
 
 fn text(o: &Output) -> (String, String) {
     (
@@ -158,7 +80,7 @@ fn pgbench_through_a_transaction_pool() {
     let mut init = pg_tool("pgbench");
     pgbench_args(&mut init, pg.port());
     init.args(["-i", "-s", "1", "test"]);
-    let o = run(init, Duration::from_secs(60));
+    let o = run_tool(init, Duration::from_secs(60));
     let (stdout, stderr) = text(&o);
     assert!(
         o.status.success(),
@@ -190,7 +112,7 @@ fn pgbench_through_a_transaction_pool() {
             let mut cmd = pg_tool("pgbench");
             pgbench_args(&mut cmd, port);
             cmd.args(["-c", "32", "-j", "2", "-T", "5", "-S", "test"]);
-            check_pgbench(&run(cmd, Duration::from_secs(60)), "pgbench -S");
+            check_pgbench(&run_tool(cmd, Duration::from_secs(60)), "pgbench -S");
 
             // Select-only, extended protocol (unnamed statements).
             let mut cmd = pg_tool("pgbench");
@@ -198,13 +120,16 @@ fn pgbench_through_a_transaction_pool() {
             cmd.args([
                 "-c", "32", "-j", "2", "-T", "3", "-S", "-M", "extended", "test",
             ]);
-            check_pgbench(&run(cmd, Duration::from_secs(60)), "pgbench -S -M extended");
+            check_pgbench(
+                &run_tool(cmd, Duration::from_secs(60)),
+                "pgbench -S -M extended",
+            );
 
             // TPC-B: multi-statement transactions.
             let mut cmd = pg_tool("pgbench");
             pgbench_args(&mut cmd, port);
             cmd.args(["-c", "32", "-j", "2", "-T", "5", "test"]);
-            check_pgbench(&run(cmd, Duration::from_secs(60)), "pgbench (TPC-B)")
+            check_pgbench(&run_tool(cmd, Duration::from_secs(60)), "pgbench (TPC-B)")
         }));
         monitor.stop();
         mon.join().expect("monitor thread");
@@ -281,7 +206,7 @@ fn psql_through_the_pooler() {
                 .args(["-h", "127.0.0.1", "-p", &port.to_string()])
                 .args(["-U", "trust_user", "-d", db])
                 .args(args);
-            run(cmd, Duration::from_secs(30))
+            run_tool(cmd, Duration::from_secs(30))
         };
 
         let o = psql(&["-c", "select 42"]);

@@ -7,14 +7,12 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::process::{Command, Output, Stdio};
+use std::io::Write;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use common::*;
-use odissey_harness::pg_bin;
 use odissey_protocol::frontend as fe;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -867,75 +865,6 @@ fn closed_statements_can_be_prepared_again() {
 }
 
 // --- pgbench -M prepared ---------------------------------------------------
-
-fn pg_tool(name: &str) -> Command {
-    let mut cmd = Command::new(pg_bin(name));
-    for var in [
-        "PGHOST",
-        "PGHOSTADDR",
-        "PGPORT",
-        "PGUSER",
-        "PGDATABASE",
-        "PGPASSWORD",
-        "PGPASSFILE",
-        "PGOPTIONS",
-        "PGSERVICE",
-        "PGSERVICEFILE",
-        "PGAPPNAME",
-        "PSQLRC",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("PGSSLMODE", "disable")
-        .env("PGGSSENCMODE", "disable")
-        .env("PGCONNECT_TIMEOUT", "10")
-        .env("LC_ALL", "C")
-        .env("LANG", "C")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
-
-fn run_tool(mut cmd: Command, limit: Duration) -> Output {
-    let shown = format!("{cmd:?}");
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let out_t = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_t = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{shown} still running after {limit:?}; killed\n{}\n{}",
-                String::from_utf8_lossy(&out_t.join().unwrap_or_default()),
-                String::from_utf8_lossy(&err_t.join().unwrap_or_default())
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
-    };
-    Output {
-        status,
-        stdout: out_t.join().unwrap_or_default(),
-        stderr: err_t.join().unwrap_or_default(),
-    }
-}
 
 #[test]
 fn pgbench_prepared_mode_through_a_transaction_pool() {

@@ -972,3 +972,83 @@ pub(crate) fn send_cancel_request(port: u16, pid: u32, key: u32) {
         String::from_utf8_lossy(&got)
     );
 }
+
+// ---------------------------------------------------------------------------
+// PostgreSQL's command-line tools (pgbench, psql)
+// ---------------------------------------------------------------------------
+
+/// A libpq tool with a clean environment. SSL and GSS negotiation are
+/// switched off so that these tests are about pooling only (SSLRequest is
+/// covered by tests/robustness.rs).
+pub(crate) fn pg_tool(name: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(odissey_harness::pg_bin(name));
+    for var in [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGUSER",
+        "PGDATABASE",
+        "PGPASSWORD",
+        "PGPASSFILE",
+        "PGOPTIONS",
+        "PGSERVICE",
+        "PGSERVICEFILE",
+        "PGSSLMODE",
+        "PGAPPNAME",
+        "PSQLRC",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("PGSSLMODE", "disable")
+        .env("PGGSSENCMODE", "disable")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env("LC_ALL", "C")
+        .env("LANG", "C")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd
+}
+
+/// Runs `cmd`, killing it after `limit`.
+pub(crate) fn run_tool(mut cmd: std::process::Command, limit: Duration) -> std::process::Output {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_t = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_t = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = out_t.join().unwrap_or_default();
+            let stderr = err_t.join().unwrap_or_default();
+            panic!(
+                "{shown} still running after {limit:?}; killed\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    std::process::Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
+}
