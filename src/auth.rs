@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use odissey_protocol::{backend, codec, frontend, md5, Error as ProtoError, Startup};
 
-use crate::config::{is_md5_hash, Authentication, Config, ResolvedRoute};
+use crate::config::{is_md5_hash, Authentication, Config, ResolvedRoute, RouteCache};
 
 /// A login-ending error: sent as a FATAL ErrorResponse, then the
 /// connection closes.
@@ -94,9 +94,10 @@ impl Login {
         rx: &mut BytesMut,
         out: &mut BytesMut,
         cfg: &Config,
+        routes: &mut RouteCache,
     ) -> Result<(Self, Outcome), Fatal> {
         match self {
-            Self::AwaitingStartup => Self::on_startup(rx, out, cfg),
+            Self::AwaitingStartup => Self::on_startup(rx, out, cfg, routes),
             Self::AwaitingPassword { who, md5_salt } => {
                 let Some(frame) = codec::read_frame(rx, 4096)? else {
                     return Ok((Self::AwaitingPassword { who, md5_salt }, Outcome::NeedMore));
@@ -136,6 +137,7 @@ impl Login {
         rx: &mut BytesMut,
         out: &mut BytesMut,
         cfg: &Config,
+        routes: &mut RouteCache,
     ) -> Result<(Self, Outcome), Fatal> {
         {
             let Some(startup) = codec::read_startup(rx)? else {
@@ -173,7 +175,7 @@ impl Login {
             let database = get("database")
                 .filter(|d| !d.is_empty())
                 .unwrap_or_else(|| user.clone());
-            let Some(route) = cfg.route(&database, &user) else {
+            let Some(route) = routes.route(cfg, &database, &user) else {
                 return Err(Fatal::new(
                     "28000",
                     format!("no route for database \"{database}\" and user \"{user}\""),
@@ -266,11 +268,13 @@ mod tests {
         for (password, ok) in [("secret", true), ("wrong", false)] {
             let mut rx = startup("alice", "db");
             let mut out = BytesMut::new();
-            let (login, o) = Login::AwaitingStartup.step(&mut rx, &mut out, &c).unwrap();
+            let (login, o) = Login::AwaitingStartup
+                .step(&mut rx, &mut out, &c, &mut RouteCache::default())
+                .unwrap();
             assert!(matches!(o, Outcome::NeedMore));
             let salt = salt_of(&mut out);
             frontend::password(&mut rx, &md5::client_response("alice", password, salt));
-            match login.step(&mut rx, &mut out, &c) {
+            match login.step(&mut rx, &mut out, &c, &mut RouteCache::default()) {
                 Ok((_, Outcome::Authenticated(who))) => {
                     assert!(ok);
                     assert_eq!(who.params, vec![("application_name".into(), "t".into())]);
@@ -296,7 +300,9 @@ mod tests {
         let mut done = false;
         for b in all.iter() {
             rx.extend_from_slice(&[*b]);
-            let (next, o) = login.step(&mut rx, &mut out, &c).unwrap();
+            let (next, o) = login
+                .step(&mut rx, &mut out, &c, &mut RouteCache::default())
+                .unwrap();
             login = next;
             done |= matches!(o, Outcome::Authenticated(_));
         }
@@ -308,13 +314,18 @@ mod tests {
         let c = cfg("none", "x");
         let mut out = BytesMut::new();
         let e = Login::AwaitingStartup
-            .step(&mut startup("bob", "db"), &mut out, &c)
+            .step(
+                &mut startup("bob", "db"),
+                &mut out,
+                &c,
+                &mut RouteCache::default(),
+            )
             .unwrap_err();
         assert_eq!(e.code, "28000");
         let mut v2 = BytesMut::from(&b"\0\0\0\x08\0\x02\0\0"[..]);
         assert_eq!(
             Login::AwaitingStartup
-                .step(&mut v2, &mut out, &c)
+                .step(&mut v2, &mut out, &c, &mut RouteCache::default())
                 .unwrap_err()
                 .code,
             "0A000"
@@ -322,14 +333,16 @@ mod tests {
         let mut garbage = BytesMut::from(&b"GET / HTTP/1.1\r\n\r\n"[..]);
         assert_eq!(
             Login::AwaitingStartup
-                .step(&mut garbage, &mut out, &c)
+                .step(&mut garbage, &mut out, &c, &mut RouteCache::default())
                 .unwrap_err()
                 .code,
             "08P01"
         );
         let mut ssl = BytesMut::new();
         frontend::ssl_request(&mut ssl);
-        let (_, o) = Login::AwaitingStartup.step(&mut ssl, &mut out, &c).unwrap();
+        let (_, o) = Login::AwaitingStartup
+            .step(&mut ssl, &mut out, &c, &mut RouteCache::default())
+            .unwrap();
         assert!(matches!(o, Outcome::NeedMore));
         assert_eq!(&out[..], b"N");
     }

@@ -2,10 +2,12 @@
 
 use odissey_reactor::Key;
 
-use crate::auth::{Identity, Login};
+use crate::auth::Login;
+use crate::config::ResolvedRoute;
 use crate::ids::ConnId;
 use crate::io::Io;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use crate::params::{ClientParams, SetCommand};
 use crate::prepared::{ClientStatements, Pipeline};
@@ -48,7 +50,8 @@ pub(crate) struct Client {
     pub(crate) key: Key,
     pub(crate) io: Io,
     pub(crate) state: ClientState,
-    pub(crate) who: Option<Box<Identity>>,
+    /// The route it logged in by (its names live on in `pool`).
+    pub(crate) route: Option<Arc<ResolvedRoute>>,
     pub(crate) pool: Option<PoolKey>,
     pub(crate) server: Option<Key>,
     /// Walks the client's input to count requests and spot Terminate.
@@ -80,13 +83,40 @@ pub(crate) struct Client {
     /// ReadyForQuery messages owed in total, and received in total.
     pub(crate) z_sent: u64,
     pub(crate) z_seen: u64,
-    /// Follow named prepared statements across servers (transaction and
-    /// statement pooling with `prepared_statements`).
-    pub(crate) prepared: bool,
+    /// Named prepared statements follow this client across servers
+    /// (transaction and statement pooling with `prepared_statements`).
+    pub(crate) track_prepared: bool,
+    /// The tracking state when `track_prepared`: made when the client is
+    /// linked, and dropped again when it goes idle with nothing in it, so
+    /// that an idle client costs as little memory as possible.
+    pub(crate) prepared: Option<Box<Prepared>>,
+    /// The BackendKeyData odissey gave it, for its CancelRequests.
+    pub(crate) cancel_key: Option<(u32, u32)>,
+}
+/// A client's side of prepared-statement tracking.
+#[derive(Debug, Default)]
+pub(crate) struct Prepared {
     /// Its named prepared statements.
     pub(crate) stmts: ClientStatements,
     /// What the server owes it, for synthesized and swallowed replies.
     pub(crate) pipeline: Pipeline,
-    /// The BackendKeyData odissey gave it, for its CancelRequests.
-    pub(crate) cancel_key: Option<(u32, u32)>,
+}
+
+impl Prepared {
+    /// Nothing to remember: no statements, no replies owed.
+    pub(crate) fn is_pristine(&self) -> bool {
+        self.stmts.is_empty() && self.pipeline.is_idle()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every idle client is one slab slot of this size (see `Conn`): keep
+    /// rarely used state boxed or lazily made, so that growing past this
+    /// is a decision, not an accident.
+    #[test]
+    fn an_idle_client_stays_small() {
+        let size = std::mem::size_of::<super::Client>();
+        assert!(size <= 384, "Client is {size} bytes");
+    }
 }

@@ -56,7 +56,14 @@ pub(crate) enum SysCmd {
 pub(crate) enum WorkerCmd {
     /// Listening sockets to accept clients from (clones of the system
     /// thread's, so every worker accepts directly).
-    Listen(Vec<Listener>),
+    Listen {
+        /// The sockets, in the order of the config's `[[listen]]` entries.
+        listeners: Vec<Listener>,
+        /// The keepalive the TCP ones were tuned with (see
+        /// `Listener::tune`): accepted sockets need no tuning of their own
+        /// while the config still asks for it.
+        keepalive: Option<std::time::Duration>,
+    },
     /// The router met one of this worker's needs.
     Granted {
         lease: Lease,

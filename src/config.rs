@@ -4,7 +4,7 @@
 //! `default` matches any database or user. Validation errors name the key at
 //! fault and, where it can be found in the source, its line.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
@@ -292,6 +292,11 @@ impl Config {
         Self::parse(&src).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
     }
 
+    /// TCP keepalive idle time, `None` when turned off.
+    pub fn keepalive(&self) -> Option<std::time::Duration> {
+        (self.keepalive > 0).then(|| std::time::Duration::from_secs(self.keepalive))
+    }
+
     /// Worker threads to start.
     pub fn worker_count(&self) -> usize {
         match self.workers {
@@ -384,6 +389,8 @@ impl Config {
     /// Finds the route for a client's (database, user): exact match first,
     /// then `default` user of that database, then the `default` database.
     pub fn route(&self, database: &str, user: &str) -> Option<Arc<ResolvedRoute>> {
+        // (A worker asks through its `RouteCache`, so that the clients of
+        // one pool share one resolution.)
         let candidates = [
             (database, user),
             (database, "default"),
@@ -430,6 +437,50 @@ pub fn resolve(host: &str, port: u16) -> std::io::Result<std::net::SocketAddr> {
 
 fn line_of(src: &str, needle: &str) -> Option<usize> {
     src.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+/// The routes one worker has resolved, so that the clients of a pool share
+/// one `ResolvedRoute` instead of holding a few hundred bytes each: idle
+/// clients are what a pooler has most of. Emptied when the config changes.
+#[derive(Debug, Default)]
+pub(crate) struct RouteCache {
+    by_db: HashMap<Box<str>, HashMap<Box<str>, Arc<ResolvedRoute>>>,
+    len: usize,
+}
+
+impl RouteCache {
+    /// Past this many (database, user) pairs the cache starts over: names
+    /// are the client's choice, and a wildcard route must not let a stream
+    /// of made-up ones grow memory without bound.
+    const MAX: usize = 10_000;
+
+    /// `cfg.route(database, user)`, resolved once per pair.
+    pub(crate) fn route(
+        &mut self,
+        cfg: &Config,
+        database: &str,
+        user: &str,
+    ) -> Option<Arc<ResolvedRoute>> {
+        if let Some(r) = self.by_db.get(database).and_then(|u| u.get(user)) {
+            return Some(Arc::clone(r));
+        }
+        let r = cfg.route(database, user)?;
+        if self.len >= Self::MAX {
+            self.clear();
+        }
+        self.by_db
+            .entry(database.into())
+            .or_default()
+            .insert(user.into(), Arc::clone(&r));
+        self.len += 1;
+        Some(r)
+    }
+
+    /// Forgets every resolution (the config changed).
+    pub(crate) fn clear(&mut self) {
+        self.by_db.clear();
+        self.len = 0;
+    }
 }
 
 #[cfg(test)]

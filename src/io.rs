@@ -38,11 +38,15 @@ impl Io {
     /// Gives the buffers' memory back when they are empty: an idle
     /// connection then costs little more than its socket (reads allocate
     /// what arrives; 10,000 idle clients must not hold 10,000 buffers).
+    ///
+    /// An empty buffer may still hold its allocation with no capacity left
+    /// (everything was split off or advanced past), so emptiness, not
+    /// capacity, decides.
     pub(crate) fn shrink(&mut self) {
-        if self.rx.is_empty() && self.rx.capacity() > 0 {
+        if self.rx.is_empty() {
             self.rx = BytesMut::new();
         }
-        if self.out.is_empty() && self.out.capacity() > 0 {
+        if self.out.is_empty() {
             self.out = BytesMut::new();
         }
     }

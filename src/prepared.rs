@@ -123,7 +123,6 @@ impl ClientStatements {
     }
 
     /// True when the client has no named statement.
-    #[cfg_attr(not(test), allow(dead_code))] // inspection and tests
     pub(crate) fn is_empty(&self) -> bool {
         self.map.is_empty()
     }

@@ -84,6 +84,7 @@ impl System {
                 let addr = resolve(host, port)
                     .map_err(|e| Error::Io(format!("listen {host}:{port}: {e}")))?;
                 let listener = Listener::bind_tcp(addr, l.backlog)
+                    .and_then(|l| l.tune(cfg.keepalive()).map(|()| l))
                     .map_err(|e| Error::Io(format!("cannot listen on {addr}: {e}")))?;
                 listeners.push(listener);
             }
@@ -112,7 +113,10 @@ impl System {
             for l in &listeners {
                 clones.push(l.try_clone().map_err(|e| Error::Io(e.to_string()))?);
             }
-            let _ = w.send(WorkerCmd::Listen(clones));
+            let _ = w.send(WorkerCmd::Listen {
+                listeners: clones,
+                keepalive: cfg.keepalive(),
+            });
         }
         for a in &started.tcp {
             info!("listening on {a}");

@@ -9,5 +9,5 @@
 mod listener;
 mod stream;
 
-pub use listener::{Listener, ListenerAddr};
+pub use listener::{Listener, ListenerAddr, ACCEPTED_INHERIT_OPTIONS};
 pub use stream::{connect, connect_unix, Peer, SocketResult, Stream};

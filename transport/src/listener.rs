@@ -9,6 +9,11 @@ use socket2::{Domain, Socket, Type};
 
 use crate::stream::{Peer, Stream};
 
+/// Whether a socket accepted from a [`Listener::tune`]d listener already has
+/// its TCP_NODELAY and keepalive settings: Linux copies them from the
+/// listening socket; elsewhere the accepted stream must be tuned itself.
+pub const ACCEPTED_INHERIT_OPTIONS: bool = cfg!(target_os = "linux");
+
 /// What a listener is bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenerAddr {
@@ -99,6 +104,17 @@ impl Listener {
         }
     }
 
+    /// Gives a TCP listener the options of [`Stream::tune`] (a no-op for Unix
+    /// sockets). Where [`ACCEPTED_INHERIT_OPTIONS`] holds, the sockets it
+    /// accepts are born with them, which saves five `setsockopt` calls per
+    /// client: a fifth of the system calls of a short-lived connection.
+    pub fn tune(&self, keepalive: Option<std::time::Duration>) -> io::Result<()> {
+        if let Self::Tcp(l) = self {
+            crate::stream::tune_tcp(socket2::SockRef::from(l), keepalive)?;
+        }
+        Ok(())
+    }
+
     /// Accepts one pending connection; `Ok(None)` when none is pending.
     pub fn accept(&self) -> io::Result<Option<(Stream, Peer)>> {
         let r = match self {
@@ -181,5 +197,35 @@ mod tests {
         assert!(got2.is_some());
         assert!(matches!(peer, Peer::Tcp(_)));
         s.tune(Some(std::time::Duration::from_secs(60))).unwrap();
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_a_tuned_listeners_options() {
+        let l = Listener::bind_tcp("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        l.tune(Some(std::time::Duration::from_secs(61))).unwrap();
+        let Ok(ListenerAddr::Tcp(a)) = l.local_addr() else {
+            panic!("not tcp")
+        };
+        let _c = std::net::TcpStream::connect(a).unwrap();
+        let mut got = None;
+        for _ in 0..100 {
+            got = l.accept().unwrap();
+            if got.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let (Stream::Tcp(s), _) = got.expect("accepted") else {
+            panic!("not tcp")
+        };
+        let sock = socket2::SockRef::from(&s);
+        if ACCEPTED_INHERIT_OPTIONS {
+            assert!(sock.nodelay().unwrap());
+            assert!(sock.keepalive().unwrap());
+            assert_eq!(
+                sock.keepalive_time().unwrap(),
+                std::time::Duration::from_secs(61)
+            );
+        }
     }
 }

@@ -178,15 +178,7 @@ impl Stream {
     /// must eventually be noticed even when nobody writes.
     pub fn tune(&self, keepalive: Option<Duration>) -> io::Result<()> {
         if let Self::Tcp(s) = self {
-            s.set_nodelay(true)?;
-            if let Some(idle) = keepalive {
-                let sock = socket2::SockRef::from(s);
-                let ka = socket2::TcpKeepalive::new()
-                    .with_time(idle)
-                    .with_interval(Duration::from_secs(10))
-                    .with_retries(5);
-                sock.set_tcp_keepalive(&ka)?;
-            }
+            tune_tcp(socket2::SockRef::from(s), keepalive)?;
         }
         Ok(())
     }
@@ -198,6 +190,20 @@ impl Stream {
             Self::Unix(s) => s.shutdown(std::net::Shutdown::Both),
         };
     }
+}
+
+/// TCP_NODELAY, and keepalive after `keepalive` of idleness (probes every
+/// 10 s, 5 of them), on a TCP socket, connected or listening.
+pub(crate) fn tune_tcp(sock: socket2::SockRef<'_>, keepalive: Option<Duration>) -> io::Result<()> {
+    sock.set_nodelay(true)?;
+    if let Some(idle) = keepalive {
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(Duration::from_secs(10))
+            .with_retries(5);
+        sock.set_tcp_keepalive(&ka)?;
+    }
+    Ok(())
 }
 
 /// Starts a non-blocking TCP connect; completion shows as writability.

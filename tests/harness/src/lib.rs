@@ -38,6 +38,8 @@ pub use postgres;
 pub const HOST: &str = "127.0.0.1";
 /// Superuser created by `initdb -U postgres`.
 pub const SUPERUSER: &str = "postgres";
+/// The application_name of the harness's own `sql` connections.
+const HARNESS_APP: &str = "odissey-harness";
 
 /// Role with trust authentication and no password.
 pub const TRUST_USER: &str = "trust_user";
@@ -243,7 +245,19 @@ impl PgCluster {
     /// superuser `postgres` on database `db` and returns every row of every
     /// statement as text. Panics on error.
     pub fn sql(&self, db: &str, sql: &str) -> Vec<Vec<Option<String>>> {
-        let mut client = self.connect(db, SUPERUSER, None);
+        // Named, so that `backends` can leave out the harness's own earlier
+        // connections, whose backends may still be exiting.
+        let mut client = self
+            .config(db, SUPERUSER, None)
+            .application_name(HARNESS_APP)
+            .connect(postgres::NoTls)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot connect to {HOST}:{} db={db} as {SUPERUSER}: {}",
+                    self.port,
+                    describe(&e)
+                )
+            });
         simple_query(&mut client, sql)
     }
 
@@ -255,8 +269,9 @@ impl PgCluster {
             &format!(
                 "SELECT count(*) FROM pg_stat_activity \
                  WHERE usename = {} AND backend_type = 'client backend' \
-                 AND pid <> pg_backend_pid()",
-                quote_literal(user)
+                 AND pid <> pg_backend_pid() AND application_name <> {}",
+                quote_literal(user),
+                quote_literal(HARNESS_APP)
             ),
         );
         rows.first()
