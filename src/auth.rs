@@ -3,12 +3,14 @@
 //! and routed. The worker feeds it the client's bytes and writes out what it
 //! appends to `out`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::BytesMut;
+use odissey_protocol::scram::{hmac_sha256, ScramSecret, ScramServer, SCRAM_SHA_256};
 use odissey_protocol::{backend, codec, frontend, md5, Error as ProtoError, Startup};
 
-use crate::config::{is_md5_hash, Authentication, Config, ResolvedRoute, RouteCache};
+use crate::config::{is_md5_hash, Authentication, Config, ListenTls, ResolvedRoute, RouteCache};
 
 /// A login-ending error: sent as a FATAL ErrorResponse, then the
 /// connection closes.
@@ -51,15 +53,48 @@ pub(crate) struct Identity {
     pub(crate) route: Arc<ResolvedRoute>,
 }
 
+/// What the login needs to know about its connection's TLS.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TlsView<'a> {
+    /// The listener's mode; `Disable` when it has no usable TLS config.
+    pub(crate) mode: ListenTls,
+    /// TLS is on for this connection.
+    pub(crate) on: bool,
+    /// It began with a ClientHello instead of an SSLRequest (PostgreSQL
+    /// 17's direct TLS).
+    pub(crate) direct: bool,
+    /// The client and odissey agreed on ALPN "postgresql".
+    pub(crate) alpn_postgresql: bool,
+    /// The common name of the client's verified certificate.
+    pub(crate) peer_cn: Option<&'a str>,
+}
+
+/// Everything a login step looks at besides the bytes.
+pub(crate) struct Ctx<'a, 'b> {
+    pub(crate) cfg: &'a Config,
+    pub(crate) routes: &'a mut RouteCache,
+    pub(crate) tls: TlsView<'b>,
+}
+
 /// Where the login stands.
 #[derive(Debug)]
 pub(crate) enum Login {
     /// Waiting for the startup packet (or SSLRequest/GSSENCRequest first).
-    AwaitingStartup,
+    Startup,
     /// Waiting for the PasswordMessage answering our challenge.
-    AwaitingPassword {
+    Password {
         who: Box<Identity>,
         md5_salt: Option<[u8; 4]>,
+    },
+    /// SASL offered; waiting for SASLInitialResponse (client-first).
+    SaslInitial {
+        who: Box<Identity>,
+        secret: Box<ScramSecret>,
+    },
+    /// server-first sent; waiting for SASLResponse (client-final).
+    SaslFinal {
+        who: Box<Identity>,
+        scram: Box<ScramServer>,
     },
 }
 
@@ -70,8 +105,20 @@ pub(crate) enum Outcome {
     NeedMore,
     /// A CancelRequest: nothing more will come on this connection.
     Cancel { pid: u32, key: u32 },
+    /// Start TLS on the connection now, feeding it `already_read` first
+    /// (the start of a direct-TLS ClientHello), then read on.
+    StartTls {
+        already_read: BytesMut,
+        direct: bool,
+    },
     /// The client is who it says; AuthenticationOk is already in `out`.
     Authenticated(Box<Identity>),
+    /// `passthrough`: the client sent this password; it is right if the
+    /// server accepts it for the client's user.
+    Verify {
+        who: Box<Identity>,
+        password: String,
+    },
 }
 
 /// Which startup parameters a client sends that we keep for it.
@@ -86,6 +133,18 @@ const PASSED_PARAMS: &[&str] = &[
     "options",
 ];
 
+/// The first byte of a TLS handshake record: a direct-TLS client.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// The answer to a wrong password, whatever the method and whether or not
+/// the user exists: one shape, so that failures reveal nothing.
+pub(crate) fn password_failed(user: &str) -> Fatal {
+    Fatal::new(
+        "28P01",
+        format!("password authentication failed for user \"{user}\""),
+    )
+}
+
 impl Login {
     /// Consumes input from `rx`; returns the next login state and what
     /// happened, or the error that ends the connection.
@@ -93,42 +152,67 @@ impl Login {
         self,
         rx: &mut BytesMut,
         out: &mut BytesMut,
-        cfg: &Config,
-        routes: &mut RouteCache,
+        cx: &mut Ctx<'_, '_>,
     ) -> Result<(Self, Outcome), Fatal> {
         match self {
-            Self::AwaitingStartup => Self::on_startup(rx, out, cfg, routes),
-            Self::AwaitingPassword { who, md5_salt } => {
-                let Some(frame) = codec::read_frame(rx, 4096)? else {
-                    return Ok((Self::AwaitingPassword { who, md5_salt }, Outcome::NeedMore));
+            Self::Startup => Self::on_startup(rx, out, cx),
+            Self::Password { who, md5_salt } => {
+                let Some(body) = auth_message(rx)? else {
+                    return Ok((Self::Password { who, md5_salt }, Outcome::NeedMore));
                 };
-                if frame.tag != b'p' {
-                    return Err(Fatal::new(
-                        "08P01",
-                        format!(
-                            "expected a password message, got message type {:?}",
-                            frame.tag as char
-                        ),
-                    ));
+                let given = frontend::parse_password(&body)?;
+                if who.route.route.authentication == Authentication::Passthrough {
+                    let password = given.to_string();
+                    return Ok((Self::Startup, Outcome::Verify { who, password }));
                 }
-                let given = frontend::parse_password(&frame.body)?;
-                let secret = who.route.route.password.as_deref().unwrap_or("");
+                let secret = Secret::of(who.route.route.password.as_deref().unwrap_or(""));
                 let ok = match md5_salt {
-                    Some(salt) => md5::verify(&who.user, secret, salt, given),
-                    None if is_md5_hash(secret) => ct_eq(
-                        md5::hash_password(&who.user, given).as_bytes(),
-                        secret.as_bytes(),
-                    ),
-                    None => ct_eq(given.as_bytes(), secret.as_bytes()),
+                    Some(salt) => secret.check_md5(&who.user, salt, given),
+                    None => secret.check_plain(&who.user, given),
                 };
                 if !ok {
-                    return Err(Fatal::new(
-                        "28P01",
-                        format!("password authentication failed for user \"{}\"", who.user),
-                    ));
+                    return Err(password_failed(&who.user));
                 }
                 backend::authentication_ok(out);
-                Ok((Self::AwaitingStartup, Outcome::Authenticated(who)))
+                Ok((Self::Startup, Outcome::Authenticated(who)))
+            }
+            Self::SaslInitial { who, secret } => {
+                let Some(body) = auth_message(rx)? else {
+                    return Ok((Self::SaslInitial { who, secret }, Outcome::NeedMore));
+                };
+                let (mechanism, data) = frontend::parse_sasl_initial_response(&body)?;
+                if mechanism != SCRAM_SHA_256 {
+                    return Err(Fatal::new(
+                        "08P01",
+                        "client selected an invalid SASL authentication mechanism",
+                    ));
+                }
+                let mut scram = ScramServer::try_new(*secret)
+                    .map_err(|_| Fatal::new("58000", "no randomness for a SCRAM nonce"))?;
+                let server_first = scram
+                    .handle_client_first(data)
+                    .map_err(|e| Fatal::new("08P01", format!("malformed SCRAM message: {e}")))?;
+                backend::authentication_sasl_continue(out, &server_first);
+                Ok((
+                    Self::SaslFinal {
+                        who,
+                        scram: Box::new(scram),
+                    },
+                    Outcome::NeedMore,
+                ))
+            }
+            Self::SaslFinal { who, mut scram } => {
+                let Some(body) = auth_message(rx)? else {
+                    return Ok((Self::SaslFinal { who, scram }, Outcome::NeedMore));
+                };
+                // A wrong proof and a malformed one end alike: the client
+                // learns only that it failed.
+                let server_final = scram
+                    .handle_client_final(&body)
+                    .map_err(|_| password_failed(&who.user))?;
+                backend::authentication_sasl_final(out, &server_final);
+                backend::authentication_ok(out);
+                Ok((Self::Startup, Outcome::Authenticated(who)))
             }
         }
     }
@@ -136,94 +220,269 @@ impl Login {
     fn on_startup(
         rx: &mut BytesMut,
         out: &mut BytesMut,
-        cfg: &Config,
-        routes: &mut RouteCache,
+        cx: &mut Ctx<'_, '_>,
     ) -> Result<(Self, Outcome), Fatal> {
-        {
-            let Some(startup) = codec::read_startup(rx)? else {
-                return Ok((Self::AwaitingStartup, Outcome::NeedMore));
-            };
-            let (params, _) = match startup {
-                // TLS and GSS encryption arrive with the TLS issue: refuse
-                // them and let the client carry on in plaintext.
-                Startup::SslRequest | Startup::GssEncRequest => {
-                    out.extend_from_slice(b"N");
-                    if !rx.is_empty() {
-                        // Bytes sent before our answer would be a TLS
-                        // ClientHello: a client that doesn't wait breaks
-                        // the protocol (and is how CVE-2021-23214 worked).
-                        return Err(Fatal::new("08P01", "unexpected data after SSL request"));
-                    }
-                    return Ok((Self::AwaitingStartup, Outcome::NeedMore));
-                }
-                Startup::Cancel { pid, key } => {
-                    return Ok((Self::AwaitingStartup, Outcome::Cancel { pid, key }))
-                }
-                Startup::Startup {
-                    params,
-                    major,
-                    minor,
-                } => (params, (major, minor)),
-            };
-            let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-            let Some(user) = get("user").filter(|u| !u.is_empty()) else {
-                return Err(Fatal::new(
-                    "28000",
-                    "no PostgreSQL user name specified in startup packet",
+        let tls = cx.tls;
+        if !tls.on && rx.first() == Some(&TLS_HANDSHAKE) {
+            if tls.mode == ListenTls::Disable {
+                return Err(Fatal::new("08P01", "TLS is not enabled on this listener"));
+            }
+            let already_read = rx.split();
+            return Ok((
+                Self::Startup,
+                Outcome::StartTls {
+                    already_read,
+                    direct: true,
+                },
+            ));
+        }
+        let Some(startup) = codec::read_startup(rx)? else {
+            return Ok((Self::Startup, Outcome::NeedMore));
+        };
+        let params = match startup {
+            Startup::SslRequest | Startup::GssEncRequest if !rx.is_empty() => {
+                // Bytes sent before our answer would be a TLS ClientHello:
+                // a client that doesn't wait breaks the protocol (and is how
+                // CVE-2021-23214 worked).
+                return Err(Fatal::new("08P01", "unexpected data after SSL request"));
+            }
+            Startup::SslRequest if tls.on => {
+                return Err(Fatal::new("08P01", "SSLRequest on a TLS connection"));
+            }
+            Startup::SslRequest if tls.mode != ListenTls::Disable => {
+                out.extend_from_slice(b"S");
+                return Ok((
+                    Self::Startup,
+                    Outcome::StartTls {
+                        already_read: BytesMut::new(),
+                        direct: false,
+                    },
                 ));
-            };
-            let database = get("database")
-                .filter(|d| !d.is_empty())
-                .unwrap_or_else(|| user.clone());
-            let Some(route) = routes.route(cfg, &database, &user) else {
-                return Err(Fatal::new(
-                    "28000",
-                    format!("no route for database \"{database}\" and user \"{user}\""),
-                ));
-            };
-            let kept = params
-                .iter()
-                .filter(|(n, _)| PASSED_PARAMS.contains(&n.as_str()))
-                .cloned()
-                .collect();
-            let who = Box::new(Identity {
-                database,
-                user,
-                params: kept,
-                route,
-            });
-            match who.route.route.authentication {
-                Authentication::None => {
+            }
+            // GSS encryption is not offered: the client carries on.
+            Startup::SslRequest | Startup::GssEncRequest => {
+                out.extend_from_slice(b"N");
+                return Ok((Self::Startup, Outcome::NeedMore));
+            }
+            Startup::Cancel { pid, key } => {
+                return Ok((Self::Startup, Outcome::Cancel { pid, key }))
+            }
+            Startup::Startup { params, .. } => params,
+        };
+        if !tls.on && tls.mode >= ListenTls::Require {
+            return Err(Fatal::new(
+                "28000",
+                "TLS is required: connect with sslmode=require or stronger",
+            ));
+        }
+        if tls.direct && !tls.alpn_postgresql {
+            return Err(Fatal::new(
+                "08P01",
+                "direct TLS connections need the ALPN protocol \"postgresql\"",
+            ));
+        }
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+            return Err(Fatal::new(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            ));
+        };
+        let database = get("database")
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| user.clone());
+        if tls.mode == ListenTls::VerifyFull && tls.peer_cn != Some(user.as_str()) {
+            return Err(Fatal::new(
+                "28000",
+                format!("the client certificate is not for user \"{user}\""),
+            ));
+        }
+        let Some(route) = cx.routes.route(cx.cfg, &database, &user) else {
+            return Err(Fatal::new(
+                "28000",
+                format!("no route for database \"{database}\" and user \"{user}\""),
+            ));
+        };
+        let kept = params
+            .iter()
+            .filter(|(n, _)| PASSED_PARAMS.contains(&n.as_str()))
+            .cloned()
+            .collect();
+        let who = Box::new(Identity {
+            database,
+            user,
+            params: kept,
+            route,
+        });
+        let password = who.route.route.password.as_deref().unwrap_or("");
+        match who.route.route.authentication {
+            Authentication::None => {
+                backend::authentication_ok(out);
+                Ok((Self::Startup, Outcome::Authenticated(who)))
+            }
+            Authentication::Block => Err(Fatal::new(
+                "28000",
+                format!(
+                    "user \"{}\" is blocked from database \"{}\"",
+                    who.user, who.database
+                ),
+            )),
+            Authentication::Cert => {
+                if tls.on && tls.peer_cn == Some(who.user.as_str()) {
                     backend::authentication_ok(out);
-                    Ok((Self::AwaitingStartup, Outcome::Authenticated(who)))
-                }
-                Authentication::ClearText => {
-                    backend::authentication_cleartext(out);
-                    Ok((
-                        Self::AwaitingPassword {
-                            who,
-                            md5_salt: None,
-                        },
-                        Outcome::NeedMore,
+                    Ok((Self::Startup, Outcome::Authenticated(who)))
+                } else {
+                    Err(Fatal::new(
+                        "28000",
+                        format!(
+                            "certificate authentication failed for user \"{}\"",
+                            who.user
+                        ),
                     ))
                 }
-                Authentication::Md5 => {
-                    let mut salt = [0u8; 4];
-                    getrandom::getrandom(&mut salt)
-                        .map_err(|_| Fatal::new("58000", "no randomness for an md5 salt"))?;
-                    backend::authentication_md5(out, salt);
-                    Ok((
-                        Self::AwaitingPassword {
-                            who,
-                            md5_salt: Some(salt),
-                        },
-                        Outcome::NeedMore,
-                    ))
-                }
+            }
+            Authentication::ClearText | Authentication::Passthrough => {
+                backend::authentication_cleartext(out);
+                Ok((
+                    Self::Password {
+                        who,
+                        md5_salt: None,
+                    },
+                    Outcome::NeedMore,
+                ))
+            }
+            Authentication::Md5 => {
+                let mut salt = [0u8; 4];
+                getrandom::getrandom(&mut salt)
+                    .map_err(|_| Fatal::new("58000", "no randomness for an md5 salt"))?;
+                backend::authentication_md5(out, salt);
+                Ok((
+                    Self::Password {
+                        who,
+                        md5_salt: Some(salt),
+                    },
+                    Outcome::NeedMore,
+                ))
+            }
+            Authentication::ScramSha256 => {
+                let secret = match Secret::of(password) {
+                    Secret::Scram(s) => s,
+                    Secret::Plain(p) => scram_secret_for(p),
+                    // Refused when the config is loaded.
+                    Secret::Md5(_) => {
+                        return Err(Fatal::new(
+                            "28000",
+                            "an md5 hash cannot check a SCRAM login",
+                        ))
+                    }
+                };
+                backend::authentication_sasl(out, &[SCRAM_SHA_256]);
+                Ok((
+                    Self::SaslInitial {
+                        who,
+                        secret: Box::new(secret),
+                    },
+                    Outcome::NeedMore,
+                ))
             }
         }
     }
 }
+
+/// The body of the next PasswordMessage (or SASL response, which shares
+/// its tag), or None while incomplete.
+fn auth_message(rx: &mut BytesMut) -> Result<Option<bytes::Bytes>, Fatal> {
+    let Some(frame) = codec::read_frame(rx, 8192)? else {
+        return Ok(None);
+    };
+    if frame.tag != b'p' {
+        return Err(Fatal::new(
+            "08P01",
+            format!(
+                "expected a password message, got message type {:?}",
+                frame.tag as char
+            ),
+        ));
+    }
+    Ok(Some(frame.body))
+}
+
+/// A route's `password`, by what PostgreSQL would store.
+#[derive(Debug)]
+pub(crate) enum Secret<'a> {
+    /// Plain text.
+    Plain(&'a str),
+    /// `md5` + md5(password + user), hex.
+    Md5(&'a str),
+    /// A SCRAM-SHA-256 verifier.
+    Scram(ScramSecret),
+}
+
+impl<'a> Secret<'a> {
+    /// Reads a secret; text that merely looks like a verifier but does not
+    /// parse is a plain password (PostgreSQL does the same).
+    pub(crate) fn of(s: &'a str) -> Self {
+        if is_md5_hash(s) {
+            return Self::Md5(s);
+        }
+        match ScramSecret::parse(s) {
+            Ok(v) => Self::Scram(v),
+            Err(_) => Self::Plain(s),
+        }
+    }
+
+    /// Does the cleartext password `given` match?
+    pub(crate) fn check_plain(&self, user: &str, given: &str) -> bool {
+        match self {
+            Self::Plain(p) => ct_eq(given.as_bytes(), p.as_bytes()),
+            Self::Md5(h) => ct_eq(md5::hash_password(user, given).as_bytes(), h.as_bytes()),
+            Self::Scram(v) => {
+                let d = ScramSecret::from_password(given, &v.salt, v.iterations);
+                ct_eq(&d.stored_key, &v.stored_key) & ct_eq(&d.server_key, &v.server_key)
+            }
+        }
+    }
+
+    /// Does the md5 answer `given` to `salt` match? (A SCRAM verifier
+    /// cannot tell: refused when the config is loaded.)
+    pub(crate) fn check_md5(&self, user: &str, salt: [u8; 4], given: &str) -> bool {
+        match self {
+            Self::Plain(p) | Self::Md5(p) => md5::verify(user, p, salt, given),
+            Self::Scram(_) => false,
+        }
+    }
+}
+
+/// The SCRAM verifier of a plain password. Derived once per password for
+/// the life of the process (PBKDF2 costs milliseconds, and a wildcard route
+/// must not pay it per user name), with a salt that is stable within the
+/// process but unknowable from outside it.
+fn scram_secret_for(password: &str) -> ScramSecret {
+    static MEMO: OnceLock<Mutex<HashMap<String, ScramSecret>>> = OnceLock::new();
+    static SALT_KEY: OnceLock<[u8; 32]> = OnceLock::new();
+    let memo = MEMO.get_or_init(Default::default);
+    let mut memo = memo.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(s) = memo.get(password) {
+        return s.clone();
+    }
+    let key = SALT_KEY.get_or_init(|| {
+        let mut k = [0u8; 32];
+        // Without randomness the salt is still unique per password.
+        let _ = getrandom::getrandom(&mut k);
+        k
+    });
+    let salt = &hmac_sha256(key, password.as_bytes())[..16];
+    let secret = ScramSecret::from_password(password, salt, SCRAM_ITERATIONS);
+    if memo.len() >= 1024 {
+        // Passwords come from the config, so this is only reload churn.
+        memo.clear();
+    }
+    memo.insert(password.to_string(), secret.clone());
+    secret
+}
+
+/// PostgreSQL's default `scram_iterations`.
+const SCRAM_ITERATIONS: u32 = 4096;
 
 /// Compares without an early exit, so timing doesn't reveal how much of a
 /// password matched.
@@ -236,6 +495,7 @@ mod tests {
     use super::*;
     use odissey_protocol::backend::BackendMessage;
     use odissey_protocol::read_frame;
+    use odissey_protocol::scram::ScramClient;
 
     fn cfg(auth: &str, password: &str) -> Config {
         Config::parse(&format!(
@@ -243,6 +503,32 @@ mod tests {
              [database.db.user.alice]\nauthentication = \"{auth}\"\npassword = \"{password}\"\nstorage = \"s\"\n"
         ))
         .unwrap()
+    }
+
+    /// One step with no TLS on the connection.
+    fn step(
+        login: Login,
+        rx: &mut BytesMut,
+        out: &mut BytesMut,
+        c: &Config,
+    ) -> Result<(Login, Outcome), Fatal> {
+        step_tls(login, rx, out, c, TlsView::default())
+    }
+
+    fn step_tls(
+        login: Login,
+        rx: &mut BytesMut,
+        out: &mut BytesMut,
+        c: &Config,
+        tls: TlsView<'_>,
+    ) -> Result<(Login, Outcome), Fatal> {
+        let mut routes = RouteCache::default();
+        let mut cx = Ctx {
+            cfg: c,
+            routes: &mut routes,
+            tls,
+        };
+        login.step(rx, out, &mut cx)
     }
 
     fn startup(user: &str, db: &str) -> BytesMut {
@@ -254,55 +540,127 @@ mod tests {
         b
     }
 
-    fn salt_of(out: &mut BytesMut) -> [u8; 4] {
+    fn auth_of(out: &mut BytesMut) -> backend::Authentication {
         let f = read_frame(out, 1024).unwrap().unwrap();
         match BackendMessage::parse(&f).unwrap() {
-            BackendMessage::Authentication(backend::Authentication::Md5Password { salt }) => salt,
+            BackendMessage::Authentication(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn salt_of(out: &mut BytesMut) -> [u8; 4] {
+        match auth_of(out) {
+            backend::Authentication::Md5Password { salt } => salt,
             other => panic!("{other:?}"),
         }
     }
 
     #[test]
     fn md5_login_with_the_right_and_the_wrong_password() {
-        let c = cfg("md5", "secret");
-        for (password, ok) in [("secret", true), ("wrong", false)] {
-            let mut rx = startup("alice", "db");
-            let mut out = BytesMut::new();
-            let (login, o) = Login::AwaitingStartup
-                .step(&mut rx, &mut out, &c, &mut RouteCache::default())
-                .unwrap();
-            assert!(matches!(o, Outcome::NeedMore));
-            let salt = salt_of(&mut out);
-            frontend::password(&mut rx, &md5::client_response("alice", password, salt));
-            match login.step(&mut rx, &mut out, &c, &mut RouteCache::default()) {
-                Ok((_, Outcome::Authenticated(who))) => {
-                    assert!(ok);
-                    assert_eq!(who.params, vec![("application_name".into(), "t".into())]);
-                    assert_eq!(&out[..], b"R\0\0\0\x08\0\0\0\0");
+        for secret in ["secret", &md5::hash_password("alice", "secret")] {
+            let c = cfg("md5", secret);
+            for (password, ok) in [("secret", true), ("wrong", false)] {
+                let mut rx = startup("alice", "db");
+                let mut out = BytesMut::new();
+                let (login, o) = step(Login::Startup, &mut rx, &mut out, &c).unwrap();
+                assert!(matches!(o, Outcome::NeedMore));
+                let salt = salt_of(&mut out);
+                frontend::password(&mut rx, &md5::client_response("alice", password, salt));
+                match step(login, &mut rx, &mut out, &c) {
+                    Ok((_, Outcome::Authenticated(who))) => {
+                        assert!(ok);
+                        assert_eq!(who.params, vec![("application_name".into(), "t".into())]);
+                        assert_eq!(&out[..], b"R\0\0\0\x08\0\0\0\0");
+                    }
+                    Err(f) => {
+                        assert!(!ok);
+                        assert_eq!(f, password_failed("alice"));
+                    }
+                    Ok(other) => panic!("{:?}", other.1),
                 }
-                Err(f) => {
-                    assert!(!ok);
-                    assert_eq!(f.code, "28P01");
-                }
-                Ok(other) => panic!("{:?}", other.1),
+            }
+        }
+    }
+
+    /// Runs a whole SCRAM exchange as a client would.
+    fn scram_login(c: &Config, password: &str) -> Result<BytesMut, Fatal> {
+        let mut rx = startup("alice", "db");
+        let mut out = BytesMut::new();
+        let (login, _) = step(Login::Startup, &mut rx, &mut out, c)?;
+        match auth_of(&mut out) {
+            backend::Authentication::Sasl { mechanisms } => {
+                assert_eq!(mechanisms, vec![SCRAM_SHA_256.to_string()]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut client = ScramClient::new(password);
+        frontend::sasl_initial_response(&mut rx, SCRAM_SHA_256, &client.client_first());
+        let (login, o) = step(login, &mut rx, &mut out, c)?;
+        assert!(matches!(o, Outcome::NeedMore));
+        let backend::Authentication::SaslContinue { data } = auth_of(&mut out) else {
+            panic!("no SASLContinue")
+        };
+        let last = client.handle_server_first(&data).unwrap();
+        frontend::sasl_response(&mut rx, &last);
+        let (_, o) = step(login, &mut rx, &mut out, c)?;
+        assert!(matches!(o, Outcome::Authenticated(_)));
+        let backend::Authentication::SaslFinal { data } = auth_of(&mut out) else {
+            panic!("no SASLFinal")
+        };
+        client.handle_server_final(&data).unwrap();
+        assert!(matches!(auth_of(&mut out), backend::Authentication::Ok));
+        Ok(out)
+    }
+
+    #[test]
+    fn scram_with_a_plain_password_and_with_a_verifier() {
+        let verifier = ScramSecret::from_password("secret", b"some salt", 4096).to_string_pg();
+        for secret in ["secret", verifier.as_str()] {
+            let c = cfg("scram-sha-256", secret);
+            scram_login(&c, "secret").unwrap();
+            assert_eq!(
+                scram_login(&c, "wrong").unwrap_err(),
+                password_failed("alice")
+            );
+        }
+    }
+
+    #[test]
+    fn cleartext_against_every_kind_of_secret() {
+        let verifier = ScramSecret::from_password("pw", b"salt!", 4096).to_string_pg();
+        for secret in [
+            "pw".to_string(),
+            md5::hash_password("alice", "pw"),
+            verifier,
+        ] {
+            let c = cfg("clear_text", &secret);
+            for (given, ok) in [("pw", true), ("pW", false)] {
+                let mut rx = startup("alice", "db");
+                let mut out = BytesMut::new();
+                let (login, _) = step(Login::Startup, &mut rx, &mut out, &c).unwrap();
+                assert!(matches!(
+                    auth_of(&mut out),
+                    backend::Authentication::CleartextPassword
+                ));
+                frontend::password(&mut rx, given);
+                let r = step(login, &mut rx, &mut out, &c);
+                assert_eq!(r.is_ok(), ok, "{secret} / {given}");
             }
         }
     }
 
     #[test]
-    fn cleartext_against_an_md5_hash_and_byte_by_byte_input() {
+    fn byte_by_byte_input() {
         let c = cfg("clear_text", &md5::hash_password("alice", "pw"));
         let mut all = startup("alice", "db");
         frontend::password(&mut all, "pw");
         let mut rx = BytesMut::new();
         let mut out = BytesMut::new();
-        let mut login = Login::AwaitingStartup;
+        let mut login = Login::Startup;
         let mut done = false;
         for b in all.iter() {
             rx.extend_from_slice(&[*b]);
-            let (next, o) = login
-                .step(&mut rx, &mut out, &c, &mut RouteCache::default())
-                .unwrap();
+            let (next, o) = step(login, &mut rx, &mut out, &c).unwrap();
             login = next;
             done |= matches!(o, Outcome::Authenticated(_));
         }
@@ -310,40 +668,186 @@ mod tests {
     }
 
     #[test]
+    fn block_and_passthrough() {
+        let c = cfg("block", "x");
+        let mut out = BytesMut::new();
+        let e = step(Login::Startup, &mut startup("alice", "db"), &mut out, &c).unwrap_err();
+        assert_eq!(e.code, "28000");
+        assert!(e.message.contains("blocked"), "{}", e.message);
+
+        let c = cfg("passthrough", "unused");
+        let mut rx = startup("alice", "db");
+        let (login, _) = step(Login::Startup, &mut rx, &mut out, &c).unwrap();
+        frontend::password(&mut rx, "what the server will judge");
+        let (_, o) = step(login, &mut rx, &mut out, &c).unwrap();
+        let Outcome::Verify { who, password } = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(
+            (who.user.as_str(), password.as_str()),
+            ("alice", "what the server will judge")
+        );
+    }
+
+    #[test]
+    fn tls_negotiation_by_listener_mode() {
+        let c = cfg("none", "x");
+        let mut out = BytesMut::new();
+        let ssl = || {
+            let mut b = BytesMut::new();
+            frontend::ssl_request(&mut b);
+            b
+        };
+        // Disabled: 'N', and the client carries on.
+        let (_, o) = step(Login::Startup, &mut ssl(), &mut out, &c).unwrap();
+        assert!(matches!(o, Outcome::NeedMore));
+        assert_eq!(&out.split()[..], b"N");
+        // Enabled: 'S', then TLS.
+        let allow = TlsView {
+            mode: ListenTls::Allow,
+            ..TlsView::default()
+        };
+        let (_, o) = step_tls(Login::Startup, &mut ssl(), &mut out, &c, allow).unwrap();
+        assert!(matches!(o, Outcome::StartTls { direct: false, .. }));
+        assert_eq!(&out.split()[..], b"S");
+        // A second SSLRequest inside TLS is a violation.
+        let on = TlsView { on: true, ..allow };
+        let e = step_tls(Login::Startup, &mut ssl(), &mut out, &c, on).unwrap_err();
+        assert_eq!(e.code, "08P01");
+        // Direct TLS: the ClientHello's first bytes are handed over.
+        let mut hello = BytesMut::from(&[0x16u8, 3, 1, 0, 5][..]);
+        let (_, o) = step_tls(Login::Startup, &mut hello, &mut out, &c, allow).unwrap();
+        let Outcome::StartTls {
+            already_read,
+            direct,
+        } = o
+        else {
+            panic!("{o:?}")
+        };
+        assert!(direct);
+        assert_eq!(&already_read[..], &[0x16, 3, 1, 0, 5]);
+        // …which needs ALPN once TLS is up.
+        let direct_no_alpn = TlsView {
+            on: true,
+            direct: true,
+            ..allow
+        };
+        let e = step_tls(
+            Login::Startup,
+            &mut startup("alice", "db"),
+            &mut out,
+            &c,
+            direct_no_alpn,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "08P01");
+        // Required: plaintext startups are refused.
+        let require = TlsView {
+            mode: ListenTls::Require,
+            ..TlsView::default()
+        };
+        let e = step_tls(
+            Login::Startup,
+            &mut startup("alice", "db"),
+            &mut out,
+            &c,
+            require,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "28000");
+        let on = TlsView {
+            on: true,
+            ..require
+        };
+        assert!(step_tls(
+            Login::Startup,
+            &mut startup("alice", "db"),
+            &mut out,
+            &c,
+            on
+        )
+        .is_ok());
+        // verify_full: the certificate must be the user's.
+        let full = |cn| TlsView {
+            mode: ListenTls::VerifyFull,
+            on: true,
+            peer_cn: cn,
+            ..TlsView::default()
+        };
+        for (cn, ok) in [(Some("alice"), true), (Some("bob"), false), (None, false)] {
+            let r = step_tls(
+                Login::Startup,
+                &mut startup("alice", "db"),
+                &mut out,
+                &c,
+                full(cn),
+            );
+            assert_eq!(r.is_ok(), ok, "{cn:?}");
+        }
+    }
+
+    #[test]
+    fn cert_authentication_wants_the_users_certificate() {
+        let c = Config::parse(
+            "[[listen]]\nport = 0\ntls = \"allow\"\ntls_cert_file = \"/nonexistent\"\n",
+        );
+        // (Files that don't load are refused at parse time; the login
+        // itself only looks at what the connection presents.)
+        assert!(c.is_err());
+        let mut c = cfg("none", "x");
+        c.database
+            .get_mut("db")
+            .unwrap()
+            .user
+            .get_mut("alice")
+            .unwrap()
+            .authentication = Authentication::Cert;
+        let mut out = BytesMut::new();
+        let tls = |on, cn| TlsView {
+            mode: ListenTls::Allow,
+            on,
+            peer_cn: cn,
+            ..TlsView::default()
+        };
+        for (on, cn, ok) in [
+            (true, Some("alice"), true),
+            (true, Some("mallory"), false),
+            (true, None, false),
+            (false, None, false),
+        ] {
+            let r = step_tls(
+                Login::Startup,
+                &mut startup("alice", "db"),
+                &mut out,
+                &c,
+                tls(on, cn),
+            );
+            match r {
+                Ok((_, o)) => assert!(ok && matches!(o, Outcome::Authenticated(_))),
+                Err(f) => assert!(!ok && f.code == "28000", "{f:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn bad_startups_get_the_right_sqlstate() {
         let c = cfg("none", "x");
         let mut out = BytesMut::new();
-        let e = Login::AwaitingStartup
-            .step(
-                &mut startup("bob", "db"),
-                &mut out,
-                &c,
-                &mut RouteCache::default(),
-            )
-            .unwrap_err();
+        let e = step(Login::Startup, &mut startup("bob", "db"), &mut out, &c).unwrap_err();
         assert_eq!(e.code, "28000");
         let mut v2 = BytesMut::from(&b"\0\0\0\x08\0\x02\0\0"[..]);
         assert_eq!(
-            Login::AwaitingStartup
-                .step(&mut v2, &mut out, &c, &mut RouteCache::default())
+            step(Login::Startup, &mut v2, &mut out, &c)
                 .unwrap_err()
                 .code,
             "0A000"
         );
         let mut garbage = BytesMut::from(&b"GET / HTTP/1.1\r\n\r\n"[..]);
         assert_eq!(
-            Login::AwaitingStartup
-                .step(&mut garbage, &mut out, &c, &mut RouteCache::default())
+            step(Login::Startup, &mut garbage, &mut out, &c)
                 .unwrap_err()
                 .code,
             "08P01"
         );
-        let mut ssl = BytesMut::new();
-        frontend::ssl_request(&mut ssl);
-        let (_, o) = Login::AwaitingStartup
-            .step(&mut ssl, &mut out, &c, &mut RouteCache::default())
-            .unwrap();
-        assert!(matches!(o, Outcome::NeedMore));
-        assert_eq!(&out[..], b"N");
     }
 }

@@ -1,6 +1,7 @@
-//! Logging in to PostgreSQL, sans-IO: the startup message, trust,
-//! cleartext, md5 and SCRAM-SHA-256, then the ParameterStatus and
-//! BackendKeyData that precede the first ReadyForQuery.
+//! Logging in to PostgreSQL, sans-IO: TLS negotiation (SSLRequest and the
+//! server's one-byte answer), the startup message, trust, cleartext, md5
+//! and SCRAM-SHA-256, then the ParameterStatus and BackendKeyData that
+//! precede the first ReadyForQuery.
 
 use bytes::BytesMut;
 use odissey_protocol::backend::{Authentication, BackendMessage, ErrorFields};
@@ -18,6 +19,8 @@ pub(crate) enum LoginError {
     Unsupported(String),
     /// The server broke the protocol, or SCRAM didn't verify.
     Protocol(String),
+    /// TLS was required and the server does not offer it.
+    NoTls,
 }
 
 impl std::fmt::Display for LoginError {
@@ -29,13 +32,27 @@ impl std::fmt::Display for LoginError {
             }
             Self::Unsupported(m) => write!(f, "unsupported authentication: {m}"),
             Self::Protocol(m) => write!(f, "protocol error during login: {m}"),
+            Self::NoTls => f.write_str("TLS is required and the server does not support it"),
         }
     }
+}
+
+/// Whether to ask the server for TLS first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AskTls {
+    /// Plaintext: no SSLRequest.
+    No,
+    /// SSLRequest; carry on in plaintext if the server says 'N'.
+    Prefer,
+    /// SSLRequest; fail if the server says 'N'.
+    Require,
 }
 
 /// What the login waits for next.
 #[derive(Debug)]
 enum Expect {
+    /// The server's one-byte answer to SSLRequest.
+    SslAnswer,
     /// An authentication request (or AuthenticationOk).
     Auth,
     /// SASLContinue from the server.
@@ -50,7 +67,10 @@ enum Expect {
 #[derive(Debug)]
 pub(crate) struct BackendLogin {
     user: String,
+    /// The database, until the startup message is written.
+    database: String,
     password: Option<String>,
+    tls: AskTls,
     expect: Option<Expect>,
     /// ParameterStatus values reported by the server.
     pub(crate) params: Vec<(String, String)>,
@@ -68,28 +88,80 @@ pub(crate) enum Progress {
 }
 
 impl BackendLogin {
-    /// Writes the startup message into `out` and waits for the server.
+    /// Writes the SSLRequest or the startup message into `out` and waits
+    /// for the server.
     pub(crate) fn start(
         out: &mut BytesMut,
         database: &str,
         user: &str,
         password: Option<String>,
+        tls: AskTls,
     ) -> Self {
-        frontend::startup(
-            out,
-            &[
-                ("user", user),
-                ("database", database),
-                ("client_encoding", "UTF8"),
-            ],
-        );
-        Self {
+        let mut login = Self {
             user: user.to_string(),
+            database: database.to_string(),
             password,
+            tls,
             expect: Some(Expect::Auth),
             params: Vec::new(),
             key: None,
+        };
+        if tls == AskTls::No {
+            login.write_startup(out);
+        } else {
+            frontend::ssl_request(out);
+            login.expect = Some(Expect::SslAnswer);
         }
+        login
+    }
+
+    fn write_startup(&mut self, out: &mut BytesMut) {
+        frontend::startup(
+            out,
+            &[
+                ("user", &self.user),
+                ("database", &self.database),
+                ("client_encoding", "UTF8"),
+            ],
+        );
+        self.database = String::new();
+    }
+
+    /// True while the server's answer to SSLRequest is awaited: the next
+    /// byte is that answer, not a message.
+    pub(crate) fn awaits_tls_answer(&self) -> bool {
+        matches!(self.expect, Some(Expect::SslAnswer))
+    }
+
+    /// Takes the server's answer to SSLRequest. `Ok(true)`: start TLS, then
+    /// call [`Self::tls_started`]; `Ok(false)`: the startup message went
+    /// into `out` in plaintext.
+    pub(crate) fn tls_answer(
+        &mut self,
+        answer: u8,
+        out: &mut BytesMut,
+    ) -> Result<bool, LoginError> {
+        if !self.awaits_tls_answer() {
+            return Err(LoginError::Protocol("unexpected TLS answer".into()));
+        }
+        match answer {
+            b'S' => Ok(true),
+            b'N' if self.tls == AskTls::Require => Err(LoginError::NoTls),
+            b'N' => {
+                self.expect = Some(Expect::Auth);
+                self.write_startup(out);
+                Ok(false)
+            }
+            other => Err(LoginError::Protocol(format!(
+                "answer {other:#04x} to SSLRequest (expected 'S' or 'N')"
+            ))),
+        }
+    }
+
+    /// TLS is on: the startup message goes into `out` (to be encrypted).
+    pub(crate) fn tls_started(&mut self, out: &mut BytesMut) {
+        self.expect = Some(Expect::Auth);
+        self.write_startup(out);
     }
 
     fn password(&self) -> Result<&str, LoginError> {
@@ -152,6 +224,7 @@ impl BackendLogin {
                     "unexpected {:?} while waiting for {}",
                     m,
                     match e {
+                        Expect::SslAnswer => "the answer to SSLRequest",
                         Expect::Auth => "an authentication request",
                         Expect::SaslContinue(_) => "SASLContinue",
                         Expect::SaslFinal(_) => "SASLFinal",
@@ -234,7 +307,7 @@ mod tests {
     #[test]
     fn md5_login() {
         let mut out = BytesMut::new();
-        let mut l = BackendLogin::start(&mut out, "db", "bob", Some("pw".into()));
+        let mut l = BackendLogin::start(&mut out, "db", "bob", Some("pw".into()), AskTls::No);
         let Some(Startup::Startup { params, .. }) = read_startup(&mut out).unwrap() else {
             panic!()
         };
@@ -253,7 +326,7 @@ mod tests {
     #[test]
     fn scram_login_against_an_in_memory_server() {
         let mut out = BytesMut::new();
-        let mut l = BackendLogin::start(&mut out, "db", "bob", Some("pencil".into()));
+        let mut l = BackendLogin::start(&mut out, "db", "bob", Some("pencil".into()), AskTls::No);
         out.clear();
         let mut server = ScramServer::new(ScramSecret::from_password("pencil", b"salty", 4096));
         let mut srv = BytesMut::new();
@@ -275,14 +348,14 @@ mod tests {
     #[test]
     fn errors_and_missing_passwords() {
         let mut out = BytesMut::new();
-        let mut l = BackendLogin::start(&mut out, "db", "bob", None);
+        let mut l = BackendLogin::start(&mut out, "db", "bob", None, AskTls::No);
         let mut srv = BytesMut::new();
         backend::authentication_cleartext(&mut srv);
         assert_eq!(
             l.handle(&frames(&mut srv)[0], &mut out),
             Err(LoginError::NoPassword)
         );
-        let mut l = BackendLogin::start(&mut out, "db", "bob", None);
+        let mut l = BackendLogin::start(&mut out, "db", "bob", None, AskTls::No);
         backend::error_response(
             &mut srv,
             "FATAL",
@@ -293,5 +366,44 @@ mod tests {
         assert!(
             matches!(l.handle(&frames(&mut srv)[0], &mut out), Err(LoginError::Server(e)) if e.code == "3D000")
         );
+    }
+
+    #[test]
+    fn tls_negotiation_comes_first() {
+        let mut out = BytesMut::new();
+        let mut l = BackendLogin::start(&mut out, "db", "bob", None, AskTls::Prefer);
+        assert!(matches!(
+            read_startup(&mut out).unwrap(),
+            Some(Startup::SslRequest)
+        ));
+        assert!(l.awaits_tls_answer());
+        // 'N' under prefer: plaintext startup follows at once.
+        assert_eq!(l.tls_answer(b'N', &mut out), Ok(false));
+        let Some(Startup::Startup { params, .. }) = read_startup(&mut out).unwrap() else {
+            panic!()
+        };
+        assert!(params.contains(&("database".into(), "db".into())));
+        finish(&mut l, &mut out);
+
+        // 'S': the startup waits for TLS.
+        let mut l = BackendLogin::start(&mut out, "db", "bob", None, AskTls::Require);
+        out.clear();
+        assert_eq!(l.tls_answer(b'S', &mut out), Ok(true));
+        assert!(out.is_empty());
+        l.tls_started(&mut out);
+        assert!(matches!(
+            read_startup(&mut out).unwrap(),
+            Some(Startup::Startup { .. })
+        ));
+        finish(&mut l, &mut out);
+
+        // 'N' under require, or garbage: refused.
+        let mut l = BackendLogin::start(&mut out, "db", "bob", None, AskTls::Require);
+        assert_eq!(l.tls_answer(b'N', &mut out), Err(LoginError::NoTls));
+        let mut l = BackendLogin::start(&mut out, "db", "bob", None, AskTls::Prefer);
+        assert!(matches!(
+            l.tls_answer(b'E', &mut out),
+            Err(LoginError::Protocol(_))
+        ));
     }
 }

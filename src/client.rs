@@ -19,6 +19,8 @@ use crate::router::PoolKey;
 pub(crate) enum ClientState {
     /// Its startup packet and password.
     Login(Login),
+    /// Its password is being tried on the server (`passthrough`).
+    Verifying,
     /// Its next request; it holds no server (transaction pooling).
     Idle,
     /// A server from the router.
@@ -34,6 +36,7 @@ impl ClientState {
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Self::Login(_) => "Login",
+            Self::Verifying => "Verifying",
             Self::Idle => "Idle",
             Self::Waiting => "Waiting",
             Self::Linked => "Linked",
@@ -66,8 +69,14 @@ pub(crate) struct Client {
     pub(crate) greeted: bool,
     /// Refuse after the startup packet (client_max reached).
     pub(crate) reject: bool,
-    /// Its pool_timeout deadline while it waits for a server.
-    pub(crate) wait_timer: Option<odissey_reactor::TimerId>,
+    /// Its deadline: auth_timeout until it has logged in, then
+    /// pool_timeout whenever it waits for a server (one field: the two
+    /// never overlap, and every byte of an idle client counts).
+    pub(crate) deadline: Option<odissey_reactor::TimerId>,
+    /// Index of the listener it came from (for that listener's TLS).
+    pub(crate) listener: u16,
+    /// Its TLS began without an SSLRequest (PostgreSQL 17 direct TLS).
+    pub(crate) tls_direct: bool,
     /// The session settings that follow this client (see `params`).
     pub(crate) params: ClientParams,
     /// SET/RESET queries in flight, with the number of the ReadyForQuery

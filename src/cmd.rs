@@ -85,8 +85,11 @@ pub(crate) enum WorkerCmd {
     Adopt { server: Box<Server> },
     /// Close idle `server` (its pool was retired by a reload).
     CloseIdle { server: Key },
-    /// A new config for new clients.
-    Configure(Arc<Config>),
+    /// A new config (and the TLS material it names) for new clients.
+    Configure {
+        cfg: Arc<Config>,
+        tls: Arc<crate::tls::TlsSet>,
+    },
     /// A CancelRequest with this key arrived on another worker: cancel
     /// what runs for the client it names, if it lives here.
     Cancel { pid: u32, key: u32 },

@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Why a config was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +24,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// `workers = 4` or `workers = "auto"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum Workers {
     /// A fixed count.
@@ -34,7 +34,7 @@ pub enum Workers {
 }
 
 /// The word "auto".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum AutoWord {
     /// one per core
     #[serde(rename = "auto")]
@@ -48,7 +48,7 @@ impl Default for Workers {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Reactor threads hosting clients.
@@ -73,6 +73,10 @@ pub struct Config {
     /// Largest protocol message accepted from a client, in bytes.
     #[serde(default = "default_max_message")]
     pub max_message_size: usize,
+    /// Milliseconds a client has to finish TLS, startup and authentication
+    /// before it is dropped (0 = no limit).
+    #[serde(default = "default_auth_timeout")]
+    pub auth_timeout: u64,
     /// Listening sockets.
     #[serde(default)]
     pub listen: Vec<Listen>,
@@ -96,9 +100,12 @@ fn default_readahead() -> usize {
 fn default_max_message() -> usize {
     64 * 1024 * 1024
 }
+fn default_auth_timeout() -> u64 {
+    10_000
+}
 
 /// One `[[listen]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     /// Address to bind; default 127.0.0.1. Omit with `unix_socket` only.
@@ -110,6 +117,55 @@ pub struct Listen {
     /// listen(2) backlog.
     #[serde(default = "default_backlog")]
     pub backlog: i32,
+    /// TLS towards clients.
+    #[serde(default)]
+    pub tls: ListenTls,
+    /// Certificate chain (PEM) presented to clients.
+    pub tls_cert_file: Option<String>,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub tls_key_file: Option<String>,
+    /// CA certificates (PEM) that client certificates are checked against.
+    pub tls_ca_file: Option<String>,
+    /// TLS versions offered: "tlsv1.2", "tlsv1.3" or both, comma-separated
+    /// (default both).
+    pub tls_protocols: Option<String>,
+}
+
+/// Client-facing TLS of a listener, weakest first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenTls {
+    /// Refuse TLS (answer 'N' to SSLRequest).
+    #[default]
+    Disable,
+    /// TLS when the client asks; plaintext clients welcome.
+    Allow,
+    /// Only TLS clients.
+    Require,
+    /// Only TLS clients with a certificate signed by `tls_ca_file`.
+    VerifyCa,
+    /// As `verify_ca`, and the certificate's common name must equal the
+    /// user name.
+    VerifyFull,
+}
+
+/// Server-facing TLS of a storage, as libpq's sslmode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageTls {
+    /// Plaintext only.
+    #[default]
+    Disable,
+    /// Plaintext first; TLS only when the server refuses plaintext.
+    Allow,
+    /// TLS when the server offers it, else plaintext.
+    Prefer,
+    /// TLS, without checking the server's certificate.
+    Require,
+    /// TLS with a certificate signed by `tls_ca_file`.
+    VerifyCa,
+    /// As `verify_ca`, and the certificate must name the host.
+    VerifyFull,
 }
 
 fn default_backlog() -> i32 {
@@ -117,7 +173,7 @@ fn default_backlog() -> i32 {
 }
 
 /// The kind of a storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageType {
     /// A PostgreSQL server.
@@ -125,7 +181,7 @@ pub enum StorageType {
 }
 
 /// One `[storage.<name>]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Storage {
     /// Only "remote" for now ("local", the console, arrives later).
@@ -140,6 +196,17 @@ pub struct Storage {
     /// Connect through this Unix-socket directory instead of TCP
     /// (the socket is `<dir>/.s.PGSQL.<port>`).
     pub unix_socket_dir: Option<String>,
+    /// TLS towards the server.
+    #[serde(default)]
+    pub tls: StorageTls,
+    /// CA certificates (PEM) the server's certificate is checked against.
+    pub tls_ca_file: Option<String>,
+    /// Client certificate (PEM) presented to the server, for `cert` auth.
+    pub tls_cert_file: Option<String>,
+    /// Its private key.
+    pub tls_key_file: Option<String>,
+    /// TLS versions offered (as for `[[listen]]`).
+    pub tls_protocols: Option<String>,
 }
 
 fn default_host() -> String {
@@ -150,7 +217,7 @@ fn default_pg_port() -> u16 {
 }
 
 /// `[database.<db>]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Database {
     /// Users of that database.
@@ -159,19 +226,43 @@ pub struct Database {
 }
 
 /// How clients of a route prove who they are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Authentication {
     /// No password asked.
     None,
+    /// Refused, whoever asks.
+    Block,
     /// Cleartext password.
     ClearText,
     /// md5 challenge.
     Md5,
+    /// SCRAM-SHA-256.
+    #[serde(rename = "scram-sha-256", alias = "scram_sha_256")]
+    ScramSha256,
+    /// A TLS client certificate whose common name is the user name.
+    Cert,
+    /// The client's password, checked by logging in to the server with it.
+    Passthrough,
+}
+
+impl Authentication {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Block => "block",
+            Self::ClearText => "clear_text",
+            Self::Md5 => "md5",
+            Self::ScramSha256 => "scram-sha-256",
+            Self::Cert => "cert",
+            Self::Passthrough => "passthrough",
+        }
+    }
 }
 
 /// Pool mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     /// A client keeps its server connection until it leaves.
@@ -195,13 +286,22 @@ impl PoolMode {
 }
 
 /// `[database.<db>.user.<user>]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// Client authentication.
     pub authentication: Authentication,
-    /// The client's password (plain or an md5 hash as PostgreSQL stores it).
+    /// The client's secret: a plain password, an md5 hash (`md5…`) or a
+    /// SCRAM verifier (`SCRAM-SHA-256$…`), as PostgreSQL stores them.
     pub password: Option<String>,
+    /// SQL that fetches the client's secret from the server, with `$1` the
+    /// user name, e.g. `SELECT usename, passwd FROM pg_shadow WHERE usename = $1`
+    /// (the secret is the last column of the first row).
+    pub auth_query: Option<String>,
+    /// The route whose server credentials run `auth_query`: its user…
+    pub auth_query_user: Option<String>,
+    /// …and database (default: the client's database).
+    pub auth_query_db: Option<String>,
     /// Name of the storage.
     pub storage: String,
     /// Database on the server; default: the client's.
@@ -340,7 +440,20 @@ impl Config {
                     )));
                 }
             }
+            crate::tls::listener_tls(l).map_err(|e| ConfigError(format!("listen[{i}]: {e}")))?;
         }
+        for (name, st) in &self.storage {
+            crate::tls::storage_tls(st).map_err(|e| {
+                ConfigError(format!(
+                    "storage.{name}: {e}{}",
+                    at(&format!("storage.{name}]"))
+                ))
+            })?;
+        }
+        let client_certs = self
+            .listen
+            .iter()
+            .any(|l| l.tls != ListenTls::Disable && l.tls_ca_file.is_some());
         if self.readahead < 4096 {
             return Err(ConfigError(format!(
                 "readahead: at least 4096 bytes{}",
@@ -368,22 +481,61 @@ impl Config {
                         "{key}.prepared_statements_max: must be at least 1{line}"
                     )));
                 }
-                match r.authentication {
-                    Authentication::ClearText | Authentication::Md5 if r.password.is_none() => {
-                        return Err(ConfigError(format!(
-                            "{key}.password: required by authentication = {:?}{line}",
-                            r.authentication
-                        )));
-                    }
-                    Authentication::ClearText if r.password.as_deref().is_some_and(is_md5_hash) => {
-                        // A cleartext password can be checked against an md5
-                        // hash, so this combination works; nothing to refuse.
-                    }
-                    _ => {}
-                }
+                self.validate_auth(&key, r, client_certs)
+                    .map_err(|e| ConfigError(format!("{e}{line}")))?;
             }
         }
         Ok(())
+    }
+
+    /// Refuses the combinations of method and secret that cannot work.
+    fn validate_auth(&self, key: &str, r: &Route, client_certs: bool) -> Result<(), String> {
+        let method = r.authentication.as_str();
+        let secret = r.password.as_deref();
+        if r.auth_query.is_some() {
+            if !matches!(
+                r.authentication,
+                Authentication::ClearText | Authentication::Md5 | Authentication::ScramSha256
+            ) {
+                return Err(format!(
+                    "{key}.auth_query: needs authentication = \"clear_text\", \"md5\" or \"scram-sha-256\", not {method:?}"
+                ));
+            }
+            let Some(qu) = &r.auth_query_user else {
+                return Err(format!("{key}.auth_query_user: required with auth_query"));
+            };
+            if let Some(qd) = &r.auth_query_db {
+                if self.route(qd, qu).is_none() {
+                    return Err(format!(
+                        "{key}.auth_query_user: no route for database {qd:?} and user {qu:?} to run auth_query through"
+                    ));
+                }
+            }
+        } else if r.auth_query_user.is_some() || r.auth_query_db.is_some() {
+            return Err(format!("{key}.auth_query_user: set without auth_query"));
+        }
+        match r.authentication {
+            Authentication::ClearText | Authentication::Md5 | Authentication::ScramSha256
+                if secret.is_none() && r.auth_query.is_none() =>
+            {
+                Err(format!(
+                    "{key}.password: required by authentication = {method:?} (or set auth_query)"
+                ))
+            }
+            Authentication::Md5 if secret.is_some_and(is_scram_verifier) => Err(format!(
+                "{key}.password: a SCRAM verifier cannot check md5 logins; use authentication = \"scram-sha-256\", or a plain password or md5 hash"
+            )),
+            Authentication::ScramSha256 if secret.is_some_and(is_md5_hash) => Err(format!(
+                "{key}.password: an md5 hash cannot check SCRAM logins; use authentication = \"md5\", or a plain password or SCRAM verifier"
+            )),
+            Authentication::Cert if !client_certs => Err(format!(
+                "{key}.authentication: \"cert\" needs a [[listen]] with tls enabled and tls_ca_file set"
+            )),
+            Authentication::Passthrough if r.storage_user.is_some() => Err(format!(
+                "{key}.storage_user: passthrough logs in to the server as the client's user; remove storage_user"
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Finds the route for a client's (database, user): exact match first,
@@ -400,11 +552,12 @@ impl Config {
         for (db, u) in candidates {
             if let Some(route) = self.database.get(db).and_then(|d| d.user.get(u)) {
                 let storage = self.storage.get(&route.storage)?.clone();
+                // A plain client password serves the server too, for the
+                // same user; hashes and verifiers can't be logged in with.
                 let server_password = route.storage_password.clone().or_else(|| {
-                    route
-                        .password
-                        .clone()
-                        .filter(|p| route.storage_user.is_none() && !is_md5_hash(p))
+                    route.password.clone().filter(|p| {
+                        route.storage_user.is_none() && !is_md5_hash(p) && !is_scram_verifier(p)
+                    })
                 });
                 return Some(Arc::new(ResolvedRoute {
                     rule_db: db.to_string(),
@@ -421,7 +574,12 @@ impl Config {
     }
 }
 
-/// True for an md5 hash as PostgreSQL stores it ("md5" + 32 hex digits).
+/// True for a SCRAM-SHA-256 verifier as PostgreSQL stores it.
+pub fn is_scram_verifier(s: &str) -> bool {
+    odissey_protocol::scram::ScramSecret::parse(s).is_ok()
+}
+
+/// True for PostgreSQL's md5 password hash form (`md5` + 32 hex digits).
 pub fn is_md5_hash(s: &str) -> bool {
     s.len() == 35 && s.starts_with("md5") && s[3..].bytes().all(|b| b.is_ascii_hexdigit())
 }

@@ -79,7 +79,9 @@ impl Io {
 
     /// Writes what is pending while writable. True on progress.
     pub(crate) fn flush(&mut self) -> bool {
-        if self.out.is_empty() || !self.writable {
+        // TLS may owe the socket records (handshake, encrypted data) even
+        // when nothing of ours is pending.
+        if !self.writable || (self.out.is_empty() && !self.stream.wants_write()) {
             return false;
         }
         let (n, r) = self.stream.write_from(&mut self.out);

@@ -20,11 +20,13 @@ mod ids;
 mod io;
 pub mod logging;
 mod params;
+mod passthrough;
 mod prepared;
 mod relay;
 mod router;
 mod server;
 mod system;
+mod tls;
 mod worker;
 
 pub use odissey_facade as facade;

@@ -17,6 +17,7 @@ use odissey_transport::{Listener, ListenerAddr};
 use crate::cmd::{SysCmd, WorkerCmd};
 use crate::config::{resolve, Config};
 use crate::router::{Action, PoolKey, Registry, Router, WorkerId};
+use crate::tls::TlsSet;
 use crate::worker::Worker;
 
 /// Deadlines of the system thread.
@@ -28,6 +29,8 @@ pub(crate) enum SysTimer {
 
 struct Running {
     cfg: Arc<Config>,
+    /// The TLS material the workers use.
+    tls: Arc<TlsSet>,
     source: ConfigSource,
     listeners: Vec<Listener>,
     started: Started,
@@ -72,6 +75,11 @@ impl System {
             return Err(Error::AlreadyStarted);
         }
         let cfg = Arc::new(Self::load(&source)?);
+        let (tls, errors) = TlsSet::load(&cfg, None);
+        if !errors.is_empty() {
+            return Err(Error::Config(errors.join("; ")));
+        }
+        let tls = Arc::new(tls);
         let mut listeners = Vec::new();
         let mut started = Started {
             tcp: Vec::new(),
@@ -103,7 +111,7 @@ impl System {
         }
         let registry = Arc::new(Registry::new(cfg.worker_count()));
         self.router = Router::new(Arc::clone(&registry));
-        let (workers, threads) = spawn_workers(&cfg, &self.me, &registry, &self.clients)
+        let (workers, threads) = spawn_workers(&cfg, &tls, &self.me, &registry, &self.clients)
             .map_err(|e| Error::Io(e.to_string()))?;
         // Every worker accepts from its own clone of each listener: a new
         // client never crosses a thread. The system thread keeps the
@@ -127,6 +135,7 @@ impl System {
         info!("{} worker(s) started", started.workers);
         self.running = Some(Running {
             cfg,
+            tls,
             source,
             listeners,
             started: started.clone(),
@@ -142,14 +151,29 @@ impl System {
         };
         let source = source.unwrap_or_else(|| run.source.clone());
         let cfg = Arc::new(Self::load(&source)?);
-        if cfg.listen != run.cfg.listen {
-            warn!("reload: [[listen]] changes take effect at restart");
+        // Addresses need a restart; TLS files and modes apply to new clients.
+        let addrs = |c: &Config| -> Vec<_> {
+            c.listen
+                .iter()
+                .map(|l| (l.host.clone(), l.port, l.unix_socket.clone(), l.backlog))
+                .collect()
+        };
+        if addrs(&cfg) != addrs(&run.cfg) {
+            warn!("reload: [[listen]] address changes take effect at restart");
         }
+        let (tls, errors) = TlsSet::load(&cfg, Some(&run.tls));
+        for e in errors {
+            warn!("reload: {e}; keeping the previous TLS configuration there");
+        }
+        run.tls = Arc::new(tls);
         if cfg.worker_count() != run.cfg.worker_count() {
             warn!("reload: a new `workers` count takes effect at restart");
         }
         for w in &run.workers {
-            let _ = w.send(WorkerCmd::Configure(Arc::clone(&cfg)));
+            let _ = w.send(WorkerCmd::Configure {
+                cfg: Arc::clone(&cfg),
+                tls: Arc::clone(&run.tls),
+            });
         }
         let actions = self.router.configure(&cfg);
         run.cfg = cfg;
@@ -370,6 +394,7 @@ type Workers = (Vec<Sender<WorkerCmd>>, Vec<JoinHandle<()>>);
 
 fn spawn_workers(
     cfg: &Arc<Config>,
+    tls: &Arc<TlsSet>,
     sys: &Sender<SysCmd>,
     registry: &Arc<Registry>,
     clients: &Arc<AtomicUsize>,
@@ -389,6 +414,7 @@ fn spawn_workers(
             sys.clone(),
             senders.clone(),
             Arc::clone(cfg),
+            Arc::clone(tls),
             Arc::clone(registry),
             Arc::clone(clients),
         );

@@ -16,20 +16,26 @@ use odissey_protocol::backend::BackendMessage;
 use odissey_protocol::backend::{self, TransactionStatus};
 use odissey_protocol::{codec, frontend};
 use odissey_reactor::{Context, Handler, Interest, Key, Machines, Ready, Sender, TimerId, Token};
-use odissey_transport::{connect, connect_unix, Listener, Stream, ACCEPTED_INHERIT_OPTIONS};
+use odissey_transport::{
+    connect, connect_unix, Listener, Stream, ACCEPTED_INHERIT_OPTIONS, ALPN_POSTGRESQL,
+};
 
-use crate::auth::{Fatal, Identity, Login, Outcome};
-use crate::backend_login::{BackendLogin, LoginError, Progress};
+use crate::auth::{Ctx, Fatal, Identity, Login, Outcome, TlsView};
+use crate::backend_login::{AskTls, BackendLogin, LoginError, Progress};
 use crate::client::{Client, ClientState};
 use crate::cmd::{SysCmd, WorkerCmd};
-use crate::config::{Config, PoolMode, ResolvedRoute, RouteCache};
+use crate::config::{
+    Authentication, Config, ListenTls, PoolMode, ResolvedRoute, RouteCache, StorageTls,
+};
 use crate::ids::ConnId;
 use crate::io::Io;
 use crate::params::{SetCommand, Value};
+use crate::passthrough;
 use crate::prepared::ServerStatements;
 use crate::relay::{Relay, Step};
 use crate::router::{Lease, PoolKey, PoolShared, Registry, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
+use crate::tls::{StorageTlsConfig, TlsSet};
 
 /// Rounds of read/relay/write per wake-up before yielding to others.
 const MAX_ROUNDS: usize = 32;
@@ -44,6 +50,8 @@ pub(crate) enum Conn {
     Server(Box<Server>),
     /// A CancelRequest on its way to a server.
     Cancel(Box<Canceller>),
+    /// A `passthrough` client's password being tried on the server.
+    Verify(Box<Verifier>),
     /// Closed during this batch; freed after it so the slot is not reused
     /// while events for the old socket may still be queued.
     Dead,
@@ -64,6 +72,10 @@ pub(crate) enum WorkerTimer {
     PoolTimeout(Key),
     /// A client closed with an error has lingered long enough.
     Linger(Key),
+    /// A client did not finish logging in within auth_timeout.
+    AuthTimeout(Key),
+    /// A passthrough password check took too long.
+    VerifyTimeout(Key),
 }
 
 /// A connection that carries one CancelRequest to a server.
@@ -75,8 +87,25 @@ pub(crate) struct Canceller {
     timer: Option<TimerId>,
 }
 
+/// A throwaway server login that tries a `passthrough` client's password.
+#[derive(Debug)]
+pub(crate) struct Verifier {
+    io: Io,
+    login: BackendLogin,
+    /// The TCP connect has completed.
+    connected: bool,
+    /// The client waiting for the verdict.
+    client: Key,
+    who: Box<Identity>,
+    password: String,
+    timer: Option<TimerId>,
+}
+
 /// How long a client closed with an error keeps its socket open.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How long a passthrough password check may take.
+const VERIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a CancelRequest may take to be delivered.
 const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -90,6 +119,8 @@ pub(crate) struct Shared {
     pub(crate) sys: Sender<SysCmd>,
     pub(crate) peers: Vec<Sender<WorkerCmd>>,
     pub(crate) cfg: Arc<Config>,
+    /// TLS for clients (by listener) and servers (by storage).
+    pub(crate) tls: Arc<TlsSet>,
     /// Routes resolved for this worker's clients under `cfg`.
     routes: RouteCache,
     /// ParameterStatus of the first server login per pool, for greeting
@@ -140,6 +171,7 @@ impl Worker {
         sys: Sender<SysCmd>,
         peers: Vec<Sender<WorkerCmd>>,
         cfg: Arc<Config>,
+        tls: Arc<TlsSet>,
         registry: Arc<Registry>,
         clients: Arc<AtomicUsize>,
     ) -> Self {
@@ -150,6 +182,7 @@ impl Worker {
                 sys,
                 peers,
                 cfg,
+                tls,
                 params: HashMap::new(),
                 local: HashMap::new(),
                 registry,
@@ -212,6 +245,21 @@ impl Shared {
     fn send(&self, cmd: SysCmd) {
         if self.sys.send(cmd).is_err() {
             debug!("worker {}: system thread gone", self.id);
+        }
+    }
+
+    /// Whether to ask a route's storage for TLS (never over a Unix socket,
+    /// where PostgreSQL does not offer it, as libpq does).
+    fn ask_tls(&self, route: &ResolvedRoute) -> AskTls {
+        if route.storage.unix_socket_dir.is_some() {
+            return AskTls::No;
+        }
+        match self.tls.storage.get(&route.route.storage).map(|t| t.mode) {
+            None | Some(StorageTls::Disable | StorageTls::Allow) => AskTls::No,
+            Some(StorageTls::Prefer) => AskTls::Prefer,
+            Some(StorageTls::Require | StorageTls::VerifyCa | StorageTls::VerifyFull) => {
+                AskTls::Require
+            }
         }
     }
 
@@ -278,6 +326,10 @@ impl Handler for Worker {
                 k.io.on_ready(ready);
                 self.drive_canceller(cx, key);
             }
+            Some(Conn::Verify(v)) => {
+                v.io.on_ready(ready);
+                self.drive_verifier(cx, key);
+            }
             Some(Conn::Dead) | None => {}
         }
     }
@@ -333,8 +385,9 @@ impl Handler for Worker {
                     }
                 }
             }
-            WorkerCmd::Configure(cfg) => {
+            WorkerCmd::Configure { cfg, tls } => {
                 self.w.cfg = cfg;
+                self.w.tls = tls;
                 self.w.routes.clear();
             }
             WorkerCmd::Cancel { pid, key } => {
@@ -352,11 +405,25 @@ impl Handler for Worker {
                     self.finish_close(ck);
                 }
             }
+            WorkerTimer::AuthTimeout(ck) => {
+                let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+                    return;
+                };
+                c.deadline = None;
+                if matches!(c.state, ClientState::Login(_) | ClientState::Verifying) {
+                    info!("{}: login not finished within auth_timeout", c.id);
+                    let f = Fatal::new(
+                        "08P01",
+                        "startup and authentication not finished within auth_timeout",
+                    );
+                    self.close_client(cx, ck, Some(f));
+                }
+            }
             WorkerTimer::PoolTimeout(ck) => {
                 let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
                     return;
                 };
-                c.wait_timer = None;
+                c.deadline = None;
                 if !matches!(c.state, ClientState::Waiting) {
                     return;
                 }
@@ -380,6 +447,13 @@ impl Handler for Worker {
                             "did not come back clean in time (pool_reset_timeout)",
                         );
                     }
+                }
+            }
+            WorkerTimer::VerifyTimeout(k) => {
+                if let Some(Conn::Verify(v)) = self.conns.get_mut(k) {
+                    v.timer = None;
+                    let why = "the server did not answer the password check in time".to_string();
+                    self.finish_verifier(cx, k, Err((why, "08006")));
                 }
             }
             WorkerTimer::CancelTimeout(k) => {
@@ -415,6 +489,10 @@ impl Handler for Worker {
                         ),
                         Some(Conn::Server(_)) => self.close_server(cx, k, "shutdown"),
                         Some(Conn::Cancel(_)) => self.finish_canceller(cx, k),
+                        Some(Conn::Verify(_)) => {
+                            let why = "odissey is shutting down".to_string();
+                            self.finish_verifier(cx, k, Err((why, "57P01")));
+                        }
                         _ => {}
                     }
                 }
@@ -452,7 +530,7 @@ impl Worker {
                 Ok(Some((stream, peer))) => {
                     let max = self.w.cfg.client_max;
                     let n = self.w.clients.fetch_add(1, AtomicOrdering::Relaxed) + 1;
-                    self.accept(cx, stream, peer, max > 0 && n > max);
+                    self.accept(cx, stream, peer, i, max > 0 && n > max);
                 }
                 // Another worker took it (they all poll the same socket).
                 Ok(None) => return,
@@ -487,6 +565,7 @@ impl Worker {
         cx: &mut Context<'_, WorkerTimer>,
         stream: Stream,
         peer: odissey_transport::Peer,
+        listener: usize,
         reject: bool,
     ) {
         let keepalive = self.w.cfg.keepalive();
@@ -512,7 +591,7 @@ impl Worker {
                 id,
                 key,
                 io,
-                state: ClientState::Login(Login::AwaitingStartup),
+                state: ClientState::Login(Login::Startup),
                 route: None,
                 pool: None,
                 server: None,
@@ -522,7 +601,9 @@ impl Worker {
                 greeted: false,
                 reject,
                 params: Vec::new(),
-                wait_timer: None,
+                deadline: None,
+                listener: u16::try_from(listener).unwrap_or(u16::MAX),
+                tls_direct: false,
                 sets: VecDeque::new(),
                 z_sent: 0,
                 z_seen: 0,
@@ -540,6 +621,17 @@ impl Worker {
             return;
         }
         debug!("{id}: new client from {peer} on worker {}", self.w.id);
+        let timeout = self.w.cfg.auth_timeout;
+        if timeout > 0 {
+            // Slowloris: TLS, startup and authentication all count.
+            let t = cx.set_timer(
+                cx.now() + std::time::Duration::from_millis(timeout),
+                WorkerTimer::AuthTimeout(key),
+            );
+            if let Some(Conn::Client(c)) = self.conns.get_mut(key) {
+                c.deadline = Some(t);
+            }
+        }
         self.drive_client(cx, key);
     }
 
@@ -559,8 +651,63 @@ impl Worker {
             let state = std::mem::replace(&mut c.state, ClientState::Idle);
             match state {
                 ClientState::Login(login) => {
-                    match login.step(&mut c.io.rx, &mut c.io.out, &self.w.cfg, &mut self.w.routes) {
+                    let listener = self
+                        .w
+                        .tls
+                        .listen
+                        .get(usize::from(c.listener))
+                        .and_then(Option::as_ref);
+                    let peer_cn = c.io.stream.peer_common_name();
+                    let mut lx = Ctx {
+                        cfg: &self.w.cfg,
+                        routes: &mut self.w.routes,
+                        tls: TlsView {
+                            mode: listener.map_or(ListenTls::Disable, |l| l.mode),
+                            on: c.io.stream.is_tls(),
+                            direct: c.tls_direct,
+                            alpn_postgresql: c.io.stream.alpn().as_deref() == Some(ALPN_POSTGRESQL),
+                            peer_cn: peer_cn.as_deref(),
+                        },
+                    };
+                    match login.step(&mut c.io.rx, &mut c.io.out, &mut lx) {
                         Ok((login, Outcome::NeedMore)) => c.state = ClientState::Login(login),
+                        Ok((
+                            login,
+                            Outcome::StartTls {
+                                already_read,
+                                direct,
+                            },
+                        )) => {
+                            // The 'S' must leave in plaintext, before the
+                            // stream turns to TLS.
+                            c.io.writable = true;
+                            c.io.flush();
+                            let started = match listener {
+                                Some(l) if c.io.out.is_empty() => {
+                                    c.io.stream
+                                        .start_tls_server(&l.server, &already_read)
+                                        .map_err(|e| e.to_string())
+                                }
+                                Some(_) => Err("the client does not read".into()),
+                                None => Err("TLS is not enabled".into()),
+                            };
+                            if let Err(e) = started {
+                                info!("{}: cannot start TLS: {e}", c.id);
+                                self.close_client(cx, ck, None);
+                                return;
+                            }
+                            c.tls_direct = direct;
+                            // The rest of a ClientHello may already be in the
+                            // socket: read without waiting for an edge.
+                            c.io.readable = true;
+                            c.state = ClientState::Login(login);
+                            progress = true;
+                        }
+                        Ok((_, Outcome::Verify { who, password })) => {
+                            c.state = ClientState::Verifying;
+                            self.verify_password(cx, ck, who, password);
+                            return;
+                        }
                         Ok((_, Outcome::Cancel { pid, key })) => {
                             // The client with that key lives here or on
                             // another worker; the protocol wants no answer.
@@ -585,7 +732,14 @@ impl Worker {
                             progress = true;
                         }
                         Err(f) => {
-                            info!("{}: login refused: {} ({})", c.id, f.message, f.code);
+                            let why = c.io.stream.tls_error();
+                            info!(
+                                "{}: login refused: {} ({}){}",
+                                c.id,
+                                f.message,
+                                f.code,
+                                why.map(|w| format!("; TLS: {w}")).unwrap_or_default()
+                            );
                             self.close_client(cx, ck, Some(f));
                             return;
                         }
@@ -628,6 +782,15 @@ impl Worker {
                         self.close_client(cx, ck, None);
                         return;
                     }
+                }
+                ClientState::Verifying => {
+                    c.state = ClientState::Verifying;
+                    // Nothing may come before the verdict; bytes that do
+                    // wait (a pipelining client's first query).
+                    if c.io.eof {
+                        self.close_client(cx, ck, None);
+                    }
+                    return;
                 }
                 ClientState::Closing => {
                     c.state = ClientState::Closing;
@@ -1012,7 +1175,7 @@ impl Worker {
                 if waiting {
                     self.w.balance_needs(&pool);
                     if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
-                        if let Some(t) = c.wait_timer.take() {
+                        if let Some(t) = c.deadline.take() {
                             cx.cancel_timer(t);
                         }
                     }
@@ -1079,6 +1242,9 @@ impl Worker {
         // The startup parameters live on in `c.params`, the names in the
         // pool key: an idle client keeps nothing else of its login.
         c.route = Some(who.route);
+        if let Some(t) = c.deadline.take() {
+            cx.cancel_timer(t);
+        }
         c.state = ClientState::Idle;
         if let Some(params) = self.w.params.get(&pool) {
             let params = Arc::clone(params);
@@ -1122,7 +1288,7 @@ impl Worker {
                 WorkerTimer::PoolTimeout(ck),
             );
             if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
-                c.wait_timer = Some(t);
+                c.deadline = Some(t);
             }
         }
         self.w.balance_needs(&pool);
@@ -1131,7 +1297,7 @@ impl Worker {
     /// A client leaves this worker's queue without a server.
     fn dequeue(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, pool: &PoolKey) {
         if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
-            if let Some(t) = c.wait_timer.take() {
+            if let Some(t) = c.deadline.take() {
                 cx.cancel_timer(t);
             }
         }
@@ -1210,11 +1376,17 @@ impl Worker {
         let _ = stream.tune(self.w.cfg.keepalive());
         let id = ConnId::server();
         let mut io = Io::new(stream, false);
+        let password = route.server_password.clone().or_else(|| {
+            (route.route.authentication == Authentication::Passthrough)
+                .then(|| passthrough::password(&route.route.storage, &route.server_user))
+                .flatten()
+        });
         let login = BackendLogin::start(
             &mut io.out,
             &route.server_db,
             &route.server_user,
-            route.server_password.clone(),
+            password,
+            self.w.ask_tls(&route),
         );
         let registry = cx.registry();
         let mut failed = None;
@@ -1292,57 +1464,22 @@ impl Worker {
                     }
                 },
                 ServerState::LoggingIn(mut login) => {
-                    progress |= s.io.fill(self.w.cfg.readahead);
-                    let mut ready = false;
-                    loop {
-                        match codec::read_frame(&mut s.io.rx, 1 << 20) {
-                            Ok(Some(f)) => match login.handle(&f, &mut s.io.out) {
-                                Ok(Progress::Continue) => {}
-                                Ok(Progress::Ready) => {
-                                    ready = true;
-                                    break;
-                                }
-                                Err(e) => {
-                                    let code = match &e {
-                                        LoginError::Server(f) => code_of(&f.code),
-                                        _ => "08006",
-                                    };
-                                    self.fail_login(
-                                        cx,
-                                        sk,
-                                        format!("server login failed: {e}"),
-                                        code,
-                                    );
-                                    return;
-                                }
-                            },
-                            Ok(None) => break,
-                            Err(e) => {
-                                self.fail_login(
-                                    cx,
-                                    sk,
-                                    format!("server login failed: {e}"),
-                                    "08006",
-                                );
-                                return;
-                            }
+                    let tls = self.w.tls.storage.get(&s.route.route.storage);
+                    let host = &s.route.storage.host;
+                    let (moved, step) =
+                        step_login(&mut s.io, &mut login, tls, host, self.w.cfg.readahead);
+                    progress |= moved;
+                    match step {
+                        LoginStep::Pending => s.state = ServerState::LoggingIn(login),
+                        LoginStep::Ready => {
+                            self.server_ready(cx, sk, login);
+                            return;
+                        }
+                        LoginStep::Failed(message, code) => {
+                            self.fail_login(cx, sk, message, code);
+                            return;
                         }
                     }
-                    if ready {
-                        self.server_ready(cx, sk, login);
-                        return;
-                    }
-                    if s.io.eof {
-                        self.fail_login(
-                            cx,
-                            sk,
-                            "the server closed the connection during login".into(),
-                            "08006",
-                        );
-                        return;
-                    }
-                    s.state = ServerState::LoggingIn(login);
-                    progress |= s.io.flush();
                 }
                 ServerState::Idle => {
                     s.state = ServerState::Idle;
@@ -1653,6 +1790,9 @@ impl Worker {
             self.finish_close(ck);
             return;
         }
+        if let Some(t) = c.deadline.take() {
+            cx.cancel_timer(t);
+        }
         if let Some(f) = &fatal {
             write_error(&mut c.io.out, c.id, "FATAL", f.code, &f.message);
         }
@@ -1823,6 +1963,210 @@ impl Worker {
         }
     }
 
+    /// Checks a `passthrough` client's password: against the cache when
+    /// it holds one for the user, else by logging in to the server with it.
+    fn verify_password(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        ck: Key,
+        who: Box<Identity>,
+        password: String,
+    ) {
+        let storage_name = who.route.route.storage.clone();
+        if passthrough::check(&storage_name, &who.route.server_user, &password) {
+            self.verified(cx, ck, *who);
+            return;
+        }
+        let route = Arc::clone(&who.route);
+        let st = &route.storage;
+        let stream = match connect_storage(st) {
+            Ok(s) => s,
+            Err(e) => {
+                let why = format!("cannot connect to the server {}:{}: {e}", st.host, st.port);
+                self.refuse_unverified(cx, ck, &who, Err((why, "08006")));
+                return;
+            }
+        };
+        let _ = stream.tune(self.w.cfg.keepalive());
+        let mut io = Io::new(stream, false);
+        let login = BackendLogin::start(
+            &mut io.out,
+            &route.server_db,
+            &route.server_user,
+            Some(password.clone()),
+            self.w.ask_tls(&route),
+        );
+        let registry = cx.registry();
+        let mut failed = None;
+        let k = self.conns.insert_with(|key| {
+            if let Err(e) = registry.register(
+                &mut io.stream,
+                key.token(),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                failed = Some(e);
+            }
+            Conn::Verify(Box::new(Verifier {
+                io,
+                login,
+                connected: false,
+                client: ck,
+                who,
+                password,
+                timer: None,
+            }))
+        });
+        if let Some(e) = failed {
+            let why = format!("cannot register a socket: {e}");
+            self.finish_verifier(cx, k, Err((why, "08006")));
+            return;
+        }
+        let t = cx.set_timer(cx.now() + VERIFY_TIMEOUT, WorkerTimer::VerifyTimeout(k));
+        if let Some(Conn::Verify(v)) = self.conns.get_mut(k) {
+            v.timer = Some(t);
+        }
+    }
+
+    fn drive_verifier(&mut self, cx: &mut Context<'_, WorkerTimer>, k: Key) {
+        let readahead = self.w.cfg.readahead;
+        for _ in 0..MAX_ROUNDS {
+            let Some(Conn::Verify(v)) = self.conns.get_mut(k) else {
+                return;
+            };
+            if !v.connected {
+                match v.io.stream.take_error() {
+                    Ok(None) if v.io.stream.is_connected() => {
+                        v.connected = true;
+                        v.io.writable = true;
+                    }
+                    Ok(None) if !v.io.eof => return,
+                    Ok(Some(e)) | Err(e) => {
+                        let st = &v.who.route.storage;
+                        let why =
+                            format!("cannot connect to the server {}:{}: {e}", st.host, st.port);
+                        self.finish_verifier(cx, k, Err((why, "08006")));
+                        return;
+                    }
+                    Ok(None) => {
+                        let why = "the server closed the connection".to_string();
+                        self.finish_verifier(cx, k, Err((why, "08006")));
+                        return;
+                    }
+                }
+            }
+            let moved = v.io.flush();
+            let tls = self.w.tls.storage.get(&v.who.route.route.storage);
+            let host = &v.who.route.storage.host;
+            let (more, step) = step_login(&mut v.io, &mut v.login, tls, host, readahead);
+            match step {
+                LoginStep::Pending if moved || more => {}
+                LoginStep::Pending => return,
+                LoginStep::Ready => {
+                    self.finish_verifier(cx, k, Ok(()));
+                    return;
+                }
+                LoginStep::Failed(why, code) => {
+                    self.finish_verifier(cx, k, Err((why, code)));
+                    return;
+                }
+            }
+        }
+        self.w.again.push(k);
+        cx.again();
+    }
+
+    /// Ends a password check: the server's verdict goes to the client.
+    fn finish_verifier(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        k: Key,
+        verdict: Result<(), (String, &'static str)>,
+    ) {
+        let Some(Conn::Verify(v)) = self.conns.get_mut(k) else {
+            return;
+        };
+        if let Some(t) = v.timer.take() {
+            cx.cancel_timer(t);
+        }
+        if verdict.is_ok() && !v.io.eof {
+            frontend::terminate(&mut v.io.out);
+            v.io.writable = true;
+            v.io.flush();
+        }
+        let Some(slot) = self.conns.get_mut(k) else {
+            return;
+        };
+        let Conn::Verify(v) = std::mem::replace(slot, Conn::Dead) else {
+            return;
+        };
+        self.w.dead.push(k);
+        let Verifier {
+            client,
+            who,
+            password,
+            ..
+        } = *v;
+        let storage = &who.route.route.storage;
+        let user = &who.route.server_user;
+        match verdict {
+            Ok(()) => {
+                passthrough::remember(storage, user, &password);
+                self.verified(cx, client, *who);
+            }
+            Err(e) => {
+                if matches!(e.1, "28P01" | "28000") {
+                    passthrough::forget(storage, user);
+                }
+                self.refuse_unverified(cx, client, &who, Err(e));
+            }
+        }
+    }
+
+    /// A passthrough client's password is right: it is logged in.
+    fn verified(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, who: Identity) {
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return;
+        };
+        if !matches!(c.state, ClientState::Verifying) {
+            return;
+        }
+        backend::authentication_ok(&mut c.io.out);
+        if c.reject {
+            let f = Fatal::new("53300", "too many clients: client_max reached");
+            self.close_client(cx, ck, Some(f));
+            return;
+        }
+        self.logged_in(cx, ck, who);
+        self.drive_client(cx, ck);
+    }
+
+    /// A passthrough client's password could not be confirmed: a refusal
+    /// by the server reads as a wrong password; anything else (server down)
+    /// is said as it is.
+    fn refuse_unverified(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        ck: Key,
+        who: &Identity,
+        verdict: Result<(), (String, &'static str)>,
+    ) {
+        let Err((why, code)) = verdict else {
+            return;
+        };
+        let f = if matches!(code, "28P01" | "28000") {
+            crate::auth::password_failed(&who.user)
+        } else {
+            warn!("passthrough check for user {:?} failed: {why}", who.user);
+            Fatal::new(code, why)
+        };
+        if let Some(Conn::Client(c)) = self.conns.get(ck) {
+            if matches!(c.state, ClientState::Verifying) {
+                info!("{}: login refused: {} ({})", c.id, f.message, f.code);
+                self.close_client(cx, ck, Some(f));
+            }
+        }
+    }
+
     fn finish_canceller(&mut self, cx: &mut Context<'_, WorkerTimer>, k: Key) {
         let Some(Conn::Cancel(c)) = self.conns.get_mut(k) else {
             return;
@@ -1971,6 +2315,110 @@ fn apply_set(
 
 /// Starts a non-blocking connection to a storage: its Unix socket
 /// (`<dir>/.s.PGSQL.<port>`, as libpq names it) or its TCP address.
+/// Where a server login stands after a step.
+enum LoginStep {
+    Pending,
+    Ready,
+    /// Why, and the SQLSTATE for the client.
+    Failed(String, &'static str),
+}
+
+/// Moves a server login on as far as the socket allows: the answer to
+/// SSLRequest and the start of TLS, then the login messages. Shared by pooled
+/// servers and passthrough checks. The bool says whether anything moved.
+fn step_login(
+    io: &mut Io,
+    login: &mut BackendLogin,
+    tls: Option<&StorageTlsConfig>,
+    host: &str,
+    readahead: usize,
+) -> (bool, LoginStep) {
+    let ended = |io: &Io| {
+        let why = io.stream.tls_error().map_or_else(
+            || "the server closed the connection during login".to_string(),
+            |e| format!("TLS with the server failed: {e}"),
+        );
+        LoginStep::Failed(why, "08006")
+    };
+    let mut progress = io.fill(readahead);
+    if login.awaits_tls_answer() {
+        let Some(&answer) = io.rx.first() else {
+            return (
+                progress,
+                if io.eof {
+                    ended(io)
+                } else {
+                    LoginStep::Pending
+                },
+            );
+        };
+        let _ = io.rx.split_to(1);
+        progress = true;
+        match login.tls_answer(answer, &mut io.out) {
+            Ok(true) => {
+                if !io.rx.is_empty() {
+                    // Bytes before our ClientHello: a man in the middle's
+                    // injection (CVE-2021-23222).
+                    let why = "the server sent data before the TLS handshake".to_string();
+                    return (progress, LoginStep::Failed(why, "08006"));
+                }
+                let started = match tls {
+                    Some(t) => io
+                        .stream
+                        .start_tls_client(&t.client, host)
+                        .map_err(|e| e.to_string()),
+                    None => Err("no TLS configuration".into()),
+                };
+                if let Err(e) = started {
+                    let why = format!("cannot start TLS with the server: {e}");
+                    return (progress, LoginStep::Failed(why, "08006"));
+                }
+                login.tls_started(&mut io.out);
+                io.readable = true;
+                io.writable = true;
+                io.flush();
+                io.fill(readahead);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                return (
+                    progress,
+                    LoginStep::Failed(format!("server login failed: {e}"), "08006"),
+                )
+            }
+        }
+    }
+    loop {
+        match codec::read_frame(&mut io.rx, 1 << 20) {
+            Ok(Some(f)) => {
+                progress = true;
+                match login.handle(&f, &mut io.out) {
+                    Ok(Progress::Continue) => {}
+                    Ok(Progress::Ready) => return (progress, LoginStep::Ready),
+                    Err(e) => {
+                        let code = match &e {
+                            LoginError::Server(f) => code_of(&f.code),
+                            _ => "08006",
+                        };
+                        let why = format!("server login failed: {e}");
+                        return (progress, LoginStep::Failed(why, code));
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let why = format!("server login failed: {e}");
+                return (progress, LoginStep::Failed(why, "08006"));
+            }
+        }
+    }
+    if io.eof {
+        return (progress, ended(io));
+    }
+    progress |= io.flush();
+    (progress, LoginStep::Pending)
+}
+
 fn connect_storage(st: &crate::config::Storage) -> std::io::Result<Stream> {
     match &st.unix_socket_dir {
         Some(dir) => connect_unix(&std::path::Path::new(dir).join(format!(".s.PGSQL.{}", st.port))),

@@ -45,6 +45,12 @@ fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 }
 
 /// SHA-256 of `data`.
+/// HMAC-SHA-256 of `data` under `key`, for callers that derive their own
+/// values (e.g. a stable salt for a verifier made from a plain password).
+pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    hmac(key, &[data])
+}
+
 fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }

@@ -141,6 +141,11 @@ pub(crate) struct Config {
     pub(crate) client_max: usize,
     pub(crate) shutdown_timeout: Option<u64>,
     pub(crate) routes: Vec<Route>,
+    /// Extra `key = value` lines at the top level, in `[[listen]]` and in
+    /// `[storage.main]`.
+    pub(crate) global_lines: Vec<String>,
+    pub(crate) listen_lines: Vec<String>,
+    pub(crate) storage_lines: Vec<String>,
 }
 
 impl Config {
@@ -152,7 +157,28 @@ impl Config {
             client_max: 0,
             shutdown_timeout: None,
             routes: Vec::new(),
+            global_lines: Vec::new(),
+            listen_lines: Vec::new(),
+            storage_lines: Vec::new(),
         }
+    }
+
+    /// A top-level `key = <toml value>` line.
+    pub(crate) fn global(mut self, key: &str, toml_value: &str) -> Self {
+        self.global_lines.push(format!("{key} = {toml_value}"));
+        self
+    }
+
+    /// A `key = <toml value>` line in the `[[listen]]` section.
+    pub(crate) fn listen(mut self, key: &str, toml_value: &str) -> Self {
+        self.listen_lines.push(format!("{key} = {toml_value}"));
+        self
+    }
+
+    /// A `key = <toml value>` line in the `[storage.main]` section.
+    pub(crate) fn storage(mut self, key: &str, toml_value: &str) -> Self {
+        self.storage_lines.push(format!("{key} = {toml_value}"));
+        self
     }
 
     pub(crate) fn workers(mut self, n: usize) -> Self {
@@ -184,12 +210,21 @@ impl Config {
         if let Some(ms) = self.shutdown_timeout {
             let _ = writeln!(out, "shutdown_timeout = {ms}");
         }
+        for l in &self.global_lines {
+            let _ = writeln!(out, "{l}");
+        }
         let _ = writeln!(out, "\n[[listen]]\nhost = \"127.0.0.1\"\nport = 0");
+        for l in &self.listen_lines {
+            let _ = writeln!(out, "{l}");
+        }
         let _ = writeln!(
             out,
             "\n[storage.main]\ntype = \"remote\"\nhost = \"127.0.0.1\"\nport = {}",
             self.pg_port
         );
+        for l in &self.storage_lines {
+            let _ = writeln!(out, "{l}");
+        }
         for r in &self.routes {
             r.write_toml(&mut out);
         }
