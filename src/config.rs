@@ -392,6 +392,37 @@ impl Config {
         Self::parse(&src).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
     }
 
+    /// The built-in config of a start without a config file: listen on
+    /// 127.0.0.1:6432 and route every database and user, in transaction
+    /// mode with `passthrough` authentication, to the PostgreSQL that
+    /// `PGHOST`/`PGPORT` name (else 127.0.0.1:5432). A `PGHOST` starting
+    /// with `/` is a Unix-socket directory, as for libpq.
+    pub fn zero_config_toml(env: impl Fn(&str) -> Option<String>) -> String {
+        let host = env("PGHOST").filter(|h| !h.is_empty());
+        let port = env("PGPORT")
+            .and_then(|p| p.parse::<u16>().ok())
+            .unwrap_or(5432);
+        let server = match host {
+            Some(dir) if dir.starts_with('/') => {
+                format!("unix_socket_dir = {}\nport = {port}", toml_str(&dir))
+            }
+            Some(h) => format!("host = {}\nport = {port}", toml_str(&h)),
+            None => format!("host = \"127.0.0.1\"\nport = {port}"),
+        };
+        format!(
+            "# odissey's built-in configuration (no config file given).\n\
+             [[listen]]\nhost = \"127.0.0.1\"\nport = 6432\n\n\
+             [storage.postgres]\ntype = \"remote\"\n{server}\n\n\
+             [database.default.user.default]\nauthentication = \"passthrough\"\n\
+             storage = \"postgres\"\npool = \"transaction\"\n"
+        )
+    }
+
+    /// The config as TOML, every default filled in (`--print-config`).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError(format!("cannot print the config: {e}")))
+    }
+
     /// TCP keepalive idle time, `None` when turned off.
     pub fn keepalive(&self) -> Option<std::time::Duration> {
         (self.keepalive > 0).then(|| std::time::Duration::from_secs(self.keepalive))
@@ -572,6 +603,11 @@ impl Config {
         }
         None
     }
+}
+
+/// A TOML basic string.
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
 }
 
 /// True for a SCRAM-SHA-256 verifier as PostgreSQL stores it.

@@ -1,5 +1,6 @@
-//! The `odissey` binary: `odissey CONFIG.toml`, `odissey --check CONFIG.toml`,
-//! `odissey --version`.
+//! The `odissey` binary: `odissey [CONFIG.toml]`, `odissey --check CONFIG.toml`,
+//! `odissey --print-config [CONFIG.toml]`, `odissey --version`. Without a
+//! config file it runs on built-in defaults (see `Config::zero_config_toml`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,11 @@ use odissey::ConfigSource;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-const USAGE: &str = "usage: odissey [--check] CONFIG.toml | --version";
+const USAGE: &str = "\
+usage: odissey [CONFIG.toml]             run (built-in defaults without a file)
+       odissey --check CONFIG.toml       validate a config
+       odissey --print-config [CONFIG]   print the effective config as TOML
+       odissey --version";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,7 +43,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        [path] if !path.starts_with('-') => run(PathBuf::from(path)),
+        ["--print-config"] => print_config(None),
+        ["--print-config", path] => print_config(Some(path)),
+        [] => run(None),
+        [path] if !path.starts_with('-') => run(Some(PathBuf::from(path))),
         _ => {
             eprintln!("{USAGE}");
             ExitCode::from(2)
@@ -46,8 +54,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: PathBuf) -> ExitCode {
-    let cfg = match Config::load(&path) {
+/// The built-in config, from this process's environment.
+fn zero_config() -> String {
+    Config::zero_config_toml(|k| std::env::var(k).ok())
+}
+
+fn print_config(path: Option<&str>) -> ExitCode {
+    let cfg = match path {
+        Some(p) => Config::load(p.as_ref()),
+        None => Config::parse(&zero_config()),
+    };
+    match cfg.and_then(|c| c.to_toml()) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: Option<PathBuf>) -> ExitCode {
+    let (cfg, source) = match path {
+        Some(path) => (Config::load(&path), ConfigSource::File(path)),
+        None => {
+            let text = zero_config();
+            (Config::parse(&text), ConfigSource::Toml(text))
+        }
+    };
+    let cfg = match cfg {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -63,7 +100,10 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let handle = match odissey::start(ConfigSource::File(path)) {
+    if matches!(source, ConfigSource::Toml(_)) {
+        log::info!("no config file: built-in defaults (odissey --print-config shows them)");
+    }
+    let handle = match odissey::start(source) {
         Ok(h) => h,
         Err(e) => {
             log::error!("{e}");
