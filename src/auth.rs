@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::BytesMut;
-use odissey_protocol::scram::{hmac_sha256, ScramSecret, ScramServer, SCRAM_SHA_256};
+use odissey_protocol::scram::{
+    hmac_sha256, ScramCredential, ScramSecret, ScramServer, SCRAM_SHA_256,
+};
 use odissey_protocol::{backend, codec, frontend, md5, Error as ProtoError, Startup};
 
 use crate::config::{is_md5_hash, Authentication, Config, ListenTls, ResolvedRoute, RouteCache};
@@ -51,6 +53,13 @@ pub(crate) struct Identity {
     pub(crate) user: String,
     pub(crate) params: Vec<(String, String)>,
     pub(crate) route: Arc<ResolvedRoute>,
+    /// The secret the client is checked against: the route's `password`,
+    /// or what `auth_query` fetched (None: the user has none, and every
+    /// check fails).
+    pub(crate) secret: Option<String>,
+    /// The SCRAM keys its proof revealed, for logging in to the server as
+    /// that user without a password.
+    pub(crate) keys: Option<ScramCredential>,
 }
 
 /// What the login needs to know about its connection's TLS.
@@ -113,6 +122,9 @@ pub(crate) enum Outcome {
     },
     /// The client is who it says; AuthenticationOk is already in `out`.
     Authenticated(Box<Identity>),
+    /// `auth_query`: fetch the user's secret from the server into
+    /// `who.secret`, then go on with [`Login::challenge`].
+    FetchSecret(Box<Identity>),
     /// `passthrough`: the client sent this password; it is right if the
     /// server accepts it for the client's user.
     Verify {
@@ -165,10 +177,11 @@ impl Login {
                     let password = given.to_string();
                     return Ok((Self::Startup, Outcome::Verify { who, password }));
                 }
-                let secret = Secret::of(who.route.route.password.as_deref().unwrap_or(""));
-                let ok = match md5_salt {
-                    Some(salt) => secret.check_md5(&who.user, salt, given),
-                    None => secret.check_plain(&who.user, given),
+                let ok = match (Secret::of_option(who.secret.as_deref()), md5_salt) {
+                    (Some(secret), Some(salt)) => secret.check_md5(&who.user, salt, given),
+                    (Some(secret), None) => secret.check_plain(&who.user, given),
+                    // No secret (auth_query found none): nothing matches.
+                    (None, _) => false,
                 };
                 if !ok {
                     return Err(password_failed(&who.user));
@@ -201,7 +214,7 @@ impl Login {
                     Outcome::NeedMore,
                 ))
             }
-            Self::SaslFinal { who, mut scram } => {
+            Self::SaslFinal { mut who, mut scram } => {
                 let Some(body) = auth_message(rx)? else {
                     return Ok((Self::SaslFinal { who, scram }, Outcome::NeedMore));
                 };
@@ -212,6 +225,7 @@ impl Login {
                     .map_err(|_| password_failed(&who.user))?;
                 backend::authentication_sasl_final(out, &server_final);
                 backend::authentication_ok(out);
+                who.keys = scram.client_keys();
                 Ok((Self::Startup, Outcome::Authenticated(who)))
             }
         }
@@ -308,13 +322,33 @@ impl Login {
             .filter(|(n, _)| PASSED_PARAMS.contains(&n.as_str()))
             .cloned()
             .collect();
+        let secret = route.route.password.clone();
         let who = Box::new(Identity {
             database,
             user,
             params: kept,
             route,
+            secret,
+            keys: None,
         });
-        let password = who.route.route.password.as_deref().unwrap_or("");
+        let fetch = who.route.route.auth_query.is_some()
+            && matches!(
+                who.route.route.authentication,
+                Authentication::ClearText | Authentication::Md5 | Authentication::ScramSha256
+            );
+        if fetch {
+            return Ok((Self::Startup, Outcome::FetchSecret(who)));
+        }
+        Self::challenge(who, out, tls)
+    }
+
+    /// Asks the client to prove who it is the way its route says (with
+    /// `who.secret` as the route's secret).
+    pub(crate) fn challenge(
+        who: Box<Identity>,
+        out: &mut BytesMut,
+        tls: TlsView<'_>,
+    ) -> Result<(Self, Outcome), Fatal> {
         match who.route.route.authentication {
             Authentication::None => {
                 backend::authentication_ok(out);
@@ -365,16 +399,20 @@ impl Login {
                 ))
             }
             Authentication::ScramSha256 => {
-                let secret = match Secret::of(password) {
-                    Secret::Scram(s) => s,
-                    Secret::Plain(p) => scram_secret_for(p),
-                    // Refused when the config is loaded.
-                    Secret::Md5(_) => {
-                        return Err(Fatal::new(
-                            "28000",
-                            "an md5 hash cannot check a SCRAM login",
-                        ))
+                let secret = match Secret::of_option(who.secret.as_deref()) {
+                    Some(Secret::Scram(s)) => s,
+                    Some(Secret::Plain(p)) => scram_secret_for(p),
+                    // Refused at load for a configured secret; from
+                    // auth_query it can only fail, like an unknown user,
+                    // and after the same exchange.
+                    Some(Secret::Md5(_)) => {
+                        log::warn!(
+                            "user {:?} has an md5 secret on the server, which cannot check a SCRAM login",
+                            who.user
+                        );
+                        mock_scram_secret(&who.user)
                     }
+                    None => mock_scram_secret(&who.user),
                 };
                 backend::authentication_sasl(out, &[SCRAM_SHA_256]);
                 Ok((
@@ -419,6 +457,11 @@ pub(crate) enum Secret<'a> {
 }
 
 impl<'a> Secret<'a> {
+    /// [`Self::of`], or None without a secret.
+    pub(crate) fn of_option(s: Option<&'a str>) -> Option<Self> {
+        s.map(Self::of)
+    }
+
     /// Reads a secret; text that merely looks like a verifier but does not
     /// parse is a plain password (PostgreSQL does the same).
     pub(crate) fn of(s: &'a str) -> Self {
@@ -459,19 +502,12 @@ impl<'a> Secret<'a> {
 /// process but unknowable from outside it.
 fn scram_secret_for(password: &str) -> ScramSecret {
     static MEMO: OnceLock<Mutex<HashMap<String, ScramSecret>>> = OnceLock::new();
-    static SALT_KEY: OnceLock<[u8; 32]> = OnceLock::new();
     let memo = MEMO.get_or_init(Default::default);
     let mut memo = memo.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(s) = memo.get(password) {
         return s.clone();
     }
-    let key = SALT_KEY.get_or_init(|| {
-        let mut k = [0u8; 32];
-        // Without randomness the salt is still unique per password.
-        let _ = getrandom::getrandom(&mut k);
-        k
-    });
-    let salt = &hmac_sha256(key, password.as_bytes())[..16];
+    let salt = &hmac_sha256(salt_key(), password.as_bytes())[..16];
     let secret = ScramSecret::from_password(password, salt, SCRAM_ITERATIONS);
     if memo.len() >= 1024 {
         // Passwords come from the config, so this is only reload churn.
@@ -479,6 +515,31 @@ fn scram_secret_for(password: &str) -> ScramSecret {
     }
     memo.insert(password.to_string(), secret.clone());
     secret
+}
+
+/// A SCRAM secret that no password matches, for users without one: the
+/// exchange runs to its end and fails like a wrong password, with a salt
+/// that is stable per user (so probing can't tell real users from others).
+fn mock_scram_secret(user: &str) -> ScramSecret {
+    let key = salt_key();
+    let salt = &hmac_sha256(key, format!("salt:{user}").as_bytes())[..16];
+    ScramSecret {
+        iterations: SCRAM_ITERATIONS,
+        salt: salt.to_vec(),
+        stored_key: hmac_sha256(key, format!("stored:{user}").as_bytes()),
+        server_key: hmac_sha256(key, format!("server:{user}").as_bytes()),
+    }
+}
+
+/// A random key, fixed for the life of the process, for derived salts.
+fn salt_key() -> &'static [u8; 32] {
+    static SALT_KEY: OnceLock<[u8; 32]> = OnceLock::new();
+    SALT_KEY.get_or_init(|| {
+        let mut k = [0u8; 32];
+        // Without randomness the derived salts are still distinct.
+        let _ = getrandom::getrandom(&mut k);
+        k
+    })
 }
 
 /// PostgreSQL's default `scram_iterations`.

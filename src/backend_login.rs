@@ -5,7 +5,7 @@
 
 use bytes::BytesMut;
 use odissey_protocol::backend::{Authentication, BackendMessage, ErrorFields};
-use odissey_protocol::scram::{ScramClient, SCRAM_SHA_256};
+use odissey_protocol::scram::{ScramClient, ScramCredential, SCRAM_SHA_256};
 use odissey_protocol::{frontend, md5, Frame};
 
 /// Why a login failed.
@@ -13,7 +13,8 @@ use odissey_protocol::{frontend, md5, Frame};
 pub(crate) enum LoginError {
     /// The server said no (wrong password, no such database…).
     Server(ErrorFields),
-    /// The server asked for a password and we have none.
+    /// The server asked for a password and we have none (or only SCRAM
+    /// keys, which serve SCRAM alone).
     NoPassword,
     /// The server wants something we don't speak (GSS, SSPI…).
     Unsupported(String),
@@ -69,7 +70,7 @@ pub(crate) struct BackendLogin {
     user: String,
     /// The database, until the startup message is written.
     database: String,
-    password: Option<String>,
+    credential: Option<ScramCredential>,
     tls: AskTls,
     expect: Option<Expect>,
     /// ParameterStatus values reported by the server.
@@ -94,13 +95,13 @@ impl BackendLogin {
         out: &mut BytesMut,
         database: &str,
         user: &str,
-        password: Option<String>,
+        credential: Option<ScramCredential>,
         tls: AskTls,
     ) -> Self {
         let mut login = Self {
             user: user.to_string(),
             database: database.to_string(),
-            password,
+            credential,
             tls,
             expect: Some(Expect::Auth),
             params: Vec::new(),
@@ -165,7 +166,10 @@ impl BackendLogin {
     }
 
     fn password(&self) -> Result<&str, LoginError> {
-        self.password.as_deref().ok_or(LoginError::NoPassword)
+        match &self.credential {
+            Some(ScramCredential::Password(p)) => Ok(p),
+            _ => Err(LoginError::NoPassword),
+        }
     }
 
     /// Feeds one frame from the server; answers go to `out`.
@@ -255,8 +259,15 @@ impl BackendLogin {
                         "SASL mechanisms {mechanisms:?}"
                     )));
                 }
-                let scram = ScramClient::try_new(self.password()?)
-                    .map_err(|e| LoginError::Protocol(e.to_string()))?;
+                let scram = match &self.credential {
+                    Some(ScramCredential::Password(p)) => ScramClient::try_new(p),
+                    Some(ScramCredential::Keys {
+                        client_key,
+                        server_key,
+                    }) => ScramClient::try_with_keys(*client_key, *server_key),
+                    None => return Err(LoginError::NoPassword),
+                }
+                .map_err(|e| LoginError::Protocol(e.to_string()))?;
                 frontend::sasl_initial_response(out, SCRAM_SHA_256, &scram.client_first());
                 Expect::SaslContinue(Box::new(scram))
             }
@@ -307,7 +318,13 @@ mod tests {
     #[test]
     fn md5_login() {
         let mut out = BytesMut::new();
-        let mut l = BackendLogin::start(&mut out, "db", "bob", Some("pw".into()), AskTls::No);
+        let mut l = BackendLogin::start(
+            &mut out,
+            "db",
+            "bob",
+            Some(ScramCredential::Password("pw".into())),
+            AskTls::No,
+        );
         let Some(Startup::Startup { params, .. }) = read_startup(&mut out).unwrap() else {
             panic!()
         };
@@ -326,7 +343,13 @@ mod tests {
     #[test]
     fn scram_login_against_an_in_memory_server() {
         let mut out = BytesMut::new();
-        let mut l = BackendLogin::start(&mut out, "db", "bob", Some("pencil".into()), AskTls::No);
+        let mut l = BackendLogin::start(
+            &mut out,
+            "db",
+            "bob",
+            Some(ScramCredential::Password("pencil".into())),
+            AskTls::No,
+        );
         out.clear();
         let mut server = ScramServer::new(ScramSecret::from_password("pencil", b"salty", 4096));
         let mut srv = BytesMut::new();

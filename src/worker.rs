@@ -25,17 +25,18 @@ use crate::backend_login::{AskTls, BackendLogin, LoginError, Progress};
 use crate::client::{Client, ClientState};
 use crate::cmd::{SysCmd, WorkerCmd};
 use crate::config::{
-    Authentication, Config, ListenTls, PoolMode, ResolvedRoute, RouteCache, StorageTls,
+    is_md5_hash, Config, ListenTls, PoolMode, ResolvedRoute, RouteCache, StorageTls,
 };
+use crate::credentials;
 use crate::ids::ConnId;
 use crate::io::Io;
 use crate::params::{SetCommand, Value};
-use crate::passthrough;
 use crate::prepared::ServerStatements;
 use crate::relay::{Relay, Step};
 use crate::router::{Lease, PoolKey, PoolShared, Registry, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
 use crate::tls::{StorageTlsConfig, TlsSet};
+use odissey_protocol::scram::ScramCredential;
 
 /// Rounds of read/relay/write per wake-up before yielding to others.
 const MAX_ROUNDS: usize = 32;
@@ -50,8 +51,8 @@ pub(crate) enum Conn {
     Server(Box<Server>),
     /// A CancelRequest on its way to a server.
     Cancel(Box<Canceller>),
-    /// A `passthrough` client's password being tried on the server.
-    Verify(Box<Verifier>),
+    /// A login on a client's behalf (passthrough check, auth_query).
+    Probe(Box<Probe>),
     /// Closed during this batch; freed after it so the slot is not reused
     /// while events for the old socket may still be queued.
     Dead,
@@ -74,8 +75,8 @@ pub(crate) enum WorkerTimer {
     Linger(Key),
     /// A client did not finish logging in within auth_timeout.
     AuthTimeout(Key),
-    /// A passthrough password check took too long.
-    VerifyTimeout(Key),
+    /// A probe (passthrough check, auth_query) took too long.
+    ProbeTimeout(Key),
 }
 
 /// A connection that carries one CancelRequest to a server.
@@ -87,25 +88,43 @@ pub(crate) struct Canceller {
     timer: Option<TimerId>,
 }
 
-/// A throwaway server login that tries a `passthrough` client's password.
+/// A throwaway server login on behalf of a client that is logging in: it
+/// tries a `passthrough` client's password, or runs `auth_query` for the
+/// client's secret.
 #[derive(Debug)]
-pub(crate) struct Verifier {
+pub(crate) struct Probe {
     io: Io,
     login: BackendLogin,
     /// The TCP connect has completed.
     connected: bool,
-    /// The client waiting for the verdict.
+    /// The client waiting for the outcome.
     client: Key,
     who: Box<Identity>,
-    password: String,
     timer: Option<TimerId>,
+    job: Job,
+}
+
+/// What a probe is for.
+#[derive(Debug)]
+enum Job {
+    /// Log in with the client's password: getting in proves it.
+    Verify { password: String },
+    /// Log in as the auth_query route's user and run the query.
+    Fetch {
+        /// The query went out.
+        sent: bool,
+        /// The last column of the first row (None: no row, or NULL).
+        secret: Option<String>,
+        /// The query failed with this message.
+        error: Option<String>,
+    },
 }
 
 /// How long a client closed with an error keeps its socket open.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// How long a passthrough password check may take.
-const VERIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a probe (passthrough check, auth_query) may take.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a CancelRequest may take to be delivered.
 const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -326,9 +345,9 @@ impl Handler for Worker {
                 k.io.on_ready(ready);
                 self.drive_canceller(cx, key);
             }
-            Some(Conn::Verify(v)) => {
-                v.io.on_ready(ready);
-                self.drive_verifier(cx, key);
+            Some(Conn::Probe(p)) => {
+                p.io.on_ready(ready);
+                self.drive_probe(cx, key);
             }
             Some(Conn::Dead) | None => {}
         }
@@ -449,11 +468,11 @@ impl Handler for Worker {
                     }
                 }
             }
-            WorkerTimer::VerifyTimeout(k) => {
-                if let Some(Conn::Verify(v)) = self.conns.get_mut(k) {
-                    v.timer = None;
-                    let why = "the server did not answer the password check in time".to_string();
-                    self.finish_verifier(cx, k, Err((why, "08006")));
+            WorkerTimer::ProbeTimeout(k) => {
+                if let Some(Conn::Probe(p)) = self.conns.get_mut(k) {
+                    p.timer = None;
+                    let why = "the server did not answer in time".to_string();
+                    self.finish_probe(cx, k, Err((why, "08006")));
                 }
             }
             WorkerTimer::CancelTimeout(k) => {
@@ -489,9 +508,9 @@ impl Handler for Worker {
                         ),
                         Some(Conn::Server(_)) => self.close_server(cx, k, "shutdown"),
                         Some(Conn::Cancel(_)) => self.finish_canceller(cx, k),
-                        Some(Conn::Verify(_)) => {
+                        Some(Conn::Probe(_)) => {
                             let why = "odissey is shutting down".to_string();
-                            self.finish_verifier(cx, k, Err((why, "57P01")));
+                            self.finish_probe(cx, k, Err((why, "57P01")));
                         }
                         _ => {}
                     }
@@ -706,6 +725,11 @@ impl Worker {
                         Ok((_, Outcome::Verify { who, password })) => {
                             c.state = ClientState::Verifying;
                             self.verify_password(cx, ck, who, password);
+                            return;
+                        }
+                        Ok((_, Outcome::FetchSecret(who))) => {
+                            c.state = ClientState::Verifying;
+                            self.fetch_secret(cx, ck, who);
                             return;
                         }
                         Ok((_, Outcome::Cancel { pid, key })) => {
@@ -1197,10 +1221,26 @@ impl Worker {
         });
     }
 
-    fn logged_in(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, who: Identity) {
+    fn logged_in(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, mut who: Identity) {
         let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
             return;
         };
+        // SCRAM keys from the client's proof log the pool in as that user
+        // when no server password is configured (the secret it was checked
+        // against is the server's own, e.g. from auth_query).
+        let r = &who.route;
+        if r.server_password.is_none() && r.server_user == who.user {
+            let learned = who.keys.take().or_else(|| {
+                // An md5 hash the client proved knowledge of (auth_query).
+                who.secret
+                    .as_ref()
+                    .filter(|s| r.route.auth_query.is_some() && is_md5_hash(s))
+                    .map(|s| ScramCredential::Password(s.clone()))
+            });
+            if let Some(login) = learned {
+                credentials::remember_login(&r.route.storage, &r.server_user, login);
+            }
+        }
         let pool = PoolKey::new(&who.database, &who.user, &who.route);
         // Every client of a pool shares the key's strings, not a copy each.
         self.w.local(&pool, &who.route);
@@ -1376,16 +1416,18 @@ impl Worker {
         let _ = stream.tune(self.w.cfg.keepalive());
         let id = ConnId::server();
         let mut io = Io::new(stream, false);
-        let password = route.server_password.clone().or_else(|| {
-            (route.route.authentication == Authentication::Passthrough)
-                .then(|| passthrough::password(&route.route.storage, &route.server_user))
-                .flatten()
-        });
+        // A configured password, else what clients proved for this user
+        // (passthrough, or SCRAM keys learned against the server's
+        // verifier).
+        let credential = match &route.server_password {
+            Some(p) => Some(ScramCredential::Password(p.clone())),
+            None => credentials::credential(&route.route.storage, &route.server_user),
+        };
         let login = BackendLogin::start(
             &mut io.out,
             &route.server_db,
             &route.server_user,
-            password,
+            credential,
             self.w.ask_tls(&route),
         );
         let registry = cx.registry();
@@ -1963,8 +2005,8 @@ impl Worker {
         }
     }
 
-    /// Checks a `passthrough` client's password: against the cache when
-    /// it holds one for the user, else by logging in to the server with it.
+    /// Checks a `passthrough` client's password: against what was proved
+    /// before when there is that, else by logging in to the server with it.
     fn verify_password(
         &mut self,
         cx: &mut Context<'_, WorkerTimer>,
@@ -1972,18 +2014,66 @@ impl Worker {
         who: Box<Identity>,
         password: String,
     ) {
-        let storage_name = who.route.route.storage.clone();
-        if passthrough::check(&storage_name, &who.route.server_user, &password) {
+        if credentials::check(&who.route.route.storage, &who.route.server_user, &password) {
             self.verified(cx, ck, *who);
             return;
         }
         let route = Arc::clone(&who.route);
+        let credential = Some(ScramCredential::Password(password.clone()));
+        self.start_probe(cx, ck, who, &route, credential, Job::Verify { password });
+    }
+
+    /// Finds an auth_query client's secret: from the recent cache, else by
+    /// running the query through its route's server credentials.
+    fn fetch_secret(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, mut who: Box<Identity>) {
+        let storage = who.route.route.storage.clone();
+        if let Some(secret) = credentials::cached_secret(&storage, &who.user) {
+            who.secret = secret;
+            self.secret_found(cx, ck, who);
+            return;
+        }
+        let r = &who.route.route;
+        let (qdb, quser) = (
+            r.auth_query_db
+                .clone()
+                .unwrap_or_else(|| who.database.clone()),
+            r.auth_query_user.clone().unwrap_or_default(),
+        );
+        let Some(qroute) = self.w.routes.route(&self.w.cfg, &qdb, &quser) else {
+            let why = format!("no route for auth_query as {quser:?} on database {qdb:?}");
+            warn!("{why}");
+            self.refuse_unproved(cx, ck, &who, (why, "28000"));
+            return;
+        };
+        let credential = qroute
+            .server_password
+            .clone()
+            .map(ScramCredential::Password);
+        let job = Job::Fetch {
+            sent: false,
+            secret: None,
+            error: None,
+        };
+        self.start_probe(cx, ck, who, &qroute, credential, job);
+    }
+
+    /// Opens a probe's server connection: `route`'s storage, database and
+    /// user, logging in with `credential`.
+    fn start_probe(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        ck: Key,
+        who: Box<Identity>,
+        route: &ResolvedRoute,
+        credential: Option<ScramCredential>,
+        job: Job,
+    ) {
         let st = &route.storage;
         let stream = match connect_storage(st) {
             Ok(s) => s,
             Err(e) => {
                 let why = format!("cannot connect to the server {}:{}: {e}", st.host, st.port);
-                self.refuse_unverified(cx, ck, &who, Err((why, "08006")));
+                self.refuse_unproved(cx, ck, &who, (why, "08006"));
                 return;
             }
         };
@@ -1993,8 +2083,8 @@ impl Worker {
             &mut io.out,
             &route.server_db,
             &route.server_user,
-            Some(password.clone()),
-            self.w.ask_tls(&route),
+            credential,
+            self.w.ask_tls(route),
         );
         let registry = cx.registry();
         let mut failed = None;
@@ -2006,67 +2096,115 @@ impl Worker {
             ) {
                 failed = Some(e);
             }
-            Conn::Verify(Box::new(Verifier {
+            Conn::Probe(Box::new(Probe {
                 io,
                 login,
                 connected: false,
                 client: ck,
                 who,
-                password,
                 timer: None,
+                job,
             }))
         });
         if let Some(e) = failed {
             let why = format!("cannot register a socket: {e}");
-            self.finish_verifier(cx, k, Err((why, "08006")));
+            self.finish_probe(cx, k, Err((why, "08006")));
             return;
         }
-        let t = cx.set_timer(cx.now() + VERIFY_TIMEOUT, WorkerTimer::VerifyTimeout(k));
-        if let Some(Conn::Verify(v)) = self.conns.get_mut(k) {
-            v.timer = Some(t);
+        let t = cx.set_timer(cx.now() + PROBE_TIMEOUT, WorkerTimer::ProbeTimeout(k));
+        if let Some(Conn::Probe(p)) = self.conns.get_mut(k) {
+            p.timer = Some(t);
         }
     }
 
-    fn drive_verifier(&mut self, cx: &mut Context<'_, WorkerTimer>, k: Key) {
+    fn drive_probe(&mut self, cx: &mut Context<'_, WorkerTimer>, k: Key) {
         let readahead = self.w.cfg.readahead;
         for _ in 0..MAX_ROUNDS {
-            let Some(Conn::Verify(v)) = self.conns.get_mut(k) else {
+            let Some(Conn::Probe(p)) = self.conns.get_mut(k) else {
                 return;
             };
-            if !v.connected {
-                match v.io.stream.take_error() {
-                    Ok(None) if v.io.stream.is_connected() => {
-                        v.connected = true;
-                        v.io.writable = true;
+            if !p.connected {
+                match p.io.stream.take_error() {
+                    Ok(None) if p.io.stream.is_connected() => {
+                        p.connected = true;
+                        p.io.writable = true;
                     }
-                    Ok(None) if !v.io.eof => return,
+                    Ok(None) if !p.io.eof => return,
                     Ok(Some(e)) | Err(e) => {
-                        let st = &v.who.route.storage;
+                        let st = &p.who.route.storage;
                         let why =
                             format!("cannot connect to the server {}:{}: {e}", st.host, st.port);
-                        self.finish_verifier(cx, k, Err((why, "08006")));
+                        self.finish_probe(cx, k, Err((why, "08006")));
                         return;
                     }
                     Ok(None) => {
                         let why = "the server closed the connection".to_string();
-                        self.finish_verifier(cx, k, Err((why, "08006")));
+                        self.finish_probe(cx, k, Err((why, "08006")));
                         return;
                     }
                 }
             }
-            let moved = v.io.flush();
-            let tls = self.w.tls.storage.get(&v.who.route.route.storage);
-            let host = &v.who.route.storage.host;
-            let (more, step) = step_login(&mut v.io, &mut v.login, tls, host, readahead);
+            let mut moved = p.io.flush();
+            if let Job::Fetch {
+                sent: true,
+                secret,
+                error,
+            } = &mut p.job
+            {
+                // Logged in, query sent: read its answer to ReadyForQuery.
+                moved |= p.io.fill(readahead);
+                while let Ok(Some(f)) = codec::read_frame(&mut p.io.rx, 1 << 20) {
+                    match f.tag {
+                        b'D' if secret.is_none() => {
+                            *secret = backend::parse_data_row(&f.body)
+                                .ok()
+                                .and_then(|row| row.last().copied().flatten())
+                                .map(|v| String::from_utf8_lossy(v).into_owned());
+                        }
+                        b'E' => {
+                            *error = Some(
+                                backend::parse_error_fields(&f.body)
+                                    .map_or_else(|e| e.to_string(), |e| e.message),
+                            );
+                        }
+                        b'Z' => {
+                            self.finish_probe(cx, k, Ok(()));
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
+                if p.io.eof {
+                    let why = "the server closed the connection".to_string();
+                    self.finish_probe(cx, k, Err((why, "08006")));
+                    return;
+                }
+                if !moved {
+                    return;
+                }
+                continue;
+            }
+            let tls = self.w.tls.storage.get(&p.who.route.route.storage);
+            let host = &p.who.route.storage.host;
+            let (more, step) = step_login(&mut p.io, &mut p.login, tls, host, readahead);
             match step {
                 LoginStep::Pending if moved || more => {}
                 LoginStep::Pending => return,
                 LoginStep::Ready => {
-                    self.finish_verifier(cx, k, Ok(()));
-                    return;
+                    let Job::Fetch { sent, .. } = &mut p.job else {
+                        self.finish_probe(cx, k, Ok(()));
+                        return;
+                    };
+                    // The user name goes as a parameter, never into the SQL.
+                    let query = p.who.route.route.auth_query.as_deref().unwrap_or_default();
+                    frontend::parse(&mut p.io.out, "", query, &[]);
+                    frontend::bind(&mut p.io.out, "", "", &[Some(p.who.user.as_bytes())]);
+                    frontend::execute(&mut p.io.out, "", 1);
+                    frontend::sync(&mut p.io.out);
+                    *sent = true;
                 }
                 LoginStep::Failed(why, code) => {
-                    self.finish_verifier(cx, k, Err((why, code)));
+                    self.finish_probe(cx, k, Err((why, code)));
                     return;
                 }
             }
@@ -2075,49 +2213,114 @@ impl Worker {
         cx.again();
     }
 
-    /// Ends a password check: the server's verdict goes to the client.
-    fn finish_verifier(
+    /// Ends a probe and tells its client.
+    fn finish_probe(
         &mut self,
         cx: &mut Context<'_, WorkerTimer>,
         k: Key,
-        verdict: Result<(), (String, &'static str)>,
+        outcome: Result<(), (String, &'static str)>,
     ) {
-        let Some(Conn::Verify(v)) = self.conns.get_mut(k) else {
+        let Some(Conn::Probe(p)) = self.conns.get_mut(k) else {
             return;
         };
-        if let Some(t) = v.timer.take() {
+        if let Some(t) = p.timer.take() {
             cx.cancel_timer(t);
         }
-        if verdict.is_ok() && !v.io.eof {
-            frontend::terminate(&mut v.io.out);
-            v.io.writable = true;
-            v.io.flush();
+        if outcome.is_ok() && !p.io.eof {
+            frontend::terminate(&mut p.io.out);
+            p.io.writable = true;
+            p.io.flush();
         }
         let Some(slot) = self.conns.get_mut(k) else {
             return;
         };
-        let Conn::Verify(v) = std::mem::replace(slot, Conn::Dead) else {
+        let Conn::Probe(p) = std::mem::replace(slot, Conn::Dead) else {
             return;
         };
         self.w.dead.push(k);
-        let Verifier {
+        let Probe {
             client,
-            who,
-            password,
+            mut who,
+            job,
             ..
-        } = *v;
-        let storage = &who.route.route.storage;
-        let user = &who.route.server_user;
-        match verdict {
-            Ok(()) => {
-                passthrough::remember(storage, user, &password);
+        } = *p;
+        let storage = who.route.route.storage.clone();
+        match (job, outcome) {
+            (Job::Verify { password }, Ok(())) => {
+                credentials::remember_password(&storage, &who.route.server_user, &password);
                 self.verified(cx, client, *who);
             }
-            Err(e) => {
-                if matches!(e.1, "28P01" | "28000") {
-                    passthrough::forget(storage, user);
+            (Job::Verify { .. }, Err((why, code))) => {
+                if matches!(code, "28P01" | "28000") {
+                    credentials::forget(&storage, &who.route.server_user);
                 }
-                self.refuse_unverified(cx, client, &who, Err(e));
+                self.refuse_unproved(cx, client, &who, (why, code));
+            }
+            (Job::Fetch { error: Some(e), .. }, Ok(())) => {
+                let why = format!("auth_query failed: {e}");
+                warn!("{why}");
+                self.refuse_unproved(cx, client, &who, (why, "08006"));
+            }
+            (Job::Fetch { secret, .. }, Ok(())) => {
+                credentials::remember_secret(&storage, &who.user, secret.clone());
+                who.secret = secret;
+                self.secret_found(cx, client, who);
+            }
+            (Job::Fetch { .. }, Err((why, code))) => {
+                let why = format!("auth_query could not run: {why}");
+                warn!("{why}");
+                // The query route's login failing is not the client's
+                // wrong password: say what happened.
+                let code = if matches!(code, "28P01" | "28000") {
+                    "08006"
+                } else {
+                    code
+                };
+                self.refuse_unproved(cx, client, &who, (why, code));
+            }
+        }
+    }
+
+    /// auth_query found the client's secret (or that there is none): the
+    /// login goes on as for a configured one.
+    fn secret_found(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, who: Box<Identity>) {
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return;
+        };
+        if !matches!(c.state, ClientState::Verifying) {
+            return;
+        }
+        let listener = self
+            .w
+            .tls
+            .listen
+            .get(usize::from(c.listener))
+            .and_then(Option::as_ref);
+        let peer_cn = c.io.stream.peer_common_name();
+        let tls = TlsView {
+            mode: listener.map_or(ListenTls::Disable, |l| l.mode),
+            on: c.io.stream.is_tls(),
+            direct: c.tls_direct,
+            alpn_postgresql: c.io.stream.alpn().as_deref() == Some(ALPN_POSTGRESQL),
+            peer_cn: peer_cn.as_deref(),
+        };
+        match Login::challenge(who, &mut c.io.out, tls) {
+            Ok((login, Outcome::NeedMore)) => {
+                c.state = ClientState::Login(login);
+                self.drive_client(cx, ck);
+            }
+            Ok((_, other)) => {
+                // The methods auth_query serves all ask the client first.
+                warn!(
+                    "{}: unexpected login step after auth_query: {other:?}",
+                    c.id
+                );
+                let f = Fatal::new("XX000", "internal error during login");
+                self.close_client(cx, ck, Some(f));
+            }
+            Err(f) => {
+                info!("{}: login refused: {} ({})", c.id, f.message, f.code);
+                self.close_client(cx, ck, Some(f));
             }
         }
     }
@@ -2140,23 +2343,20 @@ impl Worker {
         self.drive_client(cx, ck);
     }
 
-    /// A passthrough client's password could not be confirmed: a refusal
-    /// by the server reads as a wrong password; anything else (server down)
-    /// is said as it is.
-    fn refuse_unverified(
+    /// A client's login could not go on: a refusal by the server of a
+    /// passthrough password reads as a wrong password; anything else
+    /// (server down, auth_query failing) is said as it is.
+    fn refuse_unproved(
         &mut self,
         cx: &mut Context<'_, WorkerTimer>,
         ck: Key,
         who: &Identity,
-        verdict: Result<(), (String, &'static str)>,
+        (why, code): (String, &'static str),
     ) {
-        let Err((why, code)) = verdict else {
-            return;
-        };
         let f = if matches!(code, "28P01" | "28000") {
             crate::auth::password_failed(&who.user)
         } else {
-            warn!("passthrough check for user {:?} failed: {why}", who.user);
+            warn!("login of user {:?} could not be checked: {why}", who.user);
             Fatal::new(code, why)
         };
         if let Some(Conn::Client(c)) = self.conns.get(ck) {

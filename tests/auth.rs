@@ -412,3 +412,88 @@ fn zero_config_start_and_print_config() {
         "{wrong:?}"
     );
 }
+
+/// The route that runs auth_query: the superuser, trusted by the server.
+fn query_route() -> Route {
+    route("postgres", "none", None)
+}
+
+fn auth_query_route(user: &str, method: &str) -> (Route, RouteKeys) {
+    (
+        route(user, method, None),
+        RouteKeys::new("test", user)
+            .raw(
+                "auth_query",
+                "\"SELECT usename, passwd FROM pg_shadow WHERE usename = $1\"",
+            )
+            .raw("auth_query_user", "\"postgres\""),
+    )
+}
+
+#[test]
+fn auth_query_logs_users_in_with_no_password_in_the_config() {
+    let _w = watchdog("auth_query", Duration::from_secs(90));
+    let pg = PgCluster::start();
+    let (scram, scram_keys) = auth_query_route(SCRAM_USER, "scram-sha-256");
+    let (md5, md5_keys) = auth_query_route(MD5_USER, "md5");
+    let (nobody, nobody_keys) = auth_query_route("nobody", "scram-sha-256");
+    let cfg = Config::new(pg.port())
+        .route(scram)
+        .route(md5)
+        .route(nobody)
+        .route(query_route());
+    let (_h, port) = start_pooler_ext(&cfg, &[scram_keys, md5_keys, nobody_keys]);
+    for (user, right) in [(SCRAM_USER, SCRAM_PASS), (MD5_USER, MD5_PASS)] {
+        // The pool logs in to the server with what the client's proof
+        // taught it (SCRAM keys, or the md5 hash): several clients at once
+        // need several server logins.
+        let clients: Vec<_> = (0..3)
+            .map(|_| {
+                let mut c = connect(port, "test", user, Some(right));
+                c.batch_execute("BEGIN; SELECT pg_sleep(0.05)").unwrap();
+                c
+            })
+            .collect();
+        assert!(pg.backends(user) >= 3, "{user}: {}", pg.backends(user));
+        for mut c in clients {
+            c.batch_execute("COMMIT").unwrap();
+        }
+        expect_code(
+            one(port, user, Some("wrong")),
+            &SqlState::INVALID_PASSWORD,
+            &format!("auth_query {user} with a wrong password"),
+        );
+    }
+    // A user the server doesn't know fails exactly like a wrong password.
+    let e = expect_code(
+        one(port, "nobody", Some("anything")),
+        &SqlState::INVALID_PASSWORD,
+        "auth_query for an unknown user",
+    );
+    assert!(
+        describe(&e).contains("password authentication failed for user \"nobody\""),
+        "{}",
+        describe(&e)
+    );
+}
+
+#[test]
+fn a_broken_auth_query_is_reported_not_mistaken_for_a_wrong_password() {
+    let _w = watchdog("auth_query errors", Duration::from_secs(60));
+    let pg = PgCluster::start();
+    let cfg = Config::new(pg.port())
+        .route(route(SCRAM_USER, "scram-sha-256", None))
+        .route(query_route());
+    let keys = RouteKeys::new("test", SCRAM_USER)
+        .raw(
+            "auth_query",
+            "\"SELECT passwd FROM no_such_table WHERE usename = $1\"",
+        )
+        .raw("auth_query_user", "\"postgres\"");
+    let (_h, port) = start_pooler_ext(&cfg, &[keys]);
+    let e = one(port, SCRAM_USER, Some(SCRAM_PASS)).unwrap_err();
+    let text = describe(&e);
+    assert!(text.contains("auth_query failed"), "{text}");
+    assert!(text.contains("no_such_table"), "{text}");
+    assert_ne!(e.code(), Some(&SqlState::INVALID_PASSWORD), "{text}");
+}

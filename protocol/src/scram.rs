@@ -103,9 +103,35 @@ enum ClientState {
     SentFinal { server_signature: [u8; 32] },
 }
 
+/// What a client proves its identity with.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ScramCredential {
+    /// The password.
+    Password(String),
+    /// The keys derived from it (ClientKey, ServerKey): enough to log in
+    /// to a server whose verifier they match, without the password. A
+    /// pooler learns them from a client's SCRAM proof.
+    Keys {
+        /// HMAC(SaltedPassword, "Client Key").
+        client_key: [u8; 32],
+        /// HMAC(SaltedPassword, "Server Key").
+        server_key: [u8; 32],
+    },
+}
+
+impl fmt::Debug for ScramCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Secrets stay out of logs.
+        f.write_str(match self {
+            Self::Password(_) => "Password(..)",
+            Self::Keys { .. } => "Keys{..}",
+        })
+    }
+}
+
 /// Client side of a SCRAM-SHA-256 exchange, for logging in to PostgreSQL.
 pub struct ScramClient {
-    password: String,
+    credential: ScramCredential,
     nonce: String,
     client_first_bare: String,
     state: ClientState,
@@ -144,8 +170,25 @@ impl ScramClient {
     /// can replay RFC vectors (PostgreSQL ignores the SCRAM username).
     #[doc(hidden)]
     pub fn with_nonce_and_user(password: &str, nonce: &str, user: &str) -> Self {
+        Self::with_credential(ScramCredential::Password(password.to_owned()), nonce, user)
+    }
+
+    /// Starts an exchange with keys instead of a password (see
+    /// [`ScramCredential::Keys`]), with a random nonce.
+    pub fn try_with_keys(client_key: [u8; 32], server_key: [u8; 32]) -> Result<Self> {
+        Ok(Self::with_credential(
+            ScramCredential::Keys {
+                client_key,
+                server_key,
+            },
+            &random_nonce()?,
+            "",
+        ))
+    }
+
+    fn with_credential(credential: ScramCredential, nonce: &str, user: &str) -> Self {
         Self {
-            password: password.to_owned(),
+            credential,
             nonce: nonce.to_owned(),
             client_first_bare: format!("n={},r={}", saslname(user), nonce),
             state: ClientState::Initial,
@@ -198,10 +241,22 @@ impl ScramClient {
             return Err(auth("SCRAM iteration count out of range"));
         }
 
-        let salted = salted_password(self.password.as_bytes(), &salt, iterations);
-        let client_key = hmac(&salted, &[b"Client Key"]);
+        let (client_key, server_key) = match &self.credential {
+            ScramCredential::Password(p) => {
+                let salted = salted_password(p.as_bytes(), &salt, iterations);
+                (
+                    hmac(&salted, &[b"Client Key"]),
+                    hmac(&salted, &[b"Server Key"]),
+                )
+            }
+            // The server's salt and count must be those the keys were
+            // made with; if not, the server refuses the proof.
+            ScramCredential::Keys {
+                client_key,
+                server_key,
+            } => (*client_key, *server_key),
+        };
         let stored_key = sha256(&client_key);
-        let server_key = hmac(&salted, &[b"Server Key"]);
 
         let without_proof = format!("c={},r={nonce}", BASE64.encode(GS2_HEADER));
         let auth_message = [
@@ -345,6 +400,8 @@ pub struct ScramServer {
     secret: ScramSecret,
     server_nonce: String,
     state: ServerState,
+    /// The ClientKey a verified proof revealed.
+    client_key: Option<[u8; 32]>,
 }
 
 impl fmt::Debug for ScramServer {
@@ -375,6 +432,7 @@ impl ScramServer {
             secret,
             server_nonce: server_nonce.to_owned(),
             state: ServerState::Initial,
+            client_key: None,
         }
     }
 
@@ -431,6 +489,16 @@ impl ScramServer {
         Ok(server_first.into_bytes())
     }
 
+    /// After a successful exchange: the client's keys (ClientKey from its
+    /// proof, ServerKey from the secret), with which the same user can log
+    /// in to a server holding the same verifier.
+    pub fn client_keys(&self) -> Option<ScramCredential> {
+        self.client_key.map(|client_key| ScramCredential::Keys {
+            client_key,
+            server_key: self.secret.server_key,
+        })
+    }
+
     /// client-final -> Ok(server-final "v=...") if the proof verifies,
     /// Err(Auth{what:"password authentication failed"}) otherwise
     /// (constant-time compare).
@@ -483,6 +551,7 @@ impl ScramServer {
         if !ct_eq(&sha256(&client_key), &self.secret.stored_key) {
             return Err(auth("password authentication failed"));
         }
+        self.client_key = Some(client_key);
         let server_signature = hmac(&self.secret.server_key, &auth_message);
         Ok(format!("v={}", BASE64.encode(server_signature)).into_bytes())
     }
@@ -675,5 +744,46 @@ mod tests {
         let text = ScramSecret::from_password("hunter2", b"salty", 8).to_string_pg();
         let secret = ScramSecret::parse(&text).unwrap();
         assert_eq!(exchange("hunter2", &secret), Ok(()));
+    }
+
+    #[test]
+    fn keys_learned_from_a_proof_log_in_like_the_password() {
+        let secret = ScramSecret::from_password("hunter2", b"pepper", 4096);
+        // A client proves itself to the pooler…
+        let mut pooler = ScramServer::new(secret.clone());
+        let mut client = ScramClient::new("hunter2");
+        let first = pooler.handle_client_first(&client.client_first()).unwrap();
+        let last = client.handle_server_first(&first).unwrap();
+        assert!(pooler.client_keys().is_none());
+        pooler.handle_client_final(&last).unwrap();
+        let Some(ScramCredential::Keys {
+            client_key,
+            server_key,
+        }) = pooler.client_keys()
+        else {
+            panic!("no keys")
+        };
+        // …and the pooler logs in to the server with what it learned.
+        let mut server = ScramServer::new(secret);
+        let mut pooler_as_client = ScramClient::try_with_keys(client_key, server_key).unwrap();
+        let first = server
+            .handle_client_first(&pooler_as_client.client_first())
+            .unwrap();
+        let last = pooler_as_client.handle_server_first(&first).unwrap();
+        let fin = server.handle_client_final(&last).unwrap();
+        pooler_as_client.handle_server_final(&fin).unwrap();
+        // A server with another verifier refuses those keys.
+        let mut other = ScramServer::new(ScramSecret::from_password("hunter2", b"salt2", 4096));
+        let mut c = ScramClient::try_with_keys(client_key, server_key).unwrap();
+        let first = other.handle_client_first(&c.client_first()).unwrap();
+        let last = c.handle_server_first(&first).unwrap();
+        assert!(other.handle_client_final(&last).is_err());
+        // A failed proof reveals nothing.
+        let mut pooler = ScramServer::new(ScramSecret::from_password("x", b"s", 4096));
+        let mut wrong = ScramClient::new("y");
+        let first = pooler.handle_client_first(&wrong.client_first()).unwrap();
+        let last = wrong.handle_server_first(&first).unwrap();
+        assert!(pooler.handle_client_final(&last).is_err());
+        assert!(pooler.client_keys().is_none());
     }
 }
