@@ -156,7 +156,7 @@ pub enum StorageTls {
     /// Plaintext only.
     #[default]
     Disable,
-    /// Plaintext first; TLS only when the server refuses plaintext.
+    /// Plaintext first; TLS when the server refuses the plaintext login.
     Allow,
     /// TLS when the server offers it, else plaintext.
     Prefer,

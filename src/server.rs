@@ -71,6 +71,9 @@ pub(crate) struct Server {
     pub(crate) pool: PoolKey,
     pub(crate) route: Arc<ResolvedRoute>,
     pub(crate) state: ServerState,
+    /// Opened in plaintext under `tls = "allow"`: a refused login is tried
+    /// again over TLS (libpq's `sslmode=allow`).
+    pub(crate) tls_retry: bool,
     /// The client it serves (while Linked), or the one it is opened for.
     pub(crate) client: Option<Key>,
     /// Walks the server's output to spot ReadyForQuery.

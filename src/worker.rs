@@ -102,6 +102,9 @@ pub(crate) struct Probe {
     who: Box<Identity>,
     timer: Option<TimerId>,
     job: Job,
+    /// Where and as whom it logs in, to try again over TLS under
+    /// `tls = "allow"` (then set).
+    retry: Option<(Arc<ResolvedRoute>, Option<ScramCredential>)>,
 }
 
 /// What a probe is for.
@@ -274,12 +277,20 @@ impl Shared {
             return AskTls::No;
         }
         match self.tls.storage.get(&route.route.storage).map(|t| t.mode) {
+            // `allow` starts in plaintext; see `retries_with_tls`.
             None | Some(StorageTls::Disable | StorageTls::Allow) => AskTls::No,
             Some(StorageTls::Prefer) => AskTls::Prefer,
             Some(StorageTls::Require | StorageTls::VerifyCa | StorageTls::VerifyFull) => {
                 AskTls::Require
             }
         }
+    }
+
+    /// A plaintext login to this route's storage is tried again over TLS
+    /// when the server refuses it (`tls = "allow"`).
+    fn retries_with_tls(&self, route: &ResolvedRoute) -> bool {
+        route.storage.unix_socket_dir.is_none()
+            && self.tls.storage.get(&route.route.storage).map(|t| t.mode) == Some(StorageTls::Allow)
     }
 
     fn max_len(&self) -> usize {
@@ -1394,6 +1405,19 @@ impl Worker {
         pool: PoolKey,
         route: Arc<ResolvedRoute>,
     ) {
+        let ask = self.w.ask_tls(&route);
+        let tls_retry = self.w.retries_with_tls(&route);
+        self.open_server_asking(cx, pool, route, ask, tls_retry);
+    }
+
+    fn open_server_asking(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        pool: PoolKey,
+        route: Arc<ResolvedRoute>,
+        ask: AskTls,
+        tls_retry: bool,
+    ) {
         let st = &route.storage;
         let stream = connect_storage(st);
         let stream = match stream {
@@ -1428,7 +1452,7 @@ impl Worker {
             &route.server_db,
             &route.server_user,
             credential,
-            self.w.ask_tls(&route),
+            ask,
         );
         let registry = cx.registry();
         let mut failed = None;
@@ -1446,6 +1470,7 @@ impl Worker {
                 pool: pool.clone(),
                 route: Arc::clone(&route),
                 state: ServerState::Connecting(login),
+                tls_retry,
                 client: None,
                 relay: Relay::default(),
                 status: TransactionStatus::Idle,
@@ -1677,6 +1702,16 @@ impl Worker {
         let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
             return;
         };
+        // 08006 is odissey's own (no connection, TLS failed): a retry would
+        // meet the same. Anything else is the server refusing the login.
+        if s.tls_retry && code != "08006" {
+            info!("{}: {message}; trying again over TLS (tls = allow)", s.id);
+            let (pool, route) = (s.pool.clone(), Arc::clone(&s.route));
+            self.kill(sk);
+            // The router's slot for this connection carries over.
+            self.open_server_asking(cx, pool, route, AskTls::Require, false);
+            return;
+        }
         warn!("{}: {message}", s.id);
         let pool = s.pool.clone();
         self.kill(sk);
@@ -2020,7 +2055,15 @@ impl Worker {
         }
         let route = Arc::clone(&who.route);
         let credential = Some(ScramCredential::Password(password.clone()));
-        self.start_probe(cx, ck, who, &route, credential, Job::Verify { password });
+        self.start_probe(
+            cx,
+            ck,
+            who,
+            route,
+            credential,
+            Job::Verify { password },
+            None,
+        );
     }
 
     /// Finds an auth_query client's secret: from the recent cache, else by
@@ -2054,20 +2097,26 @@ impl Worker {
             secret: None,
             error: None,
         };
-        self.start_probe(cx, ck, who, &qroute, credential, job);
+        self.start_probe(cx, ck, who, qroute, credential, job, None);
     }
 
     /// Opens a probe's server connection: `route`'s storage, database and
-    /// user, logging in with `credential`.
+    /// user, logging in with `credential`; `ask` overrides the storage's TLS
+    /// (the retry of `tls = "allow"`).
+    #[allow(clippy::too_many_arguments)]
     fn start_probe(
         &mut self,
         cx: &mut Context<'_, WorkerTimer>,
         ck: Key,
         who: Box<Identity>,
-        route: &ResolvedRoute,
+        route: Arc<ResolvedRoute>,
         credential: Option<ScramCredential>,
         job: Job,
+        ask: Option<AskTls>,
     ) {
+        let retry = (ask.is_none() && self.w.retries_with_tls(&route))
+            .then(|| (Arc::clone(&route), credential.clone()));
+        let ask = ask.unwrap_or_else(|| self.w.ask_tls(&route));
         let st = &route.storage;
         let stream = match connect_storage(st) {
             Ok(s) => s,
@@ -2084,7 +2133,7 @@ impl Worker {
             &route.server_db,
             &route.server_user,
             credential,
-            self.w.ask_tls(route),
+            ask,
         );
         let registry = cx.registry();
         let mut failed = None;
@@ -2104,6 +2153,7 @@ impl Worker {
                 who,
                 timer: None,
                 job,
+                retry,
             }))
         });
         if let Some(e) = failed {
@@ -2242,8 +2292,32 @@ impl Worker {
             client,
             mut who,
             job,
+            retry,
             ..
         } = *p;
+        if let (Some((route, credential)), Err((why, code))) = (retry, &outcome) {
+            if *code != "08006" {
+                debug!("probe refused in plaintext ({why}); trying again over TLS (tls = allow)");
+                let job = match job {
+                    Job::Verify { password } => Job::Verify { password },
+                    Job::Fetch { .. } => Job::Fetch {
+                        sent: false,
+                        secret: None,
+                        error: None,
+                    },
+                };
+                self.start_probe(
+                    cx,
+                    client,
+                    who,
+                    route,
+                    credential,
+                    job,
+                    Some(AskTls::Require),
+                );
+                return;
+            }
+        }
         let storage = who.route.route.storage.clone();
         match (job, outcome) {
             (Job::Verify { password }, Ok(())) => {
