@@ -35,7 +35,7 @@ pub(crate) type WorkerId = usize;
 /// Cloned on every transaction (a server's release names its pool), so
 /// the parts are shared strings: a clone is three reference counts, not
 /// three allocations.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub(crate) struct PoolKey {
     pub(crate) database: Arc<str>,
     pub(crate) user: Arc<str>,
@@ -48,16 +48,32 @@ impl PoolKey {
         Self {
             database: database.into(),
             user: user.into(),
+            // How its connections are made, TLS included: a reload that
+            // changes any of it retires the pool's connections.
             server: Arc::from(format!(
-                "{}:{}:{:?}:{}:{}:{:?}",
+                "{}:{}:{:?}:{}:{}:{:?}:{:?}",
                 s.host,
                 s.port,
                 s.unix_socket_dir,
                 route.server_db,
                 route.server_user,
-                route.server_password
+                route.server_password,
+                (
+                    s.tls,
+                    &s.tls_ca_file,
+                    &s.tls_cert_file,
+                    &s.tls_key_file,
+                    &s.tls_protocols
+                )
             )),
         }
+    }
+}
+
+impl std::fmt::Debug for PoolKey {
+    // Not derived: the server part holds the server password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PoolKey({}.{})", self.database, self.user)
     }
 }
 

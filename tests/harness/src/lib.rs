@@ -15,6 +15,13 @@
 //! Databases: `postgres`, `app` (owner `app`) and `test` (owner `postgres`,
 //! every role may connect and create objects in it).
 //!
+//! [`PgCluster::start_with`] takes [`Options`]: a cluster that serves TLS
+//! with the given certificate ([`PgTls`]), whose TCP logins may be
+//! restricted to TLS (`hostssl` lines only), and whose listed roles log in
+//! by client certificate (`hostssl ... cert`). Such a cluster's own
+//! connections (`sql`, `backends`, creating the roles) go through its Unix
+//! socket, so they work whatever `pg_hba.conf` asks of TCP clients.
+//!
 //! PostgreSQL refuses to run as root: when the effective uid is 0 the server
 //! binaries are run as the `postgres` OS user through `runuser`.
 //!
@@ -80,12 +87,90 @@ host    all       app         127.0.0.1/32  scram-sha-256
 host    all       all         127.0.0.1/32  scram-sha-256
 ";
 
+/// TLS served by a cluster: PEM texts, written into the data directory
+/// (owned by the server's OS user, key mode 0600).
+#[derive(Debug, Clone, Default)]
+pub struct PgTls {
+    /// The server's certificate chain (`ssl_cert_file`).
+    pub cert_pem: String,
+    /// The server's private key (`ssl_key_file`).
+    pub key_pem: String,
+    /// CA certificates that client certificates are checked against
+    /// (`ssl_ca_file`); needed by [`Options::cert_users`].
+    pub ca_pem: Option<String>,
+}
+
+/// How [`PgCluster::start_with`] sets a cluster up. The default is what
+/// [`PgCluster::start`] does: no TLS, the `pg_hba.conf` of the table above.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Serve TLS (`ssl = on`) with these files.
+    pub tls: Option<PgTls>,
+    /// Every TCP line of `pg_hba.conf` is `hostssl`: PostgreSQL refuses
+    /// plaintext TCP logins ("no pg_hba.conf entry ... no encryption").
+    /// Needs `tls`.
+    pub hostssl_only: bool,
+    /// Roles that log in over TCP by TLS client certificate only
+    /// (`hostssl all <role> 127.0.0.1/32 cert`, ahead of the other lines):
+    /// the certificate must be signed by [`PgTls::ca_pem`] and its CN must
+    /// be the role's name. Needs `tls` with `ca_pem`.
+    pub cert_users: Vec<String>,
+}
+
+impl Options {
+    /// The `pg_hba.conf` these options ask for.
+    fn pg_hba(&self) -> String {
+        let mut out = String::new();
+        for line in PG_HBA.lines() {
+            if line.starts_with("local") {
+                out.push_str(line);
+                out.push('\n');
+                for user in &self.cert_users {
+                    out.push_str(&format!("hostssl all       {user}  127.0.0.1/32  cert\n"));
+                }
+                continue;
+            }
+            match line.strip_prefix("host    ") {
+                Some(rest) if self.hostssl_only => {
+                    out.push_str("hostssl ");
+                    out.push_str(rest);
+                }
+                _ => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The `ssl*` lines of `postgresql.conf` (empty without TLS).
+    fn ssl_settings(&self) -> String {
+        match &self.tls {
+            None => String::new(),
+            Some(tls) => {
+                let mut out = String::from(
+                    "ssl = on\n\
+                     ssl_cert_file = 'server.crt'\n\
+                     ssl_key_file = 'server.key'\n",
+                );
+                if tls.ca_pem.is_some() {
+                    out.push_str("ssl_ca_file = 'root.crt'\n");
+                }
+                out
+            }
+        }
+    }
+}
+
 /// A running, throwaway PostgreSQL cluster. Stopped and deleted on drop.
 #[derive(Debug)]
 pub struct PgCluster {
     datadir: PathBuf,
     port: u16,
     bindir: PathBuf,
+    /// Extra `postgresql.conf` lines (TLS).
+    settings: String,
+    /// The harness's own connections go through the Unix socket.
+    admin_socket: bool,
     // Declared last so it is removed after everything else is dropped.
     _tempdir: tempfile::TempDir,
 }
@@ -96,6 +181,23 @@ impl PgCluster {
     /// Panics with a descriptive message (including the tail of the server
     /// log) when anything fails.
     pub fn start() -> Self {
+        Self::start_with(&Options::default())
+    }
+
+    /// As [`start`](Self::start), set up as `options` say.
+    ///
+    /// Panics when the options contradict each other (`hostssl_only` or
+    /// `cert_users` without `tls`, `cert_users` without a CA).
+    pub fn start_with(options: &Options) -> Self {
+        assert!(
+            options.tls.is_some() || (!options.hostssl_only && options.cert_users.is_empty()),
+            "Options: hostssl_only and cert_users need tls"
+        );
+        assert!(
+            options.cert_users.is_empty()
+                || options.tls.as_ref().is_some_and(|t| t.ca_pem.is_some()),
+            "Options: cert_users need tls.ca_pem"
+        );
         let bindir = bindir().to_path_buf();
         let as_root = running_as_root();
 
@@ -133,7 +235,28 @@ impl PgCluster {
         ]);
         run_checked(&mut initdb, "initdb").unwrap_or_else(|e| panic!("{e}"));
 
-        write_file(&datadir.join("pg_hba.conf"), PG_HBA);
+        write_file(&datadir.join("pg_hba.conf"), &options.pg_hba());
+        if let Some(tls) = &options.tls {
+            let mut files = vec![
+                ("server.crt", tls.cert_pem.as_str()),
+                ("server.key", tls.key_pem.as_str()),
+            ];
+            if let Some(ca) = &tls.ca_pem {
+                files.push(("root.crt", ca.as_str()));
+            }
+            for (name, pem) in files {
+                let path = datadir.join(name);
+                write_file(&path, pem);
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                    .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+                if as_root {
+                    let mut chown = Command::new("chown");
+                    chown.arg("postgres:").arg(&path);
+                    run_checked(&mut chown, "chown of a TLS file to the postgres OS user")
+                        .unwrap_or_else(|e| panic!("{e}"));
+                }
+            }
+        }
         append_file(
             &datadir.join("postgresql.conf"),
             "\n# Added by odissey-harness.\ninclude 'odissey.conf'\n",
@@ -143,6 +266,8 @@ impl PgCluster {
             datadir,
             port: 0,
             bindir,
+            settings: options.ssl_settings(),
+            admin_socket: options.tls.is_some(),
             _tempdir: tempdir,
         };
 
@@ -205,7 +330,8 @@ impl PgCluster {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// Connection parameters for this cluster (not yet connected).
+    /// Connection parameters for this cluster (not yet connected): plaintext
+    /// TCP, which a cluster started with `hostssl_only` refuses.
     pub fn config(&self, db: &str, user: &str, password: Option<&str>) -> postgres::Config {
         let mut config = postgres::Config::new();
         config
@@ -241,6 +367,23 @@ impl PgCluster {
         })
     }
 
+    /// Parameters of the harness's own superuser connections: TCP like
+    /// [`config`](Self::config), or the Unix socket for a cluster started
+    /// with TLS (whose `pg_hba.conf` may refuse plaintext TCP).
+    fn admin_config(&self, db: &str) -> postgres::Config {
+        if !self.admin_socket {
+            return self.config(db, SUPERUSER, None);
+        }
+        let mut config = postgres::Config::new();
+        config
+            .host_path(&self.datadir)
+            .port(self.port)
+            .dbname(db)
+            .user(SUPERUSER)
+            .connect_timeout(Duration::from_secs(10));
+        config
+    }
+
     /// Runs `sql` (simple query protocol, may hold several statements) as
     /// superuser `postgres` on database `db` and returns every row of every
     /// statement as text. Panics on error.
@@ -248,7 +391,7 @@ impl PgCluster {
         // Named, so that `backends` can leave out the harness's own earlier
         // connections, whose backends may still be exiting.
         let mut client = self
-            .config(db, SUPERUSER, None)
+            .admin_config(db)
             .application_name(HARNESS_APP)
             .connect(postgres::NoTls)
             .unwrap_or_else(|e| {
@@ -349,15 +492,20 @@ impl PgCluster {
              fsync = off\n\
              synchronous_commit = off\n\
              full_page_writes = off\n\
-             shared_buffers = 32MB\n",
+             shared_buffers = 32MB\n\
+             {}",
             self.port,
             self.datadir.display().to_string().replace('\'', "''"),
+            self.settings,
         );
         write_file(&self.datadir.join("odissey.conf"), &settings);
     }
 
     fn create_roles_and_databases(&self) {
-        let mut client = self.connect("postgres", SUPERUSER, None);
+        let mut client = self
+            .admin_config("postgres")
+            .connect(postgres::NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect as {SUPERUSER}: {}", describe(&e)));
         for stmt in [
             "SET password_encryption = 'md5'; \
              CREATE ROLE md5_user LOGIN PASSWORD 'md5_pass'",
