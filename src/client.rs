@@ -30,6 +30,9 @@ pub(crate) enum ClientState {
     /// Closed with an error; the socket lingers so the error is read
     /// before the end of the stream.
     Closing,
+    /// A console client (its route's storage is `local`); `busy` while its
+    /// command is being answered by the system thread.
+    Console { busy: bool },
 }
 
 impl ClientState {
@@ -41,6 +44,7 @@ impl ClientState {
             Self::Waiting => "Waiting",
             Self::Linked => "Linked",
             Self::Closing => "Closing",
+            Self::Console { .. } => "Console",
         }
     }
 }
@@ -53,6 +57,11 @@ pub(crate) struct Client {
     pub(crate) key: Key,
     pub(crate) io: Io,
     pub(crate) state: ClientState,
+    /// When it connected, in seconds since its worker started (for the
+    /// console; 4 bytes, not an `Instant`'s 16).
+    pub(crate) born_s: u32,
+    /// When it began waiting for a server, in ms since its worker started.
+    pub(crate) waiting_ms: u32,
     /// The route it logged in by (its names live on in `pool`).
     pub(crate) route: Option<Arc<ResolvedRoute>>,
     pub(crate) pool: Option<PoolKey>,

@@ -5,11 +5,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use odissey_facade::Call;
+use bytes::BytesMut;
+use odissey_facade::{Call, ClientInfo, ServerInfo};
 use odissey_reactor::Key;
 use odissey_transport::Listener;
 
 use crate::config::{Config, ResolvedRoute};
+use crate::console::Command;
 use crate::router::{Lease, PoolKey, ServerWas, WorkerId};
 use crate::server::Server;
 
@@ -50,6 +52,20 @@ pub(crate) enum SysCmd {
     ShipFailed { pool: PoolKey, to: WorkerId },
     /// A draining worker has no connections left and has stopped.
     Drained { worker: WorkerId },
+    /// A console client's command, to be answered with `ConsoleReply`.
+    Console {
+        worker: WorkerId,
+        client: Key,
+        command: Command,
+    },
+    /// No transaction of PAUSE `id`'s scope runs on this worker any more.
+    Paused { id: u64 },
+    /// A worker's part of gathering `id` (see `WorkerCmd::Snapshot`).
+    Snapshot {
+        id: u64,
+        clients: Vec<ClientInfo>,
+        servers: Vec<ServerInfo>,
+    },
 }
 
 /// To a worker.
@@ -96,4 +112,22 @@ pub(crate) enum WorkerCmd {
     /// Graceful shutdown: close clients between transactions, everything
     /// at the deadline, then stop.
     Drain { deadline: Instant },
+    /// Report this worker's connections (`SysCmd::Snapshot`).
+    Snapshot { id: u64 },
+    /// The answer to a console client's command: result sets and a final
+    /// CommandComplete or ErrorResponse, to be followed by ReadyForQuery
+    /// (or by the end of the connection, with `close`).
+    ConsoleReply {
+        client: Key,
+        data: BytesMut,
+        close: bool,
+    },
+    /// Close the client with this id, or every client and server of the
+    /// database of that name (the console's KILL).
+    Kill { target: String },
+    /// Hold new transactions of `database` (all when None); answer
+    /// `SysCmd::Paused { id }` once none runs here.
+    Pause { id: u64, database: Option<String> },
+    /// Serve `database` (all when None) again.
+    Resume { database: Option<String> },
 }

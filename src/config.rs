@@ -178,13 +178,15 @@ fn default_backlog() -> i32 {
 pub enum StorageType {
     /// A PostgreSQL server.
     Remote,
+    /// odissey itself: routes to it reach the admin console.
+    Local,
 }
 
 /// One `[storage.<name>]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Storage {
-    /// Only "remote" for now ("local", the console, arrives later).
+    /// "remote" (a PostgreSQL server) or "local" (the admin console).
     #[serde(rename = "type")]
     pub kind: StorageType,
     /// Server host name or address; default 127.0.0.1.
@@ -544,6 +546,15 @@ impl Config {
             }
         } else if r.auth_query_user.is_some() || r.auth_query_db.is_some() {
             return Err(format!("{key}.auth_query_user: set without auth_query"));
+        }
+        let local = self
+            .storage
+            .get(&r.storage)
+            .is_some_and(|s| s.kind == StorageType::Local);
+        if local && (r.authentication == Authentication::Passthrough || r.auth_query.is_some()) {
+            return Err(format!(
+                "{key}.authentication: a console route (storage of type \"local\") has no server to check passwords with; use a password, cert or none"
+            ));
         }
         match r.authentication {
             Authentication::ClearText | Authentication::Md5 | Authentication::ScramSha256

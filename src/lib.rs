@@ -16,6 +16,7 @@ mod backend_login;
 mod client;
 mod cmd;
 pub mod config;
+mod console;
 mod credentials;
 mod ids;
 mod io;

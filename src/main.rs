@@ -110,17 +110,24 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    for signal in signals.forever() {
-        match signal {
-            SIGHUP => match handle.reload(None) {
-                Ok(()) => {}
-                Err(e) => log::error!("reload failed, keeping the running config: {e}"),
-            },
-            _ => {
-                log::info!("signal {signal}: graceful shutdown");
-                break;
+    // Signals, or the pooler stopping by itself (the console's SHUTDOWN).
+    'running: loop {
+        for signal in signals.pending() {
+            match signal {
+                SIGHUP => match handle.reload(None) {
+                    Ok(()) => {}
+                    Err(e) => log::error!("reload failed, keeping the running config: {e}"),
+                },
+                _ => {
+                    log::info!("signal {signal}: graceful shutdown");
+                    break 'running;
+                }
             }
         }
+        if handle.is_stopped() {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
     // A second signal during the grace period stops at once.
     let handle_thread = std::thread::spawn(move || handle.shutdown(grace));

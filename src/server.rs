@@ -71,6 +71,8 @@ pub(crate) struct Server {
     pub(crate) pool: PoolKey,
     pub(crate) route: Arc<ResolvedRoute>,
     pub(crate) state: ServerState,
+    /// When it was opened.
+    pub(crate) born: std::time::Instant,
     /// Opened in plaintext under `tls = "allow"`: a refused login is tried
     /// again over TLS (libpq's `sslmode=allow`).
     pub(crate) tls_retry: bool,

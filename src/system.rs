@@ -4,18 +4,24 @@
 //! the pools' books (see [`crate::router`]), and answers start, reload,
 //! inspect and shutdown.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use log::{error, info, warn};
-use odissey_facade::{Call, ConfigSource, Error, Inspection, Reply, Request, Started};
-use odissey_reactor::{Context, Handler, Reactor, Ready, Sender, TimerId, Token};
+use odissey_facade::{
+    Call, ClientInfo, ConfigSource, Error, Inspection, Reply, Request, ServerInfo, Started,
+};
+use odissey_protocol::backend;
+use odissey_reactor::{Context, Handler, Key, Reactor, Ready, Sender, TimerId, Token};
 use odissey_transport::{Listener, ListenerAddr};
 
 use crate::cmd::{SysCmd, WorkerCmd};
 use crate::config::{resolve, Config};
+use crate::console::{self, Command, Show};
 use crate::router::{Action, PoolKey, Registry, Router, WorkerId};
 use crate::tls::TlsSet;
 use crate::worker::Worker;
@@ -25,7 +31,35 @@ use crate::worker::Worker;
 pub(crate) enum SysTimer {
     /// Workers had their grace period and a bit more: stop regardless.
     ShutdownDeadline,
+    /// A gathering of connection lists waited long enough for workers
+    /// (one stopped, or is stuck): answer with what came.
+    Gather(u64),
 }
+
+/// Connection lists being collected from the workers, and who asked.
+struct Gather {
+    /// Workers yet to answer.
+    left: usize,
+    clients: Vec<ClientInfo>,
+    servers: Vec<ServerInfo>,
+    purpose: Purpose,
+    timer: Option<TimerId>,
+}
+
+/// Who a gathering is for.
+enum Purpose {
+    /// A facade `inspect`.
+    Inspect(Call),
+    /// A console client's `SHOW`.
+    Console {
+        worker: WorkerId,
+        client: Key,
+        show: Show,
+    },
+}
+
+/// How long a gathering waits for the workers.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Running {
     cfg: Arc<Config>,
@@ -46,8 +80,15 @@ pub(crate) struct System {
     /// Clients connected, counted by the workers (client_max).
     clients: Arc<AtomicUsize>,
 
-    /// The shutdown call to answer once every worker has drained.
-    stopping: Option<(Call, usize)>,
+    /// Shutdown in progress: the calls to answer once every worker has
+    /// drained (none when the console asked), and the workers left.
+    stopping: Option<(Vec<Call>, usize)>,
+    /// Connection lists being gathered, by id.
+    gathers: HashMap<u64, Gather>,
+    /// PAUSE commands waiting for workers: id → (workers left, the
+    /// console client's worker and key).
+    pauses: HashMap<u64, (usize, WorkerId, Key)>,
+    next_gather: u64,
 }
 
 impl System {
@@ -57,6 +98,9 @@ impl System {
             running: None,
             router: Router::new(Arc::new(Registry::new(1))),
             clients: Arc::new(AtomicUsize::new(0)),
+            gathers: HashMap::new(),
+            pauses: HashMap::new(),
+            next_gather: 1,
 
             stopping: None,
         }
@@ -201,14 +245,17 @@ impl System {
         i
     }
 
-    fn shutdown(&mut self, cx: &mut Context<'_, SysTimer>, call: Call, grace: Duration) {
+    fn shutdown(&mut self, cx: &mut Context<'_, SysTimer>, call: Option<Call>, grace: Duration) {
         let Some(run) = &mut self.running else {
-            call.answer(Reply::ShutDown);
+            if let Some(call) = call {
+                call.answer(Reply::ShutDown);
+            }
             cx.stop();
             return;
         };
-        if self.stopping.is_some() {
-            call.answer(Reply::Failed(Error::Stopped));
+        if let Some((calls, _)) = &mut self.stopping {
+            // Already on its way (e.g. the console asked): answered when done.
+            calls.extend(call);
             return;
         }
         info!("shutting down (grace {} ms)", grace.as_millis());
@@ -225,9 +272,168 @@ impl System {
             deadline + Duration::from_secs(2),
             SysTimer::ShutdownDeadline,
         );
-        self.stopping = Some((call, alive));
+        self.stopping = Some((call.into_iter().collect(), alive));
         if alive == 0 {
             self.finish(cx);
+        }
+    }
+
+    /// Asks every worker for its connections; `purpose` is served when all
+    /// have answered (or after `GATHER_TIMEOUT`).
+    fn gather(&mut self, cx: &mut Context<'_, SysTimer>, purpose: Purpose) {
+        let id = self.next_gather;
+        self.next_gather += 1;
+        let mut left = 0;
+        if let Some(run) = &self.running {
+            for w in &run.workers {
+                if w.send(WorkerCmd::Snapshot { id }).is_ok() {
+                    left += 1;
+                }
+            }
+        }
+        let timer =
+            (left > 0).then(|| cx.set_timer(cx.now() + GATHER_TIMEOUT, SysTimer::Gather(id)));
+        self.gathers.insert(
+            id,
+            Gather {
+                left,
+                clients: Vec::new(),
+                servers: Vec::new(),
+                purpose,
+                timer,
+            },
+        );
+        if left == 0 {
+            self.complete_gather(cx, id);
+        }
+    }
+
+    fn complete_gather(&mut self, cx: &mut Context<'_, SysTimer>, id: u64) {
+        let Some(mut g) = self.gathers.remove(&id) else {
+            return;
+        };
+        if let Some(t) = g.timer.take() {
+            cx.cancel_timer(t);
+        }
+        let mut ins = self.inspect();
+        g.clients
+            .sort_by(|a, b| (&a.database, &a.user, &a.id).cmp(&(&b.database, &b.user, &b.id)));
+        g.servers
+            .sort_by(|a, b| (&a.database, &a.user, &a.id).cmp(&(&b.database, &b.user, &b.id)));
+        ins.client_list = g.clients;
+        ins.server_list = g.servers;
+        match g.purpose {
+            Purpose::Inspect(call) => call.answer(Reply::Inspected(ins)),
+            Purpose::Console {
+                worker,
+                client,
+                show,
+            } => {
+                let mut out = BytesMut::new();
+                if let Some(run) = &self.running {
+                    console::show(&mut out, show, &ins, &run.cfg);
+                }
+                self.console_reply(worker, client, out, false);
+            }
+        }
+    }
+
+    /// Carries out a console command; the answer goes back to the client's
+    /// worker.
+    fn console(
+        &mut self,
+        cx: &mut Context<'_, SysTimer>,
+        worker: WorkerId,
+        client: Key,
+        command: Command,
+    ) {
+        let mut out = BytesMut::new();
+        match command {
+            Command::Show(show) if show.needs_lists() => {
+                self.gather(
+                    cx,
+                    Purpose::Console {
+                        worker,
+                        client,
+                        show,
+                    },
+                );
+                return;
+            }
+            Command::Show(show) => {
+                if let Some(run) = &self.running {
+                    console::show(&mut out, show, &self.inspect(), &run.cfg);
+                }
+            }
+            Command::Reload => match self.reload(None) {
+                Ok(()) => backend::command_complete(&mut out, "RELOAD"),
+                Err(e) => {
+                    warn!("reload from the console refused: {e}");
+                    backend::error_response(&mut out, "ERROR", "F0000", &e.to_string(), None);
+                }
+            },
+            Command::Kill(target) => {
+                if let Some(run) = &self.running {
+                    for w in &run.workers {
+                        let _ = w.send(WorkerCmd::Kill {
+                            target: target.clone(),
+                        });
+                    }
+                }
+                info!("console: KILL {target}");
+                backend::command_complete(&mut out, "KILL");
+            }
+            Command::Shutdown => {
+                info!("console: SHUTDOWN");
+                backend::command_complete(&mut out, "SHUTDOWN");
+                self.console_reply(worker, client, out, true);
+                let grace = self.running.as_ref().map_or(Duration::ZERO, |r| {
+                    Duration::from_millis(r.cfg.shutdown_timeout)
+                });
+                self.shutdown(cx, None, grace);
+                return;
+            }
+            Command::Pause(database) => {
+                let id = self.next_gather;
+                self.next_gather += 1;
+                let mut left = 0;
+                if let Some(run) = &self.running {
+                    for w in &run.workers {
+                        let database = database.clone();
+                        if w.send(WorkerCmd::Pause { id, database }).is_ok() {
+                            left += 1;
+                        }
+                    }
+                }
+                info!("console: PAUSE {}", database.as_deref().unwrap_or("(all)"));
+                if left > 0 {
+                    // Answered when every worker's transactions are done.
+                    self.pauses.insert(id, (left, worker, client));
+                    return;
+                }
+                backend::command_complete(&mut out, "PAUSE");
+            }
+            Command::Resume(database) => {
+                if let Some(run) = &self.running {
+                    for w in &run.workers {
+                        let database = database.clone();
+                        let _ = w.send(WorkerCmd::Resume { database });
+                    }
+                }
+                info!("console: RESUME {}", database.as_deref().unwrap_or("(all)"));
+                backend::command_complete(&mut out, "RESUME");
+            }
+        }
+        self.console_reply(worker, client, out, false);
+    }
+
+    fn console_reply(&self, worker: WorkerId, client: Key, data: BytesMut, close: bool) {
+        if let Some(w) = self.running.as_ref().and_then(|r| r.workers.get(worker)) {
+            let _ = w.send(WorkerCmd::ConsoleReply {
+                client,
+                data,
+                close,
+            });
         }
     }
 
@@ -239,8 +445,15 @@ impl System {
                 }
             }
         }
-        if let Some((call, _)) = self.stopping.take() {
-            call.answer(Reply::ShutDown);
+        if let Some((calls, _)) = self.stopping.take() {
+            for call in calls {
+                call.answer(Reply::ShutDown);
+            }
+        }
+        for (_, g) in self.gathers.drain() {
+            if let Purpose::Inspect(call) = g.purpose {
+                call.answer(Reply::Failed(Error::Stopped));
+            }
         }
         info!("stopped");
         cx.stop();
@@ -320,8 +533,8 @@ impl Handler for System {
                     };
                     call.answer(reply);
                 }
-                Request::Inspect => call.answer(Reply::Inspected(self.inspect())),
-                Request::Shutdown { grace } => self.shutdown(cx, call, grace),
+                Request::Inspect => self.gather(cx, Purpose::Inspect(call)),
+                Request::Shutdown { grace } => self.shutdown(cx, Some(call), grace),
                 _ => call.answer(Reply::Failed(Error::UnexpectedReply(
                     "unknown request".into(),
                 ))),
@@ -362,6 +575,38 @@ impl Handler for System {
                     self.act(&pool, a);
                 }
             }
+            SysCmd::Console {
+                worker,
+                client,
+                command,
+            } => self.console(cx, worker, client, command),
+            SysCmd::Snapshot {
+                id,
+                clients,
+                servers,
+            } => {
+                let Some(g) = self.gathers.get_mut(&id) else {
+                    return;
+                };
+                g.clients.extend(clients);
+                g.servers.extend(servers);
+                g.left = g.left.saturating_sub(1);
+                if g.left == 0 {
+                    self.complete_gather(cx, id);
+                }
+            }
+            SysCmd::Paused { id } => {
+                if let Some((left, worker, client)) = self.pauses.get_mut(&id) {
+                    *left = left.saturating_sub(1);
+                    if *left == 0 {
+                        let (worker, client) = (*worker, *client);
+                        self.pauses.remove(&id);
+                        let mut out = BytesMut::new();
+                        backend::command_complete(&mut out, "PAUSE");
+                        self.console_reply(worker, client, out, false);
+                    }
+                }
+            }
             SysCmd::Drained { worker } => {
                 info!("worker {worker} drained");
                 if let Some((_, left)) = &mut self.stopping {
@@ -383,6 +628,16 @@ impl Handler for System {
                         run.threads.clear(); // detach: they stop on their own deadline
                     }
                     self.finish(cx);
+                }
+            }
+            SysTimer::Gather(id) => {
+                if let Some(g) = self.gathers.get_mut(&id) {
+                    g.timer = None;
+                    warn!(
+                        "{} worker(s) did not report their connections in time",
+                        g.left
+                    );
+                    self.complete_gather(cx, id);
                 }
             }
         }

@@ -25,7 +25,7 @@ use crate::backend_login::{AskTls, BackendLogin, LoginError, Progress};
 use crate::client::{Client, ClientState};
 use crate::cmd::{SysCmd, WorkerCmd};
 use crate::config::{
-    is_md5_hash, Config, ListenTls, PoolMode, ResolvedRoute, RouteCache, StorageTls,
+    is_md5_hash, Config, ListenTls, PoolMode, ResolvedRoute, RouteCache, StorageTls, StorageType,
 };
 use crate::credentials;
 use crate::ids::ConnId;
@@ -36,6 +36,7 @@ use crate::relay::{Relay, Step};
 use crate::router::{Lease, PoolKey, PoolShared, Registry, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
 use crate::tls::{StorageTlsConfig, TlsSet};
+use odissey_facade::{ClientInfo, ServerInfo};
 use odissey_protocol::scram::ScramCredential;
 
 /// Rounds of read/relay/write per wake-up before yielding to others.
@@ -86,6 +87,19 @@ pub(crate) struct Canceller {
     /// The recovering server waiting for this cancel to be delivered.
     server: Option<Key>,
     timer: Option<TimerId>,
+}
+
+/// What the console's PAUSE holds: every database, or some.
+#[derive(Debug, Default)]
+struct Paused {
+    all: bool,
+    dbs: std::collections::HashSet<String>,
+}
+
+impl Paused {
+    fn holds(&self, db: &str) -> bool {
+        self.all || (!self.dbs.is_empty() && self.dbs.contains(db))
+    }
 }
 
 /// A throwaway server login on behalf of a client that is logging in: it
@@ -141,6 +155,13 @@ pub(crate) struct Shared {
     pub(crate) sys: Sender<SysCmd>,
     pub(crate) peers: Vec<Sender<WorkerCmd>>,
     pub(crate) cfg: Arc<Config>,
+    /// Databases the console paused.
+    paused: Paused,
+    /// PAUSE commands waiting for this worker's transactions in their
+    /// scope to end: (id, database or all).
+    pause_waits: Vec<(u64, Option<String>)>,
+    /// When this worker started.
+    started: Instant,
     /// TLS for clients (by listener) and servers (by storage).
     pub(crate) tls: Arc<TlsSet>,
     /// Routes resolved for this worker's clients under `cfg`.
@@ -204,6 +225,9 @@ impl Worker {
                 sys,
                 peers,
                 cfg,
+                paused: Paused::default(),
+                pause_waits: Vec::new(),
+                started: Instant::now(),
                 tls,
                 params: HashMap::new(),
                 local: HashMap::new(),
@@ -239,11 +263,13 @@ impl Shared {
     /// asked; gives the needs back when the queue is empty.
     fn balance_needs(&mut self, pool: &PoolKey) {
         let id = self.id;
+        // A paused database's clients wait without asking for servers.
+        let paused = self.paused.holds(&pool.database);
         let Some(lp) = self.local.get_mut(pool) else {
             return;
         };
         let mut msgs = Vec::new();
-        if lp.queue.is_empty() && lp.asked > 0 {
+        if (lp.queue.is_empty() || paused) && lp.asked > 0 {
             msgs.push(SysCmd::CancelNeed {
                 pool: pool.clone(),
                 worker: id,
@@ -251,7 +277,7 @@ impl Shared {
             });
             lp.asked = 0;
         }
-        while lp.asked < lp.queue.len() {
+        while !paused && lp.asked < lp.queue.len() {
             lp.asked += 1;
             msgs.push(SysCmd::Need {
                 pool: pool.clone(),
@@ -268,6 +294,12 @@ impl Shared {
         if self.sys.send(cmd).is_err() {
             debug!("worker {}: system thread gone", self.id);
         }
+    }
+
+    /// Time since this worker started (connection ages are kept relative
+    /// to it, in few bytes).
+    fn since_start(&self) -> std::time::Duration {
+        self.started.elapsed()
     }
 
     /// Whether to ask a route's storage for TLS (never over a Unix socket,
@@ -309,6 +341,35 @@ fn write_error(out: &mut BytesMut, id: ConnId, severity: &str, code: &str, messa
 /// where it asked for some), a BackendKeyData of odissey's own (the
 /// server's key must never reach a client that may hold another server
 /// next) and ReadyForQuery.
+/// What a console client hears after authentication. `server_version`
+/// names odissey (as PgBouncer's console does); the rest are the settings
+/// drivers check for.
+fn console_greet(out: &mut BytesMut, application_name: &str) {
+    let version = format!("odissey {}", env!("CARGO_PKG_VERSION"));
+    for (name, value) in [
+        ("server_version", version.as_str()),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("application_name", application_name),
+    ] {
+        backend::parameter_status(out, name, value);
+    }
+    let key = uuid::Uuid::new_v4().into_bytes();
+    let pid = u32::from_be_bytes([key[0], key[1], key[2], key[3]]) & 0x7fff_ffff;
+    let secret = u32::from_be_bytes([key[8], key[9], key[10], key[11]]);
+    backend::backend_key_data(out, pid, secret);
+    backend::ready_for_query(out, TransactionStatus::Idle);
+}
+
+/// Milliseconds since `started`, in the 32 bits a client keeps (wrapping
+/// after 49 days, which only blurs a displayed wait time).
+fn since_start_ms(started: Instant) -> u32 {
+    started.elapsed().as_millis() as u32
+}
+
 fn greet(c: &mut Client, shared: &mut Shared, params: &[(String, String)]) {
     for (name, value) in params {
         let value = match crate::params::client_get(&c.params, name) {
@@ -424,6 +485,57 @@ impl Handler for Worker {
                 self.cancel_for(cx, pid, key);
             }
             WorkerCmd::Drain { deadline } => self.drain(cx, deadline),
+            WorkerCmd::Snapshot { id } => {
+                let (clients, servers) = self.snapshot();
+                self.w.send(SysCmd::Snapshot {
+                    id,
+                    clients,
+                    servers,
+                });
+            }
+            WorkerCmd::ConsoleReply {
+                client,
+                data,
+                close,
+            } => {
+                let Some(Conn::Client(c)) = self.conns.get_mut(client) else {
+                    return;
+                };
+                if !matches!(c.state, ClientState::Console { .. }) {
+                    return;
+                }
+                c.io.out.extend_from_slice(&data);
+                if close {
+                    self.close_client(cx, client, None);
+                    return;
+                }
+                backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
+                c.state = ClientState::Console { busy: false };
+                self.drive_client(cx, client);
+            }
+            WorkerCmd::Kill { target } => self.kill_target(cx, &target),
+            WorkerCmd::Pause { id, database } => {
+                match &database {
+                    Some(db) => {
+                        self.w.paused.dbs.insert(db.clone());
+                    }
+                    None => self.w.paused.all = true,
+                }
+                self.w.pause_waits.push((id, database));
+                self.check_pauses();
+            }
+            WorkerCmd::Resume { database } => {
+                match &database {
+                    Some(db) => {
+                        self.w.paused.dbs.remove(db);
+                    }
+                    None => {
+                        self.w.paused.all = false;
+                        self.w.paused.dbs.clear();
+                    }
+                }
+                self.serve_resumed(cx);
+            }
         }
     }
 
@@ -535,11 +647,15 @@ impl Handler for Worker {
             match self.conns.get(k) {
                 Some(Conn::Client(_)) => self.drive_client(cx, k),
                 Some(Conn::Server(_)) => self.drive_server(cx, k),
+                Some(Conn::Probe(_)) => self.drive_probe(cx, k),
                 _ => {}
             }
         }
         for k in self.w.dead.drain(..) {
             self.conns.remove(k);
+        }
+        if !self.w.pause_waits.is_empty() {
+            self.check_pauses();
         }
         if self.w.draining && self.conns.is_empty() {
             info!("worker {}: drained", self.w.id);
@@ -622,6 +738,8 @@ impl Worker {
                 key,
                 io,
                 state: ClientState::Login(Login::Startup),
+                born_s: self.w.since_start().as_secs() as u32,
+                waiting_ms: 0,
                 route: None,
                 pool: None,
                 server: None,
@@ -826,6 +944,24 @@ impl Worker {
                         self.close_client(cx, ck, None);
                     }
                     return;
+                }
+                ClientState::Console { busy } => {
+                    c.state = ClientState::Console { busy };
+                    if c.io.eof {
+                        self.close_client(cx, ck, None);
+                        return;
+                    }
+                    if busy {
+                        // One command at a time; what follows waits in rx.
+                        return;
+                    }
+                    match self.console_input(ck) {
+                        Some(p) => progress |= p,
+                        None => {
+                            self.close_client(cx, ck, None);
+                            return;
+                        }
+                    }
                 }
                 ClientState::Closing => {
                     c.state = ClientState::Closing;
@@ -1201,8 +1337,12 @@ impl Worker {
             self.close_server(cx, sk, "its route changed");
             return;
         }
+        // A paused database's queue waits: the server is kept (or given
+        // back), not handed to the next client.
+        let paused = self.w.paused.holds(&pool.database);
+        let lp = self.w.local(&pool, &route);
         if granted || !lp.shared.others_waiting(id) {
-            while let Some(ck) = lp.queue.pop_front() {
+            while let Some(ck) = if paused { None } else { lp.queue.pop_front() } {
                 lp.shared
                     .clients_waiting
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -1251,6 +1391,21 @@ impl Worker {
             if let Some(login) = learned {
                 credentials::remember_login(&r.route.storage, &r.server_user, login);
             }
+        }
+        if who.route.storage.kind == StorageType::Local {
+            info!("{}: console login as {}@{}", c.id, who.user, who.database);
+            if let Some(t) = c.deadline.take() {
+                cx.cancel_timer(t);
+            }
+            let app = who
+                .params
+                .iter()
+                .find(|(n, _)| n == "application_name")
+                .map_or("", |(_, v)| v.as_str());
+            console_greet(&mut c.io.out, app);
+            c.route = Some(who.route);
+            c.state = ClientState::Console { busy: false };
+            return;
         }
         let pool = PoolKey::new(&who.database, &who.user, &who.route);
         // Every client of a pool shares the key's strings, not a copy each.
@@ -1317,10 +1472,12 @@ impl Worker {
         };
         let route = Arc::clone(route);
         c.state = ClientState::Waiting;
+        c.waiting_ms = since_start_ms(self.w.started);
         let id = self.w.id;
+        let paused = self.w.paused.holds(&pool.database);
         let lp = self.w.local(&pool, &route);
         lp.route = Arc::clone(&route);
-        while let Some(sk) = lp.idle.pop() {
+        while let Some(sk) = if paused { None } else { lp.idle.pop() } {
             lp.shared.taken(id);
             let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
             if idle {
@@ -1470,6 +1627,7 @@ impl Worker {
                 pool: pool.clone(),
                 route: Arc::clone(&route),
                 state: ServerState::Connecting(login),
+                born: Instant::now(),
                 tls_retry,
                 client: None,
                 relay: Relay::default(),
@@ -2508,6 +2666,225 @@ impl Worker {
                 let f = Fatal::new("08006", "server connection closed");
                 self.close_client(cx, ck, Some(f));
             }
+        }
+    }
+
+    /// Reports the PAUSEs whose scope has no transaction running here any
+    /// more. Session-pooled clients keep their servers through a pause, so
+    /// only transaction and statement pooling are waited for.
+    fn check_pauses(&mut self) {
+        let waits = std::mem::take(&mut self.w.pause_waits);
+        for (id, scope) in waits {
+            let busy = self.conns.iter().any(|(_, conn)| {
+                matches!(conn, Conn::Client(c)
+                if matches!(c.state, ClientState::Linked)
+                    && c.route.as_ref().is_some_and(|r| r.route.pool != PoolMode::Session)
+                    && c.pool.as_ref().is_some_and(|p| {
+                        scope.as_deref().is_none_or(|db| &*p.database == db)
+                    }))
+            });
+            if busy {
+                self.w.pause_waits.push((id, scope));
+            } else {
+                self.w.send(SysCmd::Paused { id });
+            }
+        }
+    }
+
+    /// After a RESUME: the clients queued for databases no longer paused
+    /// are served again (idle servers here first, then the router).
+    fn serve_resumed(&mut self, cx: &mut Context<'_, WorkerTimer>) {
+        let pools: Vec<PoolKey> = self
+            .w
+            .local
+            .iter()
+            .filter(|(k, lp)| !lp.queue.is_empty() && !self.w.paused.holds(&k.database))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for pool in pools {
+            let queued: Vec<Key> = match self.w.local.get(&pool) {
+                Some(lp) => lp.queue.iter().copied().collect(),
+                None => continue,
+            };
+            for ck in queued {
+                self.dequeue(cx, ck, &pool);
+                if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+                    if matches!(c.state, ClientState::Waiting) {
+                        c.state = ClientState::Idle;
+                        self.attach(cx, ck);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes a console client's queries: each command goes to the system
+    /// thread, one at a time. None when the client ends the connection.
+    fn console_input(&mut self, ck: Key) -> Option<bool> {
+        let max_len = self.w.max_len();
+        let worker = self.w.id;
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return None;
+        };
+        let mut progress = false;
+        loop {
+            let frame = match codec::read_frame(&mut c.io.rx, max_len) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Some(progress),
+                Err(e) => {
+                    let message = format!("protocol violation: {e}");
+                    write_error(&mut c.io.out, c.id, "FATAL", "08P01", &message);
+                    return None;
+                }
+            };
+            progress = true;
+            match frame.tag {
+                b'Q' => {
+                    let sql = frame
+                        .body
+                        .strip_suffix(&[0u8])
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .unwrap_or("");
+                    match crate::console::parse(sql) {
+                        Ok(command) => {
+                            debug!("{}: console command {command:?}", c.id);
+                            c.state = ClientState::Console { busy: true };
+                            self.w.send(SysCmd::Console {
+                                worker,
+                                client: ck,
+                                command,
+                            });
+                            return Some(true);
+                        }
+                        Err(message) => {
+                            write_error(&mut c.io.out, c.id, "ERROR", "42601", &message);
+                            backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
+                        }
+                    }
+                }
+                b'X' => return None,
+                b'S' => backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle),
+                b'H' => {}
+                _ => write_error(
+                    &mut c.io.out,
+                    c.id,
+                    "ERROR",
+                    "0A000",
+                    "the console speaks the simple query protocol only",
+                ),
+            }
+        }
+    }
+
+    /// This worker's connections, for `SHOW CLIENTS`/`SERVERS` and the
+    /// facade's inspect.
+    fn snapshot(&self) -> (Vec<ClientInfo>, Vec<ServerInfo>) {
+        let now_s = self.w.since_start().as_secs();
+        let now_ms = since_start_ms(self.w.started);
+        let id_of = |k: Option<Key>| match k.and_then(|k| self.conns.get(k)) {
+            Some(Conn::Client(c)) => Some(c.id.to_string()),
+            Some(Conn::Server(s)) => Some(s.id.to_string()),
+            _ => None,
+        };
+        let mut clients = Vec::new();
+        let mut servers = Vec::new();
+        for (_, conn) in self.conns.iter() {
+            match conn {
+                Conn::Client(c) => {
+                    let (database, user) = match (&c.pool, &c.route) {
+                        (Some(p), _) => (p.database.to_string(), p.user.to_string()),
+                        (None, Some(r)) if r.storage.kind == StorageType::Local => {
+                            (r.rule_db.clone(), r.rule_user.clone())
+                        }
+                        _ => (String::new(), String::new()),
+                    };
+                    let state = match c.state {
+                        ClientState::Login(_) => "login",
+                        ClientState::Verifying => "verifying",
+                        ClientState::Idle => "idle",
+                        ClientState::Waiting => "waiting",
+                        ClientState::Linked => "active",
+                        ClientState::Closing => "closing",
+                        ClientState::Console { .. } => "console",
+                    };
+                    let wait_us = if matches!(c.state, ClientState::Waiting) {
+                        u64::from(now_ms.wrapping_sub(c.waiting_ms)) * 1000
+                    } else {
+                        0
+                    };
+                    clients.push(ClientInfo {
+                        id: c.id.to_string(),
+                        worker: self.w.id,
+                        database,
+                        user,
+                        state: state.into(),
+                        addr: c.io.stream.peer().to_string(),
+                        tls: c.io.stream.tls_description(),
+                        connected_secs: now_s.saturating_sub(u64::from(c.born_s)),
+                        wait_us,
+                        server: id_of(c.server),
+                    });
+                }
+                Conn::Server(s) => {
+                    let state = match s.state {
+                        ServerState::Connecting(_) => "connecting",
+                        ServerState::LoggingIn(_) => "login",
+                        ServerState::Idle => "idle",
+                        ServerState::Linked => "active",
+                        ServerState::Recovering(_) => "recovering",
+                    };
+                    servers.push(ServerInfo {
+                        id: s.id.to_string(),
+                        worker: self.w.id,
+                        database: s.pool.database.to_string(),
+                        user: s.pool.user.to_string(),
+                        state: state.into(),
+                        addr: s.io.stream.peer().to_string(),
+                        tls: s.io.stream.tls_description(),
+                        connected_secs: s.born.elapsed().as_secs(),
+                        client: if matches!(s.state, ServerState::Linked) {
+                            id_of(s.client)
+                        } else {
+                            None
+                        },
+                        remote_pid: s.key.map(|(pid, _)| pid),
+                    });
+                }
+                Conn::Cancel(_) | Conn::Probe(_) | Conn::Dead => {}
+            }
+        }
+        (clients, servers)
+    }
+
+    /// The console's KILL: the client with that id, or every client and
+    /// server of the database of that name.
+    fn kill_target(&mut self, cx: &mut Context<'_, WorkerTimer>, target: &str) {
+        let mut clients = Vec::new();
+        let mut servers = Vec::new();
+        for (k, conn) in self.conns.iter() {
+            match conn {
+                Conn::Client(c) => {
+                    let of_db = c.pool.as_ref().is_some_and(|p| &*p.database == target);
+                    if of_db || c.id.to_string() == target {
+                        clients.push(k);
+                    }
+                }
+                Conn::Server(s) if &*s.pool.database == target => servers.push(k),
+                _ => {}
+            }
+        }
+        for k in clients {
+            if let Some(Conn::Client(c)) = self.conns.get(k) {
+                info!("{}: killed from the console", c.id);
+            }
+            let f = Fatal::new(
+                "57P01",
+                "terminating connection due to administrator command (KILL)",
+            );
+            self.close_client(cx, k, Some(f));
+        }
+        for k in servers {
+            self.close_server(cx, k, "killed from the console");
         }
     }
 

@@ -104,6 +104,63 @@ pub struct Inspection {
     pub clients: usize,
     /// One entry per route that has had clients or servers.
     pub routes: Vec<RouteStats>,
+    /// Every client connection, on every worker.
+    pub client_list: Vec<ClientInfo>,
+    /// Every server connection, on every worker.
+    pub server_list: Vec<ServerInfo>,
+}
+
+/// One client connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// Its id as logs and errors show it (`c<hex>`).
+    pub id: String,
+    /// The worker thread it lives on.
+    pub worker: usize,
+    /// The database it logged in to (empty while logging in).
+    pub database: String,
+    /// The user it logged in as (empty while logging in).
+    pub user: String,
+    /// `login`, `verifying` (a server checks its password), `idle` (no
+    /// server), `waiting` (for a server), `active` (linked to a server),
+    /// `console`, `closing`.
+    pub state: String,
+    /// The peer's address (`unix` for a Unix-domain socket).
+    pub addr: String,
+    /// TLS version and cipher when TLS is on.
+    pub tls: Option<String>,
+    /// Seconds since it connected.
+    pub connected_secs: u64,
+    /// Microseconds it has been waiting for a server (0 unless waiting).
+    pub wait_us: u64,
+    /// The server connection it holds (`s<hex>`), if any.
+    pub server: Option<String>,
+}
+
+/// One server connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// Its id as logs show it (`s<hex>`).
+    pub id: String,
+    /// The worker thread it lives on.
+    pub worker: usize,
+    /// The pool's (clients') database.
+    pub database: String,
+    /// The pool's (clients') user.
+    pub user: String,
+    /// `connecting`, `login`, `idle`, `active` (linked to a client),
+    /// `recovering` (being cleaned after its client left).
+    pub state: String,
+    /// The server's address.
+    pub addr: String,
+    /// TLS version and cipher when TLS is on.
+    pub tls: Option<String>,
+    /// Seconds since it connected.
+    pub connected_secs: u64,
+    /// The client it serves (`c<hex>`), if any.
+    pub client: Option<String>,
+    /// The PostgreSQL backend's process id.
+    pub remote_pid: Option<u32>,
 }
 
 impl Inspection {
@@ -198,6 +255,12 @@ impl Handle {
             thread: Some(thread),
             next_id: std::sync::atomic::AtomicU64::new(1),
         }
+    }
+
+    /// True once the backend has stopped by itself (e.g. a console
+    /// `SHUTDOWN`) or after `shutdown`.
+    pub fn is_stopped(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
     /// Sends one request and waits for its reply.
