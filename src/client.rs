@@ -60,8 +60,13 @@ pub(crate) struct Client {
     /// When it connected, in seconds since its worker started (for the
     /// console; 4 bytes, not an `Instant`'s 16).
     pub(crate) born_s: u32,
-    /// When it began waiting for a server, in ms since its worker started.
-    pub(crate) waiting_ms: u32,
+    /// When it last sent anything, in ms since its worker started,
+    /// wrapping every 49 days (client_idle_timeout,
+    /// idle_in_transaction_timeout).
+    pub(crate) active_ms: u32,
+    /// When it began waiting for a server, in µs since its worker started
+    /// (wrapping; see `worker::since_start_us`).
+    pub(crate) waiting_us: u32,
     /// The route it logged in by (its names live on in `pool`).
     pub(crate) route: Option<Arc<ResolvedRoute>>,
     pub(crate) pool: Option<PoolKey>,

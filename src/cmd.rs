@@ -65,6 +65,7 @@ pub(crate) enum SysCmd {
         id: u64,
         clients: Vec<ClientInfo>,
         servers: Vec<ServerInfo>,
+        pools: Vec<(PoolKey, crate::stats::Counters)>,
     },
 }
 

@@ -77,6 +77,37 @@ pub struct Config {
     /// before it is dropped (0 = no limit).
     #[serde(default = "default_auth_timeout")]
     pub auth_timeout: u64,
+    /// Also (or only, with `log_to_stdout = false` and no stderr) write
+    /// the log to this file; reopened on SIGHUP and SIGUSR1 (logrotate).
+    pub log_file: Option<String>,
+    /// Send the log to syslog (`/dev/log`).
+    #[serde(default)]
+    pub log_syslog: bool,
+    /// The syslog tag.
+    #[serde(default = "default_syslog_ident")]
+    pub log_syslog_ident: String,
+    /// The syslog facility: "daemon", "user", "local0" … "local7".
+    #[serde(default = "default_syslog_facility")]
+    pub log_syslog_facility: String,
+    /// Write the log to stdout instead of stderr.
+    #[serde(default)]
+    pub log_to_stdout: bool,
+    /// "text" or "json" (one object per line).
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// A line per client connect and disconnect.
+    #[serde(default = "yes")]
+    pub log_session: bool,
+    /// A line per query a client sends (simple protocol text, extended
+    /// protocol Parse text).
+    #[serde(default)]
+    pub log_query: bool,
+    /// Seconds between one-line summaries per pool in the log (0 = none).
+    #[serde(default)]
+    pub stats_interval: u64,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: Metrics,
     /// Listening sockets.
     #[serde(default)]
     pub listen: Vec<Listen>,
@@ -102,6 +133,32 @@ fn default_max_message() -> usize {
 }
 fn default_auth_timeout() -> u64 {
     10_000
+}
+fn default_syslog_ident() -> String {
+    "odissey".into()
+}
+fn default_syslog_facility() -> String {
+    "daemon".into()
+}
+
+/// `log_format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `<time> <LEVEL> [<thread>] <message>`.
+    #[default]
+    Text,
+    /// One JSON object per line: `time`, `level`, `thread`, `message`.
+    Json,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// `host:port` to serve Prometheus metrics on (`GET /metrics`); none
+    /// when unset.
+    pub listen: Option<String>,
 }
 
 /// One `[[listen]]`.
@@ -343,6 +400,28 @@ pub struct Route {
     /// ones are closed beyond it).
     #[serde(default = "default_prepared_max")]
     pub prepared_statements_max: usize,
+    /// Seconds a server connection may sit idle in the pool before it is
+    /// closed (0 = forever).
+    #[serde(default)]
+    pub pool_ttl: u64,
+    /// Seconds after which a server connection is closed once idle (0 =
+    /// forever).
+    #[serde(default)]
+    pub server_lifetime: u64,
+    /// Seconds a client may stay idle (no transaction, no query) before it
+    /// is disconnected (0 = forever).
+    #[serde(default)]
+    pub client_idle_timeout: u64,
+    /// Seconds a client may stay idle inside a transaction before it is
+    /// disconnected (0 = forever).
+    #[serde(default)]
+    pub idle_in_transaction_timeout: u64,
+    /// Seconds a query may run before it is cancelled (0 = forever).
+    #[serde(default)]
+    pub query_timeout: u64,
+    /// Clients of this route at once, across workers (0 = no limit).
+    #[serde(default)]
+    pub client_max: usize,
 }
 
 fn yes() -> bool {
@@ -474,6 +553,14 @@ impl Config {
                 }
             }
             crate::tls::listener_tls(l).map_err(|e| ConfigError(format!("listen[{i}]: {e}")))?;
+        }
+        if let Some(addr) = &self.metrics.listen {
+            resolve_host_port(addr).map_err(|e| {
+                ConfigError(format!(
+                    "metrics.listen: {addr:?} is not a host:port that resolves ({e}){}",
+                    at("[metrics]")
+                ))
+            })?;
         }
         for (name, st) in &self.storage {
             crate::tls::storage_tls(st).map_err(|e| {
@@ -614,6 +701,17 @@ impl Config {
         }
         None
     }
+}
+
+/// Resolves `host:port` (or `[v6]:port`) to one socket address.
+pub fn resolve_host_port(s: &str) -> std::io::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{s} resolves to nothing"),
+        )
+    })
 }
 
 /// A TOML basic string.

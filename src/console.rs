@@ -31,6 +31,8 @@ pub(crate) enum Command {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Show {
     Pools,
+    Stats,
+    Errors,
     Clients,
     Servers,
     Databases,
@@ -45,7 +47,7 @@ impl Show {
     pub(crate) fn needs_lists(self) -> bool {
         matches!(
             self,
-            Self::Pools | Self::Clients | Self::Servers | Self::Lists
+            Self::Pools | Self::Stats | Self::Errors | Self::Clients | Self::Servers | Self::Lists
         )
     }
 }
@@ -67,6 +69,8 @@ pub(crate) fn parse(sql: &str) -> Result<Command, String> {
     match lower.as_slice() {
         ["show", what] => Ok(Command::Show(match *what {
             "pools" => Show::Pools,
+            "stats" => Show::Stats,
+            "errors" => Show::Errors,
             "clients" => Show::Clients,
             "servers" => Show::Servers,
             "databases" => Show::Databases,
@@ -111,6 +115,8 @@ pub(crate) fn result_set(out: &mut BytesMut, columns: &[&str], rows: &[Vec<Strin
 pub(crate) fn show(out: &mut BytesMut, what: Show, ins: &Inspection, cfg: &Config) {
     match what {
         Show::Pools => pools(out, ins),
+        Show::Stats => stats(out, ins),
+        Show::Errors => errors(out, ins),
         Show::Clients => clients(out, &ins.client_list),
         Show::Servers => servers(out, &ins.server_list),
         Show::Databases => databases(out, cfg),
@@ -137,6 +143,11 @@ const HELP: &[(&str, &str)] = &[
         "SHOW POOLS",
         "one row per pool: clients and servers by state",
     ),
+    (
+        "SHOW STATS",
+        "per pool: transactions, queries, bytes, times, waits",
+    ),
+    ("SHOW ERRORS", "server errors per pool by SQLSTATE class"),
     ("SHOW CLIENTS", "every client connection"),
     ("SHOW SERVERS", "every server connection"),
     ("SHOW DATABASES", "the routes of the config"),
@@ -210,6 +221,71 @@ fn pools(out: &mut BytesMut, ins: &Inspection) {
         ],
         &rows,
     );
+}
+
+fn stats(out: &mut BytesMut, ins: &Inspection) {
+    let avg = |total: u64, n: u64| total.checked_div(n).unwrap_or(0);
+    let rows: Vec<Vec<String>> = ins
+        .routes
+        .iter()
+        .map(|r| {
+            vec![
+                r.database.clone(),
+                r.user.clone(),
+                n(r.xact_count),
+                n(r.query_count),
+                n(r.bytes_received),
+                n(r.bytes_sent),
+                n(r.xact_time_us),
+                n(r.query_time_us),
+                n(r.wait_time_us),
+                n(avg(r.xact_time_us, r.xact_count)),
+                n(avg(r.query_time_us, r.query_count)),
+                n(avg(r.wait_time_us, r.wait_count)),
+                n(r.wait_p50_us),
+                n(r.wait_p95_us),
+                n(r.wait_p99_us),
+                n(r.errors.iter().map(|(_, k)| k).sum::<u64>()),
+            ]
+        })
+        .collect();
+    result_set(
+        out,
+        &[
+            "database",
+            "user",
+            "total_xact_count",
+            "total_query_count",
+            "total_received",
+            "total_sent",
+            "total_xact_time",
+            "total_query_time",
+            "total_wait_time",
+            "avg_xact_time",
+            "avg_query_time",
+            "avg_wait_time",
+            "wait_p50_us",
+            "wait_p95_us",
+            "wait_p99_us",
+            "total_errors",
+        ],
+        &rows,
+    );
+}
+
+fn errors(out: &mut BytesMut, ins: &Inspection) {
+    let mut rows = Vec::new();
+    for r in &ins.routes {
+        for (class, count) in &r.errors {
+            rows.push(vec![
+                r.database.clone(),
+                r.user.clone(),
+                class.clone(),
+                n(count),
+            ]);
+        }
+    }
+    result_set(out, &["database", "user", "sqlstate_class", "count"], &rows);
 }
 
 /// "host:port" → ("host", "port"); Unix sockets have no port.
@@ -495,6 +571,7 @@ mod tests {
                 servers_idle: 1,
                 servers_login: 0,
                 pool_size: 3,
+                ..RouteStats::default()
             }],
             client_list: vec![ClientInfo {
                 database: "app".into(),

@@ -466,6 +466,8 @@ impl Router {
                     servers_idle: idle,
                     servers_login: p.opening,
                     pool_size: p.route.route.pool_size,
+                    // Filled in from the workers' counters by a gathering.
+                    ..Default::default()
                 }
             })
             .collect();

@@ -73,6 +73,16 @@ pub(crate) struct Server {
     pub(crate) state: ServerState,
     /// When it was opened.
     pub(crate) born: std::time::Instant,
+    /// When it last became idle in the pool (pool_ttl).
+    pub(crate) idle_since: std::time::Instant,
+    /// The request start a query_timeout cancel was sent for (once each).
+    pub(crate) cancelled: Option<std::time::Instant>,
+    /// What it did for its pool since it was last counted in.
+    pub(crate) counters: crate::stats::Counters,
+    /// The first request not yet answered by a ReadyForQuery, and the
+    /// start of the transaction in progress.
+    pub(crate) query_start: Option<std::time::Instant>,
+    pub(crate) xact_start: Option<std::time::Instant>,
     /// Opened in plaintext under `tls = "allow"`: a refused login is tried
     /// again over TLS (libpq's `sslmode=allow`).
     pub(crate) tls_retry: bool,

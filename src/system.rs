@@ -17,12 +17,14 @@ use odissey_facade::{
 };
 use odissey_protocol::backend;
 use odissey_reactor::{Context, Handler, Key, Reactor, Ready, Sender, TimerId, Token};
-use odissey_transport::{Listener, ListenerAddr};
+use odissey_transport::{Listener, ListenerAddr, SocketResult, Stream};
 
 use crate::cmd::{SysCmd, WorkerCmd};
 use crate::config::{resolve, Config};
 use crate::console::{self, Command, Show};
+use crate::metrics;
 use crate::router::{Action, PoolKey, Registry, Router, WorkerId};
+use crate::stats::Counters;
 use crate::tls::TlsSet;
 use crate::worker::Worker;
 
@@ -34,7 +36,37 @@ pub(crate) enum SysTimer {
     /// A gathering of connection lists waited long enough for workers
     /// (one stopped, or is stuck): answer with what came.
     Gather(u64),
+    /// Time for the `stats_interval` summary.
+    Stats,
 }
+
+/// The Prometheus endpoint: a listener and its HTTP connections, polled by
+/// this thread's reactor.
+struct MetricsServer {
+    listener: Listener,
+    conns: slab::Slab<HttpConn>,
+    next_serial: u64,
+}
+
+/// One HTTP connection: a request head in, one response out, then closed.
+struct HttpConn {
+    stream: Stream,
+    rx: BytesMut,
+    out: BytesMut,
+    /// Tells a reused slot from the connection a gathering was started for.
+    serial: u64,
+    /// The metrics are being gathered for it.
+    gathering: bool,
+    /// Its response is in `out`: write it, then close.
+    replied: bool,
+}
+
+/// Tokens of the system thread's reactor: the metrics listener, then its
+/// connections by slab index (the waker has `usize::MAX`).
+const METRICS_LISTENER: Token = Token(usize::MAX - 1);
+
+/// HTTP connections served at once; more are closed at accept.
+const MAX_HTTP: usize = 64;
 
 /// Connection lists being collected from the workers, and who asked.
 struct Gather {
@@ -42,6 +74,8 @@ struct Gather {
     left: usize,
     clients: Vec<ClientInfo>,
     servers: Vec<ServerInfo>,
+    /// Counters by (database, user), summed over workers.
+    counters: HashMap<(String, String), Counters>,
     purpose: Purpose,
     timer: Option<TimerId>,
 }
@@ -56,6 +90,10 @@ enum Purpose {
         client: Key,
         show: Show,
     },
+    /// A `GET /metrics` on HTTP connection `conn`.
+    Metrics { conn: usize, serial: u64 },
+    /// The `stats_interval` summary.
+    Log,
 }
 
 /// How long a gathering waits for the workers.
@@ -88,6 +126,11 @@ pub(crate) struct System {
     /// PAUSE commands waiting for workers: id → (workers left, the
     /// console client's worker and key).
     pauses: HashMap<u64, (usize, WorkerId, Key)>,
+    metrics: Option<MetricsServer>,
+    /// The totals of the last `stats_interval` summary, and when.
+    stats_prev: HashMap<(String, String), metrics::Totals>,
+    stats_at: std::time::Instant,
+    stats_timer: Option<TimerId>,
     next_gather: u64,
 }
 
@@ -100,6 +143,10 @@ impl System {
             clients: Arc::new(AtomicUsize::new(0)),
             gathers: HashMap::new(),
             pauses: HashMap::new(),
+            metrics: None,
+            stats_prev: HashMap::new(),
+            stats_at: std::time::Instant::now(),
+            stats_timer: None,
             next_gather: 1,
 
             stopping: None,
@@ -114,7 +161,11 @@ impl System {
         .map_err(|e| Error::Config(e.0))
     }
 
-    fn start(&mut self, source: ConfigSource) -> Result<Started, Error> {
+    fn start(
+        &mut self,
+        cx: &mut Context<'_, SysTimer>,
+        source: ConfigSource,
+    ) -> Result<Started, Error> {
         if self.running.is_some() {
             return Err(Error::AlreadyStarted);
         }
@@ -129,6 +180,7 @@ impl System {
             tcp: Vec::new(),
             unix: Vec::new(),
             workers: cfg.worker_count(),
+            metrics: None,
         };
         for l in &cfg.listen {
             if let Some(port) = l.port {
@@ -177,6 +229,34 @@ impl System {
             info!("listening on {}", p.display());
         }
         info!("{} worker(s) started", started.workers);
+        if let Some(addr) = &cfg.metrics.listen {
+            let bound = crate::config::resolve_host_port(addr)
+                .and_then(|a| Listener::bind_tcp(a, 128))
+                .and_then(|mut l| {
+                    cx.registry()
+                        .register(&mut l, METRICS_LISTENER, mio::Interest::READABLE)
+                        .map(|()| l)
+                });
+            match bound {
+                Ok(listener) => {
+                    if let Ok(a) = listener.local_addr() {
+                        info!("metrics on http://{a}/metrics");
+                        if let ListenerAddr::Tcp(a) = a {
+                            started.metrics = Some(a);
+                        }
+                    }
+                    self.metrics = Some(MetricsServer {
+                        listener,
+                        conns: slab::Slab::new(),
+                        next_serial: 0,
+                    });
+                }
+                // Like a [[listen]] that can't bind: the start fails.
+                Err(e) => return Err(Error::Io(format!("cannot serve metrics on {addr}: {e}"))),
+            }
+        }
+        self.stats_at = std::time::Instant::now();
+        self.arm_stats(cx, &cfg);
         self.running = Some(Running {
             cfg,
             tls,
@@ -241,6 +321,7 @@ impl System {
             i.tcp.clone_from(&run.started.tcp);
             i.unix.clone_from(&run.started.unix);
             i.workers = run.started.workers;
+            i.metrics = run.started.metrics;
         }
         i
     }
@@ -299,6 +380,7 @@ impl System {
                 left,
                 clients: Vec::new(),
                 servers: Vec::new(),
+                counters: HashMap::new(),
                 purpose,
                 timer,
             },
@@ -322,6 +404,27 @@ impl System {
             .sort_by(|a, b| (&a.database, &a.user, &a.id).cmp(&(&b.database, &b.user, &b.id)));
         ins.client_list = g.clients;
         ins.server_list = g.servers;
+        for r in &mut ins.routes {
+            if let Some(c) = g.counters.get(&(r.database.clone(), r.user.clone())) {
+                r.xact_count = c.xacts;
+                r.query_count = c.queries;
+                r.bytes_received = c.bytes_in;
+                r.bytes_sent = c.bytes_out;
+                r.xact_time_us = c.xact_us;
+                r.query_time_us = c.query_us;
+                r.wait_count = c.waits;
+                r.wait_time_us = c.wait_us;
+                r.wait_p50_us = c.wait_hist.quantile(0.50);
+                r.wait_p95_us = c.wait_hist.quantile(0.95);
+                r.wait_p99_us = c.wait_hist.quantile(0.99);
+                r.errors = c
+                    .errors
+                    .iter()
+                    .map(|(class, n)| (String::from_utf8_lossy(class).into_owned(), *n))
+                    .collect();
+                r.errors.sort();
+            }
+        }
         match g.purpose {
             Purpose::Inspect(call) => call.answer(Reply::Inspected(ins)),
             Purpose::Console {
@@ -335,6 +438,158 @@ impl System {
                 }
                 self.console_reply(worker, client, out, false);
             }
+            Purpose::Metrics { conn, serial } => {
+                let body = metrics::render(&ins);
+                let reply =
+                    metrics::response("200 OK", "text/plain; version=0.0.4; charset=utf-8", &body);
+                self.answer_http(cx, conn, serial, reply);
+            }
+            Purpose::Log => {
+                let now = std::time::Instant::now();
+                for line in metrics::summaries(&ins, &mut self.stats_prev, now - self.stats_at) {
+                    info!("{line}");
+                }
+                self.stats_at = now;
+                if let Some(run) = &self.running {
+                    let cfg = Arc::clone(&run.cfg);
+                    self.arm_stats(cx, &cfg);
+                }
+            }
+        }
+    }
+
+    /// After a reload: a newly set `stats_interval` starts.
+    fn rearm_stats(&mut self, cx: &mut Context<'_, SysTimer>) {
+        if let Some(run) = &self.running {
+            let cfg = Arc::clone(&run.cfg);
+            self.arm_stats(cx, &cfg);
+        }
+    }
+
+    /// Sets the next `stats_interval` summary, unless one is set or the
+    /// interval is 0.
+    fn arm_stats(&mut self, cx: &mut Context<'_, SysTimer>, cfg: &Config) {
+        if cfg.stats_interval > 0 && self.stats_timer.is_none() && self.stopping.is_none() {
+            let at = cx.now() + Duration::from_secs(cfg.stats_interval);
+            self.stats_timer = Some(cx.set_timer(at, SysTimer::Stats));
+        }
+    }
+
+    fn accept_http(&mut self, cx: &mut Context<'_, SysTimer>) {
+        let Some(m) = &mut self.metrics else {
+            return;
+        };
+        loop {
+            match m.listener.accept() {
+                Ok(Some((mut stream, _))) => {
+                    if m.conns.len() >= MAX_HTTP {
+                        continue; // dropped: closed
+                    }
+                    let entry = m.conns.vacant_entry();
+                    let token = Token(entry.key());
+                    if cx
+                        .registry()
+                        .register(
+                            &mut stream,
+                            token,
+                            mio::Interest::READABLE | mio::Interest::WRITABLE,
+                        )
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    m.next_serial += 1;
+                    entry.insert(HttpConn {
+                        stream,
+                        rx: BytesMut::new(),
+                        out: BytesMut::new(),
+                        serial: m.next_serial,
+                        gathering: false,
+                        replied: false,
+                    });
+                    // Its request may already be there.
+                    self.drive_http(cx, token.0, Ready::default());
+                    return self.accept_http(cx);
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    warn!("metrics: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drive_http(&mut self, cx: &mut Context<'_, SysTimer>, i: usize, _ready: Ready) {
+        let Some(m) = &mut self.metrics else {
+            return;
+        };
+        let Some(conn) = m.conns.get_mut(i) else {
+            return;
+        };
+        if conn.replied {
+            let (_, r) = conn.stream.write_from(&mut conn.out);
+            if conn.out.is_empty() || matches!(r, SocketResult::Closed | SocketResult::Error(_)) {
+                m.conns.remove(i);
+            }
+            return;
+        }
+        if !conn.gathering {
+            let (_, r) = conn
+                .stream
+                .read_into(&mut conn.rx, metrics::MAX_REQUEST, false);
+            let request = metrics::parse_request(&conn.rx);
+            let closed = matches!(r, SocketResult::Closed | SocketResult::Error(_));
+            let reply = match request {
+                Some(metrics::HttpRequest::Metrics) => {
+                    conn.gathering = true;
+                    let serial = conn.serial;
+                    self.gather(cx, Purpose::Metrics { conn: i, serial });
+                    return;
+                }
+                Some(metrics::HttpRequest::NotFound) => {
+                    metrics::response("404 Not Found", "text/plain", "try /metrics\n")
+                }
+                Some(metrics::HttpRequest::NotAllowed) => {
+                    metrics::response("405 Method Not Allowed", "text/plain", "GET only\n")
+                }
+                Some(metrics::HttpRequest::Bad) => {
+                    metrics::response("400 Bad Request", "text/plain", "bad request\n")
+                }
+                None if conn.rx.len() >= metrics::MAX_REQUEST => {
+                    metrics::response("431 Request Header Fields Too Large", "text/plain", "")
+                }
+                None if closed => {
+                    m.conns.remove(i);
+                    return;
+                }
+                None => return,
+            };
+            let serial = conn.serial;
+            self.answer_http(cx, i, serial, reply);
+        }
+    }
+
+    /// Sends connection `i` its response (if it is still the connection
+    /// `serial` names) and closes it once written.
+    fn answer_http(
+        &mut self,
+        _cx: &mut Context<'_, SysTimer>,
+        i: usize,
+        serial: u64,
+        reply: Vec<u8>,
+    ) {
+        let Some(m) = &mut self.metrics else {
+            return;
+        };
+        let Some(conn) = m.conns.get_mut(i).filter(|c| c.serial == serial) else {
+            return;
+        };
+        conn.replied = true;
+        conn.out.extend_from_slice(&reply);
+        let (_, r) = conn.stream.write_from(&mut conn.out);
+        if conn.out.is_empty() || matches!(r, SocketResult::Closed | SocketResult::Error(_)) {
+            m.conns.remove(i);
         }
     }
 
@@ -366,7 +621,10 @@ impl System {
                 }
             }
             Command::Reload => match self.reload(None) {
-                Ok(()) => backend::command_complete(&mut out, "RELOAD"),
+                Ok(()) => {
+                    self.rearm_stats(cx);
+                    backend::command_complete(&mut out, "RELOAD");
+                }
                 Err(e) => {
                     warn!("reload from the console refused: {e}");
                     backend::error_response(&mut out, "ERROR", "F0000", &e.to_string(), None);
@@ -509,15 +767,20 @@ impl Handler for System {
     type Cmd = SysCmd;
     type Timer = SysTimer;
 
-    fn ready(&mut self, _cx: &mut Context<'_, SysTimer>, _token: Token, _ready: Ready) {
-        // Nothing is registered here but the waker: workers accept.
+    fn ready(&mut self, cx: &mut Context<'_, SysTimer>, token: Token, ready: Ready) {
+        // Workers accept the clients; only the metrics endpoint is here.
+        if token == METRICS_LISTENER {
+            self.accept_http(cx);
+        } else {
+            self.drive_http(cx, token.0, ready);
+        }
     }
 
     fn command(&mut self, cx: &mut Context<'_, SysTimer>, cmd: SysCmd) {
         match cmd {
             SysCmd::Facade(call) => match call.request.clone() {
                 Request::Start(source) => {
-                    let reply = match self.start(source) {
+                    let reply = match self.start(cx, source) {
                         Ok(s) => Reply::Started(s),
                         Err(e) => Reply::Failed(e),
                     };
@@ -525,7 +788,10 @@ impl Handler for System {
                 }
                 Request::Reload(source) => {
                     let reply = match self.reload(source) {
-                        Ok(()) => Reply::Reloaded,
+                        Ok(()) => {
+                            self.rearm_stats(cx);
+                            Reply::Reloaded
+                        }
                         Err(e) => {
                             warn!("reload refused: {e}");
                             Reply::Failed(e)
@@ -584,12 +850,17 @@ impl Handler for System {
                 id,
                 clients,
                 servers,
+                pools,
             } => {
                 let Some(g) = self.gathers.get_mut(&id) else {
                     return;
                 };
                 g.clients.extend(clients);
                 g.servers.extend(servers);
+                for (pool, c) in pools {
+                    let k = (pool.database.to_string(), pool.user.to_string());
+                    g.counters.entry(k).or_default().merge(&c);
+                }
                 g.left = g.left.saturating_sub(1);
                 if g.left == 0 {
                     self.complete_gather(cx, id);
@@ -629,6 +900,10 @@ impl Handler for System {
                     }
                     self.finish(cx);
                 }
+            }
+            SysTimer::Stats => {
+                self.stats_timer = None;
+                self.gather(cx, Purpose::Log);
             }
             SysTimer::Gather(id) => {
                 if let Some(g) = self.gathers.get_mut(&id) {

@@ -35,6 +35,7 @@ use crate::prepared::ServerStatements;
 use crate::relay::{Relay, Step};
 use crate::router::{Lease, PoolKey, PoolShared, Registry, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
+use crate::stats::Counters;
 use crate::tls::{StorageTlsConfig, TlsSet};
 use odissey_facade::{ClientInfo, ServerInfo};
 use odissey_protocol::scram::ScramCredential;
@@ -78,6 +79,8 @@ pub(crate) enum WorkerTimer {
     AuthTimeout(Key),
     /// A probe (passthrough check, auth_query) took too long.
     ProbeTimeout(Key),
+    /// Once a second: pool_ttl, server_lifetime, client and query timeouts.
+    Tick,
 }
 
 /// A connection that carries one CancelRequest to a server.
@@ -140,6 +143,9 @@ enum Job {
 /// How long a client closed with an error keeps its socket open.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// How often the timeouts of idle servers and clients are checked.
+const TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How long a probe (passthrough check, auth_query) may take.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -200,6 +206,8 @@ pub(crate) struct LocalPool {
     asked: usize,
     /// The route as of the latest client, for new servers.
     route: Arc<ResolvedRoute>,
+    /// What this worker's servers did for the pool (see `stats`).
+    totals: Counters,
 }
 
 /// The worker's handler.
@@ -256,6 +264,7 @@ impl Shared {
             queue: VecDeque::new(),
             asked: 0,
             route: Arc::clone(route),
+            totals: Counters::default(),
         })
     }
 
@@ -364,10 +373,11 @@ fn console_greet(out: &mut BytesMut, application_name: &str) {
     backend::ready_for_query(out, TransactionStatus::Idle);
 }
 
-/// Milliseconds since `started`, in the 32 bits a client keeps (wrapping
-/// after 49 days, which only blurs a displayed wait time).
-fn since_start_ms(started: Instant) -> u32 {
-    started.elapsed().as_millis() as u32
+/// Microseconds since `started`, in the 32 bits a client keeps: they wrap
+/// every 71 minutes, and differences taken with `wrapping_sub` stay right
+/// for waits shorter than that.
+fn since_start_us(started: Instant) -> u32 {
+    started.elapsed().as_micros() as u32
 }
 
 fn greet(c: &mut Client, shared: &mut Shared, params: &[(String, String)]) {
@@ -441,6 +451,7 @@ impl Handler for Worker {
                 }
                 self.w.listeners = listeners;
                 self.w.listen_keepalive = Some(keepalive);
+                cx.set_timer(cx.now() + TICK, WorkerTimer::Tick);
             }
             WorkerCmd::Granted { lease, pool, route } => self.granted(cx, lease, pool, route),
             WorkerCmd::Reclaim { pool } => {
@@ -487,10 +498,12 @@ impl Handler for Worker {
             WorkerCmd::Drain { deadline } => self.drain(cx, deadline),
             WorkerCmd::Snapshot { id } => {
                 let (clients, servers) = self.snapshot();
+                let pools = self.pool_counters();
                 self.w.send(SysCmd::Snapshot {
                     id,
                     clients,
                     servers,
+                    pools,
                 });
             }
             WorkerCmd::ConsoleReply {
@@ -589,6 +602,12 @@ impl Handler for Worker {
                             "did not come back clean in time (pool_reset_timeout)",
                         );
                     }
+                }
+            }
+            WorkerTimer::Tick => {
+                self.tick(cx);
+                if !self.w.draining {
+                    cx.set_timer(cx.now() + TICK, WorkerTimer::Tick);
                 }
             }
             WorkerTimer::ProbeTimeout(k) => {
@@ -739,7 +758,8 @@ impl Worker {
                 io,
                 state: ClientState::Login(Login::Startup),
                 born_s: self.w.since_start().as_secs() as u32,
-                waiting_ms: 0,
+                active_ms: self.w.since_start().as_millis() as u32,
+                waiting_us: 0,
                 route: None,
                 pool: None,
                 server: None,
@@ -795,7 +815,10 @@ impl Worker {
                 .relay
                 .wanted(&c.io.rx)
                 .map_or(readahead, |w| w.max(readahead));
-            progress |= c.io.fill(limit);
+            if c.io.fill(limit) {
+                progress = true;
+                c.active_ms = self.w.started.elapsed().as_millis() as u32;
+            }
             let state = std::mem::replace(&mut c.state, ClientState::Idle);
             match state {
                 ClientState::Login(login) => {
@@ -1024,7 +1047,9 @@ impl Worker {
         let mut terminate = false;
         // A server slower than its client: leave the input in the client's
         // buffer, which stops reading the client socket once full.
+        let out_before = s.io.out.len();
         while s.io.out.len() < readahead {
+            let (qstart, xstart) = (&mut s.query_start, &mut s.xact_start);
             let (pending, unsynced, z_sent) = (&mut c.pending, &mut c.unsynced, &mut c.z_sent);
             let (syncs, copy_mode) = (&mut c.syncs_since_execute, &mut c.copy_mode);
             let mut prepared = c.prepared.as_deref_mut();
@@ -1032,6 +1057,16 @@ impl Worker {
                 // Sync and Flush in COPY IN are ignored by the server: no
                 // reply is owed for them.
                 let ignored = *copy_mode && matches!(tag, b'S' | b'H');
+                if !ignored && matches!(tag, b'Q' | b'F' | b'S') {
+                    // A request: its answer's ReadyForQuery ends the timing.
+                    let now = || Some(Instant::now());
+                    if qstart.is_none() {
+                        *qstart = now();
+                    }
+                    if xstart.is_none() {
+                        *xstart = *qstart;
+                    }
+                }
                 match tag {
                     _ if ignored => {}
                     b'Q' | b'F' => {
@@ -1114,6 +1149,7 @@ impl Worker {
         if let Some(p) = c.prepared.as_deref_mut() {
             p.pipeline.drain_due(&mut c.io.out);
         }
+        s.counters.bytes_in += s.io.out.len().saturating_sub(out_before) as u64;
         progress |= s.io.flush();
         // Server -> client, only while the client keeps up.
         if c.io.out.len() < readahead {
@@ -1124,6 +1160,7 @@ impl Worker {
             progress |= s.io.fill(limit);
         }
         let mode = c.route.as_ref().map(|r| r.route.pool);
+        let out_before = c.io.out.len();
         loop {
             let (swallow, copy_in) = (s.swallow, &mut s.copy_in);
             let (sets, z_seen) = (&mut c.sets, &mut c.z_seen);
@@ -1165,7 +1202,8 @@ impl Worker {
                     b'C' | b'Z' => *copy_in = false,
                     _ => {}
                 }
-                whole || tag == b'Z' || tag == b'S'
+                // ErrorResponses are counted by SQLSTATE class.
+                whole || matches!(tag, b'Z' | b'S' | b'E')
             });
             match step {
                 Ok(Step::NeedMore) => break,
@@ -1207,11 +1245,27 @@ impl Worker {
                                 }
                             }
                         }
+                        b'E' => {
+                            if let Some(code) = crate::stats::error_code(f.get(5..).unwrap_or(&[]))
+                            {
+                                s.counters.error(code);
+                            }
+                        }
                         b'Z' => {
                             if let Ok(st) =
                                 TransactionStatus::from_byte(f.get(5).copied().unwrap_or(0))
                             {
                                 s.status = st;
+                            }
+                            s.counters.queries += 1;
+                            if let Some(t) = s.query_start.take() {
+                                s.counters.query_us += t.elapsed().as_micros() as u64;
+                            }
+                            if s.status == TransactionStatus::Idle {
+                                s.counters.xacts += 1;
+                                if let Some(t) = s.xact_start.take() {
+                                    s.counters.xact_us += t.elapsed().as_micros() as u64;
+                                }
                             }
                             c.pending = c.pending.saturating_sub(1);
                             c.z_seen += 1;
@@ -1258,6 +1312,7 @@ impl Worker {
         if let Some(p) = c.prepared.as_deref_mut() {
             p.pipeline.drain_due(&mut c.io.out);
         }
+        s.counters.bytes_out += c.io.out.len().saturating_sub(out_before) as u64;
         progress |= c.io.flush();
         let clean = c.pending == 0
             && s.swallow == 0
@@ -1325,10 +1380,18 @@ impl Worker {
         };
         s.client = None;
         s.state = ServerState::Idle;
+        let counters = std::mem::take(&mut s.counters);
+        let (pool, route) = (s.pool.clone(), Arc::clone(&s.route));
+        if !counters.is_empty() {
+            self.w.local(&pool, &route).totals.merge(&counters);
+        }
         if self.w.draining {
             self.close_server(cx, sk, "shutdown");
             return;
         }
+        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+            return;
+        };
         let id = self.w.id;
         let pool = s.pool.clone();
         let route = Arc::clone(&s.route);
@@ -1361,6 +1424,9 @@ impl Worker {
             let lp = self.w.local(&pool, &route);
             if lp.shared.keep(id) {
                 lp.idle.push(sk);
+                if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
+                    s.idle_since = Instant::now();
+                }
                 self.w.balance_needs(&pool);
                 return;
             }
@@ -1423,11 +1489,29 @@ impl Worker {
             who.route.rule_user,
             who.route.route.pool.as_str()
         );
-        self.w
+        let max = who.route.route.client_max;
+        let n = self
+            .w
             .local(&pool, &who.route)
             .shared
             .clients
             .fetch_add(1, AtomicOrdering::Relaxed);
+        if max > 0 && n >= max {
+            self.w
+                .local(&pool, &who.route)
+                .shared
+                .clients
+                .fetch_sub(1, AtomicOrdering::Relaxed);
+            let f = Fatal::new(
+                "53300",
+                format!(
+                    "too many clients for route {}.{} (client_max {max})",
+                    who.route.rule_db, who.route.rule_user
+                ),
+            );
+            self.close_client(cx, ck, Some(f));
+            return;
+        }
         c.pool = Some(pool.clone());
         for (name, value) in &who.params {
             if name == "options" {
@@ -1472,7 +1556,7 @@ impl Worker {
         };
         let route = Arc::clone(route);
         c.state = ClientState::Waiting;
-        c.waiting_ms = since_start_ms(self.w.started);
+        c.waiting_us = since_start_us(self.w.started);
         let id = self.w.id;
         let paused = self.w.paused.holds(&pool.database);
         let lp = self.w.local(&pool, &route);
@@ -1628,6 +1712,11 @@ impl Worker {
                 route: Arc::clone(&route),
                 state: ServerState::Connecting(login),
                 born: Instant::now(),
+                idle_since: Instant::now(),
+                cancelled: None,
+                counters: Counters::default(),
+                query_start: None,
+                xact_start: None,
                 tls_retry,
                 client: None,
                 relay: Relay::default(),
@@ -1911,6 +2000,12 @@ impl Worker {
             return;
         };
         debug!("{}: linked to {}", c.id, s.id);
+        if matches!(c.state, ClientState::Waiting) {
+            let waited = since_start_us(self.w.started).wrapping_sub(c.waiting_us);
+            if let Some(lp) = self.w.local.get_mut(&s.pool) {
+                lp.totals.waited(u64::from(waited));
+            }
+        }
         c.server = Some(sk);
         c.state = ClientState::Linked;
         s.client = Some(ck);
@@ -2629,6 +2724,12 @@ impl Worker {
         let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
             return;
         };
+        if !s.counters.is_empty() {
+            let counters = std::mem::take(&mut s.counters);
+            if let Some(lp) = self.w.local.get_mut(&s.pool) {
+                lp.totals.merge(&counters);
+            }
+        }
         info!("{}: closing ({}): {why}", s.id, s.state.name());
         if matches!(s.state, ServerState::Idle) {
             if let Some(lp) = self.w.local.get_mut(&s.pool) {
@@ -2780,7 +2881,7 @@ impl Worker {
     /// facade's inspect.
     fn snapshot(&self) -> (Vec<ClientInfo>, Vec<ServerInfo>) {
         let now_s = self.w.since_start().as_secs();
-        let now_ms = since_start_ms(self.w.started);
+        let now_us = since_start_us(self.w.started);
         let id_of = |k: Option<Key>| match k.and_then(|k| self.conns.get(k)) {
             Some(Conn::Client(c)) => Some(c.id.to_string()),
             Some(Conn::Server(s)) => Some(s.id.to_string()),
@@ -2808,7 +2909,7 @@ impl Worker {
                         ClientState::Console { .. } => "console",
                     };
                     let wait_us = if matches!(c.state, ClientState::Waiting) {
-                        u64::from(now_ms.wrapping_sub(c.waiting_ms)) * 1000
+                        u64::from(now_us.wrapping_sub(c.waiting_us))
                     } else {
                         0
                     };
@@ -2854,6 +2955,123 @@ impl Worker {
             }
         }
         (clients, servers)
+    }
+
+    /// The once-a-second sweep: idle servers past `pool_ttl` or
+    /// `server_lifetime` close; clients idle past `client_idle_timeout`, or
+    /// idle inside a transaction past `idle_in_transaction_timeout`, are
+    /// disconnected; a query running past `query_timeout` is cancelled.
+    fn tick(&mut self, cx: &mut Context<'_, WorkerTimer>) {
+        let now_ms = self.w.since_start().as_millis() as u32;
+        let mut old_servers = Vec::new();
+        let mut idle_clients = Vec::new();
+        let mut idle_in_xact = Vec::new();
+        let mut slow = Vec::new();
+        for (k, conn) in self.conns.iter() {
+            match conn {
+                Conn::Server(s) if matches!(s.state, ServerState::Idle) => {
+                    let r = &s.route.route;
+                    if r.pool_ttl > 0 && s.idle_since.elapsed().as_secs() >= r.pool_ttl {
+                        old_servers.push((k, "idle longer than pool_ttl"));
+                    } else if r.server_lifetime > 0
+                        && s.born.elapsed().as_secs() >= r.server_lifetime
+                    {
+                        old_servers.push((k, "older than server_lifetime"));
+                    }
+                }
+                Conn::Client(c) => {
+                    let Some(r) = c.route.as_ref().map(|r| &r.route) else {
+                        continue;
+                    };
+                    let quiet = u64::from(now_ms.wrapping_sub(c.active_ms)) / 1000;
+                    let server = c.server.and_then(|sk| match self.conns.get(sk) {
+                        Some(Conn::Server(s)) => Some((sk, s)),
+                        _ => None,
+                    });
+                    let in_xact = server.is_some_and(|(_, s)| s.status != TransactionStatus::Idle);
+                    let busy = c.pending > 0 || c.unsynced;
+                    match c.state {
+                        ClientState::Idle | ClientState::Linked
+                            if !busy
+                                && !in_xact
+                                && r.client_idle_timeout > 0
+                                && quiet >= r.client_idle_timeout =>
+                        {
+                            idle_clients.push(k);
+                        }
+                        ClientState::Linked
+                            if !busy
+                                && in_xact
+                                && r.idle_in_transaction_timeout > 0
+                                && quiet >= r.idle_in_transaction_timeout =>
+                        {
+                            idle_in_xact.push(k);
+                        }
+                        ClientState::Linked if busy && r.query_timeout > 0 => {
+                            if let Some((sk, s)) = server {
+                                let started = s.query_start;
+                                let late = started
+                                    .is_some_and(|t| t.elapsed().as_secs() >= r.query_timeout);
+                                if late && s.cancelled != started {
+                                    slow.push((sk, started));
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (sk, why) in old_servers {
+            self.close_server(cx, sk, why);
+        }
+        for ck in idle_clients {
+            let f = Fatal::new(
+                "57P05",
+                "terminating connection due to idle timeout (client_idle_timeout)",
+            );
+            self.close_client(cx, ck, Some(f));
+        }
+        for ck in idle_in_xact {
+            let f = Fatal::new(
+                "25P03",
+                "terminating connection due to idle-in-transaction timeout (idle_in_transaction_timeout)",
+            );
+            self.close_client(cx, ck, Some(f));
+        }
+        for (sk, started) in slow {
+            if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
+                info!(
+                    "{}: query running longer than query_timeout: cancelling it",
+                    s.id
+                );
+                s.cancelled = started;
+            }
+            self.send_cancel(cx, sk, false);
+        }
+    }
+
+    /// Each pool's counters on this worker: what released servers brought
+    /// in, plus what busy ones have done so far.
+    fn pool_counters(&self) -> Vec<(PoolKey, Counters)> {
+        let mut by_pool: HashMap<PoolKey, Counters> = self
+            .w
+            .local
+            .iter()
+            .map(|(k, lp)| (k.clone(), lp.totals.clone()))
+            .collect();
+        for (_, conn) in self.conns.iter() {
+            if let Conn::Server(s) = conn {
+                if !s.counters.is_empty() {
+                    by_pool
+                        .entry(s.pool.clone())
+                        .or_default()
+                        .merge(&s.counters);
+                }
+            }
+        }
+        by_pool.into_iter().collect()
     }
 
     /// The console's KILL: the client with that id, or every client and

@@ -83,6 +83,8 @@ impl Call {
 /// The result of a successful start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Started {
+    /// The metrics endpoint's address, when `[metrics] listen` is set.
+    pub metrics: Option<SocketAddr>,
     /// TCP addresses actually bound (port 0 resolved).
     pub tcp: Vec<SocketAddr>,
     /// Unix-domain socket paths bound.
@@ -94,6 +96,8 @@ pub struct Started {
 /// A snapshot of the pooler.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inspection {
+    /// The metrics endpoint's address, when `[metrics] listen` is set.
+    pub metrics: Option<SocketAddr>,
     /// TCP addresses bound.
     pub tcp: Vec<SocketAddr>,
     /// Unix-domain socket paths bound.
@@ -194,6 +198,31 @@ pub struct RouteStats {
     pub servers_login: usize,
     /// The route's pool_size (0 = unlimited).
     pub pool_size: usize,
+    /// Transactions completed (a ReadyForQuery reporting idle), since start.
+    pub xact_count: u64,
+    /// Requests answered (each ReadyForQuery).
+    pub query_count: u64,
+    /// Bytes from clients to servers.
+    pub bytes_received: u64,
+    /// Bytes from servers to clients.
+    pub bytes_sent: u64,
+    /// Microseconds spent in transactions, in total.
+    pub xact_time_us: u64,
+    /// Microseconds from request to ReadyForQuery, in total.
+    pub query_time_us: u64,
+    /// Times a client was given a server connection…
+    pub wait_count: u64,
+    /// …the microseconds it had waited for it, in total…
+    pub wait_time_us: u64,
+    /// …and the 50th, 95th and 99th percentile of those waits (to within
+    /// a fifth).
+    pub wait_p50_us: u64,
+    /// See `wait_p50_us`.
+    pub wait_p95_us: u64,
+    /// See `wait_p50_us`.
+    pub wait_p99_us: u64,
+    /// ErrorResponses from servers, by SQLSTATE class ("23", "42", ...).
+    pub errors: Vec<(String, u64)>,
 }
 
 /// Why a request failed.
