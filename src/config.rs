@@ -102,6 +102,8 @@ pub struct Config {
     /// protocol Parse text).
     #[serde(default)]
     pub log_query: bool,
+    /// Write the process id here while running (removed at exit).
+    pub pid_file: Option<String>,
     /// Seconds between one-line summaries per pool in the log (0 = none).
     #[serde(default)]
     pub stats_interval: u64,
@@ -554,6 +556,12 @@ impl Config {
             }
             crate::tls::listener_tls(l).map_err(|e| ConfigError(format!("listen[{i}]: {e}")))?;
         }
+        crate::logging::syslog_facility(&self.log_syslog_facility).map_err(|e| {
+            ConfigError(format!(
+                "log_syslog_facility: {e}{}",
+                at("log_syslog_facility")
+            ))
+        })?;
         if let Some(addr) = &self.metrics.listen {
             resolve_host_port(addr).map_err(|e| {
                 ConfigError(format!(

@@ -628,7 +628,10 @@ impl Handler for Worker {
                 let idle: Vec<Key> = self
                     .conns
                     .iter()
-                    .filter(|(_, c)| matches!(c, Conn::Client(c) if matches!(c.state, ClientState::Idle)))
+                    // A client that has not had its first request answered
+                    // (accepted from the backlog while draining) is let
+                    // finish it.
+                    .filter(|(_, c)| matches!(c, Conn::Client(c) if matches!(c.state, ClientState::Idle) && c.z_seen > 0))
                     .map(|(k, _)| k)
                     .collect();
                 for k in idle {
@@ -933,7 +936,7 @@ impl Worker {
                                 self.close_client(cx, ck, None);
                                 return;
                             }
-                            Ok(_) if self.w.draining => {
+                            Ok(_) if self.w.draining && c.z_seen > 0 => {
                                 let f = Fatal::new(
                                     "57P01",
                                     "terminating connection: odissey is shutting down",
@@ -1048,6 +1051,7 @@ impl Worker {
         // A server slower than its client: leave the input in the client's
         // buffer, which stops reading the client socket once full.
         let out_before = s.io.out.len();
+        let log_query = self.w.cfg.log_query;
         while s.io.out.len() < readahead {
             let (qstart, xstart) = (&mut s.query_start, &mut s.xact_start);
             let (pending, unsynced, z_sent) = (&mut c.pending, &mut c.unsynced, &mut c.z_sent);
@@ -1098,8 +1102,11 @@ impl Worker {
                     }
                 }
                 // Short simple queries are looked at whole: they may be a
-                // SET whose effect must follow the client.
-                tag == b'X' || (tag == b'Q' && len <= SET_SNIFF_MAX)
+                // SET whose effect must follow the client. With log_query,
+                // every query text is.
+                tag == b'X'
+                    || (tag == b'Q' && (len <= SET_SNIFF_MAX || log_query))
+                    || (tag == b'P' && log_query)
             });
             match step {
                 Ok(Step::NeedMore) => break,
@@ -1109,6 +1116,9 @@ impl Worker {
                 }
                 // Only asked for (needs_whole) when statements are tracked.
                 Ok(Step::Inspect(b'P' | b'B' | b'D' | b'C', f)) if c.prepared.is_some() => {
+                    if log_query && f.first() == Some(&b'P') {
+                        info!("{}: parse: {}", c.id, parse_text(&f));
+                    }
                     let p = c.prepared.as_deref_mut().expect("checked by the guard");
                     if let Err(e) = crate::prepared::client_frame(
                         f,
@@ -1123,9 +1133,18 @@ impl Worker {
                     }
                     progress = true;
                 }
+                Ok(Step::Inspect(b'P', f)) => {
+                    // Asked for whole only by log_query here.
+                    info!("{}: parse: {}", c.id, parse_text(&f));
+                    s.io.out.unsplit(f);
+                    progress = true;
+                }
                 Ok(Step::Inspect(b'Q', f)) => {
                     let sql = f.get(5..f.len().saturating_sub(1)).unwrap_or(&[]);
                     let sql = std::str::from_utf8(sql).unwrap_or("");
+                    if log_query {
+                        info!("{}: query: {sql}", c.id);
+                    }
                     if let Some(cmd) = crate::params::parse_set(sql) {
                         c.sets.push_back((c.z_sent, cmd, false));
                     }
@@ -1385,7 +1404,14 @@ impl Worker {
         if !counters.is_empty() {
             self.w.local(&pool, &route).totals.merge(&counters);
         }
-        if self.w.draining {
+        // Draining, a server still serves the clients queued here (they
+        // are let finish a request), and closes when none waits.
+        let waiting = self
+            .w
+            .local
+            .get(&pool)
+            .is_some_and(|lp| !lp.queue.is_empty());
+        if self.w.draining && !waiting {
             self.close_server(cx, sk, "shutdown");
             return;
         }
@@ -1480,15 +1506,18 @@ impl Worker {
             Some((shared, _)) => shared.clone(),
             None => pool,
         };
-        info!(
-            "{}: login as {}@{} (route {}.{}, {} mode)",
-            c.id,
-            who.user,
-            who.database,
-            who.route.rule_db,
-            who.route.rule_user,
-            who.route.route.pool.as_str()
-        );
+        if self.w.cfg.log_session {
+            info!(
+                "{}: login as {}@{} (route {}.{}, {} mode) from {}",
+                c.id,
+                who.user,
+                who.database,
+                who.route.rule_db,
+                who.route.rule_user,
+                who.route.route.pool.as_str(),
+                c.io.stream.peer()
+            );
+        }
         let max = who.route.route.client_max;
         let n = self
             .w
@@ -2130,7 +2159,14 @@ impl Worker {
         // even without a writable edge; a client that doesn't read it loses it.
         c.io.writable = true;
         c.io.flush();
-        debug!("{}: closing ({})", c.id, c.state.name());
+        if self.w.cfg.log_session && c.route.is_some() {
+            match &fatal {
+                Some(f) => info!("{}: disconnected: {} ({})", c.id, f.message, f.code),
+                None => info!("{}: disconnected", c.id),
+            }
+        } else {
+            debug!("{}: closing ({})", c.id, c.state.name());
+        }
         // After an error, the socket stays open a moment (or until the
         // client closes it): a driver that reads the error and the end of
         // the stream in one go may report "connection closed" instead of
@@ -3121,6 +3157,13 @@ impl Worker {
     }
 
     fn drain(&mut self, cx: &mut Context<'_, WorkerTimer>, deadline: Instant) {
+        // Connections already queued to the listeners are taken and served
+        // (their first request), not reset with the socket: with a
+        // successor bound to the same address (SO_REUSEPORT) no connection
+        // attempt fails during a handover.
+        for i in 0..self.w.listeners.len() {
+            self.accept_all(cx, i);
+        }
         self.w.draining = true;
         for mut l in self.w.listeners.drain(..) {
             let _ = cx.registry().deregister(&mut l);
@@ -3131,6 +3174,10 @@ impl Worker {
             match self.conns.get(k) {
                 Some(Conn::Client(c)) => match c.state {
                     ClientState::Linked => self.drive_client(cx, k),
+                    // Still logging in, or holding a request: let it through
+                    // (closed at its next clean point, or at the deadline).
+                    ClientState::Login(_) | ClientState::Verifying | ClientState::Waiting => {}
+                    ClientState::Idle if c.z_seen == 0 => {}
                     _ => {
                         let f =
                             Fatal::new("57P01", "terminating connection: odissey is shutting down");
@@ -3305,6 +3352,17 @@ fn listener_token(i: usize) -> Token {
 fn listener_index(token: Token) -> Option<usize> {
     let i = (usize::MAX - 1).checked_sub(token.0)?;
     (i < LISTENER_TOKENS).then_some(i)
+}
+
+/// The query text of a whole Parse frame (for log_query).
+fn parse_text(f: &[u8]) -> String {
+    let body = f.get(5..).unwrap_or(&[]);
+    body.iter()
+        .position(|b| *b == 0)
+        .and_then(|name_end| body.get(name_end + 1..))
+        .and_then(|rest| rest.split(|b| *b == 0).next())
+        .map(|t| String::from_utf8_lossy(t).into_owned())
+        .unwrap_or_default()
 }
 
 /// A whole frame as the protocol crate's parsers take it.

@@ -22,7 +22,7 @@ mod tls;
 #[cfg(test)]
 mod tls_tests;
 
-pub use listener::{Listener, ListenerAddr, ACCEPTED_INHERIT_OPTIONS};
+pub use listener::{Listener, ListenerAddr, UnixPath, ACCEPTED_INHERIT_OPTIONS};
 pub use stream::{connect, connect_unix, Peer, SocketResult, Stream};
 pub use tls::{
     ClientAuth, ClientTls, ClientTlsOptions, Protocols, ServerTls, ServerTlsOptions, TlsError,

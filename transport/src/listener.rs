@@ -37,18 +37,20 @@ impl std::fmt::Display for ListenerAddr {
 pub enum Listener {
     /// TCP.
     Tcp(TcpListener),
-    /// Unix-domain socket (removes its file when dropped).
-    Unix(UnixListener, PathBuf),
+    /// Unix-domain socket (removes its file when dropped, if still its own).
+    Unix(UnixListener, UnixPath),
     /// A clone of a Unix-domain listener (leaves the file alone).
     UnixClone(UnixListener),
 }
 
 impl Listener {
     /// Binds a TCP listener with SO_REUSEADDR (a restart must not wait for
-    /// TIME_WAIT) and the given backlog.
+    /// TIME_WAIT), SO_REUSEPORT (a successor binds the same address while
+    /// this one drains: online restart) and the given backlog.
     pub fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<Self> {
         let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         sock.set_reuse_address(true)?;
+        sock.set_reuse_port(true)?;
         if addr.is_ipv6() {
             sock.set_only_v6(true)?;
         }
@@ -63,14 +65,19 @@ impl Listener {
         if path.exists() {
             std::fs::remove_file(path)?;
         }
-        Ok(Self::Unix(UnixListener::bind(path)?, path.to_path_buf()))
+        let l = UnixListener::bind(path)?;
+        let p = UnixPath {
+            path: path.to_path_buf(),
+            id: file_id(path),
+        };
+        Ok(Self::Unix(l, p))
     }
 
     /// The address actually bound.
     pub fn local_addr(&self) -> io::Result<ListenerAddr> {
         match self {
             Self::Tcp(l) => l.local_addr().map(ListenerAddr::Tcp),
-            Self::Unix(_, p) => Ok(ListenerAddr::Unix(p.clone())),
+            Self::Unix(_, p) => Ok(ListenerAddr::Unix(p.path.clone())),
             Self::UnixClone(l) => l.local_addr().map(|a| {
                 ListenerAddr::Unix(a.as_pathname().map(PathBuf::from).unwrap_or_default())
             }),
@@ -134,9 +141,26 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         if let Self::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
+            // Only our own socket file: a successor (online restart) may
+            // have bound a new one at the same path since.
+            if p.id.is_some() && file_id(&p.path) == p.id {
+                let _ = std::fs::remove_file(&p.path);
+            }
         }
     }
+}
+
+/// The (device, inode) of a file.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Where a Unix listener's socket file is, and which file it was.
+#[derive(Debug)]
+pub struct UnixPath {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
 }
 
 impl Source for Listener {
