@@ -280,7 +280,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
                 SIGHUP => {
                     reopen_log();
                     match handle.reload(None) {
-                        Ok(()) => {}
+                        Ok(_) => {}
                         Err(e) => log::error!("reload failed, keeping the running config: {e}"),
                     }
                 }

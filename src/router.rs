@@ -288,10 +288,11 @@ impl Router {
         route: &Arc<ResolvedRoute>,
         worker: WorkerId,
     ) -> Action {
+        // A new pool takes the route it was asked with; an existing one
+        // keeps the route `configure` gave it: clients that logged in
+        // before a reload still carry the old one, which must not bring
+        // the old pool_size back.
         let pool = self.pool(key, route);
-        if !pool.retired {
-            pool.route = Arc::clone(route);
-        }
         if let Some(i) = pool.idle.iter().rposition(|(w, _)| *w == worker) {
             if let Some((_, server)) = pool.idle.remove(i) {
                 return Action::Grant {
@@ -363,7 +364,9 @@ impl Router {
         let Some(p) = self.pools.get_mut(key) else {
             return Some(Action::Close { worker, server });
         };
-        if p.retired {
+        // A retired pool's servers still serve its remaining clients (those
+        // that logged in before the reload) and close when none waits.
+        if p.retired && p.needs.is_empty() {
             return Some(Action::Close { worker, server });
         }
         match p.pop_need() {
@@ -403,7 +406,7 @@ impl Router {
             }
             ServerWas::Active => {}
         }
-        if p.has_room() && !p.retired {
+        if p.has_room() {
             if let Some(w) = p.pop_need() {
                 p.total += 1;
                 p.opening += 1;

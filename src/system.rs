@@ -269,7 +269,8 @@ impl System {
         Ok(started)
     }
 
-    fn reload(&mut self, source: Option<ConfigSource>) -> Result<(), Error> {
+    /// Applies a new config; the notes say what needs a restart.
+    fn reload(&mut self, source: Option<ConfigSource>) -> Result<Vec<String>, Error> {
         let Some(run) = &mut self.running else {
             return Err(Error::NotStarted);
         };
@@ -282,8 +283,26 @@ impl System {
                 .map(|l| (l.host.clone(), l.port, l.unix_socket.clone(), l.backlog))
                 .collect()
         };
+        let mut notes = Vec::new();
         if addrs(&cfg) != addrs(&run.cfg) {
-            warn!("reload: [[listen]] address changes take effect at restart");
+            notes.push("[[listen]] address changes take effect at restart".to_string());
+        }
+        if cfg.metrics != run.cfg.metrics {
+            notes.push("[metrics] changes take effect at restart".to_string());
+        }
+        let logging = |c: &Config| {
+            (
+                c.log_debug,
+                c.log_file.clone(),
+                c.log_syslog,
+                c.log_syslog_ident.clone(),
+                c.log_syslog_facility.clone(),
+                c.log_to_stdout,
+                c.log_format,
+            )
+        };
+        if logging(&cfg) != logging(&run.cfg) {
+            notes.push("log_* changes take effect at restart".to_string());
         }
         let (tls, errors) = TlsSet::load(&cfg, Some(&run.tls));
         for e in errors {
@@ -291,7 +310,10 @@ impl System {
         }
         run.tls = Arc::new(tls);
         if cfg.worker_count() != run.cfg.worker_count() {
-            warn!("reload: a new `workers` count takes effect at restart");
+            notes.push("a new `workers` count takes effect at restart".to_string());
+        }
+        for n in &notes {
+            warn!("reload: {n}");
         }
         for w in &run.workers {
             let _ = w.send(WorkerCmd::Configure {
@@ -308,7 +330,7 @@ impl System {
             self.act(&pool, a);
         }
         info!("configuration reloaded");
-        Ok(())
+        Ok(notes)
     }
 
     fn inspect(&self) -> Inspection {
@@ -621,8 +643,11 @@ impl System {
                 }
             }
             Command::Reload => match self.reload(None) {
-                Ok(()) => {
+                Ok(notes) => {
                     self.rearm_stats(cx);
+                    for n in notes {
+                        backend::notice_response(&mut out, "WARNING", "01000", &n);
+                    }
                     backend::command_complete(&mut out, "RELOAD");
                 }
                 Err(e) => {
@@ -788,9 +813,9 @@ impl Handler for System {
                 }
                 Request::Reload(source) => {
                     let reply = match self.reload(source) {
-                        Ok(()) => {
+                        Ok(notes) => {
                             self.rearm_stats(cx);
-                            Reply::Reloaded
+                            Reply::Reloaded { notes }
                         }
                         Err(e) => {
                             warn!("reload refused: {e}");

@@ -1422,7 +1422,9 @@ impl Worker {
         let pool = s.pool.clone();
         let route = Arc::clone(&s.route);
         let lp = self.w.local(&pool, &route);
-        if lp.shared.retired.load(std::sync::atomic::Ordering::SeqCst) {
+        // A retired pool (its route changed in a reload) still serves the
+        // clients that logged in before; its servers close when none waits.
+        if lp.shared.retired.load(std::sync::atomic::Ordering::SeqCst) && lp.queue.is_empty() {
             self.close_server(cx, sk, "its route changed");
             return;
         }

@@ -8,6 +8,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use odissey::ConfigSource;
+use odissey_harness::TRUST_USER;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -43,13 +45,13 @@ fn assert_login_refused(port: u16, password: &str, what: &str) {
 }
 
 #[track_caller]
-fn assert_config_error(result: Result<(), odissey::Error>, what: &str) {
+fn assert_config_error<T: std::fmt::Debug>(result: Result<T, odissey::Error>, what: &str) {
     match result {
         Err(odissey::Error::Config(msg)) => {
             assert!(!msg.is_empty(), "{what}: empty config error message");
         }
         Err(other) => panic!("{what}: expected Error::Config, got {other:?}"),
-        Ok(()) => panic!("{what}: an invalid config was accepted"),
+        Ok(_) => panic!("{what}: an invalid config was accepted"),
     }
 }
 
@@ -316,4 +318,90 @@ fn dropping_the_handle_stops_the_pooler() {
         pg.wait_for_backends("trust_user", 0, Duration::from_secs(5)),
         0
     );
+}
+
+#[test]
+fn reload_under_load_changes_pool_size_and_storage_without_client_errors() {
+    let _w = watchdog("reload under load", Duration::from_secs(120));
+    let pg = PgCluster::start();
+    let mut init = pg_tool("pgbench");
+    init.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pg.port().to_string(),
+        "-U",
+        "postgres",
+        "-i",
+        "-s",
+        "1",
+        "test",
+    ]);
+    assert!(run_tool(init, Duration::from_secs(60)).status.success());
+    pg.sql(
+        "test",
+        "GRANT ALL ON ALL TABLES IN SCHEMA public TO trust_user",
+    );
+
+    let base = |pool_size: usize| {
+        let mut text = Config::new(pg.port())
+            .route(
+                Route::new("test", TRUST_USER)
+                    .transaction()
+                    .pool_size(pool_size),
+            )
+            .toml();
+        // A second storage: the same server by another name.
+        text.push_str(&format!(
+            "\n[storage.alt]\ntype = \"remote\"\nhost = \"localhost\"\nport = {}\n",
+            pg.port()
+        ));
+        text
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("odissey.toml");
+    std::fs::write(&path, base(4)).unwrap();
+    let (h, port) = start_pooler_from(ConfigSource::File(path.clone()));
+
+    let mut bench = pg_tool("pgbench");
+    bench
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", TRUST_USER])
+        .args(["-c", "8", "-j", "2", "-T", "6", "test"]);
+    let load = std::thread::spawn(move || run_tool(bench, Duration::from_secs(60)));
+    std::thread::sleep(Duration::from_millis(1500));
+    // A smaller pool…
+    std::fs::write(&path, base(2)).unwrap();
+    assert_eq!(h.reload(None).unwrap(), Vec::<String>::new());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        h.inspect()
+            .unwrap()
+            .route("test", TRUST_USER)
+            .unwrap()
+            .pool_size
+            == 2
+    );
+    // …then another storage for the route: its old connections retire.
+    std::fs::write(
+        &path,
+        base(2).replace("storage = \"main\"", "storage = \"alt\""),
+    )
+    .unwrap();
+    h.reload(None).unwrap();
+    let out = load.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    // The servers now are the new storage's (localhost), at most 2.
+    let ins = h.inspect().unwrap();
+    assert!(ins.server_list.len() <= 2, "{:?}", ins.server_list);
+
+    // Settings that need a restart are named in the reply.
+    std::fs::write(&path, base(2).replace("workers = 2", "workers = 3")).unwrap();
+    let notes = h.reload(None).unwrap();
+    assert!(notes.iter().any(|n| n.contains("workers")), "{notes:?}");
 }

@@ -1825,7 +1825,7 @@ fn reload_swaps_certificates_and_keeps_them_when_bad() {
 /// it was") or goes through keeping the listener's previous TLS; both
 /// leave the pooler serving the old certificate.
 #[track_caller]
-fn assert_tls_reload_kept(reloaded: Result<(), odissey::Error>, what: &str) {
+fn assert_tls_reload_kept(reloaded: Result<Vec<String>, odissey::Error>, what: &str) {
     if let Err(e) = reloaded {
         let shown = e.to_string();
         assert!(

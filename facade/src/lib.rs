@@ -52,8 +52,12 @@ pub enum Request {
 pub enum Reply {
     /// The pooler runs and listens on these addresses.
     Started(Started),
-    /// The new config is in place.
-    Reloaded,
+    /// The new config is in place; `notes` name what it changes that
+    /// takes effect only at restart (listen addresses, workers, logging).
+    Reloaded {
+        /// One line per setting that needs a restart.
+        notes: Vec<String>,
+    },
     /// A snapshot of the pooler's state.
     Inspected(Inspection),
     /// Everything is closed; the backend thread is about to exit.
@@ -324,9 +328,11 @@ impl Handle {
     }
 
     /// Applies a new config, or re-reads the start file when `None`.
-    pub fn reload(&self, config: Option<ConfigSource>) -> Result<(), Error> {
+    /// Returns what the new config changes that needs a restart (empty
+    /// when everything took effect).
+    pub fn reload(&self, config: Option<ConfigSource>) -> Result<Vec<String>, Error> {
         match self.call(Request::Reload(config))? {
-            Reply::Reloaded => Ok(()),
+            Reply::Reloaded { notes } => Ok(notes),
             Reply::Failed(e) => Err(e),
             other => Err(Error::UnexpectedReply(format!("{other:?}"))),
         }
@@ -390,7 +396,7 @@ mod tests {
                         call.answer(Reply::ShutDown);
                         return;
                     }
-                    Request::Start(_) => Reply::Reloaded, // wrong on purpose
+                    Request::Start(_) => Reply::Reloaded { notes: Vec::new() }, // wrong on purpose
                 };
                 call.answer(reply);
             }
