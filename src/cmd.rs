@@ -92,6 +92,12 @@ pub(crate) enum WorkerCmd {
     Reclaim { pool: PoolKey },
     /// `pool` was retired by a reload: close the idle servers kept for it.
     Retire { pool: PoolKey },
+    /// Open a server for `pool` though no client waits (`min_pool_size`);
+    /// the router has counted it.
+    Warm {
+        pool: PoolKey,
+        route: Arc<ResolvedRoute>,
+    },
     /// Hand idle `server` to worker `to`.
     Ship {
         server: Key,

@@ -424,6 +424,9 @@ pub struct Route {
     /// Clients of this route at once, across workers (0 = no limit).
     #[serde(default)]
     pub client_max: usize,
+    /// Server connections kept open even when idle (warm), up to pool_size.
+    #[serde(default)]
+    pub min_pool_size: usize,
 }
 
 fn yes() -> bool {

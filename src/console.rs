@@ -5,7 +5,7 @@
 //! running pooler and its config.
 
 use bytes::BytesMut;
-use odissey_facade::{ClientInfo, Inspection, ServerInfo};
+use odissey_facade::{ClientInfo, Inspection, RouteStats, ServerInfo};
 use odissey_protocol::backend;
 
 use crate::config::{Config, StorageType};
@@ -225,9 +225,29 @@ fn pools(out: &mut BytesMut, ins: &Inspection) {
 
 fn stats(out: &mut BytesMut, ins: &Inspection) {
     let avg = |total: u64, n: u64| total.checked_div(n).unwrap_or(0);
+    // Every pool, then their sum.
+    let mut total = RouteStats {
+        database: "(total)".into(),
+        ..RouteStats::default()
+    };
+    for r in &ins.routes {
+        total.xact_count += r.xact_count;
+        total.query_count += r.query_count;
+        total.bytes_received += r.bytes_received;
+        total.bytes_sent += r.bytes_sent;
+        total.xact_time_us += r.xact_time_us;
+        total.query_time_us += r.query_time_us;
+        total.wait_time_us += r.wait_time_us;
+        total.wait_count += r.wait_count;
+        total.wait_p50_us = total.wait_p50_us.max(r.wait_p50_us);
+        total.wait_p95_us = total.wait_p95_us.max(r.wait_p95_us);
+        total.wait_p99_us = total.wait_p99_us.max(r.wait_p99_us);
+        total.errors.extend(r.errors.iter().cloned());
+    }
     let rows: Vec<Vec<String>> = ins
         .routes
         .iter()
+        .chain(std::iter::once(&total))
         .map(|r| {
             vec![
                 r.database.clone(),

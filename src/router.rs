@@ -440,6 +440,39 @@ impl Router {
         actions
     }
 
+    /// Pools short of their route's `min_pool_size` get new connections,
+    /// dealt round-robin to the workers (each counted as opening). Pools of
+    /// exact routes (neither name `default`) exist from the start, so they
+    /// are kept warm before any client comes.
+    pub(crate) fn warm(&mut self, cfg: &Config, workers: usize) -> Vec<(PoolKey, WorkerId)> {
+        for (db, d) in &cfg.database {
+            for (user, r) in &d.user {
+                if r.min_pool_size == 0 || db == "default" || user == "default" {
+                    continue;
+                }
+                if let Some(route) = cfg.route(db, user) {
+                    let key = PoolKey::new(db, user, &route);
+                    self.pool(&key, &route);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let workers = workers.max(1);
+        for (key, p) in &mut self.pools {
+            let min = p.route.route.min_pool_size;
+            let cap = match p.route.route.pool_size {
+                0 => min,
+                n => min.min(n),
+            };
+            while !p.retired && p.total < cap {
+                p.total += 1;
+                p.opening += 1;
+                out.push((key.clone(), (p.total + out.len()) % workers));
+            }
+        }
+        out
+    }
+
     /// The route a pool serves, as of the latest need.
     pub(crate) fn route_of(&self, key: &PoolKey) -> Option<Arc<ResolvedRoute>> {
         self.pools.get(key).map(|p| Arc::clone(&p.route))

@@ -38,7 +38,12 @@ pub(crate) enum SysTimer {
     Gather(u64),
     /// Time for the `stats_interval` summary.
     Stats,
+    /// Time to top pools up to `min_pool_size`.
+    Warm,
 }
+
+/// How often pools are topped up to `min_pool_size`.
+const WARM_EVERY: Duration = Duration::from_secs(1);
 
 /// The Prometheus endpoint: a listener and its HTTP connections, polled by
 /// this thread's reactor.
@@ -257,6 +262,8 @@ impl System {
         }
         self.stats_at = std::time::Instant::now();
         self.arm_stats(cx, &cfg);
+        self.warm();
+        cx.set_timer(cx.now() + WARM_EVERY, SysTimer::Warm);
         self.running = Some(Running {
             cfg,
             tls,
@@ -477,6 +484,21 @@ impl System {
                     self.arm_stats(cx, &cfg);
                 }
             }
+        }
+    }
+
+    /// Opens what `min_pool_size` asks for.
+    fn warm(&mut self) {
+        let Some(run) = &self.running else {
+            return;
+        };
+        let opens = self.router.warm(&run.cfg, run.workers.len());
+        for (pool, worker) in opens {
+            let (Some(route), Some(w)) = (self.router.route_of(&pool), run.workers.get(worker))
+            else {
+                continue;
+            };
+            let _ = w.send(WorkerCmd::Warm { pool, route });
         }
     }
 
@@ -924,6 +946,12 @@ impl Handler for System {
                         run.threads.clear(); // detach: they stop on their own deadline
                     }
                     self.finish(cx);
+                }
+            }
+            SysTimer::Warm => {
+                if self.stopping.is_none() {
+                    self.warm();
+                    cx.set_timer(cx.now() + WARM_EVERY, SysTimer::Warm);
                 }
             }
             SysTimer::Stats => {

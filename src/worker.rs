@@ -454,6 +454,19 @@ impl Handler for Worker {
                 cx.set_timer(cx.now() + TICK, WorkerTimer::Tick);
             }
             WorkerCmd::Granted { lease, pool, route } => self.granted(cx, lease, pool, route),
+            WorkerCmd::Warm { pool, route } => {
+                if self.w.draining {
+                    self.w.send(SysCmd::ServerClosed {
+                        pool,
+                        worker: self.w.id,
+                        server: None,
+                        was: ServerWas::Opening,
+                    });
+                } else {
+                    self.w.local(&pool, &route);
+                    self.open_server(cx, pool, route);
+                }
+            }
             WorkerCmd::Reclaim { pool } => {
                 let id = self.w.id;
                 if let Some(lp) = self.w.local.get_mut(&pool) {

@@ -267,3 +267,66 @@ fn statistics_in_the_console_and_the_metrics_endpoint() {
     assert!(text.starts_with("HTTP/1.1 404"), "{text}");
     assert!(scrape(metrics).contains("odissey_up 1"));
 }
+
+#[test]
+fn min_pool_size_keeps_servers_warm() {
+    let _w = watchdog("min_pool_size", Duration::from_secs(60));
+    let pg = PgCluster::start();
+    let (_h, port) = start_with(&pg, &[("min_pool_size", "2")]);
+    // No client yet: the exact route's pool is opened by itself.
+    wait_for("two warm servers", Duration::from_secs(10), || {
+        pg.backends(TRUST_USER) == 2
+    });
+    // Clients use them; a server that dies is replaced.
+    let mut c = connect(port, "test", TRUST_USER, None);
+    c.simple_query("SELECT 1").unwrap();
+    pg.sql(
+        "postgres",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'trust_user'",
+    );
+    wait_for("the pool to refill", Duration::from_secs(10), || {
+        pg.backends(TRUST_USER) == 2
+    });
+    assert_eq!(c.query_one("SELECT 3", &[]).unwrap().get::<_, i32>(0), 3);
+}
+
+#[test]
+fn an_unreachable_server_gives_clear_errors_and_the_pool_recovers() {
+    let _w = watchdog("server down", Duration::from_secs(90));
+    let pg = PgCluster::start();
+    let route = Route::new("test", TRUST_USER).transaction().pool_timeout_ms(1000);
+    let (_h, port) = start_pooler(&Config::new(pg.port()).route(route));
+    let mut c = connect(port, "test", TRUST_USER, None);
+    c.simple_query("SELECT 1").unwrap();
+    pg.stop();
+    // The idle server died with the cluster; the client's next query
+    // finds no server to log in to and is told why, soon.
+    let t0 = Instant::now();
+    let e = c.simple_query("SELECT 1").unwrap_err();
+    let text = describe(&e);
+    assert!(
+        e.code()
+            .map(SqlState::code)
+            .is_some_and(|c| ["08006", "53300", "57P01"].contains(&c))
+            || e.is_closed(),
+        "{text}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "{:?}: {text}",
+        t0.elapsed()
+    );
+    // New clients while it is down: a clear error, not a hang.
+    let t0 = Instant::now();
+    let r = try_connect(port, "test", TRUST_USER, None)
+        .and_then(|mut c| c.simple_query("SELECT 1").map(|_| ()));
+    assert!(r.is_err());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    // Back up: the pool serves again without a restart of odissey.
+    pg.restart();
+    wait_for("the pool to serve again", Duration::from_secs(20), || {
+        try_connect(port, "test", TRUST_USER, None)
+            .and_then(|mut c| c.simple_query("SELECT 1").map(|_| ()))
+            .is_ok()
+    });
+}
