@@ -294,7 +294,9 @@ fn min_pool_size_keeps_servers_warm() {
 fn an_unreachable_server_gives_clear_errors_and_the_pool_recovers() {
     let _w = watchdog("server down", Duration::from_secs(90));
     let pg = PgCluster::start();
-    let route = Route::new("test", TRUST_USER).transaction().pool_timeout_ms(1000);
+    let route = Route::new("test", TRUST_USER)
+        .transaction()
+        .pool_timeout_ms(1000);
     let (_h, port) = start_pooler(&Config::new(pg.port()).route(route));
     let mut c = connect(port, "test", TRUST_USER, None);
     c.simple_query("SELECT 1").unwrap();
