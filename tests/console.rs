@@ -369,3 +369,50 @@ fn shutdown_from_the_console_stops_the_pooler() {
     });
     assert!(try_connect(port, "test", TRUST_USER, None).is_err());
 }
+
+#[test]
+fn pause_restart_postgresql_resume_without_client_errors() {
+    let _w = watchdog("pause for a restart", Duration::from_secs(120));
+    let pg = PgCluster::start();
+    let (_h, port) = start_pooler_from(ConfigSource::Toml(console_toml(pg.port(), 4)));
+    let mut init = pg_tool("pgbench");
+    init.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pg.port().to_string(),
+        "-U",
+        "postgres",
+        "-i",
+        "-s",
+        "1",
+        "test",
+    ]);
+    assert!(run_tool(init, Duration::from_secs(60)).status.success());
+    pg.sql(
+        "test",
+        "GRANT ALL ON ALL TABLES IN SCHEMA public TO trust_user",
+    );
+
+    let mut bench = pg_tool("pgbench");
+    bench
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", TRUST_USER])
+        .args(["-c", "6", "-j", "2", "-T", "8", "-S", "test"]);
+    let load = std::thread::spawn(move || run_tool(bench, Duration::from_secs(60)));
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut admin = console(port);
+    // The operator's routine: PAUSE, restart the server, RESUME.
+    admin.simple_query("PAUSE").unwrap();
+    pg.stop();
+    pg.restart();
+    admin.simple_query("RESUME").unwrap();
+
+    let out = load.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+}
