@@ -427,6 +427,11 @@ pub struct Route {
     /// Server connections kept open even when idle (warm), up to pool_size.
     #[serde(default)]
     pub min_pool_size: usize,
+    /// Clients that may wait for a server connection at once, across
+    /// workers; beyond it a request is refused at once with 53300 (0 = no
+    /// limit).
+    #[serde(default)]
+    pub queue_max: usize,
 }
 
 fn yes() -> bool {

@@ -1613,6 +1613,27 @@ impl Worker {
                 return;
             }
         }
+        // Admission control: with queue_max clients already waiting (on
+        // every worker), the request is refused here and now, without the
+        // router.
+        let max = route.route.queue_max;
+        if max > 0
+            && lp
+                .shared
+                .clients_waiting
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= max
+        {
+            let f = Fatal::new(
+                "53300",
+                format!(
+                    "route {}.{} is busy: {max} clients already wait for a server connection (queue_max)",
+                    route.rule_db, route.rule_user
+                ),
+            );
+            self.close_client(cx, ck, Some(f));
+            return;
+        }
         lp.queue.push_back(ck);
         lp.shared
             .clients_waiting

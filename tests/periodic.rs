@@ -332,3 +332,52 @@ fn an_unreachable_server_gives_clear_errors_and_the_pool_recovers() {
             .is_ok()
     });
 }
+
+#[test]
+fn queue_max_refuses_at_once_when_too_many_wait() {
+    let _w = watchdog("queue_max", Duration::from_secs(60));
+    let pg = PgCluster::start();
+    let route = Route::new("test", TRUST_USER).transaction().pool_size(1);
+    let keys = RouteKeys::new("test", TRUST_USER).raw("queue_max", "2");
+    let (h, port) = start_pooler_ext(&Config::new(pg.port()).route(route), &[keys]);
+    let mut holder = connect(port, "test", TRUST_USER, None);
+    holder.batch_execute("BEGIN; SELECT 1").unwrap();
+    let waiters: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = connect(port, "test", TRUST_USER, None);
+                c.simple_query("SELECT 1").map(|_| ())
+            })
+        })
+        .collect();
+    let waiting = || {
+        h.inspect()
+            .unwrap()
+            .route("test", TRUST_USER)
+            .map_or(0, |r| r.clients_waiting)
+    };
+    wait_for("two waiting clients", Duration::from_secs(10), || {
+        waiting() == 2
+    });
+    // The third request is refused at once.
+    let mut third = connect(port, "test", TRUST_USER, None);
+    let t0 = Instant::now();
+    let e = third.simple_query("SELECT 1").unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&SqlState::TOO_MANY_CONNECTIONS),
+        "{}",
+        describe(&e)
+    );
+    assert!(describe(&e).contains("busy"), "{}", describe(&e));
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    // The admitted ones are served once the server frees up.
+    holder.batch_execute("COMMIT").unwrap();
+    for w in waiters {
+        w.join().unwrap().unwrap();
+    }
+}

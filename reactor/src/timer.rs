@@ -2,7 +2,10 @@
 //!
 //! A binary heap ordered by deadline; cancelling removes the payload from a
 //! map and leaves the heap entry to be skipped when it surfaces, which keeps
-//! both operations O(log n) without a search.
+//! both operations O(log n) without a search. Cancelled entries are swept out
+//! once they outnumber the live ones: a deadline set per connection and
+//! cancelled a moment later (an auth timeout under connection churn) must
+//! not pile up until it would have fired.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -42,7 +45,13 @@ impl<T> Timers<T> {
 
     /// Cancels a deadline; a no-op when it already fired or was cancelled.
     pub fn cancel(&mut self, id: TimerId) -> Option<T> {
-        self.live.remove(&id)
+        let payload = self.live.remove(&id);
+        if self.heap.len() > 2 * self.live.len() + 1024 {
+            // Amortized O(1): a sweep leaves at most half the entries dead.
+            let live = &self.live;
+            self.heap.retain(|Reverse((_, id))| live.contains_key(id));
+        }
+        payload
     }
 
     /// Number of live (not yet fired, not cancelled) deadlines.
@@ -101,5 +110,26 @@ mod tests {
         assert!(t.pop_expired(later).is_none());
         assert!(t.is_empty());
         assert_eq!(t.next_timeout(later), None);
+    }
+
+    #[test]
+    fn cancelled_deadlines_do_not_pile_up() {
+        let mut t = Timers::default();
+        let now = Instant::now();
+        let keep = t.schedule(now + Duration::from_secs(60), 0);
+        for i in 0..100_000 {
+            let id = t.schedule(now + Duration::from_secs(10), i);
+            t.cancel(id);
+        }
+        assert_eq!(t.len(), 1);
+        assert!(
+            t.heap.len() <= 2 + 1024 + 1,
+            "{} entries kept",
+            t.heap.len()
+        );
+        assert_eq!(
+            t.pop_expired(now + Duration::from_secs(61)),
+            Some((keep, 0))
+        );
     }
 }
