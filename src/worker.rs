@@ -833,7 +833,11 @@ impl Worker {
                 .map_or(readahead, |w| w.max(readahead));
             if c.io.fill(limit) {
                 progress = true;
-                c.active_ms = self.w.started.elapsed().as_millis() as u32;
+                // The batch's clock: no clock read per socket read.
+                c.active_ms = cx
+                    .now()
+                    .saturating_duration_since(self.w.started)
+                    .as_millis() as u32;
             }
             let state = std::mem::replace(&mut c.state, ClientState::Idle);
             match state {
@@ -1065,6 +1069,9 @@ impl Worker {
         // buffer, which stops reading the client socket once full.
         let out_before = s.io.out.len();
         let log_query = self.w.cfg.log_query;
+        // Timings use the batch's clock: precise to the event loop's turn,
+        // and no clock read per message.
+        let now = cx.now();
         while s.io.out.len() < readahead {
             let (qstart, xstart) = (&mut s.query_start, &mut s.xact_start);
             let (pending, unsynced, z_sent) = (&mut c.pending, &mut c.unsynced, &mut c.z_sent);
@@ -1076,9 +1083,8 @@ impl Worker {
                 let ignored = *copy_mode && matches!(tag, b'S' | b'H');
                 if !ignored && matches!(tag, b'Q' | b'F' | b'S') {
                     // A request: its answer's ReadyForQuery ends the timing.
-                    let now = || Some(Instant::now());
                     if qstart.is_none() {
-                        *qstart = now();
+                        *qstart = Some(now);
                     }
                     if xstart.is_none() {
                         *xstart = *qstart;
@@ -1291,12 +1297,14 @@ impl Worker {
                             }
                             s.counters.queries += 1;
                             if let Some(t) = s.query_start.take() {
-                                s.counters.query_us += t.elapsed().as_micros() as u64;
+                                s.counters.query_us +=
+                                    now.saturating_duration_since(t).as_micros() as u64;
                             }
                             if s.status == TransactionStatus::Idle {
                                 s.counters.xacts += 1;
                                 if let Some(t) = s.xact_start.take() {
-                                    s.counters.xact_us += t.elapsed().as_micros() as u64;
+                                    s.counters.xact_us +=
+                                        now.saturating_duration_since(t).as_micros() as u64;
                                 }
                             }
                             c.pending = c.pending.saturating_sub(1);
@@ -1412,19 +1420,17 @@ impl Worker {
         };
         s.client = None;
         s.state = ServerState::Idle;
-        let counters = std::mem::take(&mut s.counters);
-        let (pool, route) = (s.pool.clone(), Arc::clone(&s.route));
-        if !counters.is_empty() {
-            self.w.local(&pool, &route).totals.merge(&counters);
-        }
         // Draining, a server still serves the clients queued here (they
-        // are let finish a request), and closes when none waits.
-        let waiting = self
-            .w
-            .local
-            .get(&pool)
-            .is_some_and(|lp| !lp.queue.is_empty());
-        if self.w.draining && !waiting {
+        // are let finish a request), and closes when none waits. (Its
+        // counters stay on it until it closes or a snapshot reads them:
+        // nothing per transaction.)
+        if self.w.draining
+            && self
+                .w
+                .local
+                .get(&s.pool)
+                .is_none_or(|lp| lp.queue.is_empty())
+        {
             self.close_server(cx, sk, "shutdown");
             return;
         }
