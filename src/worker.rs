@@ -168,6 +168,10 @@ pub(crate) struct Shared {
     pause_waits: Vec<(u64, Option<String>)>,
     /// When this worker started.
     started: Instant,
+    /// Tests only (`ODISSEY_FAILPOINT_PANIC`): a simple query with exactly
+    /// this text makes the worker panic while relaying it, to prove that
+    /// a panic costs one connection, not the worker.
+    panic_on: Option<String>,
     /// TLS for clients (by listener) and servers (by storage).
     pub(crate) tls: Arc<TlsSet>,
     /// Routes resolved for this worker's clients under `cfg`.
@@ -236,6 +240,7 @@ impl Worker {
                 paused: Paused::default(),
                 pause_waits: Vec::new(),
                 started: Instant::now(),
+                panic_on: std::env::var("ODISSEY_FAILPOINT_PANIC").ok(),
                 tls,
                 params: HashMap::new(),
                 local: HashMap::new(),
@@ -411,6 +416,76 @@ impl Handler for Worker {
         let Some(key) = self.conns.key_of(token) else {
             return;
         };
+        // A bug in one connection's state machine must not take the worker
+        // and every other connection down with it.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.on_ready(cx, key, ready);
+        }));
+        if ran.is_err() {
+            self.contain_panic(cx, key);
+        }
+    }
+
+    fn command(&mut self, cx: &mut Context<'_, WorkerTimer>, cmd: WorkerCmd) {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.on_command(cx, cmd);
+        }));
+        if ran.is_err() {
+            error!(
+                "worker {}: a command panicked; the worker goes on",
+                self.w.id
+            );
+        }
+    }
+
+    fn timeout(&mut self, cx: &mut Context<'_, WorkerTimer>, id: TimerId, timer: WorkerTimer) {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.on_timeout(cx, id, timer);
+        }));
+        if ran.is_err() {
+            error!(
+                "worker {}: a deadline's handling panicked; the worker goes on",
+                self.w.id
+            );
+        }
+    }
+
+    fn after_batch(&mut self, cx: &mut Context<'_, WorkerTimer>) {
+        self.on_after_batch(cx);
+    }
+}
+
+impl Worker {
+    /// After a panic while running `key`: that connection (and its partner,
+    /// whose state may be half-updated) is closed through the usual paths,
+    /// so counts and the router's books stay right; the client hears
+    /// XX000. If closing panics too, the slots are freed as they are.
+    fn contain_panic(&mut self, cx: &mut Context<'_, WorkerTimer>, key: Key) {
+        let (id, partner) = match self.conns.get(key) {
+            Some(Conn::Client(c)) => (c.id.to_string(), c.server),
+            Some(Conn::Server(s)) => (s.id.to_string(), s.client),
+            _ => (String::new(), None),
+        };
+        error!("{id}: its state machine panicked (a bug); closing it and its partner");
+        for k in [Some(key), partner].into_iter().flatten() {
+            let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match self.conns.get(k) {
+                    Some(Conn::Client(_)) => {
+                        let f = Fatal::new("XX000", "internal error in odissey: connection closed");
+                        self.close_client(cx, k, Some(f));
+                    }
+                    Some(Conn::Server(_)) => self.close_server(cx, k, "internal error"),
+                    Some(Conn::Cancel(_) | Conn::Probe(_)) => self.kill(k),
+                    Some(Conn::Dead) | None => {}
+                }
+            }));
+            if closed.is_err() {
+                self.kill(k);
+            }
+        }
+    }
+
+    fn on_ready(&mut self, cx: &mut Context<'_, WorkerTimer>, key: Key, ready: Ready) {
         match self.conns.get_mut(key) {
             Some(Conn::Client(c)) => {
                 c.io.on_ready(ready);
@@ -435,7 +510,7 @@ impl Handler for Worker {
         }
     }
 
-    fn command(&mut self, cx: &mut Context<'_, WorkerTimer>, cmd: WorkerCmd) {
+    fn on_command(&mut self, cx: &mut Context<'_, WorkerTimer>, cmd: WorkerCmd) {
         match cmd {
             WorkerCmd::Listen {
                 mut listeners,
@@ -565,7 +640,7 @@ impl Handler for Worker {
         }
     }
 
-    fn timeout(&mut self, cx: &mut Context<'_, WorkerTimer>, _id: TimerId, timer: WorkerTimer) {
+    fn on_timeout(&mut self, cx: &mut Context<'_, WorkerTimer>, _id: TimerId, timer: WorkerTimer) {
         match timer {
             WorkerTimer::Linger(ck) => {
                 if matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Closing))
@@ -677,7 +752,7 @@ impl Handler for Worker {
         }
     }
 
-    fn after_batch(&mut self, cx: &mut Context<'_, WorkerTimer>) {
+    fn on_after_batch(&mut self, cx: &mut Context<'_, WorkerTimer>) {
         for k in std::mem::take(&mut self.w.again) {
             match self.conns.get(k) {
                 Some(Conn::Client(_)) => self.drive_client(cx, k),
@@ -1161,6 +1236,9 @@ impl Worker {
                 Ok(Step::Inspect(b'Q', f)) => {
                     let sql = f.get(5..f.len().saturating_sub(1)).unwrap_or(&[]);
                     let sql = std::str::from_utf8(sql).unwrap_or("");
+                    if self.w.panic_on.as_deref() == Some(sql) {
+                        panic!("failpoint ODISSEY_FAILPOINT_PANIC reached");
+                    }
                     if log_query {
                         info!("{}: query: {sql}", c.id);
                     }
