@@ -312,3 +312,76 @@ fn client_max_refuses_the_extra_client() {
     drop(b);
     drop(c);
 }
+
+/// Issue 7: every message type with its length off by one, zero, negative
+/// and huge, after a good login: the pooler answers with an error or
+/// closes the connection, and goes on serving everyone else.
+#[test]
+fn every_message_type_with_bad_lengths() {
+    let _w = watchdog(
+        "every_message_type_with_bad_lengths",
+        Duration::from_secs(120),
+    );
+    let pg = PgCluster::start();
+    let (_handle, port) = start_pooler(&trust_config(&pg));
+    // A body that is well formed for most tags.
+    let body: &[u8] = b"SELECT 1\0\0\0";
+    for tag in *b"QPBDESHXCdcfFp" {
+        let good_len = (body.len() + 4) as u32;
+        for (what, len, send_body, then_eof) in [
+            ("zero", 0u32, false, false),
+            ("three", 3, false, false),
+            ("negative", 0xffff_fff0, false, false),
+            ("huge", 0x7fff_fff0, false, false),
+            ("one short", good_len - 1, true, false),
+            ("one long, then EOF", good_len + 1, true, true),
+        ] {
+            let label = format!("{:?} with length {what}", tag as char);
+            let mut c = RawClient::login(port, "trust_user", "test")
+                .unwrap_or_else(|e| panic!("raw login refused: {e:?}"));
+            let mut msg = vec![tag];
+            msg.extend_from_slice(&len.to_be_bytes());
+            if send_body {
+                msg.extend_from_slice(body);
+            }
+            // A correct query behind it must not be mistaken for part of it.
+            msg.extend_from_slice(b"Q\0\0\0\x0dSELECT 2\0");
+            let _ = c.stream.write_all(&msg);
+            if then_eof {
+                let _ = c.stream.shutdown(std::net::Shutdown::Write);
+            }
+            // Whatever comes back ends with the connection closed or with
+            // the connection still in protocol (an error, or replies); it
+            // never hangs the pooler.
+            c.stream
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let closed = loop {
+                match std::io::Read::read(&mut c.stream, &mut chunk) {
+                    Ok(0) => break true,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+                    Err(_) => break false,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let errors: Vec<_> = split_messages(&got)
+                .into_iter()
+                .filter(|(t, _)| *t == b'E')
+                .map(|(_, b)| parse_error_fields(&b))
+                .collect();
+            // Every variant is malformed (a bad length, or a body that does
+            // not fit it), so the client must hear of it or be let go.
+            assert!(
+                closed || !errors.is_empty(),
+                "{label}: neither an error nor the end of the connection: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            for e in &errors {
+                assert_eq!(e.code.len(), 5, "{label}: {e:?}");
+            }
+            assert_still_serving(port, &label);
+        }
+    }
+}
