@@ -427,6 +427,11 @@ pub struct Route {
     /// Server connections kept open even when idle (warm), up to pool_size.
     #[serde(default)]
     pub min_pool_size: usize,
+    /// New client logins per second allowed for this route (per pool, i.e.
+    /// per database and user), across workers; beyond it a login is
+    /// refused with 53300 (0 = no limit).
+    #[serde(default)]
+    pub client_rate: u32,
     /// Clients that may wait for a server connection at once, across
     /// workers; beyond it a request is refused at once with 53300 (0 = no
     /// limit).

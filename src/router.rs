@@ -104,6 +104,9 @@ pub(crate) struct PoolShared {
     pub(crate) clients_waiting: AtomicUsize,
     /// The pool was retired by a reload: close its servers as they free up.
     pub(crate) retired: AtomicBool,
+    /// Logins in the current second (client_rate): the second in the high
+    /// 32 bits, the count in the low 32.
+    logins: std::sync::atomic::AtomicU64,
 }
 
 impl PoolShared {
@@ -115,6 +118,7 @@ impl PoolShared {
             clients: AtomicUsize::new(0),
             clients_waiting: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
+            logins: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -143,6 +147,24 @@ impl PoolShared {
             return false;
         }
         true
+    }
+
+    /// Counts a login in second `now_s`; returns the logins of that second
+    /// so far, this one included (a fixed one-second window, lock-free).
+    pub(crate) fn count_login(&self, now_s: u32) -> u32 {
+        let mut cur = self.logins.load(Ordering::Relaxed);
+        loop {
+            let (sec, n) = ((cur >> 32) as u32, cur as u32);
+            let next_n = if sec == now_s { n.saturating_add(1) } else { 1 };
+            let next = (u64::from(now_s) << 32) | u64::from(next_n);
+            match self
+                .logins
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return next_n,
+                Err(seen) => cur = seen,
+            }
+        }
     }
 
     /// A worker takes one of its kept servers out of its idle list.

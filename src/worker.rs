@@ -1617,6 +1617,24 @@ impl Worker {
                 c.io.stream.peer()
             );
         }
+        let rate = who.route.route.client_rate;
+        if rate > 0 {
+            let now_s = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as u32);
+            let n = self.w.local(&pool, &who.route).shared.count_login(now_s);
+            if n > rate {
+                let f = Fatal::new(
+                    "53300",
+                    format!(
+                        "too many new connections for route {}.{}: more than {rate} per second (client_rate)",
+                        who.route.rule_db, who.route.rule_user
+                    ),
+                );
+                self.close_client(cx, ck, Some(f));
+                return;
+            }
+        }
         let max = who.route.route.client_max;
         let n = self
             .w

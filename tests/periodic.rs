@@ -384,3 +384,44 @@ fn queue_max_refuses_at_once_when_too_many_wait() {
         w.join().unwrap().unwrap();
     }
 }
+
+#[test]
+fn client_rate_limits_new_connections_per_second() {
+    let _w = watchdog("client_rate", Duration::from_secs(30));
+    let pg = PgCluster::start();
+    let (_h, port) = start_with(&pg, &[("client_rate", "3")]);
+    let mut ok = 0;
+    let mut refused = 0;
+    let t0 = Instant::now();
+    for _ in 0..10 {
+        match try_connect(port, "test", TRUST_USER, None) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(
+                    e.code(),
+                    Some(&SqlState::TOO_MANY_CONNECTIONS),
+                    "{}",
+                    describe(&e)
+                );
+                assert!(describe(&e).contains("client_rate"), "{}", describe(&e));
+                refused += 1;
+            }
+        }
+    }
+    // The burst may straddle two one-second windows: at most 3 in each.
+    let windows = if t0.elapsed() < Duration::from_secs(1) {
+        2
+    } else {
+        3
+    };
+    assert!(
+        ok >= 3 && ok <= 3 * windows,
+        "{ok} served, {refused} refused"
+    );
+    assert!(refused > 0);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(
+        try_connect(port, "test", TRUST_USER, None).is_ok(),
+        "a new second, a new allowance"
+    );
+}
