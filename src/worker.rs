@@ -927,13 +927,7 @@ impl Worker {
                     let mut lx = Ctx {
                         cfg: &self.w.cfg,
                         routes: &mut self.w.routes,
-                        tls: TlsView {
-                            mode: listener.map_or(ListenTls::Disable, |l| l.mode),
-                            on: c.io.stream.is_tls(),
-                            direct: c.tls_direct,
-                            alpn_postgresql: c.io.stream.alpn().as_deref() == Some(ALPN_POSTGRESQL),
-                            peer_cn: peer_cn.as_deref(),
-                        },
+                        tls: tls_view(&self.w.tls, c, peer_cn.as_deref()),
                     };
                     match login.step(&mut c.io.rx, &mut c.io.out, &mut lx) {
                         Ok((login, Outcome::NeedMore)) => c.state = ClientState::Login(login),
@@ -1862,16 +1856,7 @@ impl Worker {
             credential,
             ask,
         );
-        let registry = cx.registry();
-        let mut failed = None;
-        let sk = self.conns.insert_with(|key| {
-            if let Err(e) = registry.register(
-                &mut io.stream,
-                key.token(),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                failed = Some(e);
-            }
+        let (sk, failed) = insert_registered(&mut self.conns, cx.registry(), io, |_, io| {
             Conn::Server(Box::new(Server {
                 id,
                 io,
@@ -2417,23 +2402,14 @@ impl Worker {
         }
         let mut io = Io::new(stream, false);
         frontend::cancel_request(&mut io.out, pid, secret);
-        let registry = cx.registry();
-        let mut failed = false;
-        let k = self.conns.insert_with(|key| {
-            failed = registry
-                .register(
-                    &mut io.stream,
-                    key.token(),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .is_err();
+        let (k, failed) = insert_registered(&mut self.conns, cx.registry(), io, |_, io| {
             Conn::Cancel(Box::new(Canceller {
                 io,
                 server: recovering.then_some(sk),
                 timer: None,
             }))
         });
-        if failed {
+        if failed.is_some() {
             self.finish_canceller(cx, k);
             return;
         }
@@ -2562,16 +2538,7 @@ impl Worker {
             credential,
             ask,
         );
-        let registry = cx.registry();
-        let mut failed = None;
-        let k = self.conns.insert_with(|key| {
-            if let Err(e) = registry.register(
-                &mut io.stream,
-                key.token(),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                failed = Some(e);
-            }
+        let (k, failed) = insert_registered(&mut self.conns, cx.registry(), io, |_, io| {
             Conn::Probe(Box::new(Probe {
                 io,
                 login,
@@ -2791,20 +2758,8 @@ impl Worker {
         if !matches!(c.state, ClientState::Verifying) {
             return;
         }
-        let listener = self
-            .w
-            .tls
-            .listen
-            .get(usize::from(c.listener))
-            .and_then(Option::as_ref);
         let peer_cn = c.io.stream.peer_common_name();
-        let tls = TlsView {
-            mode: listener.map_or(ListenTls::Disable, |l| l.mode),
-            on: c.io.stream.is_tls(),
-            direct: c.tls_direct,
-            alpn_postgresql: c.io.stream.alpn().as_deref() == Some(ALPN_POSTGRESQL),
-            peer_cn: peer_cn.as_deref(),
-        };
+        let tls = tls_view(&self.w.tls, c, peer_cn.as_deref());
         match Login::challenge(who, &mut c.io.out, tls) {
             Ok((login, Outcome::NeedMore)) => {
                 c.state = ClientState::Login(login);
@@ -3369,6 +3324,44 @@ fn apply_set(
 
 /// Starts a non-blocking connection to a storage: its Unix socket
 /// (`<dir>/.s.PGSQL.<port>`, as libpq names it) or its TCP address.
+/// Puts a connection in the slab and registers its socket under its key's
+/// token. The error, if registering failed: the slot is taken all the same,
+/// for the caller to close through its usual path.
+fn insert_registered(
+    conns: &mut Machines<Conn>,
+    registry: &mio::Registry,
+    mut io: Io,
+    make: impl FnOnce(Key, Io) -> Conn,
+) -> (Key, Option<std::io::Error>) {
+    let mut failed = None;
+    let key = conns.insert_with(|key| {
+        if let Err(e) = registry.register(
+            &mut io.stream,
+            key.token(),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            failed = Some(e);
+        }
+        make(key, io)
+    });
+    (key, failed)
+}
+
+/// How a client's connection stands with TLS, for its login.
+fn tls_view<'a>(tls: &TlsSet, c: &Client, peer_cn: Option<&'a str>) -> TlsView<'a> {
+    let listener = tls
+        .listen
+        .get(usize::from(c.listener))
+        .and_then(Option::as_ref);
+    TlsView {
+        mode: listener.map_or(ListenTls::Disable, |l| l.mode),
+        on: c.io.stream.is_tls(),
+        direct: c.tls_direct,
+        alpn_postgresql: c.io.stream.alpn().as_deref() == Some(ALPN_POSTGRESQL),
+        peer_cn,
+    }
+}
+
 /// Where a server login stands after a step.
 enum LoginStep {
     Pending,

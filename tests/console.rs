@@ -293,25 +293,7 @@ fn pause_and_resume_under_pgbench_without_errors() {
     let _w = watchdog("console pause", Duration::from_secs(120));
     let pg = PgCluster::start();
     let (_h, port) = start_pooler_from(ConfigSource::Toml(console_toml(pg.port(), 4)));
-    let mut init = pg_tool("pgbench");
-    init.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port().to_string(),
-        "-U",
-        "postgres",
-        "-i",
-        "-s",
-        "1",
-        "test",
-    ]);
-    let out = run_tool(init, Duration::from_secs(60));
-    assert!(out.status.success(), "{out:?}");
-    pg.sql(
-        "test",
-        "GRANT ALL ON ALL TABLES IN SCHEMA public TO trust_user",
-    );
+    pgbench_init(&pg);
 
     let mut bench = pg_tool("pgbench");
     bench
@@ -375,24 +357,7 @@ fn pause_restart_postgresql_resume_without_client_errors() {
     let _w = watchdog("pause for a restart", Duration::from_secs(120));
     let pg = PgCluster::start();
     let (_h, port) = start_pooler_from(ConfigSource::Toml(console_toml(pg.port(), 4)));
-    let mut init = pg_tool("pgbench");
-    init.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port().to_string(),
-        "-U",
-        "postgres",
-        "-i",
-        "-s",
-        "1",
-        "test",
-    ]);
-    assert!(run_tool(init, Duration::from_secs(60)).status.success());
-    pg.sql(
-        "test",
-        "GRANT ALL ON ALL TABLES IN SCHEMA public TO trust_user",
-    );
+    pgbench_init(&pg);
 
     let mut bench = pg_tool("pgbench");
     bench

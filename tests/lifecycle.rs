@@ -324,24 +324,7 @@ fn dropping_the_handle_stops_the_pooler() {
 fn reload_under_load_changes_pool_size_and_storage_without_client_errors() {
     let _w = watchdog("reload under load", Duration::from_secs(120));
     let pg = PgCluster::start();
-    let mut init = pg_tool("pgbench");
-    init.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port().to_string(),
-        "-U",
-        "postgres",
-        "-i",
-        "-s",
-        "1",
-        "test",
-    ]);
-    assert!(run_tool(init, Duration::from_secs(60)).status.success());
-    pg.sql(
-        "test",
-        "GRANT ALL ON ALL TABLES IN SCHEMA public TO trust_user",
-    );
+    pgbench_init(&pg);
 
     let base = |pool_size: usize| {
         let mut text = Config::new(pg.port())

@@ -64,24 +64,7 @@ fn config(pg_port: u16, port: u16, dir: &std::path::Path) -> std::path::PathBuf 
 fn online_restart_under_pgbench_fails_no_connection() {
     let _w = watchdog("online restart", Duration::from_secs(120));
     let pg = PgCluster::start();
-    let mut init = pg_tool("pgbench");
-    init.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port().to_string(),
-        "-U",
-        "postgres",
-        "-i",
-        "-s",
-        "1",
-        "test",
-    ]);
-    assert!(run_tool(init, Duration::from_secs(60)).status.success());
-    pg.sql(
-        "test",
-        "GRANT ALL ON ALL TABLES IN SCHEMA public TO trust_user",
-    );
+    pgbench_init(&pg);
 
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();

@@ -1046,6 +1046,21 @@ pub(crate) fn pg_tool(name: &str) -> std::process::Command {
 }
 
 /// Runs `cmd`, killing it after `limit`.
+/// pgbench's tables (scale 1) in database `test` of `pg`, usable by
+/// trust_user.
+pub(crate) fn pgbench_init(pg: &PgCluster) {
+    let mut init = pg_tool("pgbench");
+    let port = pg.port().to_string();
+    init.args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+        .args(["-i", "-s", "1", "test"]);
+    let out = run_tool(init, Duration::from_secs(60));
+    assert!(out.status.success(), "pgbench -i: {out:?}");
+    pg.sql(
+        "test",
+        "GRANT ALL ON ALL TABLES IN SCHEMA public TO trust_user",
+    );
+}
+
 pub(crate) fn run_tool(mut cmd: std::process::Command, limit: Duration) -> std::process::Output {
     let shown = format!("{cmd:?}");
     let mut child = cmd
