@@ -1775,7 +1775,8 @@ impl Worker {
     ) {
         let lp = self.w.local(&pool, &route);
         lp.asked = lp.asked.saturating_sub(1);
-        let queued = !lp.queue.is_empty();
+        // A paused database opens nothing (its server may be restarting).
+        let queued = !lp.queue.is_empty() && !self.w.paused.holds(&pool.database);
         match lease {
             Lease::New if queued => self.open_server(cx, pool, route),
             Lease::New => {
@@ -2132,10 +2133,14 @@ impl Worker {
         pool: &PoolKey,
         fatal: Fatal,
     ) {
+        // Paused (an operator restarting the server), the clients are held,
+        // not failed: RESUME asks for servers again.
+        let paused = self.w.paused.holds(&pool.database);
         let first = self
             .w
             .local
             .get(pool)
+            .filter(|_| !paused)
             .and_then(|lp| lp.queue.front().copied());
         match first {
             Some(ck) => self.close_client(cx, ck, Some(fatal)),
