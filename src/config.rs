@@ -77,6 +77,11 @@ pub struct Config {
     /// before it is dropped (0 = no limit).
     #[serde(default = "default_auth_timeout")]
     pub auth_timeout: u64,
+    /// Milliseconds a new server connection has to connect and log in
+    /// (0 = no limit); beyond it the connection is dropped and the client
+    /// it was opened for hears why.
+    #[serde(default = "default_server_connect_timeout")]
+    pub server_connect_timeout: u64,
     /// Also (or only, with `log_to_stdout = false` and no stderr) write
     /// the log to this file; reopened on SIGHUP and SIGUSR1 (logrotate).
     pub log_file: Option<String>,
@@ -132,6 +137,9 @@ fn default_readahead() -> usize {
 }
 fn default_max_message() -> usize {
     64 * 1024 * 1024
+}
+fn default_server_connect_timeout() -> u64 {
+    15_000
 }
 fn default_auth_timeout() -> u64 {
     10_000
@@ -268,6 +276,11 @@ pub struct Storage {
     pub tls_key_file: Option<String>,
     /// TLS versions offered (as for `[[listen]]`).
     pub tls_protocols: Option<String>,
+    /// Server connections to this storage, all its pools together (0 = no
+    /// limit). When they are all taken, the routes that wait for one get
+    /// the freed connections in turn, and busier routes give some back.
+    #[serde(default)]
+    pub storage_max: usize,
 }
 
 fn default_host() -> String {

@@ -107,6 +107,10 @@ pub(crate) struct PoolShared {
     /// Logins in the current second (client_rate): the second in the high
     /// 32 bits, the count in the low 32.
     logins: std::sync::atomic::AtomicU64,
+    /// Servers the pool should give up as they are released, because it
+    /// holds more than its share of a full storage (storage_max) while
+    /// another route waits. Read once per release; zero but for that.
+    shrink: AtomicUsize,
 }
 
 impl PoolShared {
@@ -119,6 +123,7 @@ impl PoolShared {
             clients_waiting: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
             logins: std::sync::atomic::AtomicU64::new(0),
+            shrink: AtomicUsize::new(0),
         }
     }
 
@@ -165,6 +170,16 @@ impl PoolShared {
                 Err(seen) => cur = seen,
             }
         }
+    }
+
+    /// A worker about to reuse a released server: true when it must close
+    /// it instead, its slot going to another route of a full storage.
+    pub(crate) fn give_up_one(&self) -> bool {
+        self.shrink.load(Ordering::Relaxed) > 0
+            && self
+                .shrink
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
     }
 
     /// A worker takes one of its kept servers out of its idle list.
@@ -244,9 +259,30 @@ pub(crate) enum ServerWas {
     Active,
 }
 
+/// One storage's server connections, all its pools together (storage_max).
+#[derive(Debug, Default)]
+struct StorageBook {
+    /// storage_max (0 = no limit).
+    max: usize,
+    /// Connections counted against it: opening, idle, active.
+    total: usize,
+    /// Pools whose need is held back by `max` (not by their own
+    /// pool_size), in the order their turn comes: a freed connection goes
+    /// to the first, which goes to the back if it still waits.
+    starved: VecDeque<PoolKey>,
+}
+
+impl StorageBook {
+    fn has_room(&self) -> bool {
+        self.max == 0 || self.total < self.max
+    }
+}
+
 #[derive(Debug)]
 struct Pool {
     route: Arc<ResolvedRoute>,
+    /// The `[storage.<name>]` its connections count against.
+    storage: Arc<str>,
     shared: Arc<PoolShared>,
     /// Server connections counted against pool_size: opening, idle, active.
     total: usize,
@@ -277,21 +313,41 @@ impl Pool {
 #[derive(Debug)]
 pub(crate) struct Router {
     pools: HashMap<PoolKey, Pool>,
+    storages: HashMap<Arc<str>, StorageBook>,
     registry: Arc<Registry>,
+    /// What a call decided about pools other than the one it was about
+    /// (storage_max moves connections between routes); see `take_actions`.
+    extra: Vec<(PoolKey, Action)>,
 }
 
 impl Router {
     pub(crate) fn new(registry: Arc<Registry>) -> Self {
         Self {
             pools: HashMap::new(),
+            storages: HashMap::new(),
             registry,
+            extra: Vec::new(),
         }
+    }
+
+    /// The actions on other pools that the latest calls decided; the
+    /// system thread carries them out after each call.
+    pub(crate) fn take_actions(&mut self) -> Vec<(PoolKey, Action)> {
+        std::mem::take(&mut self.extra)
     }
 
     fn pool(&mut self, key: &PoolKey, route: &Arc<ResolvedRoute>) -> &mut Pool {
         let registry = &self.registry;
+        let storage: Arc<str> = Arc::from(route.route.storage.as_str());
+        self.storages
+            .entry(Arc::clone(&storage))
+            .or_insert_with(|| StorageBook {
+                max: route.storage.storage_max,
+                ..Default::default()
+            });
         self.pools.entry(key.clone()).or_insert_with(|| Pool {
             route: Arc::clone(route),
+            storage,
             shared: registry.get(key),
             total: 0,
             opening: 0,
@@ -299,6 +355,83 @@ impl Router {
             needs: VecDeque::new(),
             retired: false,
         })
+    }
+
+    /// Counts a new connection of `pool` against its pool and storage.
+    fn open_one(pool: &mut Pool, book: Option<&mut StorageBook>) {
+        pool.total += 1;
+        pool.opening += 1;
+        if let Some(b) = book {
+            b.total += 1;
+        }
+    }
+
+    /// `starving` waits on a full storage: frees a connection of another
+    /// route for it, and asks the routes above their fair share to give
+    /// some back as they release them.
+    ///
+    /// An idle connection of another route the router holds is closed at
+    /// once (its close hands the slot over); else the workers keeping idle
+    /// ones are asked for one (`release` closes it). The share is
+    /// storage_max over the routes that hold or want connections.
+    fn evict_for(&mut self, storage: &Arc<str>, starving: &PoolKey) {
+        let Some(book) = self.storages.get(storage) else {
+            return;
+        };
+        let same = |p: &Pool| Arc::ptr_eq(&p.storage, storage) || p.storage == *storage;
+        let demand = self
+            .pools
+            .values()
+            .filter(|p| same(p) && (p.total > 0 || !p.needs.is_empty()))
+            .count()
+            .max(1);
+        let fair = (book.max / demand).max(1);
+        let mut freed = false;
+        for (k, p) in self.pools.iter_mut() {
+            if !same(p) || k == starving {
+                continue;
+            }
+            p.shared
+                .shrink
+                .store(p.total.saturating_sub(fair), Ordering::Relaxed);
+            if freed {
+                continue;
+            }
+            if let Some((worker, server)) = p.idle.pop_front() {
+                self.extra
+                    .push((k.clone(), Action::Close { worker, server }));
+                freed = true;
+            } else {
+                let reclaim: Vec<_> = (0..p.shared.idle.len())
+                    .filter(|&w| p.shared.idle[w].load(Ordering::SeqCst) > 0)
+                    .collect();
+                if !reclaim.is_empty() {
+                    self.extra.push((k.clone(), Action::Wait { reclaim }));
+                    freed = true;
+                }
+            }
+        }
+    }
+
+    /// True when a route other than `key` waits for a connection of its
+    /// (full) storage.
+    fn others_starved(&self, key: &PoolKey, storage: &Arc<str>) -> bool {
+        self.storages
+            .get(storage)
+            .is_some_and(|b| b.starved.iter().any(|k| k != key))
+    }
+
+    /// Nobody waits on the storage any more: nobody needs to give back.
+    fn settle(&mut self, storage: &Arc<str>) {
+        if self
+            .storages
+            .get(storage)
+            .is_some_and(|b| b.starved.is_empty())
+        {
+            for p in self.pools.values().filter(|p| p.storage == *storage) {
+                p.shared.shrink.store(0, Ordering::Relaxed);
+            }
+        }
     }
 
     /// `worker` needs one more server for its queued clients. Prefers a
@@ -314,7 +447,10 @@ impl Router {
         // keeps the route `configure` gave it: clients that logged in
         // before a reload still carry the old one, which must not bring
         // the old pool_size back.
-        let pool = self.pool(key, route);
+        let storage = Arc::clone(&self.pool(key, route).storage);
+        let Some(pool) = self.pools.get_mut(key) else {
+            return Action::Wait { reclaim: vec![] };
+        };
         if let Some(i) = pool.idle.iter().rposition(|(w, _)| *w == worker) {
             if let Some((_, server)) = pool.idle.remove(i) {
                 return Action::Grant {
@@ -330,9 +466,11 @@ impl Router {
                 to: worker,
             };
         }
-        if pool.needs.is_empty() && pool.has_room() {
-            pool.total += 1;
-            pool.opening += 1;
+        let book = self.storages.get_mut(&storage);
+        let storage_full = book.as_ref().is_some_and(|b| !b.has_room());
+        let room = pool.has_room();
+        if pool.needs.is_empty() && room && !storage_full {
+            Self::open_one(pool, book);
             return Action::Grant {
                 worker,
                 lease: Lease::New,
@@ -345,6 +483,16 @@ impl Router {
         let reclaim = (0..pool.shared.idle.len())
             .filter(|&w| pool.shared.idle[w].load(Ordering::SeqCst) > 0)
             .collect();
+        // Held back by the storage, not by its own pool_size: its turn
+        // comes among the storage's routes, and another route makes room.
+        if room && storage_full {
+            if let Some(b) = book {
+                if !b.starved.contains(key) {
+                    b.starved.push_back(key.clone());
+                }
+            }
+            self.evict_for(&storage, key);
+        }
         Action::Wait { reclaim }
     }
 
@@ -355,6 +503,7 @@ impl Router {
             return;
         };
         let mut left = n;
+        let storage = Arc::clone(&p.storage);
         let mut i = p.needs.len();
         while left > 0 && i > 0 {
             i -= 1;
@@ -365,6 +514,12 @@ impl Router {
                     c.fetch_sub(1, Ordering::SeqCst);
                 }
             }
+        }
+        if p.needs.is_empty() {
+            if let Some(b) = self.storages.get_mut(&storage) {
+                b.starved.retain(|k| k != key);
+            }
+            self.settle(&storage);
         }
     }
 
@@ -383,14 +538,17 @@ impl Router {
         worker: WorkerId,
         server: Key,
     ) -> Option<Action> {
-        let Some(p) = self.pools.get_mut(key) else {
+        let Some(p) = self.pools.get(key) else {
             return Some(Action::Close { worker, server });
         };
         // A retired pool's servers still serve its remaining clients (those
         // that logged in before the reload) and close when none waits.
-        if p.retired && p.needs.is_empty() {
+        // Another route waiting on the full storage takes the slot of a
+        // server nobody here waits for.
+        if p.needs.is_empty() && (p.retired || self.others_starved(key, &p.storage)) {
             return Some(Action::Close { worker, server });
         }
+        let p = self.pools.get_mut(key)?;
         match p.pop_need() {
             Some(w) if w == worker => Some(Action::Grant {
                 worker,
@@ -419,6 +577,8 @@ impl Router {
     ) -> Option<Action> {
         let p = self.pools.get_mut(key)?;
         p.total = p.total.saturating_sub(1);
+        let storage = Arc::clone(&p.storage);
+        let book = self.storages.get_mut(&storage);
         match was {
             ServerWas::Opening => p.opening = p.opening.saturating_sub(1),
             ServerWas::Idle => {
@@ -428,17 +588,70 @@ impl Router {
             }
             ServerWas::Active => {}
         }
-        if p.has_room() {
+        let own_turn = !p.needs.is_empty() && p.has_room();
+        // The freed connection goes to the storage's routes in turn: the
+        // first starved one, this pool going to the back of the line if it
+        // waits too; else this pool's own first need.
+        let mut none = StorageBook::default();
+        let book = match book {
+            Some(b) => {
+                b.total = b.total.saturating_sub(1);
+                b
+            }
+            None => &mut none,
+        };
+        while let Some(next) = book.starved.pop_front() {
+            if next == *key {
+                continue;
+            }
+            let Some(np) = self.pools.get_mut(&next) else {
+                continue;
+            };
+            if np.needs.is_empty() || !np.has_room() {
+                continue;
+            }
+            let Some(w) = np.pop_need() else {
+                continue;
+            };
+            Self::open_one(np, Some(&mut *book));
+            if !np.needs.is_empty() {
+                book.starved.push_back(next.clone());
+            }
+            if own_turn && !book.starved.contains(key) {
+                book.starved.push_back(key.clone());
+            }
+            self.extra.push((
+                next,
+                Action::Grant {
+                    worker: w,
+                    lease: Lease::New,
+                },
+            ));
+            self.settle(&storage);
+            return None;
+        }
+        let p = self.pools.get_mut(key)?;
+        let mut grant = None;
+        if own_turn {
             if let Some(w) = p.pop_need() {
-                p.total += 1;
-                p.opening += 1;
-                return Some(Action::Grant {
+                Self::open_one(p, self.storages.get_mut(&storage));
+                grant = Some(Action::Grant {
                     worker: w,
                     lease: Lease::New,
                 });
             }
         }
-        None
+        // Needs left with room in the pool wait for the storage only: they
+        // are in its line.
+        if !p.needs.is_empty() && p.has_room() {
+            if let Some(b) = self.storages.get_mut(&storage) {
+                if b.max > 0 && !b.starved.contains(key) {
+                    b.starved.push_back(key.clone());
+                }
+            }
+        }
+        self.settle(&storage);
+        grant
     }
 
     /// Applies a new config: pools whose route now resolves elsewhere are
@@ -446,9 +659,34 @@ impl Router {
     /// the others take the new settings (pool_size, pool_timeout).
     pub(crate) fn configure(&mut self, cfg: &Config) -> Vec<(PoolKey, Action)> {
         let mut actions = Vec::new();
+        for (name, st) in &cfg.storage {
+            if let Some(b) = self.storages.get_mut(name.as_str()) {
+                b.max = st.storage_max;
+            }
+        }
         for (key, pool) in &mut self.pools {
             match cfg.route(&key.database, &key.user) {
-                Some(r) if PoolKey::new(&key.database, &key.user, &r) == *key => pool.route = r,
+                Some(r) if PoolKey::new(&key.database, &key.user, &r) == *key => {
+                    // Renamed storage, same server: its connections count
+                    // against the new name from now on.
+                    if *pool.storage != *r.route.storage {
+                        let to: Arc<str> = Arc::from(r.route.storage.as_str());
+                        if let Some(b) = self.storages.get_mut(&pool.storage) {
+                            b.total = b.total.saturating_sub(pool.total);
+                            b.starved.retain(|k| k != key);
+                        }
+                        let b =
+                            self.storages
+                                .entry(Arc::clone(&to))
+                                .or_insert_with(|| StorageBook {
+                                    max: r.storage.storage_max,
+                                    ..Default::default()
+                                });
+                        b.total += pool.total;
+                        pool.storage = to;
+                    }
+                    pool.route = r;
+                }
                 _ => {
                     pool.retired = true;
                     pool.shared.retired.store(true, Ordering::SeqCst);
@@ -486,9 +724,9 @@ impl Router {
                 0 => min,
                 n => min.min(n),
             };
-            while !p.retired && p.total < cap {
-                p.total += 1;
-                p.opening += 1;
+            let mut book = self.storages.get_mut(&p.storage);
+            while !p.retired && p.total < cap && book.as_ref().is_none_or(|b| b.has_room()) {
+                Self::open_one(p, book.as_deref_mut());
                 out.push((key.clone(), (p.total + out.len()) % workers));
             }
         }
@@ -548,6 +786,119 @@ mod tests {
         .unwrap();
         let r = cfg.route("d", "u").unwrap();
         (PoolKey::new("d", "u", &r), r)
+    }
+
+    /// Two routes (users a and b) on one storage capped at `max`.
+    fn shared_storage(max: usize, pool_size: usize) -> [(PoolKey, Arc<ResolvedRoute>); 2] {
+        let cfg = Config::parse(&format!(
+            "[[listen]]\nport = 0\n[storage.s]\ntype = \"remote\"\nstorage_max = {max}\n\
+             [database.d.user.a]\nauthentication = \"none\"\nstorage = \"s\"\n\
+             pool = \"transaction\"\npool_size = {pool_size}\n\
+             [database.d.user.b]\nauthentication = \"none\"\nstorage = \"s\"\n\
+             pool = \"transaction\"\npool_size = {pool_size}\n"
+        ))
+        .unwrap();
+        ["a", "b"].map(|u| {
+            let r = cfg.route("d", u).unwrap();
+            (PoolKey::new("d", u, &r), r)
+        })
+    }
+
+    #[test]
+    fn a_full_storage_hands_freed_connections_to_the_waiting_route() {
+        let [(a, ra), (b, rb)] = shared_storage(2, 10);
+        let registry = Arc::new(Registry::new(1));
+        let mut router = Router::new(Arc::clone(&registry));
+        let new = |w| Action::Grant {
+            worker: w,
+            lease: Lease::New,
+        };
+        // Route a takes the whole storage and wants more.
+        assert_eq!(router.need(&a, &ra, 0), new(0));
+        assert_eq!(router.need(&a, &ra, 0), new(0));
+        assert_eq!(router.need(&a, &ra, 0), Action::Wait { reclaim: vec![] });
+        assert!(
+            router.take_actions().is_empty(),
+            "a waits on its own storage: nobody to evict"
+        );
+        // Route b finds the storage full: a is over its share (2 / 2
+        // routes = 1) and must give one back as it releases.
+        assert_eq!(router.need(&b, &rb, 0), Action::Wait { reclaim: vec![] });
+        let sa = registry.get(&a);
+        assert!(sa.give_up_one(), "a gives up one connection");
+        assert!(!sa.give_up_one(), "and only one");
+        // The connection a gives up goes to b, not to a's own queued need.
+        router.server_up(&a);
+        router.server_up(&a);
+        assert_eq!(router.server_closed(&a, 0, None, ServerWas::Idle), None);
+        assert_eq!(router.take_actions(), vec![(b.clone(), new(0))]);
+        // The next freed connection is a's turn again.
+        assert_eq!(
+            router.server_closed(&a, 0, None, ServerWas::Active),
+            Some(new(0))
+        );
+        assert!(router.take_actions().is_empty());
+        // Nobody starves any more: nothing more to give up.
+        assert!(!sa.give_up_one());
+    }
+
+    #[test]
+    fn idle_connections_of_other_routes_are_closed_for_a_starved_one() {
+        let [(a, ra), (b, rb)] = shared_storage(1, 10);
+        let registry = Arc::new(Registry::new(2));
+        let mut router = Router::new(Arc::clone(&registry));
+        let s = keys(1);
+        assert!(matches!(router.need(&a, &ra, 0), Action::Grant { .. }));
+        router.server_up(&a);
+        // Idle in the router's list: closed at once for b.
+        assert_eq!(router.release(&a, 0, s[0]), None);
+        assert_eq!(router.need(&b, &rb, 1), Action::Wait { reclaim: vec![] });
+        assert_eq!(
+            router.take_actions(),
+            vec![(
+                a.clone(),
+                Action::Close {
+                    worker: 0,
+                    server: s[0]
+                }
+            )]
+        );
+        assert_eq!(
+            router.server_closed(&a, 0, Some(s[0]), ServerWas::Idle),
+            None
+        );
+        assert_eq!(
+            router.take_actions(),
+            vec![(
+                b.clone(),
+                Action::Grant {
+                    worker: 1,
+                    lease: Lease::New
+                }
+            )]
+        );
+        // Kept idle on a worker: that worker is asked for it, and what it
+        // hands back closes (b waits for the storage, a for nothing).
+        router.server_up(&b);
+        let sb = registry.get(&b);
+        assert!(sb.keep(1));
+        assert_eq!(router.need(&a, &ra, 0), Action::Wait { reclaim: vec![] });
+        assert_eq!(
+            router.take_actions(),
+            vec![(b.clone(), Action::Wait { reclaim: vec![1] })]
+        );
+        sb.taken(1);
+        // (a waits, so a released b is closed, its slot going to a.)
+        assert_eq!(
+            router.release(&b, 1, s[0]),
+            Some(Action::Close {
+                worker: 1,
+                server: s[0]
+            })
+        );
+        // a gives up waiting: nobody starves, b's connections stay.
+        router.cancel_need(&a, 0, 1);
+        assert_eq!(router.release(&b, 1, s[0]), None);
     }
 
     fn keys(n: usize) -> Vec<Key> {

@@ -764,6 +764,14 @@ impl System {
         cx.stop();
     }
 
+    /// Carries out what the router decided about other pools than the one
+    /// a call was about (storage_max hands connections between routes).
+    fn act_extra(&mut self) {
+        for (pool, action) in self.router.take_actions() {
+            self.act(&pool, action);
+        }
+    }
+
     /// Carries out what the router decided about `pool`.
     fn act(&self, pool: &PoolKey, action: Action) {
         let Some(run) = &self.running else {
@@ -860,6 +868,7 @@ impl Handler for System {
             } => {
                 let a = self.router.need(&pool, &route, worker);
                 self.act(&pool, a);
+                self.act_extra();
             }
             SysCmd::CancelNeed { pool, worker, n } => self.router.cancel_need(&pool, worker, n),
             SysCmd::ServerUp { pool } => self.router.server_up(&pool),
@@ -871,6 +880,7 @@ impl Handler for System {
                 if let Some(a) = self.router.release(&pool, worker, server) {
                     self.act(&pool, a);
                 }
+                self.act_extra();
             }
             SysCmd::ServerClosed {
                 pool,
@@ -881,11 +891,13 @@ impl Handler for System {
                 if let Some(a) = self.router.server_closed(&pool, worker, server, was) {
                     self.act(&pool, a);
                 }
+                self.act_extra();
             }
             SysCmd::ShipFailed { pool, to } => {
                 if let Some(route) = self.router.route_of(&pool) {
                     let a = self.router.need(&pool, &route, to);
                     self.act(&pool, a);
+                    self.act_extra();
                 }
             }
             SysCmd::Console {

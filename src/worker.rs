@@ -1519,6 +1519,13 @@ impl Worker {
             self.close_server(cx, sk, "its route changed");
             return;
         }
+        // Its storage is full (storage_max) and this route holds more than
+        // its share while another waits: the slot goes to the other route.
+        if !granted && lp.shared.give_up_one() {
+            self.close_server(cx, sk, "its storage_max slot goes to another route");
+            self.w.balance_needs(&pool);
+            return;
+        }
         // A paused database's queue waits: the server is kept (or given
         // back), not handed to the next client.
         let paused = self.w.paused.holds(&pool.database);
@@ -2855,6 +2862,18 @@ impl Worker {
     }
 
     fn close_server(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, why: &str) {
+        let f = Fatal::new("08006", "server connection closed");
+        self.close_server_telling(cx, sk, why, f);
+    }
+
+    /// Closes a server; its client, if it has one, hears `fatal`.
+    fn close_server_telling(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        sk: Key,
+        why: &str,
+        fatal: Fatal,
+    ) {
         let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
             return;
         };
@@ -2898,8 +2917,7 @@ impl Worker {
                     c.server = None;
                     c.state = ClientState::Idle;
                 }
-                let f = Fatal::new("08006", "server connection closed");
-                self.close_client(cx, ck, Some(f));
+                self.close_client(cx, ck, Some(fatal));
             }
         }
     }
@@ -3101,8 +3119,20 @@ impl Worker {
         let mut idle_clients = Vec::new();
         let mut idle_in_xact = Vec::new();
         let mut slow = Vec::new();
+        let mut hung = Vec::new();
+        let mut unanswered = Vec::new();
+        let connect_timeout = self.w.cfg.server_connect_timeout;
         for (k, conn) in self.conns.iter() {
             match conn {
+                Conn::Server(s)
+                    if matches!(
+                        s.state,
+                        ServerState::Connecting(_) | ServerState::LoggingIn(_)
+                    ) && connect_timeout > 0
+                        && s.born.elapsed().as_millis() >= connect_timeout.into() =>
+                {
+                    unanswered.push(k);
+                }
                 Conn::Server(s) if matches!(s.state, ServerState::Idle) => {
                     let r = &s.route.route;
                     if r.pool_ttl > 0 && s.idle_since.elapsed().as_secs() >= r.pool_ttl {
@@ -3144,10 +3174,14 @@ impl Worker {
                         ClientState::Linked if busy && r.query_timeout > 0 => {
                             if let Some((sk, s)) = server {
                                 let started = s.query_start;
-                                let late = started
-                                    .is_some_and(|t| t.elapsed().as_secs() >= r.query_timeout);
-                                if late && s.cancelled != started {
+                                let ran = started.map_or(0, |t| t.elapsed().as_secs());
+                                if ran >= r.query_timeout && s.cancelled != started {
                                     slow.push((sk, started));
+                                } else if ran >= 2 * r.query_timeout && s.cancelled == started {
+                                    // Cancelled a query_timeout ago and still
+                                    // running: the server is gone (a network
+                                    // cut, a stopped host), not just slow.
+                                    hung.push(sk);
                                 }
                             }
                         }
@@ -3173,6 +3207,27 @@ impl Worker {
                 "terminating connection due to idle-in-transaction timeout (idle_in_transaction_timeout)",
             );
             self.close_client(cx, ck, Some(f));
+        }
+        for sk in unanswered {
+            let ms = connect_timeout;
+            self.fail_login(
+                cx,
+                sk,
+                format!("the server did not accept the connection and login within {ms} ms (server_connect_timeout)"),
+                "08006",
+            );
+        }
+        for sk in hung {
+            let f = Fatal::new(
+                "08006",
+                "the server did not answer the query nor its cancel request within query_timeout: connection closed",
+            );
+            self.close_server_telling(
+                cx,
+                sk,
+                "no answer to a query nor to its cancel (query_timeout)",
+                f,
+            );
         }
         for (sk, started) in slow {
             if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {

@@ -120,3 +120,119 @@ fn postgresql_restarted_under_load_is_served_again() {
     assert_eq!(r.clients_waiting, 0, "{r:?}");
     assert!(pg.backends(TRUST_USER) <= 4);
 }
+
+/// The whole server stopped with SIGSTOP, as a network cut or a frozen
+/// host looks from the pooler: the kernel still accepts connections, but
+/// nothing answers. Clients get a clear error, not a hang.
+#[test]
+fn a_frozen_server_brings_clear_errors_not_a_hang() {
+    let _w = watchdog("frozen server", Duration::from_secs(90));
+    let pg = PgCluster::start();
+    let (r, k) = (
+        Route::new("test", TRUST_USER).transaction().pool_size(2),
+        RouteKeys::new("test", TRUST_USER).raw("query_timeout", "1"),
+    );
+    let cfg = Config::new(pg.port())
+        .global("server_connect_timeout", "1000")
+        .route(r);
+    let (_h, port) = start_pooler_ext(&cfg, &[k]);
+    let mut running = connect(port, "test", TRUST_USER, None);
+    let mut idle = connect(port, "test", TRUST_USER, None);
+    idle.simple_query("SELECT 1").unwrap();
+    // Every PostgreSQL process, postmaster first.
+    let pid_file = std::fs::read_to_string(pg.datadir().join("postmaster.pid")).unwrap();
+    let postmaster = pid_file.lines().next().unwrap().trim().to_string();
+    let children = std::process::Command::new("pgrep")
+        .args(["-P", &postmaster])
+        .output()
+        .expect("pgrep");
+    let mut pids = vec![postmaster];
+    pids.extend(
+        String::from_utf8_lossy(&children.stdout)
+            .split_whitespace()
+            .map(str::to_string),
+    );
+    let frozen = Frozen::new(pids);
+
+    // A query on a server that stops answering: query_timeout cancels it,
+    // the cancel is not answered either, and the client is told.
+    let t0 = Instant::now();
+    let e = running
+        .simple_query("SELECT 1")
+        .expect_err("a frozen server answered");
+    let took = t0.elapsed();
+    assert_eq!(
+        e.code().map(SqlState::code),
+        Some("08006"),
+        "{}",
+        describe(&e)
+    );
+    assert!(
+        describe(&e).contains("query_timeout"),
+        "the error says why: {}",
+        describe(&e)
+    );
+    assert!(took < Duration::from_secs(6), "told after {took:?}");
+
+    // A client that needs a new server connection: server_connect_timeout.
+    // (Two clients hold the route's pool_size = 2: the idle one's server
+    // is frozen too, so close it first.)
+    drop(idle);
+    let t0 = Instant::now();
+    let mut fresh: Vec<_> = (0..2)
+        .map(|_| connect(port, "test", TRUST_USER, None))
+        .collect();
+    let mut told = 0;
+    for c in &mut fresh {
+        if let Err(e) = c.simple_query("SELECT 1") {
+            eprintln!("told: {}", describe(&e));
+            let code = e.code().map(SqlState::code);
+            assert!(code == Some("08006") || e.is_closed(), "{}", describe(&e));
+            told += 1;
+        }
+    }
+    assert!(told > 0, "no client was told the server is gone");
+    assert!(
+        t0.elapsed() < Duration::from_secs(12),
+        "told after {:?}",
+        t0.elapsed()
+    );
+
+    // Thawed, the pool serves again with no intervention.
+    drop(frozen);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut c) = try_connect(port, "test", TRUST_USER, None) {
+            if c.simple_query("SELECT 2").is_ok() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "not served after the thaw");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Processes held with SIGSTOP, sent SIGCONT when dropped (also when the
+/// test fails).
+struct Frozen(Vec<String>);
+
+impl Frozen {
+    fn new(pids: Vec<String>) -> Self {
+        let st = std::process::Command::new("kill")
+            .arg("-STOP")
+            .args(&pids)
+            .status()
+            .expect("kill -STOP");
+        assert!(st.success());
+        Self(pids)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-CONT")
+            .args(&self.0)
+            .status();
+    }
+}
