@@ -353,3 +353,272 @@ fn a_slow_reader_holds_its_server_back() {
     let o = c.query("select 'after'");
     assert_eq!(o.rows, vec![vec![Some("after".to_string())]]);
 }
+
+/// Sends `sig` ("STOP", "CONT") to process `pid`; panics when kill fails.
+fn signal(pid: i32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run kill -{sig} {pid}: {e}"));
+    assert!(status.success(), "kill -{sig} {pid}: {status}");
+}
+
+/// The state letter of process `pid` in /proc ('T' when stopped).
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ...": the state follows the last ')'.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// A PostgreSQL backend stopped with SIGSTOP, continued when dropped, so
+/// that a failing test never leaves it stopped (the cluster could not be
+/// shut down).
+struct StoppedBackend(i32);
+
+impl StoppedBackend {
+    fn stop(pid: i32) -> Self {
+        signal(pid, "STOP");
+        let stopped = Self(pid);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proc_state(pid) != Some('T') {
+            assert!(
+                Instant::now() < deadline,
+                "backend {pid} did not stop: state {:?}",
+                proc_state(pid)
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        stopped
+    }
+}
+
+impl Drop for StoppedBackend {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-CONT")
+            .arg(self.0.to_string())
+            .status();
+    }
+}
+
+/// The kernel's send and receive queues (bytes) of the IPv4 TCP socket
+/// from 127.0.0.1:`local` to 127.0.0.1:`remote`, from /proc/net/tcp.
+fn tcp_queues(local: u16, remote: u16) -> (usize, usize) {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let (l, r) = (
+        format!("0100007F:{local:04X}"),
+        format!("0100007F:{remote:04X}"),
+    );
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 4 && f[1] == l && f[2] == r {
+            let (tx, rx) = f[4].split_once(':').expect("tx_queue:rx_queue");
+            let hex = |v: &str| usize::from_str_radix(v, 16).expect("a hex queue size");
+            return (hex(tx), hex(rx));
+        }
+    }
+    panic!("no socket 127.0.0.1:{local} -> 127.0.0.1:{remote} in /proc/net/tcp");
+}
+
+/// Rows of the COPY, all alike: 64 bytes each.
+const COPY_ROW: &[u8; 64] = b"7\txxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n";
+const ROWS_PER_FRAME: usize = 1024;
+/// What the writer tries to hand over while its server is stopped: far
+/// more than any buffering on the way could hold.
+const COPY_ATTEMPT: usize = 256 << 20;
+/// What the way to a stopped server may hold: odissey reads at most
+/// `readahead` (256 KiB) from the client and keeps at most that for the
+/// server (plus one frame), and the kernel buffers the rest: the client's
+/// send buffer and odissey's receive buffer on one leg, odissey's send
+/// buffer and the backend's receive buffer on the other (a few MiB each
+/// on loopback).
+const COPY_BOUND: usize = 32 << 20;
+/// What odissey itself may hold of a stalled COPY: its receive buffer
+/// for the client stops at `readahead` (256 KiB), and its send buffer for
+/// the server takes runs of what was read while it holds under
+/// `readahead`, so under 2 x `readahead`: under 768 KiB in all (measured:
+/// 512 to 735 KiB).
+const POOLER_BOUND: usize = 1 << 20;
+/// No byte accepted for this long: the writer is stalled.
+const STALL: Duration = Duration::from_secs(1);
+
+/// Backpressure on COPY FROM STDIN: a client that writes faster than its
+/// server reads (here the server is stopped outright) is slowed down, not
+/// buffered without limit, while the pooler goes on serving others; once
+/// the server runs again, the COPY completes with every row.
+#[test]
+fn a_copy_writer_faster_than_its_server_is_held_back() {
+    let _w = watchdog("a_copy_writer_faster_than_its_server_is_held_back", LIMIT);
+    let pg = PgCluster::start();
+    pg.sql(
+        "test",
+        "CREATE TABLE bp (i int, s text); GRANT ALL ON bp TO trust_user",
+    );
+    // One worker: the stalled writer and the other client share its loop.
+    let config = Config::new(pg.port())
+        .workers(1)
+        .route(Route::new("test", "trust_user").transaction().pool_size(2));
+    let (_handle, port) = start_pooler(&config);
+
+    // The writer's transaction keeps its server; learn the backend first.
+    let mut w = RawClient::login(port, "trust_user", "test").expect("login");
+    let o = w.query("BEGIN");
+    assert!(
+        o.error.is_none() && o.status == b'T',
+        "BEGIN: {:?}",
+        o.error
+    );
+    let pid = w.backend_pid();
+    // The pooler's end of the server connection, to find it in /proc.
+    let server_leg_port: u16 = pg_scalar(
+        &pg,
+        "postgres",
+        &format!("select client_port from pg_stat_activity where pid = {pid}"),
+    )
+    .expect("the backend's client_port")
+    .parse()
+    .expect("a port");
+    w.send_query("COPY bp FROM STDIN");
+    let msgs = w.read_until_tag(b'G');
+    assert_eq!(tags(&msgs), "G", "CopyInResponse expected");
+
+    let mut frame = bytes::BytesMut::new();
+    odissey_protocol::frontend::copy_data(&mut frame, &COPY_ROW.repeat(ROWS_PER_FRAME));
+    let frame = frame.freeze();
+
+    let stopped = StoppedBackend::stop(pid);
+    w.stream.set_nonblocking(true).expect("set_nonblocking");
+    let t0 = Instant::now();
+    let mut accepted = 0usize;
+    let mut last_progress = Instant::now();
+    while accepted < COPY_ATTEMPT {
+        match w.stream.write(&frame[accepted % frame.len()..]) {
+            Ok(n) => {
+                accepted += n;
+                last_progress = Instant::now();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if last_progress.elapsed() >= STALL {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("COPY writer: write after {accepted} bytes: {e}"),
+        }
+    }
+    let stalled_after = last_progress.duration_since(t0);
+    // Where the accepted bytes are: in the kernel's queues on both legs
+    // (the backend, stopped before the first row, read none), or in odissey.
+    let client_port = w.stream.local_addr().expect("local_addr").port();
+    let (client_tx, _) = tcp_queues(client_port, port);
+    let (_, pooler_rx) = tcp_queues(port, client_port);
+    let (pooler_tx, _) = tcp_queues(server_leg_port, pg.port());
+    let (_, backend_rx) = tcp_queues(pg.port(), server_leg_port);
+    let in_kernel = client_tx + pooler_rx + pooler_tx + backend_rx;
+    let in_pooler = accepted.saturating_sub(in_kernel);
+    let mib = |n: usize| n as f64 / (1 << 20) as f64;
+    eprintln!(
+        "COPY backpressure: {accepted} bytes ({:.1} MiB) accepted in {stalled_after:?}, then \
+         the writes stalled; in the kernel: client send {client_tx}, odissey receive \
+         {pooler_rx}, odissey send {pooler_tx}, backend receive {backend_rx}; in odissey: \
+         {in_pooler} ({:.2} MiB)",
+        mib(accepted),
+        mib(in_pooler)
+    );
+    assert!(
+        accepted < COPY_ATTEMPT,
+        "all {accepted} bytes were accepted with the server stopped: nothing holds the writer back"
+    );
+    assert!(
+        accepted <= COPY_BOUND,
+        "{accepted} bytes were accepted with the server stopped (bound {COPY_BOUND})"
+    );
+    assert!(
+        accepted >= frame.len(),
+        "only {accepted} bytes went before the stall"
+    );
+    assert!(
+        in_kernel <= accepted,
+        "the kernel holds {in_kernel} bytes of the {accepted} written"
+    );
+    assert!(
+        in_pooler <= POOLER_BOUND,
+        "odissey holds {in_pooler} bytes of the stalled COPY (bound {POOLER_BOUND})"
+    );
+
+    // Meanwhile another client of the same pool and worker is served.
+    let mut other = connect(port, "test", "trust_user", None);
+    let mut worst = Duration::ZERO;
+    for i in 0..20i32 {
+        let t = Instant::now();
+        let row = other
+            .query_one("select $1::int + 1", &[&i])
+            .unwrap_or_else(|e| panic!("the other client: {}", describe(&e)));
+        assert_eq!(row.get::<_, i32>(0), i + 1);
+        worst = worst.max(t.elapsed());
+    }
+    assert_eq!(
+        scalar(&mut other, "select count(*) from bp").as_deref(),
+        Some("0"),
+        "the uncommitted COPY is invisible"
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "the other client waited up to {worst:?} for one query"
+    );
+    assert_ne!(backend_pid(&mut other), pid, "the other client's server");
+    drop(other);
+
+    // Still held back: another second of tries gets (almost) nowhere.
+    let before = accepted;
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        match w.stream.write(&frame[accepted % frame.len()..]) {
+            Ok(n) => accepted += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("COPY writer: write after {accepted} bytes: {e}"),
+        }
+    }
+    assert!(
+        accepted <= COPY_BOUND,
+        "the stalled writer got {} more bytes through, {accepted} in all (bound {COPY_BOUND})",
+        accepted - before
+    );
+
+    // The server runs again: the COPY completes with exactly what was sent.
+    drop(stopped);
+    w.stream.set_nonblocking(false).expect("set_nonblocking");
+    w.stream
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .expect("set_write_timeout");
+    w.stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("set_read_timeout");
+    let at = accepted % frame.len();
+    if at != 0 {
+        w.send(&frame[at..]);
+        accepted += frame.len() - at;
+    }
+    let rows = accepted / frame.len() * ROWS_PER_FRAME;
+    let mut done = bytes::BytesMut::new();
+    odissey_protocol::frontend::copy_done(&mut done);
+    w.send(&done);
+    let msgs = w.read_until_tag(b'Z');
+    assert_eq!(tags(&msgs), "CZ", "CommandComplete, ReadyForQuery");
+    assert_eq!(msgs[0].1, format!("COPY {rows}\0").into_bytes());
+    assert_eq!(msgs[1].1, vec![b'T'], "still in the transaction");
+    let o = w.query("COMMIT");
+    assert!(
+        o.error.is_none() && o.status == b'I',
+        "COMMIT: {:?}",
+        o.error
+    );
+    w.terminate();
+    assert_eq!(
+        pg_scalar(&pg, "test", "select count(*) from bp"),
+        Some(rows.to_string())
+    );
+}
