@@ -38,6 +38,17 @@ impl Relay {
         self.left == 0
     }
 
+    /// The tag of the frame at the front of `rx` that is held back to be
+    /// delivered whole and has not been (its header was counted, nothing
+    /// of it was passed on).
+    pub(crate) fn held(&self, rx: &[u8]) -> Option<u8> {
+        if self.whole {
+            rx.first().copied()
+        } else {
+            None
+        }
+    }
+
     /// The size of the frame at the front that must be delivered whole,
     /// once its header has been seen: the receive buffer must be allowed
     /// to grow to it.
@@ -185,6 +196,28 @@ mod tests {
         let passed: usize = out.iter().filter(|o| o.0 == '-').map(|o| o.1).sum();
         assert_eq!(passed, 28);
         assert!(out.contains(&('Z', 6)));
+    }
+
+    #[test]
+    fn a_frame_held_back_whole_is_reported_until_passed_on() {
+        let mut all = BytesMut::new();
+        frontend::query(&mut all, "SET x = 1");
+        let mut r = Relay::default();
+        let mut rx = BytesMut::from(&all[..7]);
+        let mut asked = 0;
+        let step = r.step(&mut rx, 1 << 20, |_, _| {
+            asked += 1;
+            true
+        });
+        assert_eq!(step.unwrap(), Step::NeedMore);
+        assert!(r.at_boundary(), "nothing of it was passed on");
+        assert_eq!(r.held(&rx), Some(b'Q'));
+        rx.extend_from_slice(&all[7..]);
+        assert!(matches!(
+            r.step(&mut rx, 1 << 20, |_, _| true).unwrap(),
+            Step::Inspect(b'Q', _)
+        ));
+        assert_eq!((asked, r.held(&rx)), (1, None));
     }
 
     #[test]

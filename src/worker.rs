@@ -2316,7 +2316,18 @@ impl Worker {
             return;
         };
         let mid_message = !c.relay.at_boundary();
-        let (pending, unsynced) = (c.pending, c.unsynced);
+        let (mut pending, mut unsynced) = (c.pending, c.unsynced);
+        // A request held back to be passed on whole (a short Query read for
+        // SET sniffing, a tracked Parse) was counted when its header came,
+        // but the server never saw it: no reply is owed for it. (A Sync is
+        // sent in its place, so whatever extended messages went before are
+        // closed off either way.)
+        if let Some(tag) = c.relay.held(&c.io.rx) {
+            if matches!(tag, b'Q' | b'F') || (tag == b'S' && !c.copy_mode) {
+                pending = pending.saturating_sub(1);
+            }
+            unsynced = true;
+        }
         let statements_in_flight = c.prepared.as_ref().is_some_and(|p| !p.pipeline.is_idle());
         let mode = c.route.as_ref().map(|r| r.route.pool);
         if let Some(k) = c.cancel_key.take() {
