@@ -42,6 +42,8 @@ use odissey_protocol::scram::ScramCredential;
 
 /// Rounds of read/relay/write per wake-up before yielding to others.
 const MAX_ROUNDS: usize = 32;
+/// New connections accepted per listener per turn of the event loop.
+const ACCEPT_BATCH: usize = 64;
 
 /// A slot of the worker's slab.
 #[derive(Debug)]
@@ -195,6 +197,11 @@ pub(crate) struct Shared {
     /// Connections that hit MAX_ROUNDS with work left: driven again after
     /// the batch, since no new edge will announce them.
     again: Vec<Key>,
+    /// Listeners that hit ACCEPT_BATCH with connections left, and those
+    /// to accept from after the next batch: a flood of new connections
+    /// waits its turn behind the clients already in.
+    accept_later: Vec<usize>,
+    accept_next: Vec<usize>,
     draining: bool,
     sweep_set: bool,
 }
@@ -252,6 +259,8 @@ impl Worker {
                 cancel_keys: HashMap::new(),
                 dead: Vec::new(),
                 again: Vec::new(),
+                accept_later: Vec::new(),
+                accept_next: Vec::new(),
                 draining: false,
                 sweep_set: false,
             },
@@ -753,6 +762,16 @@ impl Worker {
     }
 
     fn on_after_batch(&mut self, cx: &mut Context<'_, WorkerTimer>) {
+        // Listeners left with connections in the previous turn; this
+        // turn's leftovers wait for the next (the batch in between serves
+        // the connections already in).
+        for i in std::mem::take(&mut self.w.accept_next) {
+            self.accept_all(cx, i);
+        }
+        self.w.accept_next = std::mem::take(&mut self.w.accept_later);
+        if !self.w.accept_next.is_empty() {
+            cx.again();
+        }
         for k in std::mem::take(&mut self.w.again) {
             match self.conns.get(k) {
                 Some(Conn::Client(_)) => self.drive_client(cx, k),
@@ -776,9 +795,10 @@ impl Worker {
 }
 
 impl Worker {
-    /// Accepts every pending connection on listener `i`.
+    /// Accepts the pending connections on listener `i`, up to
+    /// ACCEPT_BATCH; the rest are accepted a turn later.
     fn accept_all(&mut self, cx: &mut Context<'_, WorkerTimer>, i: usize) {
-        loop {
+        for _ in 0..ACCEPT_BATCH {
             let Some(listener) = self.w.listeners.get(i) else {
                 return;
             };
@@ -798,6 +818,10 @@ impl Worker {
                 }
             }
         }
+        if !self.w.accept_later.contains(&i) {
+            self.w.accept_later.push(i);
+        }
+        cx.again();
     }
 
     /// Cancels what the client with this key runs, if it lives here; false
@@ -3326,8 +3350,15 @@ impl Worker {
         // successor bound to the same address (SO_REUSEPORT) no connection
         // attempt fails during a handover.
         for i in 0..self.w.listeners.len() {
-            self.accept_all(cx, i);
+            loop {
+                self.w.accept_later.clear();
+                self.accept_all(cx, i);
+                if self.w.accept_later.is_empty() {
+                    break;
+                }
+            }
         }
+        self.w.accept_next.clear();
         self.w.draining = true;
         for mut l in self.w.listeners.drain(..) {
             let _ = cx.registry().deregister(&mut l);
