@@ -7,8 +7,16 @@
 //! caller wants to see. A frame that is not inspected streams through even
 //! when only part of it has arrived, so a 1 GB CopyData never has to sit in
 //! memory whole.
+//!
+//! A server's relay ([`Relay::for_server`]) also checks every header
+//! against what PostgreSQL sends ([`backend::check_header`]): an unknown
+//! tag, or a length that message type cannot have, is an error at the
+//! header, so a server out of step (a length off by one) or hostile (a
+//! negative or huge one) is caught before its bytes reach the client or
+//! pile up here.
 
 use bytes::BytesMut;
+use odissey_protocol::backend;
 use odissey_protocol::codec::peek_header;
 
 /// One step of relaying.
@@ -30,9 +38,37 @@ pub(crate) struct Relay {
     /// The frame at the front of the buffer was already judged (it is to be
     /// delivered whole): `inspect` is called once per frame, never twice.
     whole: bool,
+    /// It relays a server's output: headers are checked per message type.
+    server: bool,
 }
 
 impl Relay {
+    /// The relay of a server's output.
+    pub(crate) fn for_server() -> Self {
+        Self {
+            server: true,
+            ..Self::default()
+        }
+    }
+
+    /// Validates the header at the front of `buf` (see [`peek_header`]).
+    /// A client's frames are bounded by `max_len`; a server's by their
+    /// type (`max_len` then bounds only the frames delivered whole).
+    fn header(
+        &self,
+        buf: &[u8],
+        max_len: usize,
+    ) -> Result<Option<(u8, usize)>, odissey_protocol::Error> {
+        if !self.server {
+            return peek_header(buf, max_len);
+        }
+        let header = peek_header(buf, backend::MAX_LEN)?;
+        if let Some((tag, total)) = header {
+            backend::check_header(tag, (total - 1) as u32)?;
+        }
+        Ok(header)
+    }
+
     /// True when the relay stands on a frame boundary (nothing half-sent).
     pub(crate) fn at_boundary(&self) -> bool {
         self.left == 0
@@ -65,7 +101,8 @@ impl Relay {
     /// exactly once for every frame header crossed (so the caller can count
     /// tags and keep state) and says whether that frame must be delivered
     /// whole (the caller must then let `rx` grow to hold it);
-    /// `max_len` bounds any frame.
+    /// `max_len` bounds any frame delivered whole, and any frame at all
+    /// of a client.
     pub(crate) fn step(
         &mut self,
         rx: &mut BytesMut,
@@ -73,13 +110,7 @@ impl Relay {
         mut inspect: impl FnMut(u8, usize) -> bool,
     ) -> Result<Step, odissey_protocol::Error> {
         if self.whole {
-            return Ok(match peek_header(rx, max_len)? {
-                Some((tag, total)) if rx.len() >= total => {
-                    self.whole = false;
-                    Step::Inspect(tag, rx.split_to(total))
-                }
-                _ => Step::NeedMore,
-            });
+            return self.take_whole(rx, max_len);
         }
         let mut pos = 0;
         loop {
@@ -91,15 +122,22 @@ impl Relay {
                     break;
                 }
             }
-            let Some((tag, total)) = peek_header(&rx[pos..], max_len)? else {
+            let header = match self.header(&rx[pos..], max_len) {
+                // The frames before a bad header go first: `inspect` has
+                // seen them (and one may be partly relayed already). The
+                // error comes at the next call, with the header in front.
+                Err(_) if pos > 0 => break,
+                header => header?,
+            };
+            let Some((tag, total)) = header else {
                 break;
             };
             if inspect(tag, total) {
-                if pos > 0 || rx.len() < total {
-                    self.whole = true;
+                self.whole = true;
+                if pos > 0 {
                     break;
                 }
-                return Ok(Step::Inspect(tag, rx.split_to(total)));
+                return self.take_whole(rx, max_len);
             }
             self.left = total;
         }
@@ -108,6 +146,31 @@ impl Relay {
         } else {
             Ok(Step::Pass(rx.split_to(pos)))
         }
+    }
+
+    /// The frame at the front, judged to be delivered whole: once it is
+    /// all there. Beyond `max_len` it is an error rather than something to
+    /// wait for (only a server's frame can be: a client's was bounded at
+    /// its header).
+    fn take_whole(
+        &mut self,
+        rx: &mut BytesMut,
+        max_len: usize,
+    ) -> Result<Step, odissey_protocol::Error> {
+        Ok(match self.header(rx, max_len)? {
+            Some((tag, total)) if total - 1 > max_len => {
+                return Err(odissey_protocol::Error::TooLarge {
+                    tag,
+                    len: (total - 1) as u32,
+                    max: max_len,
+                })
+            }
+            Some((tag, total)) if rx.len() >= total => {
+                self.whole = false;
+                Step::Inspect(tag, rx.split_to(total))
+            }
+            _ => Step::NeedMore,
+        })
     }
 }
 
@@ -196,6 +259,126 @@ mod tests {
         let passed: usize = out.iter().filter(|o| o.0 == '-').map(|o| o.1).sum();
         assert_eq!(passed, 28);
         assert!(out.contains(&('Z', 6)));
+    }
+
+    /// Runs a server relay over `bytes`, passing everything but 'Z':
+    /// what it passed, and the error it stopped at.
+    fn server_run(bytes: &[u8], max_len: usize) -> (usize, Option<odissey_protocol::Error>) {
+        let mut r = Relay::for_server();
+        let mut rx = BytesMut::from(bytes);
+        let mut passed = 0;
+        loop {
+            match r.step(&mut rx, max_len, |t, _| t == b'Z') {
+                Ok(Step::NeedMore) => return (passed, None),
+                Ok(Step::Pass(p)) => passed += p.len(),
+                Ok(Step::Inspect(_, f)) => passed += f.len(),
+                Err(e) => return (passed, Some(e)),
+            }
+        }
+    }
+
+    #[test]
+    fn a_server_relay_checks_headers_per_type() {
+        let mut good = BytesMut::new();
+        backend::command_complete(&mut good, "SELECT 1");
+        backend::ready_for_query(&mut good, backend::TransactionStatus::Idle);
+        assert_eq!(server_run(&good, 1024), (good.len(), None));
+
+        // A length off by one puts the next header mid-message: the frame
+        // goes through as it was sent, the misread header after it is
+        // refused.
+        let mut long = BytesMut::new();
+        long.extend_from_slice(b"C\0\0\0\x0eSELECT 1\0"); // one more than 13
+        long.extend_from_slice(b"Z\0\0\0\x05I");
+        let (passed, e) = server_run(&long, 1024);
+        assert_eq!(passed, 15);
+        assert!(
+            matches!(e, Some(odissey_protocol::Error::Unexpected { got: 0, .. })),
+            "{e:?}"
+        );
+        let mut short = BytesMut::new();
+        short.extend_from_slice(b"C\0\0\0\x0cSELECT 1\0"); // one less
+        short.extend_from_slice(b"Z\0\0\0\x05I");
+        let (passed, e) = server_run(&short, 1024);
+        assert_eq!(passed, 13);
+        assert!(
+            matches!(e, Some(odissey_protocol::Error::TooLarge { tag: 0, .. })),
+            "{e:?}"
+        );
+
+        // Huge and negative lengths, fixed-size messages of another size:
+        // refused at the header, nothing passed, nothing waited for.
+        for bytes in [
+            &b"D\x7f\xff\xff\xff"[..],
+            b"D\xff\xff\xff\xff",
+            b"C\x40\0\0\0",
+            b"Z\0\0\0\x06I\0",
+            b"1\0\0\0\x05",
+            b"!\0\0\0\x04",
+        ] {
+            let (passed, e) = server_run(bytes, 1024);
+            assert_eq!(passed, 0, "{bytes:?}");
+            assert!(e.is_some(), "{bytes:?}");
+        }
+        // A DataRow may be as long as PostgreSQL allows: it streams.
+        let (passed, e) = server_run(b"D\x40\0\0\0\0\x01", 1024);
+        assert_eq!((passed, e), (7, None));
+    }
+
+    #[test]
+    fn a_server_frame_wanted_whole_is_bounded() {
+        // A DataRow the caller wants whole may not exceed max_len…
+        let mut r = Relay::for_server();
+        let mut rx = BytesMut::from(&b"D\0\x10\0\0"[..]);
+        assert!(matches!(
+            r.step(&mut rx, 1024, |_, _| true),
+            Err(odissey_protocol::Error::TooLarge { tag: b'D', .. })
+        ));
+        // …while one passed through may.
+        let mut r = Relay::for_server();
+        let mut rx = BytesMut::from(&b"D\0\x10\0\0"[..]);
+        assert!(matches!(
+            r.step(&mut rx, 1024, |_, _| false),
+            Ok(Step::Pass(_))
+        ));
+        // What comes before it goes first, then the error: nothing waits.
+        let mut r = Relay::for_server();
+        let mut rx = BytesMut::new();
+        backend::command_complete(&mut rx, "SELECT 1");
+        let before = rx.len();
+        rx.extend_from_slice(b"E\0\x10\0\0");
+        let mut asked = 0;
+        let mut step = |r: &mut Relay, rx: &mut BytesMut| {
+            r.step(rx, 1024, |t, _| {
+                asked += 1;
+                t == b'E'
+            })
+        };
+        assert!(matches!(step(&mut r, &mut rx), Ok(Step::Pass(b)) if b.len() == before));
+        assert!(matches!(
+            step(&mut r, &mut rx),
+            Err(odissey_protocol::Error::TooLarge { tag: b'E', .. })
+        ));
+        assert_eq!(asked, 2, "inspect is asked once per frame");
+    }
+
+    #[test]
+    fn frames_before_a_bad_header_go_first() {
+        // One call passes the good frame, the next reports the error: what
+        // `inspect` counted is what gets relayed.
+        let mut rx = BytesMut::new();
+        frontend::query(&mut rx, "SELECT 1");
+        let good = rx.len();
+        rx.extend_from_slice(b"Q\0\0\0\x01");
+        let mut r = Relay::default();
+        let mut seen = Vec::new();
+        let step = r.step(&mut rx, 1 << 20, |t, _| {
+            seen.push(t);
+            false
+        });
+        assert!(matches!(step, Ok(Step::Pass(b)) if b.len() == good));
+        assert_eq!(seen, b"Q");
+        assert!(r.step(&mut rx, 1 << 20, |_, _| false).is_err());
     }
 
     #[test]

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use odissey_protocol::backend::TransactionStatus;
+use odissey_protocol::codec;
 use odissey_reactor::{Key, TimerId};
 
 use crate::backend_login::BackendLogin;
@@ -114,4 +116,70 @@ pub(crate) struct Server {
     pub(crate) copy_in: bool,
     /// Named statements odissey prepared on it.
     pub(crate) stmts: ServerStatements,
+}
+
+/// Reads what an idle server sent (`rx`, with `eof` once it closed): the
+/// reason to close it, or `None` while it is fine. An idle server may send
+/// notices, parameter changes and notifications (consumed here); an error
+/// means it is going away; anything else (another message, a bad header)
+/// that it is out of step, and its next client must not get it.
+pub(crate) fn idle_input(rx: &mut BytesMut, eof: bool) -> Option<String> {
+    loop {
+        match codec::read_frame(rx, 1 << 20) {
+            Ok(Some(f)) if matches!(f.tag, b'N' | b'S' | b'A') => {}
+            Ok(Some(f)) if f.tag == b'E' => return Some("closed by the server while idle".into()),
+            Ok(Some(f)) => {
+                return Some(format!(
+                    "protocol violation from the server while idle: unexpected message {:?}",
+                    char::from(f.tag)
+                ))
+            }
+            Err(e) => {
+                return Some(format!(
+                    "protocol violation from the server while idle: {e}"
+                ))
+            }
+            Ok(None) if eof => return Some("closed by the server while idle".into()),
+            Ok(None) => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use odissey_protocol::backend;
+
+    #[test]
+    fn an_idle_server_may_send_notices_and_nothing_else() {
+        let mut rx = BytesMut::new();
+        backend::notice_response(&mut rx, "NOTICE", "00000", "hello");
+        backend::parameter_status(&mut rx, "TimeZone", "UTC");
+        assert_eq!(idle_input(&mut rx, false), None);
+        assert!(rx.is_empty());
+        // Half a message waits for the rest.
+        rx.extend_from_slice(b"N\0\0\0\x20S");
+        assert_eq!(idle_input(&mut rx, false), None);
+        assert_eq!(rx.len(), 6);
+        // ...unless the server is gone.
+        assert!(idle_input(&mut rx, true).is_some());
+
+        // A valid message that no idle server sends, garbage after a
+        // notice, an error.
+        let mut rx = BytesMut::new();
+        backend::data_row(&mut rx, &[Some("1")]);
+        let why = idle_input(&mut rx, false).expect("a DataRow while idle");
+        assert!(why.contains("unexpected message 'D'"), "{why}");
+        let mut rx = BytesMut::new();
+        backend::notice_response(&mut rx, "NOTICE", "00000", "hello");
+        rx.extend_from_slice(b"\xff\xff\xff\xff\xffjunk");
+        let why = idle_input(&mut rx, false).expect("garbage after a notice");
+        assert!(why.contains("protocol violation"), "{why}");
+        let mut rx = BytesMut::new();
+        backend::error_response(&mut rx, "FATAL", "57P01", "terminating", None);
+        assert_eq!(
+            idle_input(&mut rx, false).as_deref(),
+            Some("closed by the server while idle")
+        );
+    }
 }

@@ -1301,7 +1301,7 @@ impl Worker {
             let mut prepared = c.prepared.as_deref_mut().map(|p| &mut p.pipeline);
             let (pending, syncs, copy_mode) =
                 (&mut c.pending, &mut c.syncs_since_execute, &mut c.copy_mode);
-            let step = s.relay.step(&mut s.io.rx, usize::MAX >> 1, |tag, _len| {
+            let step = s.relay.step(&mut s.io.rx, max_len, |tag, total| {
                 if swallow > 0 {
                     return true;
                 }
@@ -1336,8 +1336,9 @@ impl Worker {
                     b'C' | b'Z' => *copy_in = false,
                     _ => {}
                 }
-                // ErrorResponses are counted by SQLSTATE class.
-                whole || matches!(tag, b'Z' | b'S' | b'E')
+                // ErrorResponses are counted by SQLSTATE class (one longer
+                // than max_message_size passes uncounted, not held whole).
+                whole || matches!(tag, b'Z' | b'S') || (tag == b'E' && total <= max_len + 1)
             });
             match step {
                 Ok(Step::NeedMore) => break,
@@ -1460,11 +1461,15 @@ impl Worker {
             && s.status == TransactionStatus::Idle;
         if s.io.eof {
             let id = s.id;
-            let f = Fatal::new(
-                "08006",
-                format!("server connection {id} closed unexpectedly"),
-            );
-            self.close_client(cx, ck, Some(f));
+            // Part of a message already went to the client: an error now
+            // would land inside it, so the client is only disconnected.
+            let f = s.relay.at_boundary().then(|| {
+                Fatal::new(
+                    "08006",
+                    format!("server connection {id} closed unexpectedly"),
+                )
+            });
+            self.close_client(cx, ck, f);
             return None;
         }
         if terminate || c.io.eof {
@@ -1903,7 +1908,7 @@ impl Worker {
                 xact_start: None,
                 tls_retry,
                 client: None,
-                relay: Relay::default(),
+                relay: Relay::for_server(),
                 status: TransactionStatus::Idle,
                 key: None,
                 params: Vec::new(),
@@ -1982,14 +1987,9 @@ impl Worker {
                 ServerState::Idle => {
                     s.state = ServerState::Idle;
                     progress |= s.io.fill(self.w.cfg.readahead);
-                    // An idle server may send notices or parameter changes;
-                    // an error here means it is going away.
-                    let mut fatal = false;
-                    while let Ok(Some(f)) = codec::read_frame(&mut s.io.rx, 1 << 20) {
-                        fatal |= f.tag == b'E';
-                    }
-                    if fatal || s.io.eof {
-                        self.close_server(cx, sk, "closed by the server while idle");
+                    let why = crate::server::idle_input(&mut s.io.rx, s.io.eof);
+                    if let Some(why) = why {
+                        self.close_server(cx, sk, &why);
                         return;
                     }
                 }
@@ -2002,11 +2002,13 @@ impl Worker {
                 }
                 ServerState::Recovering(mut r) => {
                     progress |= s.io.fill(self.w.cfg.readahead);
+                    let max_len = self.w.max_len();
                     // Everything the server says now was meant for the
                     // client that left: drop it, noting the state.
                     loop {
-                        let step = s.relay.step(&mut s.io.rx, usize::MAX >> 1, |tag, _len| {
-                            matches!(tag, b'Z' | b'S' | b'E' | b'G' | b'W')
+                        let step = s.relay.step(&mut s.io.rx, max_len, |tag, total| {
+                            matches!(tag, b'Z' | b'S' | b'G' | b'W')
+                                || (tag == b'E' && total <= max_len + 1)
                         });
                         match step {
                             Ok(Step::NeedMore) => break,

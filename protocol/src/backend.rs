@@ -243,6 +243,55 @@ pub fn parse_error_fields(body: &[u8]) -> Result<ErrorFields> {
     Ok(fields)
 }
 
+/// The largest length field PostgreSQL puts on a message: it builds each
+/// one in a single buffer of at most `MaxAllocSize` (1 GiB − 1) bytes, so
+/// no message it sends is longer than 1 GiB plus the length field itself.
+pub const MAX_LEN: usize = (1 << 30) + 4;
+
+/// The largest length field accepted on a message other than DataRow,
+/// RowDescription, CopyData, ErrorResponse, NoticeResponse,
+/// NotificationResponse and FunctionCallResponse: PostgreSQL sends the
+/// others short (libpq itself refuses them beyond 30,000 bytes).
+pub const MAX_SHORT_LEN: usize = 1 << 20;
+
+/// Checks the header of a message from a server before anything more of
+/// it is read: the tag must be one PostgreSQL sends, and the length field
+/// (which counts itself) what a message of that type can hold. A server
+/// that fails this is out of step with the protocol (a length off by one
+/// puts the next header in the middle of a message) or hostile; checking
+/// here means a huge or negative length is caught at its header, without
+/// waiting for (or buffering) the body it announces.
+///
+/// `Unexpected` for an unknown tag; `BadLength` for a length below what
+/// the message type holds; `TooLarge` above it.
+pub fn check_header(tag: u8, len: u32) -> Result<()> {
+    let (min, max) = match tag {
+        // ParseComplete, BindComplete, CloseComplete, NoData,
+        // PortalSuspended, EmptyQueryResponse, CopyDone: no body.
+        b'1' | b'2' | b'3' | b'n' | b's' | b'I' | b'c' => (4, 4),
+        // ReadyForQuery: the status byte.
+        b'Z' => (5, 5),
+        b'D' | b'T' | b'd' | b'E' | b'N' | b'A' | b'V' => (4, MAX_LEN),
+        // Authentication, ParameterStatus, BackendKeyData, CommandComplete,
+        // ParameterDescription, Copy{In,Out,Both}Response,
+        // NegotiateProtocolVersion.
+        b'R' | b'S' | b'K' | b'C' | b't' | b'G' | b'H' | b'W' | b'v' => (4, MAX_SHORT_LEN),
+        got => {
+            return Err(Error::Unexpected {
+                expected: "a backend message type",
+                got,
+            })
+        }
+    };
+    if len < min {
+        return Err(Error::BadLength { tag, len });
+    }
+    if len as usize > max {
+        return Err(Error::TooLarge { tag, len, max });
+    }
+    Ok(())
+}
+
 /// Decodes a CommandComplete body into its tag ("SELECT 1", ...).
 pub fn parse_command_complete(body: &[u8]) -> Result<&str> {
     let mut r = Reader::new(body);
@@ -438,6 +487,72 @@ mod tests {
         assert!(b.is_empty(), "builder wrote exactly one frame");
         let msg = BackendMessage::parse(&frame).unwrap();
         (frame, msg)
+    }
+
+    #[test]
+    fn check_header_knows_each_types_lengths() {
+        // What the builders write passes.
+        let mut b = BytesMut::new();
+        authentication_ok(&mut b);
+        parameter_status(&mut b, "client_encoding", "UTF8");
+        backend_key_data(&mut b, 1, 2);
+        ready_for_query(&mut b, TransactionStatus::Idle);
+        row_description(&mut b, &["a"]);
+        data_row(&mut b, &[Some("1"), None]);
+        command_complete(&mut b, "SELECT 1");
+        empty_query_response(&mut b);
+        error_response(&mut b, "ERROR", "42000", "no", None);
+        notice_response(&mut b, "NOTICE", "00000", "hm");
+        while !b.is_empty() {
+            let frame = read_frame(&mut b, DEFAULT_MAX_MESSAGE_LEN)
+                .unwrap()
+                .unwrap();
+            let len = frame.body.len() as u32 + 4;
+            assert_eq!(check_header(frame.tag, len), Ok(()), "{}", frame.tag);
+        }
+        // Fixed sizes are exact.
+        assert_eq!(check_header(b'Z', 5), Ok(()));
+        assert_eq!(
+            check_header(b'Z', 4),
+            Err(Error::BadLength { tag: b'Z', len: 4 })
+        );
+        assert_eq!(
+            check_header(b'Z', 6),
+            Err(Error::TooLarge {
+                tag: b'Z',
+                len: 6,
+                max: 5
+            })
+        );
+        for tag in *b"123nsIc" {
+            assert_eq!(check_header(tag, 4), Ok(()));
+            assert!(matches!(check_header(tag, 5), Err(Error::TooLarge { .. })));
+        }
+        // Long types up to PostgreSQL's ceiling, short ones to 1 MiB.
+        assert_eq!(check_header(b'D', 1 << 30), Ok(()));
+        assert_eq!(check_header(b'D', MAX_LEN as u32), Ok(()));
+        for len in [MAX_LEN as u32 + 1, 0x7fff_ffff, 0x8000_0000, u32::MAX] {
+            assert!(matches!(
+                check_header(b'D', len),
+                Err(Error::TooLarge { .. })
+            ));
+        }
+        assert_eq!(check_header(b'C', MAX_SHORT_LEN as u32), Ok(()));
+        assert!(matches!(
+            check_header(b'C', 1 << 30),
+            Err(Error::TooLarge { .. })
+        ));
+        // Below the length field itself, and unknown tags.
+        assert_eq!(
+            check_header(b'D', 3),
+            Err(Error::BadLength { tag: b'D', len: 3 })
+        );
+        for tag in [0u8, b'!', b'Q', b'X', 0xff] {
+            assert!(matches!(
+                check_header(tag, 8),
+                Err(Error::Unexpected { got, .. }) if got == tag
+            ));
+        }
     }
 
     fn auth(f: impl FnOnce(&mut BytesMut)) -> Authentication {
