@@ -2,6 +2,7 @@
 //! PostgreSQL on a throwaway cluster. Run it through `bench/run`; see the
 //! README's "Benchmarks" section and `--help`.
 
+mod flood;
 mod pgbench;
 mod procs;
 mod report;
@@ -40,7 +41,16 @@ usage: bench/run [options]      (or: cargo run --release -p odissey-bench -- [op
   --no-pgbouncer      leave PgBouncer out
   --out DIR           where <UTC timestamp>.md and .csv go (default bench/results)
   --only LIST         workloads to run: select-simple, select-extended, select-prepared,
-                      tpcb, churn, idle, large-result (or `select` for all three selects)
+                      tpcb, churn, idle, large-result (or `select` for all three selects),
+                      flood
+  --flood-clients C   flood: admitted clients, the route's client_max and queue_max
+                      (default 2 x --pool-size)
+  --flooders F        flood: clients of the flood, each retrying once refused
+                      (default 10 x C)
+  --flood-rate N      flood: login attempts per second of all flooders together
+                      (default 1000; 0 = no cap)
+  --flood-tps N       flood: SELECT 1 per second of all admitted clients together
+                      (default 2000; 0 = back to back)
   --smoke             CI mode: 1 round of 2 s, 8 clients, 200 idle clients, 5 MB result,
                       scale 1; exits non-zero only when something is broken
   -h, --help          this text
@@ -48,7 +58,11 @@ usage: bench/run [options]      (or: cargo run --release -p odissey-bench -- [op
 PostgreSQL binaries come from $PG_BINDIR, then pg_ctl on $PATH, then
 /usr/lib/postgresql/*/bin (pgbench: the same directory, else $PATH).";
 
-/// Every workload, in the order they run.
+/// The flood workload's name for `--only`. It runs after the others, on an
+/// odissey of its own, and has its own report section (see `flood`).
+const FLOOD: &str = "flood";
+
+/// Every workload of the main table, in the order they run.
 const WORKLOADS: [Workload; 7] = [
     Workload::Large,
     Workload::Select("simple"),
@@ -146,6 +160,10 @@ struct Options {
     out: Option<PathBuf>,
     only: Option<Vec<String>>,
     smoke: bool,
+    flood_clients: Option<usize>,
+    flooders: Option<usize>,
+    flood_rate: u32,
+    flood_tps: u32,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -164,6 +182,10 @@ fn parse_options() -> Result<Options, String> {
         out: None,
         only: None,
         smoke: false,
+        flood_clients: None,
+        flooders: None,
+        flood_rate: 1000,
+        flood_tps: 2000,
     };
     let (mut clients, mut duration, mut rounds, mut scale, mut idle, mut large) =
         (None, None, None, None, None, None);
@@ -219,6 +241,10 @@ fn parse_options() -> Result<Options, String> {
                 )
             }
             "--smoke" => o.smoke = true,
+            "--flood-clients" => o.flood_clients = Some(n(&key, value()?)?),
+            "--flooders" => o.flooders = Some(n(&key, value()?)?),
+            "--flood-rate" => o.flood_rate = n(&key, value()?)?,
+            "--flood-tps" => o.flood_tps = n(&key, value()?)?,
             _ => return Err(format!("unknown option {arg}\n\n{USAGE}")),
         }
     }
@@ -241,15 +267,18 @@ fn parse_options() -> Result<Options, String> {
     if o.workers == 0 || o.rounds == 0 || o.duration == 0 || o.pool_size == 0 || o.scale == 0 {
         return Err("--workers, --rounds, --duration, --pool-size and --scale must be ≥ 1".into());
     }
+    if o.flood_clients == Some(0) || o.flooders == Some(0) {
+        return Err("--flood-clients and --flooders must be ≥ 1".into());
+    }
     if o.clients.is_empty() || o.clients.contains(&0) {
         return Err("--clients needs a list of positive numbers, e.g. 32,256".into());
     }
     if let Some(only) = &o.only {
         let known: Vec<String> = WORKLOADS.iter().map(|w| w.name()).collect();
         for w in only {
-            if w != "select" && !known.contains(w) {
+            if w != "select" && w != FLOOD && !known.contains(w) {
                 return Err(format!(
-                    "--only: unknown workload {w} (known: select, {})",
+                    "--only: unknown workload {w} (known: select, {}, {FLOOD})",
                     known.join(", ")
                 ));
             }
@@ -313,7 +342,16 @@ fn startup_error(name: &str, bin: &Path, e: &str, guard: &ChildGuard) -> String 
     }
 }
 
-fn start_odissey(bin: &Path, dir: &Path, pg_port: u16, o: &Options) -> Result<Target, String> {
+/// Starts odissey as `name` (its config `<name>.toml` and log `<name>.log`
+/// in `dir`), with `route_extra` (TOML lines) added to its one route.
+fn start_odissey(
+    bin: &Path,
+    dir: &Path,
+    pg_port: u16,
+    o: &Options,
+    name: &str,
+    route_extra: &str,
+) -> Result<Target, String> {
     let port = free_port()?;
     let config = format!(
         "# Written by odissey-bench.\n\
@@ -322,17 +360,17 @@ fn start_odissey(bin: &Path, dir: &Path, pg_port: u16, o: &Options) -> Result<Ta
          [storage.pg]\ntype = \"remote\"\nhost = \"127.0.0.1\"\nport = {pg_port}\n\n\
          [database.{DB}.user.{USER}]\n\
          authentication = \"none\"\nstorage = \"pg\"\npool = \"transaction\"\n\
-         pool_size = {pool}\npool_timeout = 120000\n",
+         pool_size = {pool}\npool_timeout = 120000\n{route_extra}",
         workers = o.workers,
         pool = o.pool_size,
     );
-    let path = dir.join("odissey.toml");
+    let path = dir.join(format!("{name}.toml"));
     fs::write(&path, config).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     let mut cmd = Command::new(bin);
     cmd.arg(&path);
-    let mut guard = ChildGuard::spawn("odissey", cmd, &dir.join("odissey.log"))?;
+    let mut guard = ChildGuard::spawn(name, cmd, &dir.join(format!("{name}.log")))?;
     wire::wait_for_login(port, USER, DB, LOGIN_WAIT, || guard.check_alive())
-        .map_err(|e| startup_error("odissey", bin, &e, &guard))?;
+        .map_err(|e| startup_error(name, bin, &e, &guard))?;
     Ok(Target {
         kind: Kind::Odissey,
         port,
@@ -647,7 +685,22 @@ fn real_main() -> Result<ExitCode, String> {
             }),
         }
     }
-    if rows.is_empty() {
+    let flood_wanted = match &o.only {
+        None => true,
+        Some(list) => list.iter().any(|x| x == FLOOD),
+    };
+    let flood_spec = flood_wanted.then(|| {
+        let admitted = o.flood_clients.unwrap_or(2 * o.pool_size);
+        flood::Spec {
+            admitted,
+            flooders: o.flooders.unwrap_or(10 * admitted),
+            flood_rate: o.flood_rate,
+            tx_rate: o.flood_tps,
+            duration: Duration::from_secs(o.duration),
+            rounds: o.rounds,
+        }
+    });
+    if rows.is_empty() && flood_spec.is_none() {
         return Err("no workload selected".into());
     }
 
@@ -700,6 +753,30 @@ fn real_main() -> Result<ExitCode, String> {
                 o.large_rows,
                 if o.smoke { "; SMOKE mode" } else { "" }
             ),
+            match &flood_spec {
+                Some(f) => format!(
+                    "flood: an odissey of its own, route client_max = queue_max = {} (global \
+                     client_max unset), pool size {}; {} admitted clients run SELECT 1 at {}; \
+                     {} flood clients try to log in at {}; rounds of an unloaded and a flooded \
+                     phase of {} s each",
+                    f.admitted,
+                    o.pool_size,
+                    f.admitted,
+                    if f.tx_rate > 0 {
+                        format!("{} tx/s in all", f.tx_rate)
+                    } else {
+                        "full speed (back to back)".into()
+                    },
+                    f.flooders,
+                    if f.flood_rate > 0 {
+                        format!("≤ {} attempts/s in all", f.flood_rate)
+                    } else {
+                        "full speed (each again once refused)".into()
+                    },
+                    o.duration
+                ),
+                None => "flood: not run".into(),
+            },
             format!(
                 "command: bench/run {}",
                 std::env::args().skip(1).collect::<Vec<_>>().join(" ")
@@ -721,7 +798,8 @@ fn real_main() -> Result<ExitCode, String> {
         .max()
         .unwrap_or(0)
         .max(fixed_clients);
-    let needed = max_clients + 2 * o.pool_size + 20;
+    let poolers = 2 + usize::from(flood_spec.is_some());
+    let needed = max_clients + poolers * o.pool_size + 20;
     if needed > 297 {
         eprintln!("raising max_connections to {needed} for {max_clients} direct clients...");
         cluster.sql(
@@ -731,9 +809,11 @@ fn real_main() -> Result<ExitCode, String> {
         cluster.stop();
         cluster.restart();
     }
-    eprintln!("pgbench -i -s {}...", o.scale);
-    pgbench::init(cluster.port(), o.scale)?;
-    check_interrupted()?;
+    if !rows.is_empty() {
+        eprintln!("pgbench -i -s {}...", o.scale);
+        pgbench::init(cluster.port(), o.scale)?;
+        check_interrupted()?;
+    }
 
     // Scratch dir, readable and writable by `postgres` (PgBouncer).
     let scratch = tempfile::Builder::new()
@@ -745,30 +825,36 @@ fn real_main() -> Result<ExitCode, String> {
     let logs = scratch.path().join("pgbench-logs");
     fs::create_dir(&logs).map_err(|e| format!("mkdir {}: {e}", logs.display()))?;
 
-    let mut targets: Vec<Option<Target>> = vec![Some(Target {
-        kind: Kind::Direct,
-        port: cluster.port(),
-        process: None,
-    })];
-    eprintln!("starting odissey...");
-    targets.push(Some(start_odissey(
-        &odissey,
-        scratch.path(),
-        cluster.port(),
-        &o,
-    )?));
-    match &pgbouncer {
-        Some(bin) => {
-            eprintln!("starting PgBouncer...");
-            targets.push(Some(start_pgbouncer(
-                bin,
-                scratch.path(),
-                cluster.port(),
-                &o,
-                pgbouncer_prepared,
-            )?));
+    // The targets of the main table (none when only the flood runs).
+    let mut targets: Vec<Option<Target>> = Vec::new();
+    if !rows.is_empty() {
+        targets.push(Some(Target {
+            kind: Kind::Direct,
+            port: cluster.port(),
+            process: None,
+        }));
+        eprintln!("starting odissey...");
+        targets.push(Some(start_odissey(
+            &odissey,
+            scratch.path(),
+            cluster.port(),
+            &o,
+            "odissey",
+            "",
+        )?));
+        match &pgbouncer {
+            Some(bin) => {
+                eprintln!("starting PgBouncer...");
+                targets.push(Some(start_pgbouncer(
+                    bin,
+                    scratch.path(),
+                    cluster.port(),
+                    &o,
+                    pgbouncer_prepared,
+                )?));
+            }
+            None => targets.push(None),
         }
-        None => targets.push(None),
     }
     eprintln!("setup done in {:.1} s", started.elapsed().as_secs_f64());
 
@@ -832,10 +918,42 @@ fn real_main() -> Result<ExitCode, String> {
         }
         results.push((*row, cells));
     }
+    // The flood, on an odissey of its own, with the other poolers stopped.
+    drop(targets);
+    let flood = match &flood_spec {
+        Some(spec) => {
+            eprintln!(
+                "starting odissey for the flood (route client_max = queue_max = {})...",
+                spec.admitted
+            );
+            let limits = format!("client_max = {0}\nqueue_max = {0}\n", spec.admitted);
+            let outcome = match start_odissey(
+                &odissey,
+                scratch.path(),
+                cluster.port(),
+                &o,
+                "odissey-flood",
+                &limits,
+            ) {
+                Ok(mut target) => flood::run(&mut target, spec),
+                Err(e) => flood::Outcome {
+                    errors: vec![e],
+                    ..flood::Outcome::default()
+                },
+            };
+            check_interrupted()?;
+            Some((spec, outcome))
+        }
+        None => None,
+    };
     eprintln!("runs done in {:.1} s", started.elapsed().as_secs_f64());
 
-    let md = report::markdown(&header, &results, o.idle);
-    let csv = report::csv(&results);
+    let mut md = report::markdown(&header, &results, o.idle);
+    let mut csv = report::csv(&results);
+    if let Some((spec, outcome)) = &flood {
+        md.push_str(&report::flood_markdown(spec, outcome, o.pool_size));
+        csv.push_str(&report::flood_csv(spec, outcome));
+    }
     println!("{md}");
     let out_dir = o.out.clone().unwrap_or_else(|| {
         let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -853,11 +971,11 @@ fn real_main() -> Result<ExitCode, String> {
     let written = report::write(&out_dir, &name, &md, &csv)?;
     eprintln!("wrote {}", written.join(" and "));
 
-    drop(targets);
     drop(cluster);
     let failed = results
         .iter()
-        .any(|(_, cells)| cells.iter().any(Cell::failed));
+        .any(|(_, cells)| cells.iter().any(Cell::failed))
+        || flood.is_some_and(|(_, outcome)| !outcome.errors.is_empty());
     if failed {
         eprintln!("odissey-bench: some runs failed (see Failures in the report)");
         Ok(ExitCode::from(1))

@@ -332,3 +332,30 @@ pub(crate) fn first_line(bin: &Path, args: &[&str]) -> String {
         .filter(|l| !l.is_empty())
         .unwrap_or_else(|| "?".into())
 }
+
+/// Clock ticks of all CPUs together since boot, from the first line of
+/// /proc/stat: `(busy, total)`, busy being all but idle and iowait.
+pub(crate) fn box_ticks() -> Result<(u64, u64), String> {
+    let stat =
+        fs::read_to_string("/proc/stat").map_err(|e| format!("cannot read /proc/stat: {e}"))?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if v.len() < 5 {
+        return Err(format!(
+            "unexpected /proc/stat: {}",
+            stat.lines().next().unwrap_or("")
+        ));
+    }
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already in user and nice).
+    let total: u64 = v.iter().take(8).sum();
+    Ok((total - v[3] - v[4], total))
+}

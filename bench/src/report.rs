@@ -1,10 +1,12 @@
-//! Medians, the markdown table, the CSV and the machine description.
+//! Medians, the markdown table, the CSV, the flood section and the machine
+//! description.
 
 use std::fmt::Write as _;
 use std::fs;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::flood::{self, Phase};
 use crate::{Kind, Row, Workload, KINDS};
 
 /// What one run measured; `None` where a metric does not apply.
@@ -122,12 +124,15 @@ pub(crate) struct Header {
     pub(crate) lines: Vec<String>,
 }
 
-/// The markdown report.
+/// The markdown report (its header only when no row ran, e.g. `--only flood`).
 pub(crate) fn markdown(header: &Header, rows: &[(Row, [Cell; 3])], idle_k: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# {}\n", header.title);
     for l in &header.lines {
         let _ = writeln!(out, "- {l}");
+    }
+    if rows.is_empty() {
+        return out;
     }
     out.push('\n');
     let mut head = vec!["workload".to_owned(), "clients".to_owned()];
@@ -344,4 +349,307 @@ pub(crate) fn write(dir: &Path, stamp: &str, md: &str, csv: &str) -> Result<Vec<
         written.push(path.display().to_string());
     }
     Ok(written)
+}
+
+/// The flood numbers of a set of phases of one kind: medians over them,
+/// counts summed (one phase: its own numbers).
+#[derive(Default)]
+struct FloodAgg {
+    phases: usize,
+    tps: Option<f64>,
+    lat_mean: Option<f64>,
+    lat_p50: Option<f64>,
+    lat_p99: Option<f64>,
+    lat_max: Option<f64>,
+    admitted_errors: u64,
+    logins_s: Option<f64>,
+    refused_s: Option<f64>,
+    refusal_p50: Option<f64>,
+    refusal_p99: Option<f64>,
+    refusal_max: Option<f64>,
+    refusal_startup_p99: Option<f64>,
+    refusals: u64,
+    under_1ms_pct: Option<f64>,
+    not_refused: u64,
+    other: u64,
+    cpu_pct: Option<f64>,
+    bench_pct: Option<f64>,
+    box_pct: Option<f64>,
+    cpu_us_tx: Option<f64>,
+    rss_mb: Option<f64>,
+}
+
+fn flood_agg(ps: &[&Phase]) -> FloodAgg {
+    let m = |f: &dyn Fn(&Phase) -> Option<f64>| median(ps.iter().filter_map(|p| f(p)).collect());
+    let flooded = ps.iter().any(|p| p.flooded);
+    let fm = |f: &dyn Fn(&Phase) -> Option<f64>| if flooded { m(f) } else { None };
+    let refusals: u64 = ps.iter().filter_map(|p| p.refusal.map(|d| d.n)).sum();
+    let under: u64 = ps
+        .iter()
+        .filter_map(|p| p.refusal.map(|d| d.under_1ms))
+        .sum();
+    FloodAgg {
+        phases: ps.len(),
+        tps: m(&|p| Some(p.tps())),
+        lat_mean: m(&|p| p.latency.map(|d| d.mean)),
+        lat_p50: m(&|p| p.latency.map(|d| d.p50)),
+        lat_p99: m(&|p| p.latency.map(|d| d.p99)),
+        lat_max: m(&|p| p.latency.map(|d| d.max)),
+        admitted_errors: ps.iter().map(|p| p.admitted_errors).sum(),
+        logins_s: fm(&|p| Some(p.attempts as f64 / p.seconds)),
+        refused_s: fm(&|p| Some(p.refused as f64 / p.seconds)),
+        refusal_p50: fm(&|p| p.refusal.map(|d| d.p50)),
+        refusal_p99: fm(&|p| p.refusal.map(|d| d.p99)),
+        refusal_max: fm(&|p| p.refusal.map(|d| d.max)),
+        refusal_startup_p99: fm(&|p| p.refusal_from_startup.map(|d| d.p99)),
+        refusals,
+        under_1ms_pct: (refusals > 0).then(|| 100.0 * under as f64 / refusals as f64),
+        not_refused: ps.iter().map(|p| p.not_refused).sum(),
+        other: ps.iter().map(|p| p.other).sum(),
+        cpu_pct: m(&|p| Some(p.cpu_pct().0)),
+        bench_pct: m(&|p| Some(p.cpu_pct().1)),
+        box_pct: m(&|p| Some(p.box_busy_pct)),
+        cpu_us_tx: m(&|p| {
+            let n = p.latency.map_or(0, |d| d.n);
+            (n > 0).then(|| p.odissey_cpu * 1e6 / n as f64)
+        }),
+        rss_mb: m(&|p| Some(p.rss_mb)),
+    }
+}
+
+const FLOOD_HEAD: &str =
+    "admitted tx/s | lat p50 ms | lat p99 ms | lat max ms | admitted errors | \
+     logins tried/s | refused/s | refusal p50 ms | refusal p99 ms | refusal max ms | \
+     refusals < 1 ms | not refused | other outcomes | odissey CPU % | bench CPU % | machine busy %";
+
+/// The cells after the first one(s) of a flood table row.
+fn flood_cells(a: &FloodAgg, flooded: bool) -> String {
+    let dash = |v: String| if flooded { v } else { "–".into() };
+    [
+        num(a.tps, 0),
+        num(a.lat_p50, 3),
+        num(a.lat_p99, 3),
+        num(a.lat_max, 2),
+        a.admitted_errors.to_string(),
+        num(a.logins_s, 0),
+        num(a.refused_s, 0),
+        num(a.refusal_p50, 3),
+        num(a.refusal_p99, 3),
+        num(a.refusal_max, 2),
+        a.under_1ms_pct
+            .map_or_else(|| "–".into(), |v| format!("{v:.2} %")),
+        dash(a.not_refused.to_string()),
+        dash(a.other.to_string()),
+        num(a.cpu_pct, 0),
+        num(a.bench_pct, 0),
+        num(a.box_pct, 0),
+    ]
+    .join(" | ")
+}
+
+fn of_kind(out: &flood::Outcome, flooded: bool) -> Vec<&Phase> {
+    out.phases.iter().filter(|p| p.flooded == flooded).collect()
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+/// The flood section of the markdown report.
+pub(crate) fn flood_markdown(spec: &flood::Spec, out: &flood::Outcome, pool_size: usize) -> String {
+    let mut s = String::new();
+    let c = spec.admitted;
+    let _ = writeln!(
+        s,
+        "\n## Flood: admission control under a login flood (odissey only)\n\n\
+         An odissey of its own, route `test.trust_user` in transaction pooling with \
+         pool_size {pool_size}, client_max = queue_max = {c}. {c} admitted clients log in \
+         first and stay; after a 1 s warm-up (back to back, not reported) that opens the \
+         pool's servers, each round has an unloaded phase, then a flooded one, of {} s each, \
+         in which {} more clients keep trying to log in to the same route{}, are refused \
+         (53300, client_max) and try again. Admitted clients run `SELECT 1` (simple \
+         protocol) {}. PgBouncer 1.18 has no per-route client limit (`max_client_conn` \
+         counts the whole process; `max_db_connections` and `max_user_connections` cap \
+         server connections), so this workload runs against odissey only.\n",
+        spec.duration.as_secs(),
+        spec.flooders,
+        if spec.flood_rate > 0 {
+            format!(", at most {} attempts/s in all", spec.flood_rate)
+        } else {
+            ", each again as soon as it is refused".into()
+        },
+        if spec.tx_rate > 0 {
+            format!("at {} transactions/s in all, evenly spread", spec.tx_rate)
+        } else {
+            "back to back".into()
+        },
+    );
+    let (unloaded, flooded) = (of_kind(out, false), of_kind(out, true));
+    let _ = writeln!(s, "| phase | rounds | {FLOOD_HEAD} |");
+    let _ = writeln!(s, "|---|{}", "---:|".repeat(17));
+    for (name, ps, f) in [("unloaded", &unloaded, false), ("flooded", &flooded, true)] {
+        let a = flood_agg(ps);
+        let _ = writeln!(s, "| {name} | {} | {} |", a.phases, flood_cells(&a, f));
+    }
+    let (u, f) = (flood_agg(&unloaded), flood_agg(&flooded));
+    let _ = writeln!(s);
+    match (u.lat_p99, f.lat_p99) {
+        (Some(up), Some(fp)) => {
+            let per_round: Vec<String> = flooded
+                .iter()
+                .filter_map(|fl| {
+                    let un = unloaded.iter().find(|p| p.round == fl.round)?;
+                    Some(format!("{:.2}×", fl.latency?.p99 / un.latency?.p99))
+                })
+                .collect();
+            let r = fp / up;
+            let _ = writeln!(
+                s,
+                "- Admitted clients' p99 latency, flooded / unloaded: {fp:.3} / {up:.3} ms = \
+                 **{r:.2}×** (target ≤ 2×: {}); per round: {}.",
+                verdict(r <= 2.0),
+                per_round.join(", ")
+            );
+        }
+        _ => {
+            let _ = writeln!(
+                s,
+                "- Admitted clients' p99 latency: not measured (see failures)."
+            );
+        }
+    }
+    match (f.refusal_p99, f.refusal_max, f.under_1ms_pct) {
+        (Some(p99), Some(max), Some(pct)) => {
+            let _ = writeln!(
+                s,
+                "- Refusal time, from the start of connect() to the ErrorResponse read: p99 \
+                 **{p99:.3} ms** (target < 1 ms: {}), max {max:.2} ms (medians over rounds); \
+                 {pct:.2} % of all {} refusals took under 1 ms. From the startup packet's send \
+                 instead: p99 {} ms.",
+                verdict(p99 < 1.0),
+                f.refusals,
+                num(f.refusal_startup_p99, 3)
+            );
+        }
+        _ => {
+            let _ = writeln!(s, "- Refusal time: no refusal measured (see failures).");
+        }
+    }
+    let _ = writeln!(
+        s,
+        "- Admitted-client errors: {} (must be 0); flood logins not refused: {} (must be 0); \
+         other flood outcomes (connect errors, other errors, no reply within 5 s): {}.",
+        u.admitted_errors + f.admitted_errors,
+        f.not_refused,
+        f.other
+    );
+    if let Some(text) = flooded.iter().find_map(|p| p.refusal_text.as_deref()) {
+        let _ = writeln!(s, "- The refusal: `{text}`.");
+    }
+    let _ = writeln!(
+        s,
+        "- What the flood cost: odissey CPU {} % unloaded, {} % flooded; this process (the \
+         admitted clients and the flood) {} % and {} % (100 % = one core). The machine was \
+         {} % and {} % busy (100 % = all its cores, other processes included): near 100 %, \
+         the flood measures the machine, not the pooler.",
+        num(u.cpu_pct, 0),
+        num(f.cpu_pct, 0),
+        num(u.bench_pct, 0),
+        num(f.bench_pct, 0),
+        num(u.box_pct, 0),
+        num(f.box_pct, 0)
+    );
+    let _ = writeln!(
+        s,
+        "\nLatency: per transaction, from just before the Query is written until \
+         ReadyForQuery is read, timed in the client threads of this process (so it also \
+         holds their own scheduling delays, which the flood's threads add to on a small \
+         machine). Refusal time: likewise timed by the flooder, from the start of its \
+         connect() (TCP handshake, accept, startup packet) until the ErrorResponse is read. \
+         Latency and refusal columns are medians over the rounds of each round's percentile; \
+         errors, refusals under 1 ms, not refused and other outcomes are totals. CPU %: \
+         utime + stime over the phase / its wall time (100 % = one core); machine busy %: \
+         all CPUs' non-idle time from /proc/stat over the phase (100 % = every core).\n"
+    );
+    let _ = writeln!(s, "Per round:\n");
+    let _ = writeln!(s, "| round | phase | {FLOOD_HEAD} |");
+    let _ = writeln!(s, "|---:|---|{}", "---:|".repeat(16));
+    for p in &out.phases {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} |",
+            p.round,
+            p.name(),
+            flood_cells(&flood_agg(&[p]), p.flooded)
+        );
+    }
+    if !out.errors.is_empty() {
+        let _ = writeln!(s, "\n### Flood failures\n");
+        for e in &out.errors {
+            let _ = writeln!(s, "```\n{e}\n```\n");
+        }
+    }
+    s
+}
+
+/// The flood's CSV lines (`flood-unloaded`, `flood-flooded`), in the
+/// columns of [`csv`]; what has no column goes into the note as `key=value`
+/// pairs separated by `;`.
+pub(crate) fn flood_csv(spec: &flood::Spec, out: &flood::Outcome) -> String {
+    let f = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
+    let mut s = String::new();
+    for flooded in [false, true] {
+        let ps = of_kind(out, flooded);
+        let a = flood_agg(&ps);
+        let ok = ps.iter().filter(|p| !p.broken()).count();
+        let mut note = vec![
+            format!("lat_p50_ms={}", f(a.lat_p50)),
+            format!("lat_max_ms={}", f(a.lat_max)),
+            format!("admitted_errors={}", a.admitted_errors),
+            format!("odissey_cpu_pct={}", f(a.cpu_pct)),
+            format!("bench_cpu_pct={}", f(a.bench_pct)),
+            format!("machine_busy_pct={}", f(a.box_pct)),
+        ];
+        if flooded {
+            note.extend([
+                format!("flooders={}", spec.flooders),
+                format!("logins_per_s={}", f(a.logins_s)),
+                format!("refused_per_s={}", f(a.refused_s)),
+                format!("refusal_p50_ms={}", f(a.refusal_p50)),
+                format!("refusal_p99_ms={}", f(a.refusal_p99)),
+                format!("refusal_max_ms={}", f(a.refusal_max)),
+                format!("refusals_under_1ms_pct={}", f(a.under_1ms_pct)),
+                format!("not_refused={}", a.not_refused),
+                format!("other_outcomes={}", a.other),
+            ]);
+        }
+        // The first problem of these phases, else what stopped the run
+        // before all rounds of them ran.
+        let error = match ps.iter().find_map(|p| p.problems.first()) {
+            Some(e) => Some(e),
+            None if ps.len() < spec.rounds => out.errors.last(),
+            None => None,
+        };
+        if let Some(e) = error.and_then(|e| e.lines().next()) {
+            note.push(format!("error={}", e.replace('"', "'")));
+        }
+        let _ = writeln!(
+            s,
+            "flood-{},{},odissey,{ok},{},{},{},{},{},{},,,\"{}\"",
+            if flooded { "flooded" } else { "unloaded" },
+            spec.admitted,
+            spec.rounds.saturating_sub(ok),
+            f(a.tps),
+            f(a.lat_mean),
+            f(a.lat_p99),
+            f(a.cpu_us_tx),
+            f(a.rss_mb),
+            note.join(";")
+        );
+    }
+    s
 }

@@ -1,5 +1,6 @@
 //! Just enough of the PostgreSQL v3 protocol, over plain TCP, for the idle
-//! clients, the slow large-result reader and the readiness checks.
+//! clients, the slow large-result reader, the readiness checks and the
+//! flood workload (timed queries, refused logins).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -30,8 +31,8 @@ fn startup_packet(user: &str, db: &str) -> Vec<u8> {
     packet
 }
 
-/// Text of an ErrorResponse / NoticeResponse body ("SEVERITY CODE: message").
-pub(crate) fn error_text(body: &[u8]) -> String {
+/// Severity, SQLSTATE and message of an ErrorResponse / NoticeResponse body.
+fn error_fields(body: &[u8]) -> (String, String, String) {
     let (mut sev, mut code, mut msg) = (String::new(), String::new(), String::new());
     for field in body.split(|&b| b == 0) {
         if let Some((&t, v)) = field.split_first() {
@@ -44,6 +45,12 @@ pub(crate) fn error_text(body: &[u8]) -> String {
             }
         }
     }
+    (sev, code, msg)
+}
+
+/// Text of an ErrorResponse / NoticeResponse body ("SEVERITY CODE: message").
+pub(crate) fn error_text(body: &[u8]) -> String {
+    let (sev, code, msg) = error_fields(body);
     format!("{sev} {code}: {msg}")
 }
 
@@ -202,12 +209,8 @@ pub(crate) fn slow_read(
 ) -> Result<SlowRead, String> {
     let started = Instant::now();
     let mut stream = login(port, user, db, READ_TIMEOUT)?;
-    let mut q = vec![b'Q'];
-    q.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
-    q.extend_from_slice(sql.as_bytes());
-    q.push(0);
     stream
-        .write_all(&q)
+        .write_all(&query_message(sql))
         .map_err(|e| format!("sending the query: {e}"))?;
 
     let mut buf = vec![0u8; chunk];
@@ -268,4 +271,172 @@ pub(crate) fn slow_read(
         pending.drain(..at);
         std::thread::sleep(pause);
     }
+}
+
+/// A logged-in connection that runs simple-protocol queries and times
+/// nothing itself (the caller holds the clock).
+pub(crate) struct Session {
+    stream: TcpStream,
+    /// Bytes read and not yet parsed: `buf[..filled]`.
+    buf: Vec<u8>,
+    filled: usize,
+}
+
+/// A simple-protocol Query message for `sql`.
+pub(crate) fn query_message(sql: &str) -> Vec<u8> {
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+    q.extend_from_slice(sql.as_bytes());
+    q.push(0);
+    q
+}
+
+impl Session {
+    /// Logs in; a login refused with 53300 (a limit still counting a client
+    /// that just left) is retried every 50 ms until `limit` passes.
+    pub(crate) fn login(port: u16, user: &str, db: &str, limit: Duration) -> Result<Self, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            check_interrupted()?;
+            match login(port, user, db, READ_TIMEOUT) {
+                Ok(stream) => {
+                    return Ok(Self {
+                        stream,
+                        buf: vec![0; 8192],
+                        filled: 0,
+                    })
+                }
+                Err(e) if e.contains(" 53300: ") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends `query` (from [`query_message`]) and reads the replies up to
+    /// ReadyForQuery. `Ok(Some(text))` when the server answered with an
+    /// ErrorResponse; `Err` when the connection failed (it is then unusable).
+    pub(crate) fn query(&mut self, query: &[u8]) -> Result<Option<String>, String> {
+        self.stream
+            .write_all(query)
+            .map_err(|e| format!("sending a query: {e}"))?;
+        let mut error = None;
+        loop {
+            let mut at = 0;
+            while self.filled - at >= 5 {
+                let b = &self.buf[at..self.filled];
+                let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+                if len < 4 {
+                    return Err(format!("a reply with length {len}"));
+                }
+                if b.len() < 1 + len {
+                    break;
+                }
+                match b[0] {
+                    b'E' => error = Some(error_text(&b[5..1 + len])),
+                    b'Z' => {
+                        self.buf.copy_within(at + 1 + len..self.filled, 0);
+                        self.filled -= at + 1 + len;
+                        return Ok(error);
+                    }
+                    _ => {}
+                }
+                at += 1 + len;
+            }
+            self.buf.copy_within(at..self.filled, 0);
+            self.filled -= at;
+            if self.filled == self.buf.len() {
+                self.buf.resize(2 * self.buf.len(), 0);
+            }
+            let n = self
+                .stream
+                .read(&mut self.buf[self.filled..])
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!(
+                        "no reply to a query for {} s (hung?)",
+                        READ_TIMEOUT.as_secs()
+                    ),
+                    _ => format!("reading a reply: {e}"),
+                })?;
+            if n == 0 {
+                return Err("the connection was closed during a query".into());
+            }
+            self.filled += n;
+        }
+    }
+
+    /// Sends Terminate and closes (see [`close`]).
+    pub(crate) fn close(self) {
+        close(self.stream);
+    }
+}
+
+/// How a login that should be refused ended.
+pub(crate) enum Refusal {
+    /// An ErrorResponse with SQLSTATE 53300: the time from the start of
+    /// connect() and from the send of the startup packet until it was read,
+    /// and its text.
+    Refused {
+        from_connect: Duration,
+        from_startup: Duration,
+        text: String,
+    },
+    /// The login went through (ReadyForQuery); the connection is closed.
+    Admitted,
+    /// Anything else: a failed connect, another error, the end of the
+    /// stream, no reply within the time limit.
+    Other(String),
+}
+
+/// Connects, sends a startup packet and reads the reply, expecting a
+/// refusal (53300). The connection is closed with an RST right after, so
+/// that thousands of refused logins leave no TIME_WAIT behind.
+pub(crate) fn refused_login(port: u16, user: &str, db: &str, timeout: Duration) -> Refusal {
+    let started = Instant::now();
+    let mut stream = match connect(port, timeout) {
+        Ok(s) => s,
+        Err(e) => return Refusal::Other(e),
+    };
+    let sent = Instant::now();
+    if let Err(e) = send_startup(&mut stream, user, db) {
+        return Refusal::Other(e);
+    }
+    let outcome = loop {
+        match read_message(&mut stream) {
+            Ok((b'E', body)) => {
+                let (from_connect, from_startup) = (started.elapsed(), sent.elapsed());
+                let (sev, code, msg) = error_fields(&body);
+                let text = format!("{sev} {code}: {msg}");
+                break if code == "53300" {
+                    Refusal::Refused {
+                        from_connect,
+                        from_startup,
+                        text,
+                    }
+                } else {
+                    Refusal::Other(format!("login failed with another error: {text}"))
+                };
+            }
+            Ok((b'Z', _)) => {
+                let _ = stream.write_all(&[b'X', 0, 0, 0, 4]);
+                break Refusal::Admitted;
+            }
+            Ok(_) => {} // AuthenticationOk, ParameterStatus, BackendKeyData
+            Err(e) => {
+                break Refusal::Other(match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!(
+                        "no reply to the startup packet within {} s",
+                        timeout.as_secs_f64()
+                    ),
+                    io::ErrorKind::UnexpectedEof => {
+                        "the connection was closed without an error message".into()
+                    }
+                    _ => format!("reading the reply to the startup packet: {e}"),
+                })
+            }
+        }
+    };
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    outcome
 }
