@@ -401,7 +401,7 @@ fn start_pgbouncer(
          auth_file = {userlist}\n\
          pool_mode = transaction\n\
          default_pool_size = {pool}\n\
-         max_client_conn = 20000\n\
+         max_client_conn = 30000\n\
          server_reset_query =\n\
          ignore_startup_parameters = extra_float_digits,options\n",
         userlist = userlist.display(),
@@ -514,6 +514,22 @@ fn run_one(row: &Row, target: &mut Target, ctx: &Ctx) -> Result<Sample, String> 
                 before as f64 / 1024.0,
                 held as f64 / 1024.0
             );
+            // As many connections again that send nothing, beside the idle
+            // clients (so the allocator cannot hand them memory the idle
+            // clients gave back): what a silent flood costs before
+            // auth_timeout (client_login_timeout) drops it.
+            let silent = wire::open_silent(target.port, ctx.idle, Duration::from_secs(20))?;
+            thread::sleep(Duration::from_millis(500));
+            let with_silent = procs::rss_kb(pid)?;
+            eprintln!(
+                "    {} silent connections: RSS {:.1} → {:.1} MB",
+                silent.len(),
+                held as f64 / 1024.0,
+                with_silent as f64 / 1024.0
+            );
+            for c in silent {
+                wire::close(c);
+            }
             let spec = pgbench::Spec {
                 mode: "simple",
                 select_only: true,
@@ -529,6 +545,8 @@ fn run_one(row: &Row, target: &mut Target, ctx: &Ctx) -> Result<Sample, String> 
             thread::sleep(Duration::from_millis(500));
             let mut sample = result?;
             sample.idle_bytes = Some((held as f64 - before as f64) * 1024.0 / ctx.idle as f64);
+            sample.silent_bytes =
+                Some((with_silent as f64 - held as f64) * 1024.0 / ctx.idle as f64);
             sample.rss_mb = Some(held as f64 / 1024.0);
             Ok(sample)
         }
@@ -602,6 +620,9 @@ fn summary(s: &Sample) -> String {
     }
     if let Some(v) = s.idle_bytes {
         parts.push(format!("{v:.0} B/idle client"));
+    }
+    if let Some(v) = s.silent_bytes {
+        parts.push(format!("{v:.0} B/silent connection"));
     }
     if let Some(v) = s.peak_mb {
         parts.push(format!("peak +{v:.1} MB"));

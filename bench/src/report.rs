@@ -19,6 +19,9 @@ pub(crate) struct Sample {
     pub(crate) rss_mb: Option<f64>,
     /// idle: RSS growth per idle client, bytes.
     pub(crate) idle_bytes: Option<f64>,
+    /// idle: RSS growth per connection that sent nothing yet (no startup
+    /// packet), opened beside the idle clients, bytes.
+    pub(crate) silent_bytes: Option<f64>,
     /// large result: peak RSS minus RSS before, MB.
     pub(crate) peak_mb: Option<f64>,
 }
@@ -50,6 +53,7 @@ impl Cell {
             // allocator keeps what the idle clients used, so later rounds
             // measure (almost) nothing new; the first one is the truth.
             idle_bytes: max(self.samples.iter().filter_map(|s| s.idle_bytes).collect()),
+            silent_bytes: max(self.samples.iter().filter_map(|s| s.silent_bytes).collect()),
             peak_mb: max(self.samples.iter().filter_map(|s| s.peak_mb).collect()),
         }
     }
@@ -201,6 +205,16 @@ pub(crate) fn markdown(header: &Header, rows: &[(Row, [Cell; 3])], idle_k: usize
         let (o, b) = (cells[1].median().idle_bytes, cells[2].median().idle_bytes);
         mem.push(format!(
             "| RSS per idle client ({idle_k} idle), bytes | {} | {} | {} |",
+            num(o, 0),
+            num(b, 0),
+            num(ratio(o, b), 2)
+        ));
+        let (o, b) = (
+            cells[1].median().silent_bytes,
+            cells[2].median().silent_bytes,
+        );
+        mem.push(format!(
+            "| RSS per silent connection (no startup packet; {idle_k} beside the idle clients), bytes | {} | {} | {} |",
             num(o, 0),
             num(b, 0),
             num(ratio(o, b), 2)

@@ -189,6 +189,21 @@ pub(crate) fn open_idle(
     Ok(conns)
 }
 
+/// Opens `k` connections that send nothing (a flood that never sends a
+/// startup packet; the pooler's auth_timeout drops them in the end).
+pub(crate) fn open_silent(
+    port: u16,
+    k: usize,
+    timeout: Duration,
+) -> Result<Vec<TcpStream>, String> {
+    let mut conns = Vec::with_capacity(k);
+    for i in 0..k {
+        check_interrupted()?;
+        conns.push(connect(port, timeout).map_err(|e| format!("silent connection {i}: {e}"))?);
+    }
+    Ok(conns)
+}
+
 /// What a slow read of a large result saw.
 pub(crate) struct SlowRead {
     pub(crate) bytes: u64,
