@@ -36,6 +36,7 @@ pub(crate) enum Show {
     Clients,
     Servers,
     Databases,
+    Storages,
     Config,
     Lists,
     Version,
@@ -74,6 +75,7 @@ pub(crate) fn parse(sql: &str) -> Result<Command, String> {
             "clients" => Show::Clients,
             "servers" => Show::Servers,
             "databases" => Show::Databases,
+            "storages" => Show::Storages,
             "config" => Show::Config,
             "lists" => Show::Lists,
             "version" => Show::Version,
@@ -120,6 +122,7 @@ pub(crate) fn show(out: &mut BytesMut, what: Show, ins: &Inspection, cfg: &Confi
         Show::Clients => clients(out, &ins.client_list),
         Show::Servers => servers(out, &ins.server_list),
         Show::Databases => databases(out, cfg),
+        Show::Storages => storages(out, ins),
         Show::Config => config(out, cfg),
         Show::Lists => lists(out, ins, cfg),
         Show::Version => result_set(
@@ -151,6 +154,10 @@ const HELP: &[(&str, &str)] = &[
     ("SHOW CLIENTS", "every client connection"),
     ("SHOW SERVERS", "every server connection"),
     ("SHOW DATABASES", "the routes of the config"),
+    (
+        "SHOW STORAGES",
+        "per storage: storage_max, connections, routes waiting",
+    ),
     ("SHOW CONFIG", "every setting (secrets hidden)"),
     ("SHOW LISTS", "counts of routes, pools, clients, servers"),
     ("SHOW VERSION", "odissey's version"),
@@ -485,6 +492,26 @@ fn flatten(prefix: &str, v: &toml::Value, rows: &mut Vec<Vec<String>>) {
     }
 }
 
+fn storages(out: &mut BytesMut, ins: &Inspection) {
+    let rows: Vec<Vec<String>> = ins
+        .storages
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                n(s.storage_max),
+                n(s.connections),
+                n(s.routes_waiting),
+            ]
+        })
+        .collect();
+    result_set(
+        out,
+        &["storage", "storage_max", "connections", "routes_waiting"],
+        &rows,
+    );
+}
+
 fn lists(out: &mut BytesMut, ins: &Inspection, cfg: &Config) {
     let clients = |state: &str| ins.client_list.iter().filter(|c| c.state == state).count();
     let servers = |state: &str| ins.server_list.iter().filter(|s| s.state == state).count();
@@ -647,5 +674,29 @@ mod tests {
         let (_, rows, tag) = rows_of(&mut out);
         assert_eq!(tag, "SHOW 2");
         assert!(rows.iter().any(|r| r[3].as_deref() == Some("(console)")));
+    }
+
+    #[test]
+    fn storages_list_their_connections() {
+        assert_eq!(parse("show Storages;"), Ok(Command::Show(Show::Storages)));
+        let ins = Inspection {
+            storages: vec![odissey_facade::StorageStats {
+                name: "main".into(),
+                storage_max: 3,
+                connections: 3,
+                routes_waiting: 1,
+            }],
+            ..Inspection::default()
+        };
+        let mut out = BytesMut::new();
+        show(&mut out, Show::Storages, &ins, &cfg());
+        let (columns, rows, tag) = rows_of(&mut out);
+        assert_eq!(
+            columns,
+            ["storage", "storage_max", "connections", "routes_waiting"]
+        );
+        assert_eq!(tag, "SHOW 1");
+        let want = ["main", "3", "3", "1"].map(|v| Some(v.to_string()));
+        assert_eq!(rows, vec![want.to_vec()]);
     }
 }

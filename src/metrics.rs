@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use odissey_facade::{Inspection, RouteStats};
+use odissey_facade::{Inspection, RouteStats, StorageStats};
 
 /// The Prometheus text format (version 0.0.4) of a snapshot.
 pub(crate) fn render(ins: &Inspection) -> String {
@@ -25,6 +25,33 @@ pub(crate) fn render(ins: &Inspection) -> String {
             out,
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
         );
+    }
+    for (name, help, value) in [
+        (
+            "odissey_storage_connections",
+            "Server connections of a storage, all its pools.",
+            (|s| s.connections) as fn(&StorageStats) -> usize,
+        ),
+        (
+            "odissey_storage_max",
+            "The storage's storage_max (0 = unlimited).",
+            |s| s.storage_max,
+        ),
+        (
+            "odissey_storage_routes_waiting",
+            "Routes waiting for a connection of the full storage.",
+            |s| s.routes_waiting,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for s in &ins.storages {
+            let _ = writeln!(
+                out,
+                "{name}{{storage=\"{}\"}} {}",
+                escape(&s.name),
+                value(s)
+            );
+        }
     }
     type Value = fn(&RouteStats) -> String;
     let per_pool: &[(&str, &str, &str, Value)] = &[
@@ -314,8 +341,22 @@ mod tests {
         let text = render(&Inspection {
             workers: 2,
             routes: vec![route()],
+            storages: vec![StorageStats {
+                name: "main".into(),
+                storage_max: 3,
+                connections: 2,
+                routes_waiting: 0,
+            }],
             ..Inspection::default()
         });
+        assert!(
+            text.contains("odissey_storage_connections{storage=\"main\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("odissey_storage_max{storage=\"main\"} 3"),
+            "{text}"
+        );
         // Every sample belongs to a family announced before it.
         let mut families = std::collections::HashSet::new();
         for line in text.lines() {

@@ -738,6 +738,22 @@ impl Router {
         self.pools.get(key).map(|p| Arc::clone(&p.route))
     }
 
+    /// The storages' books, for inspect.
+    pub(crate) fn storage_stats(&self) -> Vec<odissey_facade::StorageStats> {
+        let mut v: Vec<_> = self
+            .storages
+            .iter()
+            .map(|(name, b)| odissey_facade::StorageStats {
+                name: name.to_string(),
+                storage_max: b.max,
+                connections: b.total,
+                routes_waiting: b.starved.len(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
     /// Snapshot for inspect.
     pub(crate) fn stats(&self) -> Vec<odissey_facade::RouteStats> {
         let mut v: Vec<_> = self

@@ -344,6 +344,7 @@ impl System {
         let mut i = Inspection {
             clients: self.clients.load(std::sync::atomic::Ordering::Relaxed),
             routes: self.router.stats(),
+            storages: self.router.storage_stats(),
             ..Inspection::default()
         };
         if let Some(run) = &self.running {

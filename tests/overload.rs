@@ -62,6 +62,14 @@ fn storage_max_is_shared_between_routes() {
             before >= 50,
             "the flood did not get going: {before} queries"
         );
+        // The flood holds the whole storage.
+        let full = h.inspect().expect("inspect").storages;
+        assert_eq!(full.len(), 1, "{full:?}");
+        assert_eq!(
+            (full[0].storage_max, full[0].connections),
+            (3, 3),
+            "{full:?}"
+        );
         // The quiet route logs in and runs queries while the flood goes
         // on; a starved request would end in pool_timeout's error.
         let t = Instant::now();
@@ -91,6 +99,10 @@ fn storage_max_is_shared_between_routes() {
         "storage_max = 3, yet the pooler held {} servers",
         monitor.max_servers()
     );
+    // Nobody waits on the storage any more.
+    let storages = h.inspect().expect("inspect").storages;
+    assert_eq!(storages[0].routes_waiting, 0, "{storages:?}");
+    assert!(storages[0].connections <= 3, "{storages:?}");
     // With the flood gone the quiet route may use the whole storage.
     let mut clients: Vec<_> = (0..3)
         .map(|_| connect(port, "test", TRUST_USER, None))

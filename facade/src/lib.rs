@@ -116,6 +116,21 @@ pub struct Inspection {
     pub client_list: Vec<ClientInfo>,
     /// Every server connection, on every worker.
     pub server_list: Vec<ServerInfo>,
+    /// One entry per `[storage.<name>]` that pools have used.
+    pub storages: Vec<StorageStats>,
+}
+
+/// The server connections of one storage, all its pools together.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StorageStats {
+    /// The `[storage.<name>]` name.
+    pub name: String,
+    /// Its `storage_max` (0 = no limit).
+    pub storage_max: usize,
+    /// Connections counted against it: opening, idle and busy.
+    pub connections: usize,
+    /// Routes waiting for one of its connections (it is full).
+    pub routes_waiting: usize,
 }
 
 /// One client connection.
