@@ -207,16 +207,7 @@ impl Raw {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(lost)?;
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(lost)?;
         stream.set_nodelay(true).map_err(lost)?;
-        let mut body = 196_608u32.to_be_bytes().to_vec();
-        for (k, v) in [("user", TRUST_USER), ("database", "test")] {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        msg.extend_from_slice(&body);
+        let msg = startup_packet(&[("user", TRUST_USER), ("database", "test")]);
         stream.write_all(&msg).map_err(lost)?;
         let mut raw = Self { stream };
         loop {

@@ -764,17 +764,7 @@ impl TlsSession {
 }
 
 fn startup_message(user: &str, db: &str) -> Vec<u8> {
-    let mut body = 196_608u32.to_be_bytes().to_vec(); // 3.0
-    for (k, v) in [("user", user), ("database", db)] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    msg.extend_from_slice(&body);
-    msg
+    startup_packet(&[("user", user), ("database", db)])
 }
 
 /// One backend message: (tag, body).

@@ -633,18 +633,9 @@ impl RawClient {
     }
 
     pub(crate) fn send_startup(&mut self, params: &[(&str, &str)]) {
-        let mut body = Vec::new();
-        body.extend_from_slice(&196_608u32.to_be_bytes()); // 3.0
-        for (k, v) in params {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        msg.extend_from_slice(&body);
-        self.stream.write_all(&msg).expect("write startup");
+        self.stream
+            .write_all(&startup_packet(params))
+            .expect("write startup");
     }
 
     /// Reads the login exchange up to ReadyForQuery.
@@ -791,6 +782,21 @@ pub(crate) fn read_until_closed(
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*).
+/// A protocol 3.0 StartupMessage with these parameters.
+pub(crate) fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = 196_608u32.to_be_bytes().to_vec(); // 3.0
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&body);
+    msg
+}
+
 pub(crate) fn pseudo_random_bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     let mut out = Vec::with_capacity(n);
