@@ -10,6 +10,8 @@ pub mod backend;
 pub mod codec;
 pub mod error;
 pub mod frontend;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod md5;
 pub mod scram;
 
