@@ -529,7 +529,21 @@ fn check_backend_frame(frame: &Frame) {
         };
         if let Some(again) = again {
             assert_eq!(&again[..], &bytes[..], "builder for {msg:?}");
+            // What the builders make, the relay's per-type check lets by.
+            let len = u32::try_from(body.len() + 4).expect("bounded by the frame limit");
+            assert!(
+                backend::check_header(frame.tag, len).is_ok(),
+                "check_header refuses a well-formed {msg:?}"
+            );
         }
+    }
+    // The per-type check never panics, and refuses what it must.
+    let len = u32::try_from(body.len() + 4).expect("bounded by the frame limit");
+    if let Ok(()) = backend::check_header(frame.tag, len) {
+        assert!(
+            frame.tag != b'Z' || body.len() == 1,
+            "ReadyForQuery of {len}"
+        );
     }
     // The body helpers, on every body: they see whatever a server relays.
     if let Ok(fields) = backend::parse_error_fields(body) {
