@@ -1,11 +1,12 @@
-//! The flood workload (odissey only): admission control under a login
-//! flood. A route whose `client_max` is C admits C clients, which run
+//! The flood workload: admission control under a login flood, against
+//! odissey and then, for reference, PgBouncer. A route whose `client_max`
+//! is C (PgBouncer: `max_client_conn`) admits C clients, which run
 //! `SELECT 1` (simple protocol) and time each transaction. After a warm-up
 //! that opens the pool's servers, each round has two phases of
-//! `--duration`: unloaded, then flooded, where F more clients
-//! keep trying to log in to the same route, are refused with 53300 and try
-//! again. Per phase: the admitted clients' latency, the time of each
-//! refusal, and the CPU of odissey and of this process (the clients).
+//! `--duration`: unloaded, then flooded, where F more clients keep trying
+//! to log in, are refused and try again. Per phase: the admitted clients'
+//! latency, the time of each refusal, and the CPU of the pooler and of
+//! this process (the clients).
 
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::pgbench::{DB, USER};
 use crate::procs::{self, check_interrupted};
 use crate::wire::{self, Refusal, Session};
-use crate::Target;
+use crate::{Kind, Target};
 
 /// What the admitted clients run.
 const SQL: &str = "SELECT 1";
@@ -189,6 +190,15 @@ pub(crate) struct Outcome {
     pub(crate) errors: Vec<String>,
 }
 
+/// The SQLSTATEs a pooler refuses a login beyond its limit with.
+fn refusal_codes(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        // "no more connections allowed (max_client_conn)".
+        Kind::PgBouncer => &["53300", "08P01"],
+        _ => &["53300"],
+    }
+}
+
 /// Logs in the admitted clients, then runs the rounds: unloaded, flooded,
 /// unloaded, flooded... against odissey at `target`, whose route for
 /// trust_user@test has `client_max` = `spec.admitted`.
@@ -305,6 +315,7 @@ fn phase(
 ) -> Result<(Phase, Vec<Session>), String> {
     let pid = target.pid()?.ok_or("flood: the target is not a pooler")?;
     let port = target.port;
+    let codes = refusal_codes(target.kind);
     let start = Instant::now() + LEAD;
     let end = start + duration;
     let mut p = Phase {
@@ -332,7 +343,7 @@ fn phase(
         for i in 0..f {
             let offset = period.map_or(Duration::ZERO, |pe| pe.mul_f64(i as f64 / f as f64));
             flood.push(spawn(format!("flood-{i}"), move || {
-                flooder(port, start + offset, end, period)
+                flooder(port, codes, start + offset, end, period)
             })?);
         }
     }
@@ -457,7 +468,13 @@ struct FloodRun {
 
 /// Tries to log in from `start` until `end`, again as soon as refused, or
 /// at most one attempt every `period`.
-fn flooder(port: u16, start: Instant, end: Instant, period: Option<Duration>) -> FloodRun {
+fn flooder(
+    port: u16,
+    codes: &'static [&'static str],
+    start: Instant,
+    end: Instant,
+    period: Option<Duration>,
+) -> FloodRun {
     let mut r = FloodRun::default();
     let mut next = start;
     loop {
@@ -466,7 +483,7 @@ fn flooder(port: u16, start: Instant, end: Instant, period: Option<Duration>) ->
             break;
         }
         r.attempts += 1;
-        match wire::refused_login(port, USER, DB, ATTEMPT_TIMEOUT) {
+        match wire::refused_login(port, USER, DB, ATTEMPT_TIMEOUT, codes) {
             Refusal::Refused {
                 from_connect,
                 from_startup,

@@ -384,6 +384,7 @@ fn start_pgbouncer(
     pg_port: u16,
     o: &Options,
     prepared: bool,
+    max_client_conn: usize,
 ) -> Result<Target, String> {
     let port = free_port()?;
     let userlist = dir.join("userlist.txt");
@@ -401,7 +402,7 @@ fn start_pgbouncer(
          auth_file = {userlist}\n\
          pool_mode = transaction\n\
          default_pool_size = {pool}\n\
-         max_client_conn = 30000\n\
+         max_client_conn = {max_client_conn}\n\
          server_reset_query =\n\
          ignore_startup_parameters = extra_float_digits,options\n",
         userlist = userlist.display(),
@@ -779,7 +780,7 @@ fn real_main() -> Result<ExitCode, String> {
                     "flood: an odissey of its own, route client_max = queue_max = {} (global \
                      client_max unset), pool size {}; {} admitted clients run SELECT 1 at {}; \
                      {} flood clients try to log in at {}; rounds of an unloaded and a flooded \
-                     phase of {} s each",
+                     phase of {} s each; then the same against a PgBouncer with max_client_conn = C",
                     f.admitted,
                     o.pool_size,
                     f.admitted,
@@ -872,6 +873,7 @@ fn real_main() -> Result<ExitCode, String> {
                     cluster.port(),
                     &o,
                     pgbouncer_prepared,
+                    30_000,
                 )?));
             }
             None => targets.push(None),
@@ -963,7 +965,41 @@ fn real_main() -> Result<ExitCode, String> {
                 },
             };
             check_interrupted()?;
-            Some((spec, outcome))
+            // The same flood against PgBouncer, whose only client limit is
+            // the whole process's max_client_conn: with one database and
+            // user here, it admits the same clients.
+            let bouncer = match &pgbouncer {
+                Some(bin) => {
+                    eprintln!(
+                        "starting PgBouncer for the flood (max_client_conn = {})...",
+                        spec.admitted
+                    );
+                    let dir = scratch.path().join("pgbouncer-flood");
+                    let started = fs::create_dir_all(&dir)
+                        .map_err(|e| format!("cannot create {}: {e}", dir.display()))
+                        .and_then(|()| {
+                            start_pgbouncer(
+                                bin,
+                                &dir,
+                                cluster.port(),
+                                &o,
+                                pgbouncer_prepared,
+                                spec.admitted,
+                            )
+                        });
+                    let outcome = match started {
+                        Ok(mut target) => flood::run(&mut target, spec),
+                        Err(e) => flood::Outcome {
+                            errors: vec![e],
+                            ..flood::Outcome::default()
+                        },
+                    };
+                    check_interrupted()?;
+                    Some(outcome)
+                }
+                None => None,
+            };
+            Some((spec, outcome, bouncer))
         }
         None => None,
     };
@@ -971,9 +1007,24 @@ fn real_main() -> Result<ExitCode, String> {
 
     let mut md = report::markdown(&header, &results, o.idle);
     let mut csv = report::csv(&results);
-    if let Some((spec, outcome)) = &flood {
-        md.push_str(&report::flood_markdown(spec, outcome, o.pool_size));
-        csv.push_str(&report::flood_csv(spec, outcome));
+    if let Some((spec, outcome, bouncer)) = &flood {
+        md.push_str(&report::flood_markdown(
+            spec,
+            outcome,
+            o.pool_size,
+            Kind::Odissey,
+        ));
+        csv.push_str(&report::flood_csv(spec, outcome, Kind::Odissey));
+        if let Some(b) = bouncer {
+            md.push_str(&report::flood_markdown(
+                spec,
+                b,
+                o.pool_size,
+                Kind::PgBouncer,
+            ));
+            md.push_str(&report::flood_compare(outcome, b));
+            csv.push_str(&report::flood_csv(spec, b, Kind::PgBouncer));
+        }
     }
     println!("{md}");
     let out_dir = o.out.clone().unwrap_or_else(|| {
@@ -996,7 +1047,8 @@ fn real_main() -> Result<ExitCode, String> {
     let failed = results
         .iter()
         .any(|(_, cells)| cells.iter().any(Cell::failed))
-        || flood.is_some_and(|(_, outcome)| !outcome.errors.is_empty());
+        // (PgBouncer's flood run is a reference: only odissey's fails it.)
+        || flood.is_some_and(|(_, outcome, _)| !outcome.errors.is_empty());
     if failed {
         eprintln!("odissey-bench: some runs failed (see Failures in the report)");
         Ok(ExitCode::from(1))

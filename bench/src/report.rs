@@ -434,7 +434,7 @@ fn flood_agg(ps: &[&Phase]) -> FloodAgg {
 const FLOOD_HEAD: &str =
     "admitted tx/s | lat p50 ms | lat p99 ms | lat max ms | admitted errors | \
      logins tried/s | refused/s | refusal p50 ms | refusal p99 ms | refusal max ms | \
-     refusals < 1 ms | not refused | other outcomes | odissey CPU % | bench CPU % | machine busy %";
+     refusals < 1 ms | not refused | other outcomes | pooler CPU % | bench CPU % | machine busy %";
 
 /// The cells after the first one(s) of a flood table row.
 fn flood_cells(a: &FloodAgg, flooded: bool) -> String {
@@ -474,21 +474,42 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 /// The flood section of the markdown report.
-pub(crate) fn flood_markdown(spec: &flood::Spec, out: &flood::Outcome, pool_size: usize) -> String {
+pub(crate) fn flood_markdown(
+    spec: &flood::Spec,
+    out: &flood::Outcome,
+    pool_size: usize,
+    kind: Kind,
+) -> String {
     let mut s = String::new();
     let c = spec.admitted;
+    let (title, setup, refused) = match kind {
+        Kind::PgBouncer => (
+            "PgBouncer",
+            format!(
+                "A PgBouncer of its own, transaction pooling with default_pool_size \
+                 {pool_size} and max_client_conn = {c}: PgBouncer has no per-route client \
+                 limit, but with one database and user here its process-wide limit admits \
+                 the same {c} clients."
+            ),
+            "refused (max_client_conn)",
+        ),
+        _ => (
+            "odissey",
+            format!(
+                "An odissey of its own, route `test.trust_user` in transaction pooling with \
+                 pool_size {pool_size}, client_max = queue_max = {c}."
+            ),
+            "refused (53300, client_max)",
+        ),
+    };
     let _ = writeln!(
         s,
-        "\n## Flood: admission control under a login flood (odissey only)\n\n\
-         An odissey of its own, route `test.trust_user` in transaction pooling with \
-         pool_size {pool_size}, client_max = queue_max = {c}. {c} admitted clients log in \
+        "\n## Flood: admission control under a login flood ({title})\n\n\
+         {setup} {c} admitted clients log in \
          first and stay; after a 1 s warm-up (back to back, not reported) that opens the \
          pool's servers, each round has an unloaded phase, then a flooded one, of {} s each, \
-         in which {} more clients keep trying to log in to the same route{}, are refused \
-         (53300, client_max) and try again. Admitted clients run `SELECT 1` (simple \
-         protocol) {}. PgBouncer 1.18 has no per-route client limit (`max_client_conn` \
-         counts the whole process; `max_db_connections` and `max_user_connections` cap \
-         server connections), so this workload runs against odissey only.\n",
+         in which {} more clients keep trying to log in{}, are {refused} and try again. \
+         Admitted clients run `SELECT 1` (simple protocol) {}.\n",
         spec.duration.as_secs(),
         spec.flooders,
         if spec.flood_rate > 0 {
@@ -566,7 +587,7 @@ pub(crate) fn flood_markdown(spec: &flood::Spec, out: &flood::Outcome, pool_size
     }
     let _ = writeln!(
         s,
-        "- What the flood cost: odissey CPU {} % unloaded, {} % flooded; this process (the \
+        "- What the flood cost: {title} CPU {} % unloaded, {} % flooded; this process (the \
          admitted clients and the flood) {} % and {} % (100 % = one core). The machine was \
          {} % and {} % busy (100 % = all its cores, other processes included): near 100 %, \
          the flood measures the machine, not the pooler.",
@@ -610,10 +631,46 @@ pub(crate) fn flood_markdown(spec: &flood::Spec, out: &flood::Outcome, pool_size
     s
 }
 
+/// odissey against PgBouncer under the same flood, as ratios.
+pub(crate) fn flood_compare(odissey: &flood::Outcome, bouncer: &flood::Outcome) -> String {
+    let (o, b) = (
+        flood_agg(&of_kind(odissey, true)),
+        flood_agg(&of_kind(bouncer, true)),
+    );
+    let (ou, bu) = (
+        flood_agg(&of_kind(odissey, false)),
+        flood_agg(&of_kind(bouncer, false)),
+    );
+    let growth = |f: Option<f64>, u: Option<f64>| Some(f? / u?);
+    format!(
+        "\n### Flood: odissey against PgBouncer\n\n\
+         | flooded phase | odissey | PgBouncer | o/B |\n|---|---:|---:|---:|\n\
+         | admitted p99 ms | {} | {} | {} |\n\
+         | admitted p99, flooded / unloaded | {} | {} | |\n\
+         | refusal p99 ms | {} | {} | {} |\n\
+         | refused logins/s | {} | {} | {} |\n\
+         | pooler CPU % | {} | {} | {} |\n",
+        num(o.lat_p99, 3),
+        num(b.lat_p99, 3),
+        num(ratio(o.lat_p99, b.lat_p99), 2),
+        num(growth(o.lat_p99, ou.lat_p99), 2),
+        num(growth(b.lat_p99, bu.lat_p99), 2),
+        num(o.refusal_p99, 3),
+        num(b.refusal_p99, 3),
+        num(ratio(o.refusal_p99, b.refusal_p99), 2),
+        num(o.refused_s, 0),
+        num(b.refused_s, 0),
+        num(ratio(o.refused_s, b.refused_s), 2),
+        num(o.cpu_pct, 0),
+        num(b.cpu_pct, 0),
+        num(ratio(o.cpu_pct, b.cpu_pct), 2),
+    )
+}
+
 /// The flood's CSV lines (`flood-unloaded`, `flood-flooded`), in the
 /// columns of [`csv`]; what has no column goes into the note as `key=value`
 /// pairs separated by `;`.
-pub(crate) fn flood_csv(spec: &flood::Spec, out: &flood::Outcome) -> String {
+pub(crate) fn flood_csv(spec: &flood::Spec, out: &flood::Outcome, kind: Kind) -> String {
     let f = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
     let mut s = String::new();
     for flooded in [false, true] {
@@ -624,7 +681,7 @@ pub(crate) fn flood_csv(spec: &flood::Spec, out: &flood::Outcome) -> String {
             format!("lat_p50_ms={}", f(a.lat_p50)),
             format!("lat_max_ms={}", f(a.lat_max)),
             format!("admitted_errors={}", a.admitted_errors),
-            format!("odissey_cpu_pct={}", f(a.cpu_pct)),
+            format!("pooler_cpu_pct={}", f(a.cpu_pct)),
             format!("bench_cpu_pct={}", f(a.bench_pct)),
             format!("machine_busy_pct={}", f(a.box_pct)),
         ];
@@ -653,9 +710,10 @@ pub(crate) fn flood_csv(spec: &flood::Spec, out: &flood::Outcome) -> String {
         }
         let _ = writeln!(
             s,
-            "flood-{},{},odissey,{ok},{},{},{},{},{},{},,,\"{}\"",
+            "flood-{},{},{},{ok},{},{},{},{},{},{},,,\"{}\"",
             if flooded { "flooded" } else { "unloaded" },
             spec.admitted,
+            kind.label(),
             spec.rounds.saturating_sub(ok),
             f(a.tps),
             f(a.lat_mean),

@@ -405,9 +405,17 @@ pub(crate) enum Refusal {
 }
 
 /// Connects, sends a startup packet and reads the reply, expecting a
-/// refusal (53300). The connection is closed with an RST right after, so
-/// that thousands of refused logins leave no TIME_WAIT behind.
-pub(crate) fn refused_login(port: u16, user: &str, db: &str, timeout: Duration) -> Refusal {
+/// refusal: an ErrorResponse with one of `codes` (53300 from odissey;
+/// PgBouncer says 08P01 for max_client_conn). The connection is closed
+/// with an RST right after, so that thousands of refused logins leave no
+/// TIME_WAIT behind.
+pub(crate) fn refused_login(
+    port: u16,
+    user: &str,
+    db: &str,
+    timeout: Duration,
+    codes: &[&str],
+) -> Refusal {
     let started = Instant::now();
     let mut stream = match connect(port, timeout) {
         Ok(s) => s,
@@ -423,7 +431,7 @@ pub(crate) fn refused_login(port: u16, user: &str, db: &str, timeout: Duration) 
                 let (from_connect, from_startup) = (started.elapsed(), sent.elapsed());
                 let (sev, code, msg) = error_fields(&body);
                 let text = format!("{sev} {code}: {msg}");
-                break if code == "53300" {
+                break if codes.contains(&code.as_str()) {
                     Refusal::Refused {
                         from_connect,
                         from_startup,
