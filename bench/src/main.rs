@@ -519,7 +519,10 @@ fn run_one(row: &Row, target: &mut Target, ctx: &Ctx) -> Result<Sample, String> 
             // clients (so the allocator cannot hand them memory the idle
             // clients gave back): what a silent flood costs before
             // auth_timeout (client_login_timeout) drops it.
-            let silent = wire::open_silent(target.port, ctx.idle, Duration::from_secs(20))?;
+            // (Half as many: the descriptors of both sets must fit this
+            // process's limit.)
+            let silent_k = (ctx.idle / 2).max(1);
+            let silent = wire::open_silent(target.port, silent_k, Duration::from_secs(20))?;
             thread::sleep(Duration::from_millis(500));
             let with_silent = procs::rss_kb(pid)?;
             eprintln!(
@@ -547,7 +550,7 @@ fn run_one(row: &Row, target: &mut Target, ctx: &Ctx) -> Result<Sample, String> 
             let mut sample = result?;
             sample.idle_bytes = Some((held as f64 - before as f64) * 1024.0 / ctx.idle as f64);
             sample.silent_bytes =
-                Some((with_silent as f64 - held as f64) * 1024.0 / ctx.idle as f64);
+                Some((with_silent as f64 - held as f64) * 1024.0 / silent_k as f64);
             sample.rss_mb = Some(held as f64 / 1024.0);
             Ok(sample)
         }

@@ -214,7 +214,8 @@ pub(crate) fn markdown(header: &Header, rows: &[(Row, [Cell; 3])], idle_k: usize
             cells[2].median().silent_bytes,
         );
         mem.push(format!(
-            "| RSS per silent connection (no startup packet; {idle_k} beside the idle clients), bytes | {} | {} | {} |",
+            "| RSS per silent connection (no startup packet; {} beside the idle clients), bytes | {} | {} | {} |",
+            (idle_k / 2).max(1),
             num(o, 0),
             num(b, 0),
             num(ratio(o, b), 2)
