@@ -202,6 +202,10 @@ pub(crate) struct Shared {
     /// waits its turn behind the clients already in.
     accept_later: Vec<usize>,
     accept_next: Vec<usize>,
+    /// Clients still logging in that had an event in this batch: driven
+    /// after the batch, so the clients already in go first (a login flood
+    /// does not delay them by its own work).
+    logins_later: Vec<Key>,
     draining: bool,
     sweep_set: bool,
 }
@@ -261,6 +265,7 @@ impl Worker {
                 again: Vec::new(),
                 accept_later: Vec::new(),
                 accept_next: Vec::new(),
+                logins_later: Vec::new(),
                 draining: false,
                 sweep_set: false,
             },
@@ -498,7 +503,11 @@ impl Worker {
         match self.conns.get_mut(key) {
             Some(Conn::Client(c)) => {
                 c.io.on_ready(ready);
-                self.drive_client(cx, key);
+                if matches!(c.state, ClientState::Login(_)) {
+                    self.w.logins_later.push(key);
+                } else {
+                    self.drive_client(cx, key);
+                }
             }
             Some(Conn::Server(s)) => {
                 s.io.on_ready(ready);
@@ -762,6 +771,16 @@ impl Worker {
     }
 
     fn on_after_batch(&mut self, cx: &mut Context<'_, WorkerTimer>) {
+        for k in std::mem::take(&mut self.w.logins_later) {
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if matches!(self.conns.get(k), Some(Conn::Client(_))) {
+                    self.drive_client(cx, k);
+                }
+            }));
+            if ran.is_err() {
+                self.contain_panic(cx, k);
+            }
+        }
         // Listeners left with connections in the previous turn; this
         // turn's leftovers wait for the next (the batch in between serves
         // the connections already in).
