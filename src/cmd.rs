@@ -60,6 +60,8 @@ pub(crate) enum SysCmd {
     },
     /// No transaction of PAUSE `id`'s scope runs on this worker any more.
     Paused { id: u64 },
+    /// A worker applied the config of reload `id` (`WorkerCmd::Configure`).
+    Configured { id: u64 },
     /// A worker's part of gathering `id` (see `WorkerCmd::Snapshot`).
     Snapshot {
         id: u64,
@@ -112,6 +114,8 @@ pub(crate) enum WorkerCmd {
     Configure {
         cfg: Arc<Config>,
         tls: Arc<crate::tls::TlsSet>,
+        /// Acknowledged with `SysCmd::Configured`.
+        id: u64,
     },
     /// A CancelRequest with this key arrived on another worker: cancel
     /// what runs for the client it names, if it lives here.

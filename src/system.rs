@@ -33,6 +33,8 @@ use crate::worker::Worker;
 pub(crate) enum SysTimer {
     /// Workers had their grace period and a bit more: stop regardless.
     ShutdownDeadline,
+    /// A reload's workers took too long to apply it: answer anyway.
+    Reloaded(u64),
     /// A gathering of connection lists waited long enough for workers
     /// (one stopped, or is stuck): answer with what came.
     Gather(u64),
@@ -131,6 +133,10 @@ pub(crate) struct System {
     /// PAUSE commands waiting for workers: id → (workers left, the
     /// console client's worker and key).
     pauses: HashMap<u64, (usize, WorkerId, Key)>,
+    /// Facade reloads waiting for every worker to apply the new config:
+    /// id → (workers left, the call, its answer). A login that starts
+    /// after `reload` returns sees the new config on any worker.
+    reloads: HashMap<u64, (usize, Call, Reply)>,
     metrics: Option<MetricsServer>,
     /// The totals of the last `stats_interval` summary, and when.
     stats_prev: HashMap<(String, String), metrics::Totals>,
@@ -147,6 +153,7 @@ impl System {
             router: Router::new(Arc::new(Registry::new(1))),
             clients: Arc::new(AtomicUsize::new(0)),
             gathers: HashMap::new(),
+            reloads: HashMap::new(),
             pauses: HashMap::new(),
             metrics: None,
             stats_prev: HashMap::new(),
@@ -277,7 +284,19 @@ impl System {
     }
 
     /// Applies a new config; the notes say what needs a restart.
-    fn reload(&mut self, source: Option<ConfigSource>) -> Result<Vec<String>, Error> {
+    /// Applies a new config (see `apply_config`); returns the notes and
+    /// the id the workers acknowledge it with.
+    fn reload(&mut self, source: Option<ConfigSource>) -> Result<(Vec<String>, u64), Error> {
+        let id = self.next_gather;
+        self.next_gather += 1;
+        self.apply_config(source, id).map(|notes| (notes, id))
+    }
+
+    fn apply_config(
+        &mut self,
+        source: Option<ConfigSource>,
+        id: u64,
+    ) -> Result<Vec<String>, Error> {
         let Some(run) = &mut self.running else {
             return Err(Error::NotStarted);
         };
@@ -326,6 +345,7 @@ impl System {
             let _ = w.send(WorkerCmd::Configure {
                 cfg: Arc::clone(&cfg),
                 tls: Arc::clone(&run.tls),
+                id,
             });
         }
         let actions = self.router.configure(&cfg);
@@ -666,7 +686,7 @@ impl System {
                 }
             }
             Command::Reload => match self.reload(None) {
-                Ok(notes) => {
+                Ok((notes, _)) => {
                     self.rearm_stats(cx);
                     for n in notes {
                         backend::notice_response(&mut out, "WARNING", "01000", &n);
@@ -843,17 +863,24 @@ impl Handler for System {
                     call.answer(reply);
                 }
                 Request::Reload(source) => {
-                    let reply = match self.reload(source) {
-                        Ok(notes) => {
+                    match self.reload(source) {
+                        Ok((notes, id)) => {
                             self.rearm_stats(cx);
-                            Reply::Reloaded { notes }
+                            // Answered once every worker has applied it.
+                            let workers = self.running.as_ref().map_or(0, |r| r.workers.len());
+                            let reply = Reply::Reloaded { notes };
+                            if workers == 0 {
+                                call.answer(reply);
+                            } else {
+                                cx.set_timer(cx.now() + GATHER_TIMEOUT, SysTimer::Reloaded(id));
+                                self.reloads.insert(id, (workers, call, reply));
+                            }
                         }
                         Err(e) => {
                             warn!("reload refused: {e}");
-                            Reply::Failed(e)
+                            call.answer(Reply::Failed(e));
                         }
-                    };
-                    call.answer(reply);
+                    }
                 }
                 Request::Inspect => self.gather(cx, Purpose::Inspect(call)),
                 Request::Shutdown { grace } => self.shutdown(cx, Some(call), grace),
@@ -926,6 +953,16 @@ impl Handler for System {
                     self.complete_gather(cx, id);
                 }
             }
+            SysCmd::Configured { id } => {
+                if let Some((left, _, _)) = self.reloads.get_mut(&id) {
+                    *left = left.saturating_sub(1);
+                    if *left == 0 {
+                        if let Some((_, call, reply)) = self.reloads.remove(&id) {
+                            call.answer(reply);
+                        }
+                    }
+                }
+            }
             SysCmd::Paused { id } => {
                 if let Some((left, worker, client)) = self.pauses.get_mut(&id) {
                     *left = left.saturating_sub(1);
@@ -970,6 +1007,12 @@ impl Handler for System {
             SysTimer::Stats => {
                 self.stats_timer = None;
                 self.gather(cx, Purpose::Log);
+            }
+            SysTimer::Reloaded(id) => {
+                if let Some((left, call, reply)) = self.reloads.remove(&id) {
+                    warn!("{left} worker(s) did not confirm the reload in time");
+                    call.answer(reply);
+                }
             }
             SysTimer::Gather(id) => {
                 if let Some(g) = self.gathers.get_mut(&id) {

@@ -593,10 +593,11 @@ impl Worker {
                     }
                 }
             }
-            WorkerCmd::Configure { cfg, tls } => {
+            WorkerCmd::Configure { cfg, tls, id } => {
                 self.w.cfg = cfg;
                 self.w.tls = tls;
                 self.w.routes.clear();
+                self.w.send(SysCmd::Configured { id });
             }
             WorkerCmd::Cancel { pid, key } => {
                 self.cancel_for(cx, pid, key);
@@ -771,6 +772,8 @@ impl Worker {
     }
 
     fn on_after_batch(&mut self, cx: &mut Context<'_, WorkerTimer>) {
+        // (Connections driven here run under the same supervision as in
+        // `ready`.)
         for k in std::mem::take(&mut self.w.logins_later) {
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 if matches!(self.conns.get(k), Some(Conn::Client(_))) {
@@ -792,11 +795,16 @@ impl Worker {
             cx.again();
         }
         for k in std::mem::take(&mut self.w.again) {
-            match self.conns.get(k) {
-                Some(Conn::Client(_)) => self.drive_client(cx, k),
-                Some(Conn::Server(_)) => self.drive_server(cx, k),
-                Some(Conn::Probe(_)) => self.drive_probe(cx, k),
-                _ => {}
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match self.conns.get(k) {
+                    Some(Conn::Client(_)) => self.drive_client(cx, k),
+                    Some(Conn::Server(_)) => self.drive_server(cx, k),
+                    Some(Conn::Probe(_)) => self.drive_probe(cx, k),
+                    _ => {}
+                }
+            }));
+            if ran.is_err() {
+                self.contain_panic(cx, k);
             }
         }
         for k in self.w.dead.drain(..) {
