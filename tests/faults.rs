@@ -146,11 +146,11 @@ fn a_frozen_server_brings_clear_errors_not_a_hang() {
         .args(["-P", &postmaster])
         .output()
         .expect("pgrep");
-    let mut pids = vec![postmaster];
+    let mut pids: Vec<u32> = vec![postmaster.parse().expect("postmaster pid")];
     pids.extend(
         String::from_utf8_lossy(&children.stdout)
             .split_whitespace()
-            .map(str::to_string),
+            .map(|p| p.parse::<u32>().expect("pgrep prints pids")),
     );
     let frozen = Frozen::new(pids);
 
@@ -215,25 +215,22 @@ fn a_frozen_server_brings_clear_errors_not_a_hang() {
 
 /// Processes held with SIGSTOP, sent SIGCONT when dropped (also when the
 /// test fails).
-struct Frozen(Vec<String>);
+struct Frozen(Vec<u32>);
 
 impl Frozen {
-    fn new(pids: Vec<String>) -> Self {
-        let st = std::process::Command::new("kill")
-            .arg("-STOP")
-            .args(&pids)
-            .status()
-            .expect("kill -STOP");
-        assert!(st.success());
-        Self(pids)
+    fn new(pids: Vec<u32>) -> Self {
+        let frozen = Self(pids);
+        for &pid in &frozen.0 {
+            signal(pid, "STOP");
+        }
+        frozen
     }
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .arg("-CONT")
-            .args(&self.0)
-            .status();
+        for &pid in &self.0 {
+            try_signal(pid, "CONT");
+        }
     }
 }

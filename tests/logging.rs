@@ -78,12 +78,7 @@ impl Pooler {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill -{sig} {}", self.pid());
+        signal(self.pid(), sig);
     }
 
     /// SIGTERM, then waits for a successful exit.

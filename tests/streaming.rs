@@ -354,16 +354,6 @@ fn a_slow_reader_holds_its_server_back() {
     assert_eq!(o.rows, vec![vec![Some("after".to_string())]]);
 }
 
-/// Sends `sig` ("STOP", "CONT") to process `pid`; panics when kill fails.
-fn signal(pid: i32, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run kill -{sig} {pid}: {e}"));
-    assert!(status.success(), "kill -{sig} {pid}: {status}");
-}
-
 /// The state letter of process `pid` in /proc ('T' when stopped).
 fn proc_state(pid: i32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -378,7 +368,7 @@ struct StoppedBackend(i32);
 
 impl StoppedBackend {
     fn stop(pid: i32) -> Self {
-        signal(pid, "STOP");
+        signal(pid.unsigned_abs(), "STOP");
         let stopped = Self(pid);
         let deadline = Instant::now() + Duration::from_secs(5);
         while proc_state(pid) != Some('T') {
@@ -395,10 +385,7 @@ impl StoppedBackend {
 
 impl Drop for StoppedBackend {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .arg("-CONT")
-            .arg(self.0.to_string())
-            .status();
+        try_signal(self.0.unsigned_abs(), "CONT");
     }
 }
 

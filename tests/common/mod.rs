@@ -782,6 +782,35 @@ pub(crate) fn read_until_closed(
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*).
+/// Sends `sig` ("TERM", "STOP", …) to process `pid` with kill(1); false
+/// when it fails (for Drop guards, which must not panic).
+pub(crate) fn try_signal(pid: u32, sig: &str) -> bool {
+    std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Sends `sig` to process `pid`; panics when kill fails.
+#[track_caller]
+pub(crate) fn signal(pid: u32, sig: &str) {
+    assert!(try_signal(pid, sig), "kill -{sig} {pid}");
+}
+
+/// Checks a pgbench run that must have gone through without an error;
+/// returns its stdout.
+#[track_caller]
+pub(crate) fn assert_pgbench_clean(out: &std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}\n{err}");
+    assert!(
+        text.contains("number of failed transactions: 0"),
+        "{text}\n{err}"
+    );
+    text
+}
+
 /// A protocol 3.0 StartupMessage with these parameters.
 pub(crate) fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
     let mut body = 196_608u32.to_be_bytes().to_vec(); // 3.0
