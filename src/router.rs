@@ -421,13 +421,17 @@ impl Router {
             .is_some_and(|b| b.starved.iter().any(|k| k != key))
     }
 
-    /// Nobody waits on the storage any more: nobody needs to give back.
+    /// Drops from the storage's line the pools whose needs were met
+    /// another way (a released server, a local one); when nobody waits any
+    /// more, nobody needs to give back.
     fn settle(&mut self, storage: &Arc<str>) {
-        if self
-            .storages
-            .get(storage)
-            .is_some_and(|b| b.starved.is_empty())
-        {
+        let Some(b) = self.storages.get_mut(storage) else {
+            return;
+        };
+        let pools = &self.pools;
+        b.starved
+            .retain(|k| pools.get(k).is_some_and(|p| !p.needs.is_empty()));
+        if b.starved.is_empty() {
             for p in self.pools.values().filter(|p| p.storage == *storage) {
                 p.shared.shrink.store(0, Ordering::Relaxed);
             }
@@ -549,7 +553,8 @@ impl Router {
             return Some(Action::Close { worker, server });
         }
         let p = self.pools.get_mut(key)?;
-        match p.pop_need() {
+        let storage = Arc::clone(&p.storage);
+        let action = match p.pop_need() {
             Some(w) if w == worker => Some(Action::Grant {
                 worker,
                 lease: Lease::Local(server),
@@ -563,7 +568,9 @@ impl Router {
                 p.idle.push_back((worker, server));
                 None
             }
-        }
+        };
+        self.settle(&storage);
+        action
     }
 
     /// A server connection closed (or never opened): its slot frees up and
@@ -915,6 +922,35 @@ mod tests {
         // a gives up waiting: nobody starves, b's connections stay.
         router.cancel_need(&a, 0, 1);
         assert_eq!(router.release(&b, 1, s[0]), None);
+    }
+
+    #[test]
+    fn a_need_met_by_a_release_leaves_the_storage_line() {
+        let [(a, ra), (b, rb)] = shared_storage(2, 10);
+        let registry = Arc::new(Registry::new(2));
+        let mut router = Router::new(Arc::clone(&registry));
+        let s = keys(1);
+        assert!(matches!(router.need(&a, &ra, 0), Action::Grant { .. }));
+        assert!(matches!(router.need(&a, &ra, 0), Action::Grant { .. }));
+        // Both routes wait on the full storage.
+        assert_eq!(router.need(&b, &rb, 1), Action::Wait { reclaim: vec![] });
+        assert_eq!(router.need(&a, &ra, 1), Action::Wait { reclaim: vec![] });
+        router.take_actions();
+        assert_eq!(router.storage_stats()[0].routes_waiting, 2);
+        // a's need is met by one of its own servers, released on worker 0.
+        assert_eq!(
+            router.release(&a, 0, s[0]),
+            Some(Action::Ship {
+                from: 0,
+                server: s[0],
+                to: 1
+            })
+        );
+        assert_eq!(router.storage_stats()[0].routes_waiting, 1, "b only");
+        // b gives up: nobody waits, nobody gives back.
+        router.cancel_need(&b, 1, 1);
+        assert_eq!(router.storage_stats()[0].routes_waiting, 0);
+        assert!(!registry.get(&a).give_up_one());
     }
 
     fn keys(n: usize) -> Vec<Key> {
