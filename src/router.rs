@@ -270,6 +270,8 @@ struct StorageBook {
     /// pool_size), in the order their turn comes: a freed connection goes
     /// to the first, which goes to the back if it still waits.
     starved: VecDeque<PoolKey>,
+    /// Some pool of it was asked to give connections back (`shrink`).
+    shrinking: bool,
 }
 
 impl StorageBook {
@@ -386,6 +388,9 @@ impl Router {
             .count()
             .max(1);
         let fair = (book.max / demand).max(1);
+        if let Some(b) = self.storages.get_mut(storage) {
+            b.shrinking = true;
+        }
         let mut freed = false;
         for (k, p) in self.pools.iter_mut() {
             if !same(p) || k == starving {
@@ -431,7 +436,9 @@ impl Router {
         let pools = &self.pools;
         b.starved
             .retain(|k| pools.get(k).is_some_and(|p| !p.needs.is_empty()));
-        if b.starved.is_empty() {
+        // (Only then: this runs on every release through the router.)
+        if b.starved.is_empty() && b.shrinking {
+            b.shrinking = false;
             for p in self.pools.values().filter(|p| p.storage == *storage) {
                 p.shared.shrink.store(0, Ordering::Relaxed);
             }
