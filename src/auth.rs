@@ -18,15 +18,28 @@ use crate::config::{is_md5_hash, Authentication, Config, ListenTls, ResolvedRout
 /// connection closes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Fatal {
-    pub(crate) code: &'static str,
+    pub(crate) code: std::borrow::Cow<'static, str>,
     pub(crate) message: String,
+    /// PostgreSQL's own words (e.g. a startup parameter it refused): sent
+    /// as they are, without odissey's prefix.
+    pub(crate) verbatim: bool,
 }
 
 impl Fatal {
     pub(crate) fn new(code: &'static str, message: impl Into<String>) -> Self {
         Self {
-            code,
+            code: std::borrow::Cow::Borrowed(code),
             message: message.into(),
+            verbatim: false,
+        }
+    }
+
+    /// An error PostgreSQL raised, passed on as it said it.
+    pub(crate) fn from_server(code: String, message: String) -> Self {
+        Self {
+            code: std::borrow::Cow::Owned(code),
+            message,
+            verbatim: true,
         }
     }
 }
@@ -134,16 +147,12 @@ pub(crate) enum Outcome {
 }
 
 /// Which startup parameters a client sends that we keep for it.
-const PASSED_PARAMS: &[&str] = &[
-    "application_name",
-    "client_encoding",
-    "DateStyle",
-    "TimeZone",
-    "IntervalStyle",
-    "extra_float_digits",
-    "search_path",
-    "options",
-];
+/// Startup parameters that are not session settings: who and where the
+/// client is, and protocol options (`_pq_.*`). Every other parameter is
+/// part of the client's session, as in PostgreSQL.
+fn is_session_param(name: &str) -> bool {
+    !matches!(name, "user" | "database" | "replication") && !name.starts_with("_pq_.")
+}
 
 /// The first byte of a TLS handshake record: a direct-TLS client.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -319,7 +328,7 @@ impl Login {
         };
         let kept = params
             .iter()
-            .filter(|(n, _)| PASSED_PARAMS.contains(&n.as_str()))
+            .filter(|(n, _)| is_session_param(n))
             .cloned()
             .collect();
         let secret = route.route.password.clone();

@@ -6,13 +6,12 @@ use crate::auth::Login;
 use crate::config::ResolvedRoute;
 use crate::ids::ConnId;
 use crate::io::Io;
-use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::params::{ClientParams, SetCommand};
 use crate::prepared::{ClientStatements, Pipeline};
 use crate::relay::Relay;
 use crate::router::PoolKey;
+use crate::session::{Pin, Settings};
 
 /// What a client connection waits for.
 #[derive(Debug)]
@@ -91,12 +90,19 @@ pub(crate) struct Client {
     pub(crate) listener: u16,
     /// Its TLS began without an SSLRequest (PostgreSQL 17 direct TLS).
     pub(crate) tls_direct: bool,
-    /// The session settings that follow this client (see `params`).
-    pub(crate) params: ClientParams,
-    /// SET/RESET queries in flight, with the number of the ReadyForQuery
-    /// that ends each and whether it failed: applied to `params` when
-    /// their ReadyForQuery reports success outside a transaction.
-    pub(crate) sets: VecDeque<(u64, SetCommand, bool)>,
+    /// The session settings that follow this client (see `session`):
+    /// its startup parameters, then what checks of its servers found.
+    pub(crate) session: Settings,
+    /// A request that may have changed its session went to its server
+    /// since the last check: the server is checked before it is released.
+    pub(crate) check_due: bool,
+    /// It keeps its server (state that cannot be replayed elsewhere), and
+    /// why; logged once when it begins.
+    pub(crate) pinned: Option<Pin>,
+    /// Custom variables (`a.b`) it was seen setting: PostgreSQL cannot
+    /// list them, so checks ask for these by name.
+    /// (Boxed: most clients have none, and every idle byte counts.)
+    pub(crate) custom: Option<Box<Vec<String>>>,
     /// Syncs forwarded since the last Execute or Query: if that Execute
     /// starts a COPY IN, the server ignores them.
     pub(crate) syncs_since_execute: usize,

@@ -359,6 +359,18 @@ impl PoolMode {
     }
 }
 
+/// When the session state of a server is read back (`session_check`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionCheck {
+    /// After a transaction whose Query or Parse text holds a word that may
+    /// change session state (SET, set_config, LISTEN, TEMP...).
+    #[default]
+    Auto,
+    /// After every transaction.
+    Always,
+}
+
 /// `[database.<db>.user.<user>]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -403,6 +415,12 @@ pub struct Route {
     /// Run DISCARD ALL whenever a server connection changes owner.
     #[serde(default)]
     pub pool_discard: bool,
+    /// When a server's session state is read back in transaction and
+    /// statement pooling: after transactions whose text may change it, or
+    /// after every transaction (for applications that change settings
+    /// inside functions).
+    #[serde(default)]
+    pub session_check: SessionCheck,
     /// Milliseconds a server connection may take to come back clean after
     /// its client left (cancel, rollback, reset) before it is closed.
     #[serde(default = "default_reset_timeout")]

@@ -344,6 +344,7 @@ fn clients(out: &mut BytesMut, list: &[ClientInfo]) {
                 n(c.worker),
                 c.tls.clone().unwrap_or_default(),
                 c.server.clone().unwrap_or_default(),
+                c.pinned.clone().unwrap_or_default(),
             ]
         })
         .collect();
@@ -363,6 +364,7 @@ fn clients(out: &mut BytesMut, list: &[ClientInfo]) {
             "worker",
             "tls",
             "link",
+            "pinned",
         ],
         &rows,
     );

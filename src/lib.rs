@@ -27,6 +27,7 @@ mod prepared;
 mod relay;
 mod router;
 mod server;
+mod session;
 mod stats;
 mod system;
 mod tls;

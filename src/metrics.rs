@@ -119,6 +119,18 @@ pub(crate) fn render(ins: &Inspection) -> String {
     }
     let _ = writeln!(
         out,
+        "# HELP odissey_clients_pinned Clients keeping their server connection between transactions.\n# TYPE odissey_clients_pinned gauge"
+    );
+    for r in &ins.routes {
+        let _ = writeln!(
+            out,
+            "odissey_clients_pinned{{{}}} {}",
+            pool_labels(r),
+            r.clients_pinned
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP odissey_servers Server connections by state.\n# TYPE odissey_servers gauge"
     );
     for r in &ins.routes {

@@ -85,6 +85,9 @@ pub(crate) struct Statement {
     pub(crate) server_name: String,
     /// A complete Parse message (tag, length, body) naming `server_name`.
     pub(crate) parse: Bytes,
+    /// Its text may change the session (`session::scan`): each execution
+    /// has its server checked afterwards.
+    pub(crate) marks: bool,
 }
 
 impl Statement {
@@ -92,6 +95,8 @@ impl Statement {
     /// NUL, parameter count and types), which also identifies the statement.
     fn new(rest: &[u8]) -> Result<Self, Error> {
         let server_name = format!("odissey_{:016x}", fnv1a(rest));
+        let text = &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())];
+        let marks = crate::session::scan(text, &mut Vec::new()).any();
         let len = 4 + server_name.len() + 1 + rest.len();
         let len = u32::try_from(len).map_err(|_| Error::Malformed {
             what: "Parse message too long",
@@ -105,6 +110,7 @@ impl Statement {
         Ok(Self {
             server_name,
             parse: b.freeze(),
+            marks,
         })
     }
 }
@@ -618,6 +624,20 @@ impl Pipeline {
 /// True for client tags that [`client_frame`] must see whole.
 pub(crate) fn needs_whole(tag: u8) -> bool {
     matches!(tag, b'P' | b'B' | b'D' | b'C')
+}
+
+/// True when `frame` is a Bind of a named statement of the client's whose
+/// text may change the session (see `Statement::marks`).
+pub(crate) fn bind_marks(frame: &[u8], cs: &ClientStatements) -> bool {
+    if frame.first() != Some(&b'B') {
+        return false;
+    }
+    let body = frame.get(5..).unwrap_or(&[]);
+    let mut parts = body.splitn(3, |&b| b == 0);
+    let (Some(_portal), Some(statement)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    !statement.is_empty() && cs.map.get(statement).is_some_and(|s| s.marks)
 }
 
 /// Sends `stmt`'s Parse (after Closes for what it evicts) and records it.

@@ -111,6 +111,8 @@ pub(crate) struct PoolShared {
     /// holds more than its share of a full storage (storage_max) while
     /// another route waits. Read once per release; zero but for that.
     shrink: AtomicUsize,
+    /// What logins are told (ParameterStatus), by startup settings.
+    pub(crate) greetings: crate::session::Greetings,
 }
 
 impl PoolShared {
@@ -124,6 +126,7 @@ impl PoolShared {
             retired: AtomicBool::new(false),
             logins: std::sync::atomic::AtomicU64::new(0),
             shrink: AtomicUsize::new(0),
+            greetings: crate::session::Greetings::default(),
         }
     }
 

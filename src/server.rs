@@ -11,10 +11,11 @@ use crate::backend_login::BackendLogin;
 use crate::config::ResolvedRoute;
 use crate::ids::ConnId;
 use crate::io::Io;
-use crate::params::{ClientParams, Params};
+use crate::params::Params;
 use crate::prepared::ServerStatements;
 use crate::relay::Relay;
 use crate::router::PoolKey;
+use crate::session::{Check, Settings};
 
 /// What a server connection waits for.
 #[derive(Debug)]
@@ -100,18 +101,18 @@ pub(crate) struct Server {
     pub(crate) params: Params,
     /// Reported parameters as they stood after login.
     pub(crate) defaults: Arc<Params>,
-    /// Unreported parameters odissey set for the last owner.
-    pub(crate) applied: Vec<String>,
-    /// The last client that used it: the same client back needs no SETs.
+    /// The session settings it carries, as far as odissey knows: what it
+    /// set (`session::sync_queries`) and what checks found. A new owner
+    /// with the same settings needs nothing sent.
+    pub(crate) session: Settings,
+    /// The last client that used it (`pool_discard` resets it for another).
     pub(crate) owner: Option<ConnId>,
-    /// The settings it was given for its last owner, and whether they may
-    /// have changed since (a ParameterStatus, a tracked SET, a reset): a
-    /// new owner with the same settings on a clean server needs no SETs.
-    pub(crate) synced: ClientParams,
-    pub(crate) params_dirty: bool,
-    /// ReadyForQuery messages of odissey's own queries (parameter sync,
-    /// statement-mode rollback) whose replies the client must not see.
+    /// ReadyForQuery messages of odissey's own queries (settings, session
+    /// checks, statement-mode rollback) whose replies the client must not see.
     pub(crate) swallow: usize,
+    /// A session check is in flight (the last of the swallowed queries):
+    /// its rows are read here.
+    pub(crate) check: Option<Box<Check>>,
     /// The server expects COPY data from the client.
     pub(crate) copy_in: bool,
     /// Named statements odissey prepared on it.

@@ -455,6 +455,11 @@ impl System {
         ins.client_list = g.clients;
         ins.server_list = g.servers;
         for r in &mut ins.routes {
+            r.clients_pinned = ins
+                .client_list
+                .iter()
+                .filter(|c| c.pinned.is_some() && c.database == r.database && c.user == r.user)
+                .count();
             if let Some(c) = g.counters.get(&(r.database.clone(), r.user.clone())) {
                 r.xact_count = c.xacts;
                 r.query_count = c.queries;

@@ -25,16 +25,17 @@ use crate::backend_login::{AskTls, BackendLogin, LoginError, Progress};
 use crate::client::{Client, ClientState};
 use crate::cmd::{SysCmd, WorkerCmd};
 use crate::config::{
-    is_md5_hash, Config, ListenTls, PoolMode, ResolvedRoute, RouteCache, StorageTls, StorageType,
+    is_md5_hash, Config, ListenTls, PoolMode, ResolvedRoute, RouteCache, SessionCheck, StorageTls,
+    StorageType,
 };
 use crate::credentials;
 use crate::ids::ConnId;
 use crate::io::Io;
-use crate::params::{SetCommand, Value};
 use crate::prepared::ServerStatements;
 use crate::relay::{Relay, Step};
 use crate::router::{Lease, PoolKey, PoolShared, Registry, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
+use crate::session::{Greeting, Pin, Scan};
 use crate::stats::Counters;
 use crate::tls::{StorageTlsConfig, TlsSet};
 use odissey_facade::{ClientInfo, ServerInfo};
@@ -178,9 +179,6 @@ pub(crate) struct Shared {
     pub(crate) tls: Arc<TlsSet>,
     /// Routes resolved for this worker's clients under `cfg`.
     routes: RouteCache,
-    /// ParameterStatus of the first server login per pool, for greeting
-    /// clients without waiting for a server.
-    params: HashMap<PoolKey, Arc<Vec<(String, String)>>>,
     /// Per pool: the state shared with the router, and the idle servers
     /// this worker keeps for itself (most recently used last).
     local: HashMap<PoolKey, LocalPool>,
@@ -253,7 +251,6 @@ impl Worker {
                 started: Instant::now(),
                 panic_on: std::env::var("ODISSEY_FAILPOINT_PANIC").ok(),
                 tls,
-                params: HashMap::new(),
                 local: HashMap::new(),
                 registry,
                 clients,
@@ -399,23 +396,54 @@ fn since_start_us(started: Instant) -> u32 {
     started.elapsed().as_micros() as u32
 }
 
-fn greet(c: &mut Client, shared: &mut Shared, params: &[(String, String)]) {
+/// `params` are the ParameterStatus values a server reported for the
+/// client's settings (or for a login with the same ones); `pid`, in session
+/// pooling, the pid of the client's own server.
+fn greet(c: &mut Client, shared: &mut Shared, params: &[(String, String)], pid: Option<u32>) {
     for (name, value) in params {
-        let value = match crate::params::client_get(&c.params, name) {
-            Some(Value::Literal(v)) => v.as_str(),
+        // The settings odissey knows PostgreSQL reports as sent.
+        let value = match c.session.get(name) {
+            Some(v) if crate::session::reported_locally(&name.to_ascii_lowercase(), v) => v,
             _ => value.as_str(),
         };
         backend::parameter_status(&mut c.io.out, name, value);
     }
     // From the uuid crate's thread-local CSPRNG: unguessable, no syscall.
     let key = uuid::Uuid::new_v4().into_bytes();
-    let pid = u32::from_be_bytes([key[0], key[1], key[2], key[3]]) & 0x7fff_ffff;
+    let pid = pid.unwrap_or(u32::from_be_bytes([key[0], key[1], key[2], key[3]]) & 0x7fff_ffff);
     let secret = u32::from_be_bytes([key[8], key[9], key[10], key[11]]);
     backend::backend_key_data(&mut c.io.out, pid, secret);
     backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
     c.cancel_key = Some((pid, secret));
     c.greeted = true;
     shared.cancel_keys.insert((pid, secret), c.key);
+}
+
+/// Greets `c` with what its server `s` reports now that the client's
+/// settings are applied, and remembers it for later logins with the same
+/// settings (the values reported as sent are the pool's in the copy kept).
+fn greet_linked(c: &mut Client, s: &Server, shared: &mut Shared) {
+    let session_mode = s.route.route.pool == PoolMode::Session;
+    let pid = s.key.map(|(pid, _)| pid).filter(|_| session_mode);
+    greet(c, shared, &s.params, pid);
+    let mut kept = s.params.clone();
+    for (name, value) in &mut kept {
+        let lower = name.to_ascii_lowercase();
+        if c.session
+            .get(&lower)
+            .is_some_and(|v| crate::session::reported_locally(&lower, v))
+        {
+            if let Some(d) = crate::params::get(&s.defaults, name) {
+                d.clone_into(value);
+            }
+        }
+    }
+    let key = crate::session::greeting_key(&c.session);
+    if let Some(lp) = shared.local.get(&s.pool) {
+        lp.shared
+            .greetings
+            .put(key, Greeting::Ready(Arc::new(kept)));
+    }
 }
 
 impl Handler for Worker {
@@ -910,11 +938,13 @@ impl Worker {
                 unsynced: false,
                 greeted: false,
                 reject,
-                params: Vec::new(),
+                session: crate::session::Settings::default(),
+                check_due: false,
+                pinned: None,
+                custom: None,
                 deadline: None,
                 listener: u16::try_from(listener).unwrap_or(u16::MAX),
                 tls_direct: false,
-                sets: VecDeque::new(),
                 z_sent: 0,
                 z_seen: 0,
                 syncs_since_execute: 0,
@@ -1189,6 +1219,12 @@ impl Worker {
         // buffer, which stops reading the client socket once full.
         let out_before = s.io.out.len();
         let log_query = self.w.cfg.log_query;
+        // In transaction and statement pooling the session must follow the
+        // client: its requests are scanned for what may change it.
+        let mode = c.route.as_ref().map(|r| r.route.pool);
+        let scanning = matches!(mode, Some(PoolMode::Transaction | PoolMode::Statement));
+        let always = scanning
+            && c.route.as_ref().map(|r| r.route.session_check) == Some(SessionCheck::Always);
         // Timings use the batch's clock: precise to the event loop's turn,
         // and no clock read per message.
         let now = cx.now();
@@ -1196,8 +1232,17 @@ impl Worker {
             let (qstart, xstart) = (&mut s.query_start, &mut s.xact_start);
             let (pending, unsynced, z_sent) = (&mut c.pending, &mut c.unsynced, &mut c.z_sent);
             let (syncs, copy_mode) = (&mut c.syncs_since_execute, &mut c.copy_mode);
+            let check_due = &mut c.check_due;
             let mut prepared = c.prepared.as_deref_mut();
             let step = c.relay.step(&mut c.io.rx, max_len, |tag, len| {
+                if scanning {
+                    // Too long to hold for a scan, a function call, or a
+                    // route that checks always: check without reading.
+                    let long = matches!(tag, b'Q' | b'P') && len > SCAN_MAX;
+                    if long || tag == b'F' || (always && matches!(tag, b'Q' | b'S')) {
+                        *check_due = true;
+                    }
+                }
                 // Sync and Flush in COPY IN are ignored by the server: no
                 // reply is owed for them.
                 let ignored = *copy_mode && matches!(tag, b'S' | b'H');
@@ -1240,12 +1285,10 @@ impl Worker {
                         p.pipeline.client_passthrough(tag);
                     }
                 }
-                // Short simple queries are looked at whole: they may be a
-                // SET whose effect must follow the client. With log_query,
-                // every query text is.
+                // Query and Parse texts are looked at whole: they may
+                // change the session. With log_query, every one is.
                 tag == b'X'
-                    || (tag == b'Q' && (len <= SET_SNIFF_MAX || log_query))
-                    || (tag == b'P' && log_query)
+                    || (matches!(tag, b'Q' | b'P') && ((scanning && len <= SCAN_MAX) || log_query))
             });
             match step {
                 Ok(Step::NeedMore) => break,
@@ -1259,6 +1302,18 @@ impl Worker {
                         info!("{}: parse: {}", c.id, parse_text(&f));
                     }
                     let p = c.prepared.as_deref_mut().expect("checked by the guard");
+                    if scanning {
+                        match f.first() {
+                            Some(b'P') => {
+                                let sc = scan_into(&mut c.custom, crate::session::parse_text(&f));
+                                note_scan(&mut c.check_due, &mut c.pinned, c.id, sc);
+                            }
+                            Some(b'B') if crate::prepared::bind_marks(&f, &p.stmts) => {
+                                c.check_due = true;
+                            }
+                            _ => {}
+                        }
+                    }
                     if let Err(e) = crate::prepared::client_frame(
                         f,
                         &mut p.stmts,
@@ -1273,22 +1328,30 @@ impl Worker {
                     progress = true;
                 }
                 Ok(Step::Inspect(b'P', f)) => {
-                    // Asked for whole only by log_query here.
-                    info!("{}: parse: {}", c.id, parse_text(&f));
+                    // Asked for whole by scanning or log_query.
+                    if log_query {
+                        info!("{}: parse: {}", c.id, parse_text(&f));
+                    }
+                    if scanning {
+                        let sc = scan_into(&mut c.custom, crate::session::parse_text(&f));
+                        note_scan(&mut c.check_due, &mut c.pinned, c.id, sc);
+                    }
                     s.io.out.unsplit(f);
                     progress = true;
                 }
                 Ok(Step::Inspect(b'Q', f)) => {
-                    let sql = f.get(5..f.len().saturating_sub(1)).unwrap_or(&[]);
-                    let sql = std::str::from_utf8(sql).unwrap_or("");
+                    let raw = crate::session::query_text(&f);
+                    if scanning {
+                        // Bytes, whatever the client's encoding.
+                        let sc = scan_into(&mut c.custom, raw);
+                        note_scan(&mut c.check_due, &mut c.pinned, c.id, sc);
+                    }
+                    let sql = std::str::from_utf8(raw).unwrap_or("");
                     if self.w.panic_on.as_deref() == Some(sql) {
                         panic!("failpoint ODISSEY_FAILPOINT_PANIC reached");
                     }
                     if log_query {
                         info!("{}: query: {sql}", c.id);
-                    }
-                    if let Some(cmd) = crate::params::parse_set(sql) {
-                        c.sets.push_back((c.z_sent, cmd, false));
                     }
                     if drops_statements(sql) {
                         s.stmts.clear();
@@ -1320,11 +1383,13 @@ impl Worker {
                 .map_or(readahead, |w| w.max(readahead));
             progress |= s.io.fill(limit);
         }
-        let mode = c.route.as_ref().map(|r| r.route.pool);
         let out_before = c.io.out.len();
+        // A startup setting PostgreSQL refused while the client waited for
+        // its greeting.
+        let mut refused: Option<Fatal> = None;
         loop {
             let (swallow, copy_in) = (s.swallow, &mut s.copy_in);
-            let (sets, z_seen) = (&mut c.sets, &mut c.z_seen);
+            let z_seen = &mut c.z_seen;
             let mut prepared = c.prepared.as_deref_mut().map(|p| &mut p.pipeline);
             let (pending, syncs, copy_mode) =
                 (&mut c.pending, &mut c.syncs_since_execute, &mut c.copy_mode);
@@ -1352,13 +1417,6 @@ impl Worker {
                     b'E' => {
                         *copy_in = false;
                         *copy_mode = false;
-                        // The request in progress failed: a SET in it took
-                        // no effect.
-                        if let Some(front) = sets.front_mut() {
-                            if front.0 == *z_seen + 1 {
-                                front.2 = true;
-                            }
-                        }
                     }
                     b'C' | b'Z' => *copy_in = false,
                     _ => {}
@@ -1373,19 +1431,63 @@ impl Worker {
                 Ok(Step::Inspect(tag, f)) if s.swallow > 0 => {
                     // A reply to odissey's own queries: the client never
                     // sees it, but the server's state is noted.
+                    if tag == b'D' {
+                        if let Some(check) = s.check.as_deref_mut() {
+                            match backend::parse_data_row(f.get(5..).unwrap_or(&[])) {
+                                Ok(values) => check.row(&values),
+                                Err(_) => check.failed = true,
+                            }
+                        }
+                        progress = true;
+                        continue;
+                    }
                     match BackendMessage::parse(&frame_of(tag, &f)) {
                         Ok(BackendMessage::ReadyForQuery(st)) => {
                             s.swallow -= 1;
                             s.status = st;
+                            if s.swallow == 0 {
+                                if let Some(check) = s.check.take() {
+                                    checked(c, s, *check);
+                                }
+                                if !c.greeted && refused.is_none() {
+                                    greet_linked(c, s, &mut self.w);
+                                }
+                            }
                         }
                         Ok(BackendMessage::ParameterStatus { name, value }) => {
                             crate::params::set(&mut s.params, &name, &value);
                         }
                         Ok(BackendMessage::ErrorResponse(e)) => {
-                            debug!(
-                                "{}: setting for {} failed: {} ({})",
-                                s.id, c.id, e.message, e.code
-                            );
+                            if let Some(check) = s.check.as_deref_mut() {
+                                warn!(
+                                    "{}: session check for {} failed: {} ({})",
+                                    s.id, c.id, e.message, e.code
+                                );
+                                check.failed = true;
+                            } else {
+                                debug!(
+                                    "{}: setting for {} failed: {} ({})",
+                                    s.id, c.id, e.message, e.code
+                                );
+                                // What the server carries is no longer
+                                // what odissey believes: check it.
+                                c.check_due = true;
+                                if !c.greeted && refused.is_none() {
+                                    // A startup setting PostgreSQL refuses:
+                                    // the login fails as PostgreSQL's would.
+                                    let key = crate::session::greeting_key(&c.session);
+                                    if let Some(lp) = self.w.local.get(&s.pool) {
+                                        lp.shared.greetings.put(
+                                            key,
+                                            Greeting::Refused {
+                                                code: e.code.clone(),
+                                                message: e.message.clone(),
+                                            },
+                                        );
+                                    }
+                                    refused = Some(Fatal::from_server(e.code, e.message));
+                                }
+                            }
                         }
                         _ => {}
                     }
@@ -1396,15 +1498,10 @@ impl Worker {
                             if let Ok(BackendMessage::ParameterStatus { name, value }) =
                                 BackendMessage::parse(&frame_of(b'S', &f))
                             {
-                                s.params_dirty = true;
                                 crate::params::set(&mut s.params, &name, &value);
-                                if let Some(name) = crate::params::tracked(&name) {
-                                    crate::params::client_set(
-                                        &mut c.params,
-                                        name,
-                                        Value::Literal(value),
-                                    );
-                                }
+                                // A reported setting changed (SET, or a
+                                // function): read the session back.
+                                c.check_due |= scanning;
                             }
                         }
                         b'E' => {
@@ -1433,14 +1530,6 @@ impl Worker {
                             }
                             c.pending = c.pending.saturating_sub(1);
                             c.z_seen += 1;
-                            while c.sets.front().is_some_and(|x| x.0 <= c.z_seen) {
-                                if let Some((_, cmd, failed)) = c.sets.pop_front() {
-                                    if !failed && s.status == TransactionStatus::Idle {
-                                        apply_set(&mut c.params, &s.defaults, cmd);
-                                        s.params_dirty = true;
-                                    }
-                                }
-                            }
                             if mode == Some(PoolMode::Statement)
                                 && s.status != TransactionStatus::Idle
                             {
@@ -1499,8 +1588,8 @@ impl Worker {
             self.close_client(cx, ck, f);
             return None;
         }
-        if terminate || c.io.eof {
-            self.close_client(cx, ck, None);
+        if terminate || c.io.eof || refused.is_some() {
+            self.close_client(cx, ck, refused);
             return None;
         }
         if clean {
@@ -1516,7 +1605,25 @@ impl Worker {
                 }
                 return Some(true);
             }
-            if matches!(mode, Some(PoolMode::Transaction | PoolMode::Statement)) {
+            if scanning {
+                if c.check_due {
+                    // The transaction may have changed the session: read
+                    // it back before anyone else can get this server.
+                    c.check_due = false;
+                    let q = crate::session::check_query(
+                        c.custom.as_deref().map_or(&[], Vec::as_slice),
+                        &s.route.server_user,
+                    );
+                    frontend::query(&mut s.io.out, &q);
+                    s.swallow += 1;
+                    s.check = Some(Box::default());
+                    s.io.flush();
+                    return Some(true);
+                }
+                if c.pinned.is_some() {
+                    // State only this server holds: the client keeps it.
+                    return Some(progress);
+                }
                 self.unlink_and_release(cx, ck, sk);
                 return Some(true);
             }
@@ -1716,14 +1823,46 @@ impl Worker {
             return;
         }
         c.pool = Some(pool.clone());
-        for (name, value) in &who.params {
-            if name == "options" {
-                for (n, v) in crate::params::parse_options(value) {
-                    let n = crate::params::tracked(&n).map_or(n, str::to_string);
-                    crate::params::client_set(&mut c.params, &n, Value::Literal(v));
-                }
-            } else if let Some(name) = crate::params::tracked(name) {
-                crate::params::client_set(&mut c.params, name, Value::Literal(value.clone()));
+        // Every startup parameter is part of the session, `-c` options
+        // first and the packet's own parameters over them, as PostgreSQL
+        // applies them. A value the pool's servers start with anyway is
+        // left out: nothing to send for it.
+        let options = who
+            .params
+            .iter()
+            .filter(|(n, _)| n == "options")
+            .flat_map(|(_, v)| crate::params::parse_options(v));
+        let plain = who
+            .params
+            .iter()
+            .filter(|(n, _)| n != "options")
+            .map(|(n, v)| (n.clone(), v.clone()));
+        let defaults = self
+            .w
+            .local
+            .get(&pool)
+            .and_then(|lp| lp.shared.greetings.base());
+        for (name, value) in options.chain(plain) {
+            if !crate::session::valid_name(&name) {
+                let f = Fatal::new(
+                    "42704",
+                    format!("unrecognized configuration parameter \"{name}\""),
+                );
+                self.close_client(cx, ck, Some(f));
+                return;
+            }
+            let value = if name.eq_ignore_ascii_case("client_encoding") {
+                crate::session::canonical_encoding(&value).map_or(value, str::to_string)
+            } else {
+                value
+            };
+            let default = defaults
+                .as_deref()
+                .and_then(|d| crate::params::get(d, &name));
+            if default == Some(value.as_str()) {
+                c.session.remove(&name);
+            } else {
+                c.session.set(&name, &value);
             }
         }
         let track = who.route.route.prepared_statements
@@ -1732,18 +1871,32 @@ impl Worker {
                 PoolMode::Transaction | PoolMode::Statement
             );
         c.track_prepared = track;
-        // The startup parameters live on in `c.params`, the names in the
+        // The startup parameters live on in `c.session`, the names in the
         // pool key: an idle client keeps nothing else of its login.
         c.route = Some(who.route);
         if let Some(t) = c.deadline.take() {
             cx.cancel_timer(t);
         }
         c.state = ClientState::Idle;
-        if let Some(params) = self.w.params.get(&pool) {
-            let params = Arc::clone(params);
-            greet(c, &mut self.w, &params);
+        // Session pooling greets with the client's own server (its pid
+        // included); the other modes with what a server said to a login
+        // with the same settings, if any worker has heard it yet.
+        let session_mode = c.route.as_ref().map(|r| r.route.pool) == Some(PoolMode::Session);
+        let known = if session_mode {
+            None
         } else {
-            self.attach(cx, ck);
+            let key = crate::session::greeting_key(&c.session);
+            self.w
+                .local
+                .get(&pool)
+                .and_then(|lp| lp.shared.greetings.get(&key))
+        };
+        match known {
+            Some(Greeting::Ready(params)) => greet(c, &mut self.w, &params, None),
+            Some(Greeting::Refused { code, message }) => {
+                self.close_client(cx, ck, Some(Fatal::from_server(code, message)));
+            }
+            None => self.attach(cx, ck),
         }
     }
 
@@ -1940,11 +2093,10 @@ impl Worker {
                 key: None,
                 params: Vec::new(),
                 defaults: Arc::default(),
-                applied: Vec::new(),
+                session: crate::session::Settings::default(),
                 owner: None,
-                synced: Vec::new(),
-                params_dirty: true,
                 swallow: 0,
+                check: None,
                 copy_in: false,
                 stmts: ServerStatements::new(route.route.prepared_statements_max),
             }))
@@ -2105,7 +2257,9 @@ impl Worker {
                             };
                             frontend::query(&mut s.io.out, q);
                             s.stmts.clear();
-                            s.params_dirty = true;
+                            if r.discard {
+                                s.session.clear();
+                            }
                             r.replies = 1;
                             r.discard = false;
                             r.deallocate = false;
@@ -2146,8 +2300,10 @@ impl Worker {
         s.defaults = Arc::new(login.params);
         let pool = s.pool.clone();
         self.w.send(SysCmd::ServerUp { pool: pool.clone() });
-        let defaults = Arc::clone(&s.defaults);
-        self.w.params.entry(pool.clone()).or_insert(defaults);
+        let defaults = Greeting::Ready(Arc::clone(&s.defaults));
+        let route = Arc::clone(&s.route);
+        let lp = self.w.local(&pool, &route);
+        lp.shared.greetings.put(Default::default(), defaults);
         self.offer(cx, sk, true);
     }
 
@@ -2227,40 +2383,31 @@ impl Worker {
         c.state = ClientState::Linked;
         s.client = Some(ck);
         s.state = ServerState::Linked;
-        let same_settings = !s.params_dirty && !s.route.route.pool_discard && s.synced == c.params;
-        if s.owner != Some(c.id) && same_settings {
-            // Another client, but with the settings the server already has
-            // (pgbench's clients, an application's connections): nothing to
-            // send.
-            s.owner = Some(c.id);
-        } else if s.owner != Some(c.id) {
-            let route = &s.route.route;
-            let mut against: &[(String, String)] = &s.params;
-            let mut applied: &[String] = &s.applied;
-            if route.pool_discard {
-                frontend::query(&mut s.io.out, "DISCARD ALL");
-                s.stmts.clear();
-                s.swallow += 1;
-                against = &s.defaults;
-                applied = &[];
-            }
-            let queries = crate::params::sync_queries(&c.params, against, &s.defaults, applied);
-            s.applied = crate::params::applied_by(&c.params, &s.defaults);
+        if s.route.route.pool_discard && s.owner != Some(c.id) {
+            frontend::query(&mut s.io.out, "DISCARD ALL");
+            s.stmts.clear();
+            s.session.clear();
+            s.swallow += 1;
+        }
+        s.owner = Some(c.id);
+        // The server carries what its last owners left (as far as odissey
+        // saw: every change it could not see pins or was checked); what
+        // differs from this client's session is reset or set. Clients with
+        // the same settings (pgbench's, an application's pool) need nothing.
+        if s.session != c.session {
+            let queries = crate::session::sync_queries(&c.session, &s.session);
             for q in &queries {
                 frontend::query(&mut s.io.out, q);
             }
             s.swallow += queries.len();
-            s.synced.clone_from(&c.params);
-            s.params_dirty = false;
-            if !queries.is_empty() {
-                debug!("{}: {} setting(s) sent for {}", s.id, queries.len(), c.id);
-            }
-            s.owner = Some(c.id);
+            s.session.clone_from(&c.session);
+            debug!("{}: {} setting(s) sent for {}", s.id, queries.len(), c.id);
         }
-        if !c.greeted {
-            let params = self.w.params.get(&s.pool).cloned().unwrap_or_default();
-            greet(c, &mut self.w, &params);
+        if !c.greeted && s.swallow == 0 {
+            // Nothing to apply: the server's values are the client's.
+            greet_linked(c, s, &mut self.w);
         }
+        // Otherwise it is greeted when the settings sent above are answered.
         self.drive_client(cx, ck);
     }
 
@@ -2341,7 +2488,11 @@ impl Worker {
             cx.cancel_timer(t);
         }
         if let Some(f) = &fatal {
-            write_error(&mut c.io.out, c.id, "FATAL", f.code, &f.message);
+            if f.verbatim {
+                backend::error_response(&mut c.io.out, "FATAL", &f.code, &f.message, None);
+            } else {
+                write_error(&mut c.io.out, c.id, "FATAL", &f.code, &f.message);
+            }
         }
         // Whatever is owed (a last reply, the error) goes out in one try,
         // even without a writable edge; a client that doesn't read it loses it.
@@ -2383,6 +2534,9 @@ impl Worker {
         }
         let statements_in_flight = c.prepared.as_ref().is_some_and(|p| !p.pipeline.is_idle());
         let mode = c.route.as_ref().map(|r| r.route.pool);
+        // State only its server holds (pinned), or a change not yet read
+        // back: the server is reset whole before anyone else gets it.
+        let unknown_session = c.pinned.is_some() || c.check_due;
         if let Some(k) = c.cancel_key.take() {
             self.w.cancel_keys.remove(&k);
         }
@@ -2421,6 +2575,7 @@ impl Worker {
         let route = Arc::clone(&s.route);
         let mut replies = pending + s.swallow;
         s.swallow = 0;
+        let unknown_session = unknown_session || s.check.take().is_some();
         if s.copy_in {
             frontend::copy_fail(&mut s.io.out, "client disconnected");
             s.copy_in = false;
@@ -2434,7 +2589,7 @@ impl Worker {
         s.state = ServerState::Recovering(Recovery {
             replies,
             may_rollback: route.route.pool_rollback,
-            discard: mode == Some(PoolMode::Session),
+            discard: mode == Some(PoolMode::Session) || unknown_session,
             deallocate: statements_in_flight,
             timer: Some(timer),
             cancelling: false,
@@ -2995,6 +3150,8 @@ impl Worker {
             let busy = self.conns.iter().any(|(_, conn)| {
                 matches!(conn, Conn::Client(c)
                 if matches!(c.state, ClientState::Linked)
+                    // A pinned client holds its server like a session one.
+                    && c.pinned.is_none()
                     && c.route.as_ref().is_some_and(|r| r.route.pool != PoolMode::Session)
                     && c.pool.as_ref().is_some_and(|p| {
                         scope.as_deref().is_none_or(|db| &*p.database == db)
@@ -3140,6 +3297,7 @@ impl Worker {
                         connected_secs: now_s.saturating_sub(u64::from(c.born_s)),
                         wait_us,
                         server: id_of(c.server),
+                        pinned: c.pinned.map(str::to_string),
                     });
                 }
                 Conn::Server(s) => {
@@ -3432,26 +3590,71 @@ fn drops_statements(sql: &str) -> bool {
         && b.eq_ignore_ascii_case("ALL"))
 }
 
-/// Simple queries up to this size are checked for SET/RESET.
-const SET_SNIFF_MAX: usize = 4096;
-
-/// Records the effect of a successful SET/RESET on the client's settings.
-/// Reported parameters follow from ParameterStatus instead.
-fn apply_set(
-    params: &mut crate::params::ClientParams,
-    defaults: &[(String, String)],
-    cmd: SetCommand,
-) {
-    let reported = |n: &str| crate::params::get(defaults, n).is_some();
-    match cmd {
-        SetCommand::Set(name, sql) if !reported(&name) => {
-            crate::params::client_set(params, &name, Value::Sql(sql));
+/// Scans a Query or Parse text, keeping the custom variable names it sets.
+fn scan_into(custom: &mut Option<Box<Vec<String>>>, text: &[u8]) -> Scan {
+    match custom {
+        Some(names) => crate::session::scan(text, names),
+        None => {
+            let mut names = Vec::new();
+            let sc = crate::session::scan(text, &mut names);
+            if !names.is_empty() {
+                *custom = Some(Box::new(names));
+            }
+            sc
         }
-        SetCommand::Reset(name) if !reported(&name) => crate::params::client_reset(params, &name),
-        SetCommand::ResetAll => params.retain(|(_, v)| matches!(v, Value::Literal(_))),
-        _ => {}
     }
 }
+
+/// Notes what a scanned Query or Parse text may do to the client's session.
+fn note_scan(check_due: &mut bool, pinned: &mut Option<Pin>, id: ConnId, sc: Scan) {
+    if sc.marks || (sc.unpins && pinned.is_some()) {
+        *check_due = true;
+    }
+    if sc.opaque && *pinned != Some(PIN_OPAQUE) {
+        if pinned.is_none() {
+            info!("{id}: keeps its server connection from now on: {PIN_OPAQUE}");
+        }
+        *pinned = Some(PIN_OPAQUE);
+    }
+}
+
+/// Why a client keeps its server for good: it called set_config with a
+/// name odissey could not read, which may be a custom variable no check
+/// can list.
+const PIN_OPAQUE: Pin = "set_config with a parameter for the name";
+
+/// Why a client keeps its server when its session could not be read back.
+const PIN_UNREADABLE: Pin = "its session could not be read back";
+
+/// A session check of server `s` for client `c` came back: both now
+/// carry what the server reported, and the client keeps the server while
+/// it holds state that cannot follow it elsewhere.
+fn checked(c: &mut Client, s: &mut Server, check: crate::session::Check) {
+    let pin = match check.finish() {
+        Some((settings, pin)) => {
+            s.session.clone_from(&settings);
+            c.session = settings;
+            pin
+        }
+        None => Some(PIN_UNREADABLE),
+    };
+    let pin = if c.pinned == Some(PIN_OPAQUE) {
+        c.pinned
+    } else {
+        pin
+    };
+    match (c.pinned, pin) {
+        (None, Some(why)) => info!("{}: keeps {} while it holds {why}", c.id, s.id),
+        (Some(_), None) => debug!("{}: no longer keeps {}", c.id, s.id),
+        _ => {}
+    }
+    c.pinned = pin;
+}
+
+/// Query and Parse texts up to this size are scanned for words that may
+/// change the session (held whole for it); a longer one is checked after
+/// its transaction without being scanned.
+const SCAN_MAX: usize = 64 * 1024;
 
 /// Starts a non-blocking connection to a storage: its Unix socket
 /// (`<dir>/.s.PGSQL.<port>`, as libpq names it) or its TCP address.

@@ -158,6 +158,10 @@ pub struct ClientInfo {
     pub wait_us: u64,
     /// The server connection it holds (`s<hex>`), if any.
     pub server: Option<String>,
+    /// In transaction or statement pooling: why it keeps its server
+    /// connection between transactions (a temporary table, LISTEN, a
+    /// session advisory lock, an SQL PREPARE, a WITH HOLD cursor...).
+    pub pinned: Option<String>,
 }
 
 /// One server connection.
@@ -209,6 +213,10 @@ pub struct RouteStats {
     pub clients_active: usize,
     /// Clients waiting for a server connection.
     pub clients_waiting: usize,
+    /// Clients that keep their server connection between transactions
+    /// (see `ClientInfo::pinned`); counted only by inspections that gather
+    /// the connection lists (`inspect`, the metrics endpoint, SHOW).
+    pub clients_pinned: usize,
     /// Server connections attached to a client.
     pub servers_active: usize,
     /// Server connections idle in the pool.
