@@ -1225,6 +1225,7 @@ impl Worker {
         let scanning = matches!(mode, Some(PoolMode::Transaction | PoolMode::Statement));
         let always = scanning
             && c.route.as_ref().map(|r| r.route.session_check) == Some(SessionCheck::Always);
+        let discard = c.route.as_ref().is_some_and(|r| r.route.pool_discard);
         // Timings use the batch's clock: precise to the event loop's turn,
         // and no clock read per message.
         let now = cx.now();
@@ -1306,7 +1307,7 @@ impl Worker {
                         match f.first() {
                             Some(b'P') => {
                                 let sc = scan_into(&mut c.custom, crate::session::parse_text(&f));
-                                note_scan(&mut c.check_due, &mut c.pinned, c.id, sc);
+                                note_scan(&mut c.check_due, &mut c.pinned, c.id, sc, discard);
                             }
                             Some(b'B') if crate::prepared::bind_marks(&f, &p.stmts) => {
                                 c.check_due = true;
@@ -1334,7 +1335,7 @@ impl Worker {
                     }
                     if scanning {
                         let sc = scan_into(&mut c.custom, crate::session::parse_text(&f));
-                        note_scan(&mut c.check_due, &mut c.pinned, c.id, sc);
+                        note_scan(&mut c.check_due, &mut c.pinned, c.id, sc, discard);
                     }
                     s.io.out.unsplit(f);
                     progress = true;
@@ -1344,7 +1345,7 @@ impl Worker {
                     if scanning {
                         // Bytes, whatever the client's encoding.
                         let sc = scan_into(&mut c.custom, raw);
-                        note_scan(&mut c.check_due, &mut c.pinned, c.id, sc);
+                        note_scan(&mut c.check_due, &mut c.pinned, c.id, sc, discard);
                     }
                     let sql = std::str::from_utf8(raw).unwrap_or("");
                     if self.w.panic_on.as_deref() == Some(sql) {
@@ -3606,11 +3607,12 @@ fn scan_into(custom: &mut Option<Box<Vec<String>>>, text: &[u8]) -> Scan {
 }
 
 /// Notes what a scanned Query or Parse text may do to the client's session.
-fn note_scan(check_due: &mut bool, pinned: &mut Option<Pin>, id: ConnId, sc: Scan) {
+/// (`discard`: the route's pool_discard, under which nothing pins.)
+fn note_scan(check_due: &mut bool, pinned: &mut Option<Pin>, id: ConnId, sc: Scan, discard: bool) {
     if sc.marks || (sc.unpins && pinned.is_some()) {
         *check_due = true;
     }
-    if sc.opaque && *pinned != Some(PIN_OPAQUE) {
+    if sc.opaque && !discard && *pinned != Some(PIN_OPAQUE) {
         if pinned.is_none() {
             info!("{id}: keeps its server connection from now on: {PIN_OPAQUE}");
         }
@@ -3638,7 +3640,11 @@ fn checked(c: &mut Client, s: &mut Server, check: crate::session::Check) {
         }
         None => Some(PIN_UNREADABLE),
     };
-    let pin = if c.pinned == Some(PIN_OPAQUE) {
+    let pin = if s.route.route.pool_discard {
+        // The route asked for every change of owner to start afresh
+        // (DISCARD ALL): nothing pins.
+        None
+    } else if c.pinned == Some(PIN_OPAQUE) {
         c.pinned
     } else {
         pin

@@ -546,6 +546,173 @@ fn search_path_follows_its_client() {
     assert_eq!(pids.len(), 1, "one server for both: {pids:?}");
 }
 
+/// Settings made through the extended protocol, in a committed
+/// transaction block, by set_config and SET SESSION CHARACTERISTICS follow
+/// their client; one made in a rolled-back block or with SET LOCAL doesn't.
+#[test]
+fn every_way_of_setting_follows_its_client_and_nothing_else() {
+    let _w = watchdog(
+        "every_way_of_setting_follows_its_client_and_nothing_else",
+        LIMIT,
+    );
+    let pg = PgCluster::start();
+    pg.sql(
+        "test",
+        "CREATE SCHEMA s1; CREATE SCHEMA s2; GRANT USAGE ON SCHEMA s1, s2 TO PUBLIC",
+    );
+    let config = Config::new(pg.port()).workers(1).route(tx_route(1));
+    let (_handle, port) = start_pooler(&config);
+    let mut x = connect(port, "test", "trust_user", None);
+    let mut y = connect(port, "test", "trust_user", None);
+    // Extended protocol (the postgres crate prepares, binds, executes).
+    x.execute("SET search_path TO s1", &[])
+        .expect("extended SET");
+    // A committed transaction block.
+    let mut t = y.transaction().expect("begin");
+    t.batch_execute("SET search_path TO s2")
+        .expect("SET in a block");
+    t.commit().expect("commit");
+    // Rolled back and SET LOCAL: no effect.
+    let mut t = x.transaction().expect("begin");
+    t.batch_execute("SET statement_timeout = 1234; SET LOCAL work_mem = '7MB'")
+        .expect("SETs in a block");
+    t.rollback().expect("rollback");
+    x.execute("SELECT set_config('app.tenant', $1, false)", &[&"x"])
+        .expect("set_config");
+    y.batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        .expect("SET SESSION CHARACTERISTICS");
+    for round in 0..10 {
+        assert_eq!(show(&mut x, "show search_path"), "s1", "round {round}");
+        assert_eq!(show(&mut y, "show search_path"), "s2", "round {round}");
+        assert_eq!(show(&mut x, "show statement_timeout"), "0", "round {round}");
+        assert_eq!(show(&mut x, "show work_mem"), "4MB", "round {round}");
+        assert_eq!(
+            show(&mut x, "select current_setting('app.tenant', true)"),
+            "x",
+            "round {round}"
+        );
+        assert_eq!(
+            show(
+                &mut y,
+                "select coalesce(current_setting('app.tenant', true), '')"
+            ),
+            "",
+            "round {round}"
+        );
+        assert_eq!(
+            show(&mut y, "show default_transaction_isolation"),
+            "serializable",
+            "round {round}"
+        );
+        assert_eq!(
+            show(&mut x, "show default_transaction_isolation"),
+            "read committed",
+            "round {round}"
+        );
+    }
+    // RESET ALL: the client's settings go, on whichever server it gets.
+    x.batch_execute("RESET ALL").expect("RESET ALL");
+    assert_eq!(show(&mut y, "show search_path"), "s2");
+    assert_eq!(show(&mut x, "show search_path"), "\"$user\", public");
+}
+
+/// A temporary table pins its client to its server connection: another
+/// client waits (pool_size 1), inspection says why, and once the table is
+/// dropped the pin ends and the other client gets a clean server.
+#[test]
+fn state_that_cannot_follow_pins_the_client() {
+    let _w = watchdog("state_that_cannot_follow_pins_the_client", LIMIT);
+    let pg = PgCluster::start();
+    let config = Config::new(pg.port()).workers(1).route(tx_route(1));
+    let (handle, port) = start_pooler(&config);
+    let mut x = connect(port, "test", "trust_user", None);
+    let pid = backend_pid(&mut x);
+    x.batch_execute("CREATE TEMP TABLE tt (i int)")
+        .expect("temp table");
+    // The check that finds the table follows the CREATE's reply: wait for
+    // its answer (the server is not released before it either way).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let ins = loop {
+        let ins = handle.inspect().expect("inspect");
+        let pinned = ins.client_list.iter().any(|c| c.pinned.is_some());
+        if pinned || Instant::now() > deadline {
+            break ins;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mine = ins
+        .client_list
+        .iter()
+        .find(|c| c.server.is_some())
+        .expect("x holds its server");
+    assert_eq!(mine.pinned.as_deref(), Some("a temporary table"), "{ins:?}");
+    assert_eq!(
+        ins.route("test", "trust_user").map(|r| r.clients_pinned),
+        Some(1)
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let other = thread::spawn(move || {
+        let mut y = connect(port, "test", "trust_user", None);
+        let got = (
+            backend_pid(&mut y),
+            show(&mut y, "select to_regclass('pg_temp.tt') is null"),
+        );
+        tx.send(got).expect("send");
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(700)).is_err(),
+        "another client got the pinned server"
+    );
+    for _ in 0..3 {
+        x.batch_execute("INSERT INTO tt VALUES (1)")
+            .expect("insert");
+        assert_eq!(backend_pid(&mut x), pid, "a pinned client keeps its server");
+    }
+    x.batch_execute("DROP TABLE tt").expect("drop");
+    let (ypid, gone) = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the pin ends with the temp table");
+    other.join().expect("other client");
+    assert_eq!(ypid, pid);
+    assert_eq!(gone, "t");
+    let ins = handle.inspect().expect("inspect");
+    assert!(
+        ins.client_list.iter().all(|c| c.pinned.is_none()),
+        "{ins:?}"
+    );
+}
+
+/// With session_check = "always", a setting made inside a function (no
+/// tell-tale word in the query) follows its client too.
+#[test]
+fn session_check_always_sees_settings_made_in_functions() {
+    let _w = watchdog(
+        "session_check_always_sees_settings_made_in_functions",
+        LIMIT,
+    );
+    let pg = PgCluster::start();
+    pg.sql(
+        "test",
+        "CREATE SCHEMA s1; GRANT USAGE ON SCHEMA s1 TO PUBLIC; \
+         CREATE FUNCTION enter_s1() RETURNS void LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM set_config('search_path', 's1', false); END $$",
+    );
+    let config = Config::new(pg.port()).workers(1).route(tx_route(1));
+    let (_handle, port) = start_pooler_ext(&config, &[keys().raw("session_check", "\"always\"")]);
+    let mut x = connect(port, "test", "trust_user", None);
+    let mut y = connect(port, "test", "trust_user", None);
+    x.batch_execute("SELECT public.enter_s1()")
+        .expect("function");
+    for round in 0..5 {
+        assert_eq!(
+            show(&mut y, "show search_path"),
+            "\"$user\", public",
+            "round {round}"
+        );
+        assert_eq!(show(&mut x, "show search_path"), "s1", "round {round}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 6. Owner memory and pool_discard
 // ---------------------------------------------------------------------------
