@@ -33,7 +33,7 @@ use crate::io::Io;
 use crate::params::{SetCommand, Value};
 use crate::prepared::ServerStatements;
 use crate::relay::{Relay, Step};
-use crate::router::{Lease, PoolKey, PoolShared, Registry, ServerWas, WorkerId};
+use crate::router::{GiveUp, Lease, PoolKey, PoolShared, Registry, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
 use crate::stats::Counters;
 use crate::tls::{StorageTlsConfig, TlsSet};
@@ -584,12 +584,34 @@ impl Worker {
                     self.close_server(cx, sk, "its route changed");
                 }
             }
+            WorkerCmd::Shrink { pool } => {
+                // The least recently used go first. The excess is taken
+                // one by one before each close, so the workers racing for
+                // it close no more than it between them.
+                let Some(lp) = self.w.local.get(&pool) else {
+                    return;
+                };
+                let idle: Vec<Key> = lp.idle.clone();
+                for sk in idle {
+                    let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
+                    let give_up = idle
+                        && self
+                            .w
+                            .local
+                            .get(&pool)
+                            .is_some_and(|lp| lp.shared.give_up_oversize());
+                    if give_up {
+                        self.close_server(cx, sk, GiveUp::PoolSize.reason());
+                    }
+                }
+            }
             WorkerCmd::Ship { server, to, pool } => self.ship(cx, server, to, pool),
             WorkerCmd::Adopt { server } => self.adopt(cx, server),
             WorkerCmd::CloseIdle { server } => {
                 if let Some(Conn::Server(s)) = self.conns.get(server) {
                     if matches!(s.state, ServerState::Idle) {
-                        self.close_server(cx, server, "its route changed");
+                        let why = "the router let it go (reload or storage_max)";
+                        self.close_server(cx, server, why);
                     }
                 }
             }
@@ -1575,12 +1597,15 @@ impl Worker {
             self.close_server(cx, sk, "its route changed");
             return;
         }
-        // Its storage is full (storage_max) and this route holds more than
-        // its share while another waits: the slot goes to the other route.
-        if !granted && lp.shared.give_up_one() {
-            self.close_server(cx, sk, "its storage_max slot goes to another route");
-            self.w.balance_needs(&pool);
-            return;
+        // A reload lowered the pool_size below what the pool holds, or its
+        // storage is full (storage_max) and this route holds more than its
+        // share while another waits: the server closes instead of serving.
+        if !granted {
+            if let Some(why) = lp.shared.give_up_one() {
+                self.close_server(cx, sk, why.reason());
+                self.w.balance_needs(&pool);
+                return;
+            }
         }
         // A paused database's queue waits: the server is kept (or given
         // back), not handed to the next client.
