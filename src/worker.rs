@@ -715,6 +715,11 @@ impl Worker {
                     (Some(p), Some(r)) => (p.to_string(), r.route.pool_timeout),
                     _ => (String::new(), 0),
                 };
+                let waited_ms = since_start_us(self.w.started).wrapping_sub(c.waiting_us) / 1000;
+                warn!(
+                    "{}: waited {waited_ms} ms for a server of {pool} (pool_timeout {timeout} ms); refused with 53300",
+                    c.id
+                );
                 let f = Fatal::new(
                     "53300",
                     format!("timed out waiting for a server connection for route {pool} (pool_timeout {timeout} ms)"),
@@ -1783,6 +1788,7 @@ impl Worker {
             return;
         };
         let route = Arc::clone(route);
+        let cid = c.id;
         c.state = ClientState::Waiting;
         c.waiting_us = since_start_us(self.w.started);
         let id = self.w.id;
@@ -1819,9 +1825,14 @@ impl Worker {
             return;
         }
         lp.queue.push_back(ck);
-        lp.shared
+        let waiting = lp
+            .shared
             .clients_waiting
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        // (The macro tests the level first: nothing is formatted without
+        // log_debug.)
+        debug!("{cid}: waiting for a server of {pool} ({waiting} waiting)");
         let timeout = route.route.pool_timeout;
         if timeout > 0 {
             let t = cx.set_timer(
