@@ -2201,14 +2201,17 @@ impl Worker {
         // 08006 is odissey's own (no connection, TLS failed): a retry would
         // meet the same. Anything else is the server refusing the login.
         if s.tls_retry && code != "08006" {
-            info!("{}: {message}; trying again over TLS (tls = allow)", s.id);
+            info!(
+                "{}: {message} ({code}); trying again over TLS (tls = allow)",
+                s.id
+            );
             let (pool, route) = (s.pool.clone(), Arc::clone(&s.route));
             self.kill(sk);
             // The router's slot for this connection carries over.
             self.open_server_asking(cx, pool, route, AskTls::Require, false);
             return;
         }
-        warn!("{}: {message}", s.id);
+        warn!("{}: {message} ({code})", s.id);
         let pool = s.pool.clone();
         self.kill(sk);
         self.w.send(SysCmd::ServerClosed {
@@ -2803,7 +2806,7 @@ impl Worker {
         } = *p;
         if let (Some((route, credential)), Err((why, code))) = (retry, &outcome) {
             if *code != "08006" {
-                debug!("probe refused in plaintext ({why}); trying again over TLS (tls = allow)");
+                debug!("probe refused in plaintext ({why}, {code}); trying again over TLS (tls = allow)");
                 let job = match job {
                     Job::Verify { password } => Job::Verify { password },
                     Job::Fetch { .. } => Job::Fetch {
@@ -2848,7 +2851,8 @@ impl Worker {
             }
             (Job::Fetch { .. }, Err((why, code))) => {
                 let why = format!("auth_query could not run: {why}");
-                warn!("{why}");
+                // The server's own code, before it is said as 08006 below.
+                warn!("{why} ({code})");
                 // The query route's login failing is not the client's
                 // wrong password: say what happened.
                 let code = if matches!(code, "28P01" | "28000") {
@@ -2924,7 +2928,10 @@ impl Worker {
         let f = if matches!(code, "28P01" | "28000") {
             crate::auth::password_failed(&who.user)
         } else {
-            warn!("login of user {:?} could not be checked: {why}", who.user);
+            warn!(
+                "login of user {:?} could not be checked: {why} ({code})",
+                who.user
+            );
             Fatal::new(code, why)
         };
         if let Some(Conn::Client(c)) = self.conns.get(ck) {
@@ -3610,11 +3617,15 @@ fn step_login(
                     Ok(Progress::Continue) => {}
                     Ok(Progress::Ready) => return (progress, LoginStep::Ready),
                     Err(e) => {
-                        let code = match &e {
-                            LoginError::Server(f) => code_of(&f.code),
-                            _ => "08006",
+                        // The server's code travels beside the message, not
+                        // in it: whoever logs or relays the two adds it once.
+                        let (why, code) = match &e {
+                            LoginError::Server(f) => (
+                                format!("server login failed: {}", f.message),
+                                code_of(&f.code),
+                            ),
+                            _ => (format!("server login failed: {e}"), "08006"),
                         };
-                        let why = format!("server login failed: {e}");
                         return (progress, LoginStep::Failed(why, code));
                     }
                 }

@@ -583,3 +583,52 @@ fn a_waiting_client_and_its_pool_timeout_are_logged() {
     drop(first);
     pooler.stop();
 }
+
+/// Issue 12: a server login failure relayed to the client (its database
+/// does not exist) names its SQLSTATE once per log line, not twice.
+#[test]
+fn a_relayed_server_error_names_its_code_once_in_the_log() {
+    let pg = pg();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("odissey.log");
+    let port = free_port();
+    let route = Route::new("test", "trust_user").storage_db("no_such_db");
+    let text = route_config_text(pg.port(), port, route, &[("log_file", &toml_path(&log))]);
+    let pooler = Pooler::start(dir.path(), &text, &[]);
+    // (Until the pooler listens, the connection itself is refused.)
+    let deadline = Instant::now() + WAIT;
+    let e = loop {
+        match try_connect(port, "test", "trust_user", None) {
+            Err(e) if e.code().is_none() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => break e,
+            Ok(_) => panic!("logged in to a database that does not exist"),
+        }
+    };
+    assert_eq!(
+        e.code(),
+        Some(&SqlState::INVALID_CATALOG_NAME),
+        "{}",
+        describe(&e)
+    );
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("no_such_db"), "{message}");
+    assert!(
+        !message.contains("3D000"),
+        "the code is a field, not text: {message}"
+    );
+    let text = wait_for_lines(&log, "disconnected: server login failed", 1);
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("no_such_db")).collect();
+    assert!(
+        lines.len() >= 2,
+        "the server's line and the client's: {text}"
+    );
+    for l in &lines {
+        assert_eq!(l.matches("3D000").count(), 1, "{l}");
+    }
+    pooler.stop();
+}
