@@ -129,6 +129,9 @@ pub(crate) struct Probe {
 /// What a probe is for.
 #[derive(Debug)]
 enum Job {
+    /// Log in with no password (`passthrough`): getting in without being
+    /// asked for one means the server trusts the user.
+    Trust,
     /// Log in with the client's password: getting in proves it.
     Verify { password: String },
     /// Log in as the auth_query route's user and run the query.
@@ -1040,6 +1043,11 @@ impl Worker {
                             c.io.readable = true;
                             c.state = ClientState::Login(login);
                             progress = true;
+                        }
+                        Ok((_, Outcome::AskServer(who))) => {
+                            c.state = ClientState::Verifying;
+                            self.ask_server(cx, ck, who);
+                            return;
                         }
                         Ok((_, Outcome::Verify { who, password })) => {
                             c.state = ClientState::Verifying;
@@ -2558,6 +2566,38 @@ impl Worker {
         }
     }
 
+    /// A `passthrough` client, before it is asked for anything: when the
+    /// server lets its user into its database without a password (seen
+    /// within `credentials::TRUST_TTL`, else asked now by a login with
+    /// none), it is let in without one, as PostgreSQL would; otherwise it
+    /// is asked for its password, which the server then judges.
+    fn ask_server(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, who: Box<Identity>) {
+        let route = Arc::clone(&who.route);
+        let (storage, db, user) = (&route.route.storage, &route.server_db, &route.server_user);
+        match credentials::server_trusts(storage, db, user) {
+            Some(true) => self.verified(cx, ck, *who),
+            Some(false) => self.ask_client_password(cx, ck, who),
+            None => self.start_probe(cx, ck, who, route, None, Job::Trust, None),
+        }
+    }
+
+    /// A `passthrough` client is asked for its password after all.
+    fn ask_client_password(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        ck: Key,
+        who: Box<Identity>,
+    ) {
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return;
+        };
+        if !matches!(c.state, ClientState::Verifying) {
+            return;
+        }
+        c.state = ClientState::Login(Login::ask_password(who, &mut c.io.out));
+        self.drive_client(cx, ck);
+    }
+
     /// Checks a `passthrough` client's password: against what was proved
     /// before when there is that, else by logging in to the server with it.
     fn verify_password(
@@ -2802,12 +2842,15 @@ impl Worker {
             mut who,
             job,
             retry,
+            login,
             ..
         } = *p;
+        let challenged = login.challenged();
         if let (Some((route, credential)), Err((why, code))) = (retry, &outcome) {
             if *code != "08006" {
                 debug!("probe refused in plaintext ({why}, {code}); trying again over TLS (tls = allow)");
                 let job = match job {
+                    Job::Trust => Job::Trust,
                     Job::Verify { password } => Job::Verify { password },
                     Job::Fetch { .. } => Job::Fetch {
                         sent: false,
@@ -2829,6 +2872,23 @@ impl Worker {
         }
         let storage = who.route.route.storage.clone();
         match (job, outcome) {
+            (Job::Trust, outcome) => {
+                let r = &who.route;
+                let (db, user) = (&r.server_db, &r.server_user);
+                if outcome.is_ok() && !challenged {
+                    credentials::remember_trust(&storage, db, user, true);
+                    self.verified(cx, client, *who);
+                } else {
+                    // Asked for a password: the client is, too. Any other
+                    // failure (no such database, server down) is not
+                    // remembered, and the client is asked as before: the
+                    // login with its password meets the same and says so.
+                    if challenged {
+                        credentials::remember_trust(&storage, db, user, false);
+                    }
+                    self.ask_client_password(cx, client, who);
+                }
+            }
             (Job::Verify { password }, Ok(())) => {
                 credentials::remember_password(&storage, &who.route.server_user, &password);
                 self.verified(cx, client, *who);
