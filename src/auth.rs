@@ -138,6 +138,11 @@ pub(crate) enum Outcome {
     /// `auth_query`: fetch the user's secret from the server into
     /// `who.secret`, then go on with [`Login::challenge`].
     FetchSecret(Box<Identity>),
+    /// `passthrough`, before anything is asked of the client: if the server
+    /// lets the client's user in without a password, so does odissey (as
+    /// PostgreSQL would); else the client is asked for one
+    /// ([`Login::ask_password`]). Nothing is in `out`.
+    AskServer(Box<Identity>),
     /// `passthrough`: the client sent this password; it is right if the
     /// server accepts it for the client's user.
     Verify {
@@ -384,16 +389,8 @@ impl Login {
                     ))
                 }
             }
-            Authentication::ClearText | Authentication::Passthrough => {
-                backend::authentication_cleartext(out);
-                Ok((
-                    Self::Password {
-                        who,
-                        md5_salt: None,
-                    },
-                    Outcome::NeedMore,
-                ))
-            }
+            Authentication::ClearText => Ok((Self::ask_password(who, out), Outcome::NeedMore)),
+            Authentication::Passthrough => Ok((Self::Startup, Outcome::AskServer(who))),
             Authentication::Md5 => {
                 let mut salt = [0u8; 4];
                 getrandom::getrandom(&mut salt)
@@ -432,6 +429,19 @@ impl Login {
                     Outcome::NeedMore,
                 ))
             }
+        }
+    }
+}
+
+impl Login {
+    /// Asks the client for its password in clear text (`clear_text`, and
+    /// `passthrough` once the server asked for one): the state that waits
+    /// for the answer.
+    pub(crate) fn ask_password(who: Box<Identity>, out: &mut BytesMut) -> Self {
+        backend::authentication_cleartext(out);
+        Self::Password {
+            who,
+            md5_salt: None,
         }
     }
 }
@@ -747,7 +757,17 @@ mod tests {
 
         let c = cfg("passthrough", "unused");
         let mut rx = startup("alice", "db");
-        let (login, _) = step(Login::Startup, &mut rx, &mut out, &c).unwrap();
+        // The server is asked first, before the client is.
+        out.clear();
+        let (_, o) = step(Login::Startup, &mut rx, &mut out, &c).unwrap();
+        let Outcome::AskServer(who) = o else {
+            panic!("{o:?}")
+        };
+        assert!(out.is_empty(), "nothing asked of the client yet");
+        // It asked for a password: so is the client, in clear text.
+        let login = Login::ask_password(who, &mut out);
+        let f = codec::read_frame(&mut out, 1024).unwrap().unwrap();
+        assert_eq!((f.tag, &f.body[..]), (b'R', &3u32.to_be_bytes()[..]));
         frontend::password(&mut rx, "what the server will judge");
         let (_, o) = step(login, &mut rx, &mut out, &c).unwrap();
         let Outcome::Verify { who, password } = o else {

@@ -77,6 +77,9 @@ pub(crate) struct BackendLogin {
     pub(crate) params: Vec<(String, String)>,
     /// The server's cancel key.
     pub(crate) key: Option<(u32, u32)>,
+    /// The server asked for proof of identity (any authentication request
+    /// but AuthenticationOk).
+    challenged: bool,
 }
 
 /// Progress of a login.
@@ -106,6 +109,7 @@ impl BackendLogin {
             expect: Some(Expect::Auth),
             params: Vec::new(),
             key: None,
+            challenged: false,
         };
         if tls == AskTls::No {
             login.write_startup(out);
@@ -241,7 +245,17 @@ impl BackendLogin {
         Ok(Progress::Continue)
     }
 
+    /// True once the server asked for a password or any other proof; a
+    /// login that got in without it is one the server trusts (`trust` in
+    /// pg_hba, or a client certificate odissey presents).
+    pub(crate) fn challenged(&self) -> bool {
+        self.challenged
+    }
+
     fn on_auth(&mut self, auth: Authentication, out: &mut BytesMut) -> Result<Expect, LoginError> {
+        if !matches!(auth, Authentication::Ok) {
+            self.challenged = true;
+        }
         Ok(match auth {
             Authentication::Ok => Expect::Ready,
             Authentication::CleartextPassword => {
@@ -338,6 +352,15 @@ mod tests {
             md5::client_response("bob", "pw", [1, 2, 3, 4])
         );
         finish(&mut l, &mut out);
+        assert!(l.challenged());
+    }
+
+    #[test]
+    fn a_login_without_a_challenge_is_trusted() {
+        let mut out = BytesMut::new();
+        let mut l = BackendLogin::start(&mut out, "db", "bob", None, AskTls::No);
+        finish(&mut l, &mut out);
+        assert!(!l.challenged(), "AuthenticationOk at once: trust");
     }
 
     #[test]
@@ -378,6 +401,7 @@ mod tests {
             l.handle(&frames(&mut srv)[0], &mut out),
             Err(LoginError::NoPassword)
         );
+        assert!(l.challenged(), "asked for a password");
         let mut l = BackendLogin::start(&mut out, "db", "bob", None, AskTls::No);
         backend::error_response(
             &mut srv,

@@ -94,6 +94,9 @@ pub(crate) enum WorkerCmd {
     Reclaim { pool: PoolKey },
     /// `pool` was retired by a reload: close the idle servers kept for it.
     Retire { pool: PoolKey },
+    /// A reload lowered `pool`'s pool_size: close idle servers kept for it
+    /// while it holds more than that (`PoolShared::give_up_oversize`).
+    Shrink { pool: PoolKey },
     /// Open a server for `pool` though no client waits (`min_pool_size`);
     /// the router has counted it.
     Warm {
@@ -108,7 +111,8 @@ pub(crate) enum WorkerCmd {
     },
     /// A server moved here from another worker, for this worker's queue.
     Adopt { server: Box<Server> },
-    /// Close idle `server` (its pool was retired by a reload).
+    /// Close idle `server` (its pool was retired or shrunk by a reload, or
+    /// its slot goes to another route of a full storage).
     CloseIdle { server: Key },
     /// A new config (and the TLS material it names) for new clients.
     Configure {

@@ -402,8 +402,11 @@ pub struct Route {
     /// Server connections in total for this route, across workers; 0 = no limit.
     #[serde(default)]
     pub pool_size: usize,
-    /// Milliseconds a client may wait for a server connection; 0 = forever.
-    #[serde(default)]
+    /// Milliseconds a client may wait for a server connection before it is
+    /// refused with 53300; 0 = forever. Default 120 000 (PgBouncer's
+    /// query_wait_timeout): a saturated pool answers with an error rather
+    /// than a silent hang.
+    #[serde(default = "default_pool_timeout")]
     pub pool_timeout: u64,
     /// When a client leaves with a query running, cancel it on the server.
     #[serde(default = "yes")]
@@ -472,6 +475,9 @@ pub struct Route {
 
 fn yes() -> bool {
     true
+}
+fn default_pool_timeout() -> u64 {
+    120_000
 }
 fn default_reset_timeout() -> u64 {
     5_000
@@ -920,6 +926,17 @@ storage = "main"
 
         let e = Config::parse("workers = 1\n").unwrap_err().0;
         assert!(e.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn pool_timeout_defaults_to_two_minutes_and_0_waits_forever() {
+        let c = Config::parse(EXAMPLE).unwrap();
+        // Unset (the default route): a finite wait, PgBouncer's 120 s.
+        assert_eq!(c.route("other", "bob").unwrap().route.pool_timeout, 120_000);
+        assert_eq!(c.route("app", "app").unwrap().route.pool_timeout, 4000);
+        let forever = EXAMPLE.replace("pool_timeout = 4000", "pool_timeout = 0");
+        let c = Config::parse(&forever).unwrap();
+        assert_eq!(c.route("app", "app").unwrap().route.pool_timeout, 0);
     }
 
     #[test]

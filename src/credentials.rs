@@ -14,6 +14,9 @@
 //!   of the password.
 //! - `auth_query` results: the secret the server holds for a user, cached
 //!   for [`SECRET_TTL`] so a burst of logins runs the query once.
+//! - `passthrough`: whether the server lets a user into a database without
+//!   asking for a password (pg_hba `trust`), learned by logging in with
+//!   none, and believed for [`TRUST_TTL`] only.
 //!
 //! Nothing here ever goes to a log line.
 
@@ -26,6 +29,13 @@ use odissey_protocol::scram::{hmac_sha256, ScramCredential};
 /// How long a secret fetched by `auth_query` is trusted.
 pub(crate) const SECRET_TTL: Duration = Duration::from_secs(30);
 
+/// How long the server's answer to "does it let this user in without a
+/// password?" holds. Short on purpose, and re-asked after: a server that
+/// starts asking (pg_hba changed, then reloaded) is honoured within it; the
+/// other way, clients are asked for a password a little longer than
+/// needed. Within it, a burst of logins asks the server once.
+pub(crate) const TRUST_TTL: Duration = Duration::from_secs(2);
+
 /// Beyond this many users a table starts over: memory stays bounded
 /// whatever clients try.
 const MAX_ENTRIES: usize = 100_000;
@@ -34,10 +44,17 @@ const MAX_ENTRIES: usize = 100_000;
 /// database of a server.
 type UserKey = (String, String);
 
+/// Keyed by (storage, database, user): pg_hba may trust a user in one
+/// database and not in another.
+type TrustKey = (String, String, String);
+
 #[derive(Default)]
 struct Tables {
     logins: HashMap<UserKey, Login>,
     secrets: HashMap<UserKey, (Option<String>, Instant)>,
+    /// Whether the server let the user in without a password, and when
+    /// that was seen.
+    trusts: HashMap<TrustKey, (bool, Instant)>,
 }
 
 /// How the pool logs in as a user, and how to check a passthrough client.
@@ -122,6 +139,33 @@ pub(crate) fn forget(storage: &str, user: &str) {
     let mut t = tables();
     t.logins.remove(&key(storage, user));
     t.secrets.remove(&key(storage, user));
+    t.trusts.retain(|(s, _, u), _| !(s == storage && u == user));
+}
+
+/// Whether the server let `user` into `database` without a password
+/// within [`TRUST_TTL`]; None when that is not known (any more).
+pub(crate) fn server_trusts(storage: &str, database: &str, user: &str) -> Option<bool> {
+    let mut t = tables();
+    let k = (storage.to_string(), database.to_string(), user.to_string());
+    match t.trusts.get(&k) {
+        Some((trusted, at)) if at.elapsed() < TRUST_TTL => Some(*trusted),
+        Some(_) => {
+            t.trusts.remove(&k);
+            None
+        }
+        None => None,
+    }
+}
+
+/// The server let `user` into `database` without a password (`true`), or
+/// asked for one (`false`).
+pub(crate) fn remember_trust(storage: &str, database: &str, user: &str, trusted: bool) {
+    let mut t = tables();
+    if t.trusts.len() >= MAX_ENTRIES {
+        t.trusts.clear();
+    }
+    let k = (storage.to_string(), database.to_string(), user.to_string());
+    t.trusts.insert(k, (trusted, Instant::now()));
 }
 
 /// What the pool's server connections for `user` log in with.
@@ -189,6 +233,27 @@ mod tests {
         remember_login("s-test", "bob", keys.clone());
         assert_eq!(credential("s-test", "bob"), Some(keys));
         assert!(!check("s-test", "bob", ""));
+    }
+
+    #[test]
+    fn the_servers_trust_is_kept_briefly_per_database() {
+        assert_eq!(server_trusts("s-test3", "db", "ann"), None);
+        remember_trust("s-test3", "db", "ann", true);
+        assert_eq!(server_trusts("s-test3", "db", "ann"), Some(true));
+        assert_eq!(server_trusts("s-test3", "other", "ann"), None);
+        assert_eq!(server_trusts("s-test3", "db", "bob"), None);
+        remember_trust("s-test3", "db", "bob", false);
+        assert_eq!(server_trusts("s-test3", "db", "bob"), Some(false));
+        // Stale: asked again.
+        tables()
+            .trusts
+            .get_mut(&("s-test3".into(), "db".into(), "ann".into()))
+            .unwrap()
+            .1 -= TRUST_TTL;
+        assert_eq!(server_trusts("s-test3", "db", "ann"), None);
+        // A refused login forgets it too.
+        forget("s-test3", "bob");
+        assert_eq!(server_trusts("s-test3", "db", "bob"), None);
     }
 
     #[test]

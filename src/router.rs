@@ -113,6 +113,38 @@ pub(crate) struct PoolShared {
     shrink: AtomicUsize,
     /// What logins are told (ParameterStatus), by startup settings.
     pub(crate) greetings: crate::session::Greetings,
+    /// Servers the pool should give up because a reload lowered its
+    /// pool_size below what it holds. Whoever closes one for it (a worker
+    /// releasing or keeping it idle, the router holding it) takes one off
+    /// first, so each excess server closes once. Zero but after such a
+    /// reload.
+    oversize: AtomicUsize,
+}
+
+/// Why a released server is closed instead of reused (`give_up_one`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GiveUp {
+    /// Its slot goes to another route of a full storage (storage_max).
+    StorageShare,
+    /// A reload lowered the pool's pool_size below what it holds.
+    PoolSize,
+}
+
+impl GiveUp {
+    /// Why, for the log.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Self::StorageShare => "its storage_max slot goes to another route",
+            Self::PoolSize => "a reload lowered its pool_size",
+        }
+    }
+}
+
+/// Takes one off `n` unless it is zero; true when it did.
+fn take_one(n: &AtomicUsize) -> bool {
+    n.load(Ordering::Relaxed) > 0
+        && n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+            .is_ok()
 }
 
 impl PoolShared {
@@ -127,6 +159,7 @@ impl PoolShared {
             logins: std::sync::atomic::AtomicU64::new(0),
             shrink: AtomicUsize::new(0),
             greetings: crate::session::Greetings::default(),
+            oversize: AtomicUsize::new(0),
         }
     }
 
@@ -175,14 +208,22 @@ impl PoolShared {
         }
     }
 
-    /// A worker about to reuse a released server: true when it must close
-    /// it instead, its slot going to another route of a full storage.
-    pub(crate) fn give_up_one(&self) -> bool {
-        self.shrink.load(Ordering::Relaxed) > 0
-            && self
-                .shrink
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok()
+    /// A worker about to reuse a released server: `Some` when it must close
+    /// it instead (two relaxed loads when nothing is to be given up).
+    pub(crate) fn give_up_one(&self) -> Option<GiveUp> {
+        if take_one(&self.oversize) {
+            Some(GiveUp::PoolSize)
+        } else if take_one(&self.shrink) {
+            Some(GiveUp::StorageShare)
+        } else {
+            None
+        }
+    }
+
+    /// A worker about to keep or hand out an idle server: true when it
+    /// must close it instead, the pool being above its pool_size.
+    pub(crate) fn give_up_oversize(&self) -> bool {
+        take_one(&self.oversize)
     }
 
     /// A worker takes one of its kept servers out of its idle list.
@@ -249,6 +290,9 @@ pub(crate) enum Action {
     Close { worker: WorkerId, server: Key },
     /// Tell every worker to close the idle servers it keeps for `pool`.
     Retire { pool: PoolKey },
+    /// Tell every worker to close idle servers it keeps for `pool` while
+    /// the pool holds more than its (lowered) pool_size.
+    Shrink { pool: PoolKey },
 }
 
 /// Where a closed server was when it closed.
@@ -562,6 +606,11 @@ impl Router {
         if p.needs.is_empty() && (p.retired || self.others_starved(key, &p.storage)) {
             return Some(Action::Close { worker, server });
         }
+        // Above a pool_size that a reload lowered: it closes, whoever waits
+        // (the needs are met once the pool is back under its size).
+        if p.shared.give_up_oversize() {
+            return Some(Action::Close { worker, server });
+        }
         let p = self.pools.get_mut(key)?;
         let storage = Arc::clone(&p.storage);
         let action = match p.pop_need() {
@@ -594,6 +643,22 @@ impl Router {
     ) -> Option<Action> {
         let p = self.pools.get_mut(key)?;
         p.total = p.total.saturating_sub(1);
+        // A server that closed for another reason (an error, pool_ttl)
+        // while the pool was above a lowered pool_size counts towards the
+        // excess. Only ever lowered here: `total` still counts the servers
+        // the workers gave up but whose close is not reported yet.
+        let size = p.route.route.pool_size;
+        let over = if size == 0 {
+            0
+        } else {
+            p.total.saturating_sub(size)
+        };
+        let _ = p
+            .shared
+            .oversize
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n > over).then_some(over)
+            });
         let storage = Arc::clone(&p.storage);
         let book = self.storages.get_mut(&storage);
         match was {
@@ -702,7 +767,12 @@ impl Router {
                         b.total += pool.total;
                         pool.storage = to;
                     }
+                    let resized = r.route.pool_size != pool.route.route.pool_size;
                     pool.route = r;
+                    if resized {
+                        let book = self.storages.get_mut(&pool.storage);
+                        Self::resize(key, pool, book, &mut actions);
+                    }
                 }
                 _ => {
                     pool.retired = true;
@@ -715,6 +785,51 @@ impl Router {
             }
         }
         actions
+    }
+
+    /// A reload gave `pool` a new pool_size (already in `pool.route`).
+    ///
+    /// Lowered: the servers it holds above it go. Those idle in the
+    /// router's list close now; the workers close the ones they keep idle
+    /// (`Shrink`) and give up the busy ones as they are released
+    /// (`oversize`), so no transaction is cut short. `total` may still
+    /// count servers given up for an earlier lowering whose close is not
+    /// reported yet; `server_closed` lowers the excess as those come in.
+    ///
+    /// Raised (or 0, unlimited): what a lower size still had to close
+    /// stays, and the needs queued for want of room get new connections
+    /// now rather than at the next close.
+    fn resize(
+        key: &PoolKey,
+        pool: &mut Pool,
+        mut book: Option<&mut StorageBook>,
+        actions: &mut Vec<(PoolKey, Action)>,
+    ) {
+        let size = pool.route.route.pool_size;
+        let mut excess = if size == 0 {
+            0
+        } else {
+            pool.total.saturating_sub(size)
+        };
+        while excess > 0 {
+            let Some((worker, server)) = pool.idle.pop_front() else {
+                break;
+            };
+            actions.push((key.clone(), Action::Close { worker, server }));
+            excess -= 1;
+        }
+        pool.shared.oversize.store(excess, Ordering::SeqCst);
+        if excess > 0 {
+            actions.push((key.clone(), Action::Shrink { pool: key.clone() }));
+        }
+        while pool.has_room() && book.as_ref().is_none_or(|b| b.has_room()) {
+            let Some(worker) = pool.pop_need() else {
+                break;
+            };
+            Self::open_one(pool, book.as_deref_mut());
+            let lease = Lease::New;
+            actions.push((key.clone(), Action::Grant { worker, lease }));
+        }
     }
 
     /// Pools short of their route's `min_pool_size` get new connections,
@@ -858,8 +973,12 @@ mod tests {
         // routes = 1) and must give one back as it releases.
         assert_eq!(router.need(&b, &rb, 0), Action::Wait { reclaim: vec![] });
         let sa = registry.get(&a);
-        assert!(sa.give_up_one(), "a gives up one connection");
-        assert!(!sa.give_up_one(), "and only one");
+        assert_eq!(
+            sa.give_up_one(),
+            Some(GiveUp::StorageShare),
+            "a gives up one connection"
+        );
+        assert_eq!(sa.give_up_one(), None, "and only one");
         // The connection a gives up goes to b, not to a's own queued need.
         router.server_up(&a);
         router.server_up(&a);
@@ -872,7 +991,7 @@ mod tests {
         );
         assert!(router.take_actions().is_empty());
         // Nobody starves any more: nothing more to give up.
-        assert!(!sa.give_up_one());
+        assert_eq!(sa.give_up_one(), None);
     }
 
     #[test]
@@ -960,7 +1079,7 @@ mod tests {
         // b gives up: nobody waits, nobody gives back.
         router.cancel_need(&b, 1, 1);
         assert_eq!(router.storage_stats()[0].routes_waiting, 0);
-        assert!(!registry.get(&a).give_up_one());
+        assert_eq!(registry.get(&a).give_up_one(), None);
     }
 
     fn keys(n: usize) -> Vec<Key> {
@@ -1016,6 +1135,104 @@ mod tests {
                 lease: Lease::Local(s[0])
             }
         );
+    }
+
+    #[test]
+    fn a_lowered_pool_size_closes_the_servers_above_it_as_they_free_up() {
+        let (k, r) = route(4);
+        let registry = Arc::new(Registry::new(2));
+        let mut router = Router::new(Arc::clone(&registry));
+        let s = keys(4);
+        for w in [0, 0, 1, 1] {
+            assert!(matches!(router.need(&k, &r, w), Action::Grant { .. }));
+            router.server_up(&k);
+        }
+        // One idle in the router's list, the other three busy or kept.
+        assert_eq!(router.release(&k, 0, s[0]), None);
+        let cfg = Config::parse(&cfg_text(2)).unwrap();
+        let actions = router.configure(&cfg);
+        assert_eq!(
+            actions,
+            vec![
+                (
+                    k.clone(),
+                    Action::Close {
+                        worker: 0,
+                        server: s[0]
+                    }
+                ),
+                (k.clone(), Action::Shrink { pool: k.clone() }),
+            ],
+            "the router's idle server closes now, the workers are asked for one more"
+        );
+        let shared = registry.get(&k);
+        // A busy one handed to the router is the other excess server.
+        assert_eq!(
+            router.release(&k, 1, s[1]),
+            Some(Action::Close {
+                worker: 1,
+                server: s[1]
+            })
+        );
+        assert_eq!(shared.give_up_one(), None, "4 - 2 = 2: both are going");
+        // Until both closes are reported the pool is full: a need waits.
+        assert_eq!(router.need(&k, &r, 1), Action::Wait { reclaim: vec![] });
+        router.cancel_need(&k, 1, 1);
+        assert_eq!(
+            router.server_closed(&k, 0, Some(s[0]), ServerWas::Idle),
+            None
+        );
+        assert_eq!(
+            router.server_closed(&k, 1, Some(s[1]), ServerWas::Active),
+            None
+        );
+        assert_eq!(router.stats()[0].pool_size, 2);
+        // Two left, both busy: a third need still waits.
+        assert_eq!(router.need(&k, &r, 1), Action::Wait { reclaim: vec![] });
+        router.cancel_need(&k, 1, 1);
+
+        // Lowered again (2 -> 1) while a server dies on its own: the
+        // excess shrinks with it, so the pool does not fall below its size.
+        let cfg1 = Config::parse(&cfg_text(1)).unwrap();
+        assert_eq!(
+            router.configure(&cfg1),
+            vec![(k.clone(), Action::Shrink { pool: k.clone() })]
+        );
+        assert_eq!(router.server_closed(&k, 1, None, ServerWas::Active), None);
+        assert_eq!(shared.give_up_one(), None, "already down to 1");
+        // Raised again: the need queued for want of room is met at once.
+        assert!(matches!(router.need(&k, &r, 0), Action::Wait { .. }));
+        assert_eq!(
+            router.configure(&Config::parse(&cfg_text(4)).unwrap()),
+            vec![(
+                k.clone(),
+                Action::Grant {
+                    worker: 0,
+                    lease: Lease::New
+                }
+            )]
+        );
+        assert!(!shared.others_waiting(1), "the need left the queue");
+        router.server_up(&k);
+        // Lowered to 1 with 2 open, then unlimited: nothing goes.
+        router.configure(&Config::parse(&cfg_text(1)).unwrap());
+        assert!(router
+            .configure(&Config::parse(&cfg_text(0)).unwrap())
+            .is_empty());
+        assert_eq!(shared.give_up_one(), None, "unlimited: nothing to give up");
+        assert_eq!(
+            router.release(&k, 0, s[2]),
+            None,
+            "kept in the router's list"
+        );
+    }
+
+    fn cfg_text(size: usize) -> String {
+        format!(
+            "[[listen]]\nport = 0\n[storage.s]\ntype = \"remote\"\n\
+             [database.d.user.u]\nauthentication = \"none\"\nstorage = \"s\"\n\
+             pool = \"transaction\"\npool_size = {size}\n"
+        )
     }
 
     #[test]

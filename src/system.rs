@@ -840,6 +840,11 @@ impl System {
                     let _ = w.send(WorkerCmd::Retire { pool: pool.clone() });
                 }
             }
+            Action::Shrink { pool } => {
+                for w in &run.workers {
+                    let _ = w.send(WorkerCmd::Shrink { pool: pool.clone() });
+                }
+            }
         }
     }
 }

@@ -33,7 +33,7 @@ use crate::ids::ConnId;
 use crate::io::Io;
 use crate::prepared::ServerStatements;
 use crate::relay::{Relay, Step};
-use crate::router::{Lease, PoolKey, PoolShared, Registry, ServerWas, WorkerId};
+use crate::router::{GiveUp, Lease, PoolKey, PoolShared, Registry, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
 use crate::session::{Greeting, Pin, Scan};
 use crate::stats::Counters;
@@ -130,6 +130,9 @@ pub(crate) struct Probe {
 /// What a probe is for.
 #[derive(Debug)]
 enum Job {
+    /// Log in with no password (`passthrough`): getting in without being
+    /// asked for one means the server trusts the user.
+    Trust,
     /// Log in with the client's password: getting in proves it.
     Verify { password: String },
     /// Log in as the auth_query route's user and run the query.
@@ -612,12 +615,34 @@ impl Worker {
                     self.close_server(cx, sk, "its route changed");
                 }
             }
+            WorkerCmd::Shrink { pool } => {
+                // The least recently used go first. The excess is taken
+                // one by one before each close, so the workers racing for
+                // it close no more than it between them.
+                let Some(lp) = self.w.local.get(&pool) else {
+                    return;
+                };
+                let idle: Vec<Key> = lp.idle.clone();
+                for sk in idle {
+                    let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
+                    let give_up = idle
+                        && self
+                            .w
+                            .local
+                            .get(&pool)
+                            .is_some_and(|lp| lp.shared.give_up_oversize());
+                    if give_up {
+                        self.close_server(cx, sk, GiveUp::PoolSize.reason());
+                    }
+                }
+            }
             WorkerCmd::Ship { server, to, pool } => self.ship(cx, server, to, pool),
             WorkerCmd::Adopt { server } => self.adopt(cx, server),
             WorkerCmd::CloseIdle { server } => {
                 if let Some(Conn::Server(s)) = self.conns.get(server) {
                     if matches!(s.state, ServerState::Idle) {
-                        self.close_server(cx, server, "its route changed");
+                        let why = "the router let it go (reload or storage_max)";
+                        self.close_server(cx, server, why);
                     }
                 }
             }
@@ -721,6 +746,11 @@ impl Worker {
                     (Some(p), Some(r)) => (p.to_string(), r.route.pool_timeout),
                     _ => (String::new(), 0),
                 };
+                let waited_ms = since_start_us(self.w.started).wrapping_sub(c.waiting_us) / 1000;
+                warn!(
+                    "{}: waited {waited_ms} ms for a server of {pool} (pool_timeout {timeout} ms); refused with 53300",
+                    c.id
+                );
                 let f = Fatal::new(
                     "53300",
                     format!("timed out waiting for a server connection for route {pool} (pool_timeout {timeout} ms)"),
@@ -1043,6 +1073,11 @@ impl Worker {
                             c.io.readable = true;
                             c.state = ClientState::Login(login);
                             progress = true;
+                        }
+                        Ok((_, Outcome::AskServer(who))) => {
+                            c.state = ClientState::Verifying;
+                            self.ask_server(cx, ck, who);
+                            return;
                         }
                         Ok((_, Outcome::Verify { who, password })) => {
                             c.state = ClientState::Verifying;
@@ -1683,12 +1718,15 @@ impl Worker {
             self.close_server(cx, sk, "its route changed");
             return;
         }
-        // Its storage is full (storage_max) and this route holds more than
-        // its share while another waits: the slot goes to the other route.
-        if !granted && lp.shared.give_up_one() {
-            self.close_server(cx, sk, "its storage_max slot goes to another route");
-            self.w.balance_needs(&pool);
-            return;
+        // A reload lowered the pool_size below what the pool holds, or its
+        // storage is full (storage_max) and this route holds more than its
+        // share while another waits: the server closes instead of serving.
+        if !granted {
+            if let Some(why) = lp.shared.give_up_one() {
+                self.close_server(cx, sk, why.reason());
+                self.w.balance_needs(&pool);
+                return;
+            }
         }
         // A paused database's queue waits: the server is kept (or given
         // back), not handed to the next client.
@@ -1912,6 +1950,7 @@ impl Worker {
             return;
         };
         let route = Arc::clone(route);
+        let cid = c.id;
         c.state = ClientState::Waiting;
         c.waiting_us = since_start_us(self.w.started);
         let id = self.w.id;
@@ -1948,9 +1987,14 @@ impl Worker {
             return;
         }
         lp.queue.push_back(ck);
-        lp.shared
+        let waiting = lp
+            .shared
             .clients_waiting
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        // (The macro tests the level first: nothing is formatted without
+        // log_debug.)
+        debug!("{cid}: waiting for a server of {pool} ({waiting} waiting)");
         let timeout = route.route.pool_timeout;
         if timeout > 0 {
             let t = cx.set_timer(
@@ -2322,14 +2366,17 @@ impl Worker {
         // 08006 is odissey's own (no connection, TLS failed): a retry would
         // meet the same. Anything else is the server refusing the login.
         if s.tls_retry && code != "08006" {
-            info!("{}: {message}; trying again over TLS (tls = allow)", s.id);
+            info!(
+                "{}: {message} ({code}); trying again over TLS (tls = allow)",
+                s.id
+            );
             let (pool, route) = (s.pool.clone(), Arc::clone(&s.route));
             self.kill(sk);
             // The router's slot for this connection carries over.
             self.open_server_asking(cx, pool, route, AskTls::Require, false);
             return;
         }
-        warn!("{}: {message}", s.id);
+        warn!("{}: {message} ({code})", s.id);
         let pool = s.pool.clone();
         self.kill(sk);
         self.w.send(SysCmd::ServerClosed {
@@ -2675,6 +2722,38 @@ impl Worker {
         }
     }
 
+    /// A `passthrough` client, before it is asked for anything: when the
+    /// server lets its user into its database without a password (seen
+    /// within `credentials::TRUST_TTL`, else asked now by a login with
+    /// none), it is let in without one, as PostgreSQL would; otherwise it
+    /// is asked for its password, which the server then judges.
+    fn ask_server(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, who: Box<Identity>) {
+        let route = Arc::clone(&who.route);
+        let (storage, db, user) = (&route.route.storage, &route.server_db, &route.server_user);
+        match credentials::server_trusts(storage, db, user) {
+            Some(true) => self.verified(cx, ck, *who),
+            Some(false) => self.ask_client_password(cx, ck, who),
+            None => self.start_probe(cx, ck, who, route, None, Job::Trust, None),
+        }
+    }
+
+    /// A `passthrough` client is asked for its password after all.
+    fn ask_client_password(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        ck: Key,
+        who: Box<Identity>,
+    ) {
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return;
+        };
+        if !matches!(c.state, ClientState::Verifying) {
+            return;
+        }
+        c.state = ClientState::Login(Login::ask_password(who, &mut c.io.out));
+        self.drive_client(cx, ck);
+    }
+
     /// Checks a `passthrough` client's password: against what was proved
     /// before when there is that, else by logging in to the server with it.
     fn verify_password(
@@ -2919,12 +2998,15 @@ impl Worker {
             mut who,
             job,
             retry,
+            login,
             ..
         } = *p;
+        let challenged = login.challenged();
         if let (Some((route, credential)), Err((why, code))) = (retry, &outcome) {
             if *code != "08006" {
-                debug!("probe refused in plaintext ({why}); trying again over TLS (tls = allow)");
+                debug!("probe refused in plaintext ({why}, {code}); trying again over TLS (tls = allow)");
                 let job = match job {
+                    Job::Trust => Job::Trust,
                     Job::Verify { password } => Job::Verify { password },
                     Job::Fetch { .. } => Job::Fetch {
                         sent: false,
@@ -2946,6 +3028,23 @@ impl Worker {
         }
         let storage = who.route.route.storage.clone();
         match (job, outcome) {
+            (Job::Trust, outcome) => {
+                let r = &who.route;
+                let (db, user) = (&r.server_db, &r.server_user);
+                if outcome.is_ok() && !challenged {
+                    credentials::remember_trust(&storage, db, user, true);
+                    self.verified(cx, client, *who);
+                } else {
+                    // Asked for a password: the client is, too. Any other
+                    // failure (no such database, server down) is not
+                    // remembered, and the client is asked as before: the
+                    // login with its password meets the same and says so.
+                    if challenged {
+                        credentials::remember_trust(&storage, db, user, false);
+                    }
+                    self.ask_client_password(cx, client, who);
+                }
+            }
             (Job::Verify { password }, Ok(())) => {
                 credentials::remember_password(&storage, &who.route.server_user, &password);
                 self.verified(cx, client, *who);
@@ -2968,7 +3067,8 @@ impl Worker {
             }
             (Job::Fetch { .. }, Err((why, code))) => {
                 let why = format!("auth_query could not run: {why}");
-                warn!("{why}");
+                // The server's own code, before it is said as 08006 below.
+                warn!("{why} ({code})");
                 // The query route's login failing is not the client's
                 // wrong password: say what happened.
                 let code = if matches!(code, "28P01" | "28000") {
@@ -3044,7 +3144,10 @@ impl Worker {
         let f = if matches!(code, "28P01" | "28000") {
             crate::auth::password_failed(&who.user)
         } else {
-            warn!("login of user {:?} could not be checked: {why}", who.user);
+            warn!(
+                "login of user {:?} could not be checked: {why} ({code})",
+                who.user
+            );
             Fatal::new(code, why)
         };
         if let Some(Conn::Client(c)) = self.conns.get(ck) {
@@ -3783,11 +3886,15 @@ fn step_login(
                     Ok(Progress::Continue) => {}
                     Ok(Progress::Ready) => return (progress, LoginStep::Ready),
                     Err(e) => {
-                        let code = match &e {
-                            LoginError::Server(f) => code_of(&f.code),
-                            _ => "08006",
+                        // The server's code travels beside the message, not
+                        // in it: whoever logs or relays the two adds it once.
+                        let (why, code) = match &e {
+                            LoginError::Server(f) => (
+                                format!("server login failed: {}", f.message),
+                                code_of(&f.code),
+                            ),
+                            _ => (format!("server login failed: {e}"), "08006"),
                         };
-                        let why = format!("server login failed: {e}");
                         return (progress, LoginStep::Failed(why, code));
                     }
                 }

@@ -223,6 +223,70 @@ fn passthrough_checks_passwords_on_the_server_and_follows_changes() {
     );
 }
 
+/// The first authentication request the pooler sends `user` (3 is
+/// AuthenticationCleartextPassword, 0 AuthenticationOk).
+fn first_auth_request(port: u16, user: &str) -> u32 {
+    let mut c = RawClient::tcp(port);
+    c.send_startup(&[("user", user), ("database", "test")]);
+    let (tag, body) = c.read_msg().expect("the pooler's answer to a startup");
+    assert_eq!(tag, b'R', "{user}: {:?}", String::from_utf8_lossy(&body));
+    let code = body
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    c.vanish();
+    code.unwrap_or_else(|| panic!("{user}: a short authentication request"))
+}
+
+/// Issue 12: passthrough against a server that lets the user in without a
+/// password (pg_hba trust) asks the client for none, as PostgreSQL would
+/// not; users the server asks a password of are asked for one, and when
+/// the server starts asking (pg_hba changed), so does odissey.
+#[test]
+fn passthrough_asks_no_password_of_a_user_the_server_trusts() {
+    let _w = watchdog("passthrough trust", Duration::from_secs(60));
+    let pg = PgCluster::start();
+    let cfg = Config::new(pg.port())
+        .route(route(TRUST_USER, "passthrough", None))
+        .route(route(MD5_USER, "passthrough", None))
+        .route(route(SCRAM_USER, "passthrough", None));
+    let (_h, port) = start_pooler(&cfg);
+    // The raw client panics at any authentication request but Ok.
+    let mut c = RawClient::login(port, TRUST_USER, "test").expect("trust_user, no password");
+    let q = c.query("select current_user");
+    assert_eq!(q.rows, vec![vec![Some(TRUST_USER.to_string())]], "{q:?}");
+    c.terminate();
+    assert_eq!(first_auth_request(port, TRUST_USER), 0);
+    // A driver with no password at all.
+    assert_eq!(one(port, TRUST_USER, None).unwrap(), 1);
+    for (user, right) in [(MD5_USER, MD5_PASS), (SCRAM_USER, SCRAM_PASS)] {
+        assert_eq!(first_auth_request(port, user), 3, "{user} is asked");
+        assert!(one(port, user, None).is_err(), "{user} without a password");
+        expect_code(
+            one(port, user, Some("wrong")),
+            &SqlState::INVALID_PASSWORD,
+            &format!("passthrough {user} with a wrong password"),
+        );
+        assert_eq!(one(port, user, Some(right)).unwrap(), 1);
+    }
+    // The server starts asking trust_user (who has no password) for one.
+    let hba = pg.datadir().join("pg_hba.conf");
+    let text = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+    let line = "host    all       trust_user  127.0.0.1/32  trust";
+    assert!(text.contains(line), "{text}");
+    let asking = text.replace(line, "host    all       trust_user  127.0.0.1/32  md5");
+    std::fs::write(&hba, asking).expect("rewrite pg_hba.conf");
+    pg.sql("postgres", "SELECT pg_reload_conf()");
+    // What odissey saw holds 2 s at most (credentials::TRUST_TTL).
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(first_auth_request(port, TRUST_USER), 3, "asked now");
+    expect_code(
+        one(port, TRUST_USER, Some("anything")),
+        &SqlState::INVALID_PASSWORD,
+        "trust_user once the server asks for a password",
+    );
+    assert!(one(port, TRUST_USER, None).is_err());
+}
+
 #[test]
 fn a_client_that_stalls_in_startup_is_dropped_after_auth_timeout() {
     let _w = watchdog("auth_timeout", Duration::from_secs(30));

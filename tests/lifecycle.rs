@@ -382,3 +382,114 @@ fn reload_under_load_changes_pool_size_and_storage_without_client_errors() {
     let notes = h.reload(None).unwrap();
     assert!(notes.iter().any(|n| n.contains("workers")), "{notes:?}");
 }
+
+/// Issue 12: a reload that lowers a route's pool_size (4 -> 2) keeps its
+/// pool but closes the servers above the new size as they are released,
+/// never under a running transaction: pgbench sees no error, and once the
+/// transactions in flight at the reload are over PostgreSQL never holds
+/// more than 2 backends of the route.
+#[test]
+fn reload_lowering_pool_size_closes_the_servers_above_it_under_load() {
+    let _w = watchdog(
+        "reload lowering pool_size under load",
+        Duration::from_secs(120),
+    );
+    let pg = PgCluster::start();
+    pgbench_init(&pg);
+    let config = |pool_size| {
+        Config::new(pg.port()).route(
+            Route::new("test", TRUST_USER)
+                .transaction()
+                .pool_size(pool_size),
+        )
+    };
+    let (h, port) = start_pooler(&config(4));
+
+    let mut bench = pg_tool("pgbench");
+    bench
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", TRUST_USER])
+        .args(["-c", "10", "-j", "2", "-T", "10", "test"]);
+    let started = Instant::now();
+    let load = thread::spawn(move || run_tool(bench, Duration::from_secs(60)));
+    // Ten clients on a pool of 4: all 4 open.
+    assert_eq!(
+        pg.wait_for_backends(TRUST_USER, 4, Duration::from_secs(4)),
+        4,
+        "pool_size 4 under 10 clients"
+    );
+    h.reload(Some(ConfigSource::Toml(config(2).toml())))
+        .expect("reload to pool_size 2");
+    // The transactions running at the reload end within milliseconds;
+    // their servers close as they are released (and their backends take
+    // a moment to exit).
+    let n = pg.wait_for_backends(TRUST_USER, 2, Duration::from_secs(3));
+    assert!(n <= 2, "{n} backends 3 s after lowering pool_size to 2");
+    // From then on (the second half of the run), never more than 2.
+    let mut samples = 0;
+    let mut max = 0;
+    let mut max_servers = 0;
+    while started.elapsed() < Duration::from_secs(9) {
+        max = max.max(pg.backends(TRUST_USER));
+        max_servers = max_servers.max(servers_total(&h.inspect().expect("inspect")));
+        samples += 1;
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(samples >= 20, "only {samples} samples: the run ended early");
+    assert!(max <= 2, "{max} backends after the reload to pool_size 2");
+    assert!(max_servers <= 2, "the pooler counted {max_servers} servers");
+    let out = load.join().expect("pgbench thread");
+    let text = assert_pgbench_clean(&out);
+    assert!(started.elapsed() >= Duration::from_secs(9), "{text}");
+    assert!(pg.backends(TRUST_USER) <= 2);
+    assert_eq!(
+        h.inspect()
+            .unwrap()
+            .route("test", TRUST_USER)
+            .unwrap()
+            .pool_size,
+        2
+    );
+}
+
+/// Issue 12: after a reload that lowers pool_size, the servers workers
+/// keep idle above the new size close at once, not at their next use.
+#[test]
+fn reload_lowering_pool_size_closes_idle_servers_at_once() {
+    let _w = watchdog("reload lowering pool_size, idle", LIMIT);
+    let pg = PgCluster::start();
+    let config = |pool_size| {
+        Config::new(pg.port()).route(
+            Route::new("test", TRUST_USER)
+                .transaction()
+                .pool_size(pool_size),
+        )
+    };
+    let (h, port) = start_pooler(&config(4));
+    // Four transactions at once open four servers...
+    let mut clients: Vec<Client> = (0..4)
+        .map(|_| connect(port, "test", TRUST_USER, None))
+        .collect();
+    for c in &mut clients {
+        c.batch_execute("begin; select 1").expect("begin");
+    }
+    // ...which stay idle on the workers once they end.
+    for c in &mut clients {
+        c.batch_execute("commit").expect("commit");
+    }
+    assert_eq!(pg.backends(TRUST_USER), 4);
+    h.reload(Some(ConfigSource::Toml(config(2).toml())))
+        .expect("reload to pool_size 2");
+    // No client does anything: the idle ones above 2 close on their own.
+    assert_eq!(
+        pg.wait_for_backends(TRUST_USER, 2, Duration::from_secs(3)),
+        2,
+        "idle servers above the lowered pool_size"
+    );
+    // The two left serve the clients, and no third opens.
+    for c in &mut clients {
+        assert_eq!(scalar(c, "select 'ok'").as_deref(), Some("ok"));
+    }
+    let i = h.inspect().unwrap();
+    assert_eq!(servers_total(&i), 2, "{:?}", i.routes);
+    assert_eq!(pg.backends(TRUST_USER), 2);
+}

@@ -38,12 +38,17 @@ fn free_port() -> u16 {
 
 /// A config for `trust_user@test` on `port`, with extra top-level lines.
 fn config_text(pg_port: u16, port: u16, globals: &[(&str, &str)]) -> String {
+    route_config_text(pg_port, port, Route::new("test", "trust_user"), globals)
+}
+
+/// A config for `route` on `port`, with extra top-level lines.
+fn route_config_text(pg_port: u16, port: u16, route: Route, globals: &[(&str, &str)]) -> String {
     let mut config = Config::new(pg_port).workers(1);
     for (key, value) in globals {
         config = config.global(key, value);
     }
     config
-        .route(Route::new("test", "trust_user"))
+        .route(route)
         .toml()
         .replace("port = 0", &format!("port = {port}"))
 }
@@ -519,4 +524,111 @@ fn log_session_and_log_query() {
         "{text}"
     );
     assert!(!text.contains("query:"), "{text}");
+}
+
+/// Issue 12: a client that must queue for a server says so at debug level,
+/// and when pool_timeout ends its wait the log says how long it waited and
+/// for which route.
+#[test]
+fn a_waiting_client_and_its_pool_timeout_are_logged() {
+    let pg = pg();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("odissey.log");
+    let port = free_port();
+    let route = Route::new("test", "trust_user")
+        .pool_size(1)
+        .pool_timeout_ms(300);
+    let text = route_config_text(pg.port(), port, route, &[("log_file", &toml_path(&log))])
+        // (Config writes log_debug from $ODISSEY_TEST_DEBUG.)
+        .replace("log_debug = false", "log_debug = true");
+    assert!(text.contains("log_debug = true"), "{text}");
+    let pooler = Pooler::start(dir.path(), &text, &[]);
+    // Session pooling: the first client keeps the only server.
+    let mut first = connect_eventually(port, "test", "trust_user", None, WAIT);
+    assert_eq!(scalar(&mut first, "select 1").as_deref(), Some("1"));
+    let mut second = connect(port, "test", "trust_user", None);
+    let e = second
+        .simple_query("select 2")
+        .expect_err("the pool's one server is taken");
+    assert_eq!(
+        e.code(),
+        Some(&SqlState::TOO_MANY_CONNECTIONS),
+        "{}",
+        describe(&e)
+    );
+    let text = wait_for_lines(&log, "pool_timeout 300 ms);", 1);
+    let timed_out = text
+        .lines()
+        .find(|l| l.contains("pool_timeout 300 ms);"))
+        .unwrap_or_default();
+    assert!(timed_out.contains("WARN"), "{timed_out}");
+    // "<time> WARN [<thread>] <id>: waited <n> ms for a server of
+    // test.trust_user (pool_timeout 300 ms); ..."
+    let (id, rest) = timed_out
+        .split("] ")
+        .nth(1)
+        .and_then(|m| m.split_once(": waited "))
+        .unwrap_or_else(|| panic!("no client id and wait: {timed_out}"));
+    let n: u64 = rest
+        .split_once(" ms for a server of test.trust_user (")
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no wait in ms: {timed_out}"));
+    assert!((300..2000).contains(&n), "waited {n} ms: {timed_out}");
+    // The same client said it waited when it queued (the first client
+    // did too, when it logged in before the pool had a server).
+    let queued = format!("] {id}: waiting for a server of test.trust_user (1 waiting)");
+    let waiting: Vec<&str> = text.lines().filter(|l| l.contains(&queued)).collect();
+    assert_eq!(waiting.len(), 1, "{text}");
+    assert!(waiting[0].contains(" DEBUG "), "{}", waiting[0]);
+    drop(first);
+    pooler.stop();
+}
+
+/// Issue 12: a server login failure relayed to the client (its database
+/// does not exist) names its SQLSTATE once per log line, not twice.
+#[test]
+fn a_relayed_server_error_names_its_code_once_in_the_log() {
+    let pg = pg();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("odissey.log");
+    let port = free_port();
+    let route = Route::new("test", "trust_user").storage_db("no_such_db");
+    let text = route_config_text(pg.port(), port, route, &[("log_file", &toml_path(&log))]);
+    let pooler = Pooler::start(dir.path(), &text, &[]);
+    // (Until the pooler listens, the connection itself is refused.)
+    let deadline = Instant::now() + WAIT;
+    let e = loop {
+        match try_connect(port, "test", "trust_user", None) {
+            Err(e) if e.code().is_none() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => break e,
+            Ok(_) => panic!("logged in to a database that does not exist"),
+        }
+    };
+    assert_eq!(
+        e.code(),
+        Some(&SqlState::INVALID_CATALOG_NAME),
+        "{}",
+        describe(&e)
+    );
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("no_such_db"), "{message}");
+    assert!(
+        !message.contains("3D000"),
+        "the code is a field, not text: {message}"
+    );
+    let text = wait_for_lines(&log, "disconnected: server login failed", 1);
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("no_such_db")).collect();
+    assert!(
+        lines.len() >= 2,
+        "the server's line and the client's: {text}"
+    );
+    for l in &lines {
+        assert_eq!(l.matches("3D000").count(), 1, "{l}");
+    }
+    pooler.stop();
 }
