@@ -102,7 +102,7 @@ pub(crate) struct Client {
     /// Custom variables (`a.b`) it was seen setting: PostgreSQL cannot
     /// list them, so checks ask for these by name.
     /// (Boxed: most clients have none, and every idle byte counts.)
-    pub(crate) custom: Option<Box<Vec<String>>>,
+    pub(crate) custom: Option<Box<crate::session::CustomNames>>,
     /// Syncs forwarded since the last Execute or Query: if that Execute
     /// starts a COPY IN, the server ignores them.
     pub(crate) syncs_since_execute: usize,

@@ -81,6 +81,11 @@ impl Scan {
     }
 }
 
+/// Custom variable names a client was seen setting (boxed by the client,
+/// which mostly has none: an idle client's every byte counts).
+#[derive(Debug, Default)]
+pub(crate) struct CustomNames(pub(crate) Vec<String>);
+
 /// Most custom variable names a client is followed for.
 pub(crate) const MAX_CUSTOM: usize = 64;
 

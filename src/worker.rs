@@ -1647,7 +1647,7 @@ impl Worker {
                     // it back before anyone else can get this server.
                     c.check_due = false;
                     let q = crate::session::check_query(
-                        c.custom.as_deref().map_or(&[], Vec::as_slice),
+                        c.custom.as_deref().map_or(&[], |n| n.0.as_slice()),
                         &s.route.server_user,
                     );
                     frontend::query(&mut s.io.out, &q);
@@ -3695,14 +3695,14 @@ fn drops_statements(sql: &str) -> bool {
 }
 
 /// Scans a Query or Parse text, keeping the custom variable names it sets.
-fn scan_into(custom: &mut Option<Box<Vec<String>>>, text: &[u8]) -> Scan {
+fn scan_into(custom: &mut Option<Box<crate::session::CustomNames>>, text: &[u8]) -> Scan {
     match custom {
-        Some(names) => crate::session::scan(text, names),
+        Some(names) => crate::session::scan(text, &mut names.0),
         None => {
             let mut names = Vec::new();
             let sc = crate::session::scan(text, &mut names);
             if !names.is_empty() {
-                *custom = Some(Box::new(names));
+                *custom = Some(Box::new(crate::session::CustomNames(names)));
             }
             sc
         }
