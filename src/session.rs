@@ -477,9 +477,19 @@ pub(crate) enum Greeting {
     /// Its ParameterStatus values, as a server reported them with those
     /// settings applied.
     Ready(std::sync::Arc<crate::params::Params>),
-    /// A setting PostgreSQL refused: its error.
-    Refused { code: String, message: String },
+    /// A setting PostgreSQL refused: its error, until `until` (a refusal
+    /// may depend on grants or catalog contents that change; a client
+    /// retrying in a loop meanwhile costs no server).
+    Refused {
+        code: String,
+        message: String,
+        until: std::time::Instant,
+    },
 }
+
+/// How long a refused set of startup settings is answered without asking a
+/// server again.
+pub(crate) const REFUSAL_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Most greetings a pool remembers: one per distinct set of startup
 /// settings (an application sends the same ones on every connection).
@@ -498,15 +508,21 @@ impl Greetings {
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.get(key).cloned()
+        match map.get(key) {
+            Some(Greeting::Refused { until, .. }) if *until <= std::time::Instant::now() => None,
+            g => g.cloned(),
+        }
     }
 
-    /// Remembers a greeting (the first one stays: they are all alike).
+    /// Remembers a greeting (the first one stays: they are all alike; an
+    /// expired refusal is replaced).
     pub(crate) fn put(&self, key: Settings, greeting: Greeting) {
         let mut map = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        map.retain(|_, g| !matches!(g, Greeting::Refused { until, .. } if *until <= now));
         if map.len() < GREETINGS_MAX || key.0.is_empty() {
             map.entry(key).or_insert(greeting);
         }
@@ -738,6 +754,31 @@ mod tests {
         let mut f = bytes::BytesMut::new();
         odissey_protocol::frontend::query(&mut f, "LISTEN x");
         assert_eq!(query_text(&f), b"LISTEN x");
+    }
+
+    #[test]
+    fn greetings_are_kept_and_refusals_expire() {
+        let g = Greetings::default();
+        let mut key = Settings::default();
+        key.set("TimeZone", "Mars/Olympus");
+        assert!(g.base().is_none());
+        g.put(Settings::default(), Greeting::Ready(Default::default()));
+        assert!(g.base().is_some());
+        let refused = |until| Greeting::Refused {
+            code: "22023".into(),
+            message: "invalid value".into(),
+            until,
+        };
+        g.put(key.clone(), refused(std::time::Instant::now()));
+        assert!(g.get(&key).is_none(), "an expired refusal is forgotten");
+        let later = std::time::Instant::now() + REFUSAL_TTL;
+        g.put(key.clone(), refused(later));
+        assert!(matches!(g.get(&key), Some(Greeting::Refused { .. })));
+        // The locally reported settings are not part of the key.
+        let mut s = key.clone();
+        s.set("application_name", "app-17");
+        s.set("client_encoding", "UTF8");
+        assert_eq!(greeting_key(&s), key);
     }
 
     #[test]

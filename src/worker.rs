@@ -1518,6 +1518,7 @@ impl Worker {
                                             Greeting::Refused {
                                                 code: e.code.clone(),
                                                 message: e.message.clone(),
+                                                until: Instant::now() + crate::session::REFUSAL_TTL,
                                             },
                                         );
                                     }
@@ -1932,7 +1933,7 @@ impl Worker {
         };
         match known {
             Some(Greeting::Ready(params)) => greet(c, &mut self.w, &params, None),
-            Some(Greeting::Refused { code, message }) => {
+            Some(Greeting::Refused { code, message, .. }) => {
                 self.close_client(cx, ck, Some(Fatal::from_server(code, message)));
             }
             None => self.attach(cx, ck),
