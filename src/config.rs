@@ -82,6 +82,12 @@ pub struct Config {
     /// it was opened for hears why.
     #[serde(default = "default_server_connect_timeout")]
     pub server_connect_timeout: u64,
+    /// CancelRequests odissey may have in flight to servers at once, all
+    /// workers together (0 = no limit); beyond it cancels are dropped and
+    /// counted, so a client cancelling in a loop cannot open a server
+    /// connection per cancel.
+    #[serde(default = "default_cancel_max")]
+    pub cancel_max: usize,
     /// Also (or only, with `log_to_stdout = false` and no stderr) write
     /// the log to this file; reopened on SIGHUP and SIGUSR1 (logrotate).
     pub log_file: Option<String>,
@@ -137,6 +143,9 @@ fn default_readahead() -> usize {
 }
 fn default_max_message() -> usize {
     64 * 1024 * 1024
+}
+fn default_cancel_max() -> usize {
+    64
 }
 fn default_server_connect_timeout() -> u64 {
     15_000

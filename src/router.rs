@@ -240,6 +240,9 @@ impl PoolShared {
 pub(crate) struct Registry {
     workers: usize,
     pools: Mutex<HashMap<PoolKey, Arc<PoolShared>>>,
+    /// CancelRequests in flight to servers, all workers together
+    /// (`cancel_max`).
+    pub(crate) cancels: Arc<AtomicUsize>,
 }
 
 impl Registry {
@@ -247,6 +250,7 @@ impl Registry {
         Self {
             workers,
             pools: Mutex::new(HashMap::new()),
+            cancels: Arc::default(),
         }
     }
 

@@ -115,6 +115,10 @@ pub(crate) struct Server {
     pub(crate) check: Option<Box<Check>>,
     /// The server expects COPY data from the client.
     pub(crate) copy_in: bool,
+    /// A CancelRequest for it is on its way: it goes to no other client
+    /// (and no second cancel is sent) until the postmaster has taken it,
+    /// or the signal could hit another client's query.
+    pub(crate) cancel_inflight: bool,
     /// Named statements odissey prepared on it.
     pub(crate) stmts: ServerStatements,
 }

@@ -90,9 +90,44 @@ pub(crate) enum WorkerTimer {
 #[derive(Debug)]
 pub(crate) struct Canceller {
     io: Io,
-    /// The recovering server waiting for this cancel to be delivered.
+    /// The server it cancels for, held back (neither given to another
+    /// client nor released by recovery) until this cancel is delivered.
     server: Option<Key>,
     timer: Option<TimerId>,
+    /// Its place among the cancels in flight (`cancel_max`), given back
+    /// however the canceller ends.
+    _slot: CancelSlot,
+}
+
+/// One cancel in flight, counted in the registry's `cancels` until dropped.
+#[derive(Debug)]
+struct CancelSlot(Arc<AtomicUsize>);
+
+impl Drop for CancelSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, AtomicOrdering::Relaxed);
+    }
+}
+
+/// CancelRequests a worker did not forward since its last summary line
+/// (one line a second at most, however many: a cancel flood must not
+/// flood the log).
+#[derive(Debug, Default)]
+struct CancelDrops {
+    /// The client held no server, or its request was already answered.
+    idle: u64,
+    /// A cancel for the same server was still in flight.
+    busy: u64,
+    /// cancel_max cancels were in flight.
+    full: u64,
+    /// The cancel connection could not be opened.
+    failed: u64,
+}
+
+impl CancelDrops {
+    fn total(&self) -> u64 {
+        self.idle + self.busy + self.full + self.failed
+    }
 }
 
 /// What the console's PAUSE holds: every database, or some.
@@ -209,6 +244,8 @@ pub(crate) struct Shared {
     logins_later: Vec<Key>,
     draining: bool,
     sweep_set: bool,
+    /// Cancels dropped since the last summary line.
+    cancel_drops: CancelDrops,
 }
 
 /// A pool as one worker sees it.
@@ -268,6 +305,7 @@ impl Worker {
                 logins_later: Vec::new(),
                 draining: false,
                 sweep_set: false,
+                cancel_drops: CancelDrops::default(),
             },
         }
     }
@@ -916,9 +954,12 @@ impl Worker {
             return false;
         };
         match self.conns.get(ck) {
+            // Only while the server still runs this client's request: a
+            // cancel arriving after the reply would hit whatever the
+            // server runs next.
             Some(Conn::Client(c)) => match c.server {
-                Some(sk) => self.send_cancel(cx, sk, false),
-                None => debug!("cancel for a client without a server: nothing to do"),
+                Some(sk) if c.pending > 0 || c.unsynced => self.send_cancel(cx, sk, false),
+                _ => self.w.cancel_drops.idle += 1,
             },
             _ => return false,
         }
@@ -1629,6 +1670,12 @@ impl Worker {
             self.close_client(cx, ck, refused);
             return None;
         }
+        if clean && s.cancel_inflight && !self.w.draining {
+            // A cancel for this server is on its way: nobody else may get
+            // it before the postmaster has taken the cancel
+            // (`finish_canceller` drives the pair again).
+            return Some(progress);
+        }
         if clean {
             if self.w.draining {
                 // The transaction is over: the server goes, and the client
@@ -2143,6 +2190,7 @@ impl Worker {
                 owner: None,
                 swallow: 0,
                 check: None,
+                cancel_inflight: false,
                 copy_in: false,
                 stmts: ServerStatements::new(route.route.prepared_statements_max),
             }))
@@ -2641,7 +2689,8 @@ impl Worker {
             discard: mode == Some(PoolMode::Session) || unknown_session,
             deallocate: statements_in_flight,
             timer: Some(timer),
-            cancelling: false,
+            // A cancel already on its way is waited for like ours.
+            cancelling: s.cancel_inflight,
         });
         if replies > 0 {
             debug!(
@@ -2665,28 +2714,47 @@ impl Worker {
         let Some((pid, secret)) = s.key else {
             return;
         };
+        if s.cancel_inflight {
+            // One at a time per server: the one in flight will do, and
+            // recovery waits for it too.
+            if let ServerState::Recovering(r) = &mut s.state {
+                r.cancelling = true;
+            }
+            if !recovering {
+                self.w.cancel_drops.busy += 1;
+            }
+            return;
+        }
+        let max = self.w.cfg.cancel_max;
+        let cancels = &self.w.registry.cancels;
+        let slot = CancelSlot(Arc::clone(cancels));
+        if cancels.fetch_add(1, AtomicOrdering::Relaxed) >= max && max > 0 {
+            self.w.cancel_drops.full += 1;
+            return;
+        }
         let st = &s.route.storage;
         let stream = connect_storage(st);
         let stream = match stream {
             Ok(x) => x,
             Err(e) => {
-                warn!("{}: cannot connect to send a cancel request: {e}", s.id);
+                self.w.cancel_drops.failed += 1;
+                debug!("{}: cannot connect to send a cancel request: {e}", s.id);
                 return;
             }
         };
         debug!("{}: sending a cancel request", s.id);
-        if recovering {
-            if let ServerState::Recovering(r) = &mut s.state {
-                r.cancelling = true;
-            }
+        s.cancel_inflight = true;
+        if let ServerState::Recovering(r) = &mut s.state {
+            r.cancelling = true;
         }
         let mut io = Io::new(stream, false);
         frontend::cancel_request(&mut io.out, pid, secret);
         let (k, failed) = insert_registered(&mut self.conns, cx.registry(), io, |_, io| {
             Conn::Cancel(Box::new(Canceller {
                 io,
-                server: recovering.then_some(sk),
+                server: Some(sk),
                 timer: None,
+                _slot: slot,
             }))
         });
         if failed.is_some() {
@@ -3170,9 +3238,16 @@ impl Worker {
         self.kill(k);
         if let Some(sk) = server {
             if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
-                if let ServerState::Recovering(r) = &mut s.state {
-                    r.cancelling = false;
-                    self.drive_server(cx, sk);
+                s.cancel_inflight = false;
+                match (&mut s.state, s.client) {
+                    (ServerState::Recovering(r), _) => {
+                        r.cancelling = false;
+                        self.drive_server(cx, sk);
+                    }
+                    // Held at its clean point while the cancel was out:
+                    // it may be released now.
+                    (ServerState::Linked, Some(ck)) => self.drive_client(cx, ck),
+                    _ => {}
                 }
             }
         }
@@ -3441,6 +3516,24 @@ impl Worker {
     /// idle inside a transaction past `idle_in_transaction_timeout`, are
     /// disconnected; a query running past `query_timeout` is cancelled.
     fn tick(&mut self, cx: &mut Context<'_, WorkerTimer>) {
+        let drops = std::mem::take(&mut self.w.cancel_drops);
+        if drops.busy + drops.full + drops.failed > 0 {
+            warn!(
+                "{} cancel request(s) not forwarded in the last second: {} for no running request, \
+                 {} with one already in flight for that server, {} beyond cancel_max, {} failed to connect",
+                drops.total(),
+                drops.idle,
+                drops.busy,
+                drops.full,
+                drops.failed
+            );
+        } else if drops.total() > 0 {
+            // Late cancels (the reply won the race) are normal.
+            debug!(
+                "{} cancel request(s) for no running request dropped",
+                drops.idle
+            );
+        }
         let now_ms = self.w.since_start().as_millis() as u32;
         let mut old_servers = Vec::new();
         let mut idle_clients = Vec::new();
