@@ -24,6 +24,7 @@ pub mod logging;
 mod metrics;
 mod params;
 mod prepared;
+mod ratelimit;
 mod relay;
 mod router;
 mod server;

@@ -32,6 +32,7 @@ use crate::credentials;
 use crate::ids::ConnId;
 use crate::io::Io;
 use crate::prepared::ServerStatements;
+use crate::ratelimit::limited;
 use crate::relay::{Relay, Step};
 use crate::router::{GiveUp, Lease, PoolKey, PoolShared, Registry, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
@@ -936,7 +937,7 @@ impl Worker {
                 Err(e) => {
                     // EMFILE and friends: the connection stays queued in the
                     // kernel; say so once per wake-up, not per attempt.
-                    warn!("worker {}: accept failed: {e}", self.w.id);
+                    limited!(warn, "worker {}: accept failed: {e}", self.w.id);
                     return;
                 }
             }
@@ -1633,7 +1634,7 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    warn!("{}: protocol violation from server: {e}", s.id);
+                    limited!(warn, "{}: protocol violation from server: {e}", s.id);
                     s.io.eof = true;
                     break;
                 }
@@ -2425,7 +2426,7 @@ impl Worker {
             self.open_server_asking(cx, pool, route, AskTls::Require, false);
             return;
         }
-        warn!("{}: {message} ({code})", s.id);
+        limited!(warn, "{}: {message} ({code})", s.id);
         let pool = s.pool.clone();
         self.kill(sk);
         self.w.send(SysCmd::ServerClosed {
