@@ -23,6 +23,10 @@ pub(crate) struct Fatal {
     /// PostgreSQL's own words (e.g. a startup parameter it refused): sent
     /// as they are, without odissey's prefix.
     pub(crate) verbatim: bool,
+    /// What the log says instead of `message`: the real reason for a
+    /// refusal the client must not learn (a user no route admits is told
+    /// its password was wrong).
+    pub(crate) log: Option<String>,
 }
 
 impl Fatal {
@@ -31,7 +35,13 @@ impl Fatal {
             code: std::borrow::Cow::Borrowed(code),
             message: message.into(),
             verbatim: false,
+            log: None,
         }
+    }
+
+    /// The reason to log: the real one where the client is told another.
+    pub(crate) fn logged(&self) -> &str {
+        self.log.as_deref().unwrap_or(&self.message)
     }
 
     /// An error PostgreSQL raised, passed on as it said it.
@@ -40,6 +50,7 @@ impl Fatal {
             code: std::borrow::Cow::Owned(code),
             message,
             verbatim: true,
+            log: None,
         }
     }
 }
@@ -98,6 +109,29 @@ pub(crate) struct Ctx<'a, 'b> {
     pub(crate) tls: TlsView<'b>,
 }
 
+/// A client whose (database, user) no route admits, while it is taken
+/// through a password exchange no answer passes (see [`decoy_method`]).
+#[derive(Debug)]
+pub(crate) struct Unrouted {
+    user: String,
+    /// Why it is refused, for the log only.
+    why: String,
+}
+
+impl Unrouted {
+    /// The end of every decoy exchange: the wrong password's answer, with
+    /// the real reason for the log.
+    fn failed(&self) -> Fatal {
+        Fatal {
+            log: Some(format!(
+                "{}: asked for a password all the same, refused as a wrong one",
+                self.why
+            )),
+            ..password_failed(&self.user)
+        }
+    }
+}
+
 /// Where the login stands.
 #[derive(Debug)]
 pub(crate) enum Login {
@@ -116,6 +150,22 @@ pub(crate) enum Login {
     /// server-first sent; waiting for SASLResponse (client-final).
     SaslFinal {
         who: Box<Identity>,
+        scram: Box<ScramServer>,
+    },
+    /// No route: asked for a password in clear text or md5 as a user with
+    /// one would be; waiting for the PasswordMessage, which fails whatever
+    /// it says.
+    DecoyPassword { who: Box<Unrouted> },
+    /// No route, SASL offered with a mock secret; waiting for
+    /// SASLInitialResponse.
+    DecoySaslInitial {
+        who: Box<Unrouted>,
+        secret: Box<ScramSecret>,
+    },
+    /// No route, server-first sent; waiting for SASLResponse, whose proof
+    /// cannot match the mock secret.
+    DecoySaslFinal {
+        who: Box<Unrouted>,
         scram: Box<ScramServer>,
     },
 }
@@ -207,26 +257,8 @@ impl Login {
                 let Some(body) = auth_message(rx)? else {
                     return Ok((Self::SaslInitial { who, secret }, Outcome::NeedMore));
                 };
-                let (mechanism, data) = frontend::parse_sasl_initial_response(&body)?;
-                if mechanism != SCRAM_SHA_256 {
-                    return Err(Fatal::new(
-                        "08P01",
-                        "client selected an invalid SASL authentication mechanism",
-                    ));
-                }
-                let mut scram = ScramServer::try_new(*secret)
-                    .map_err(|_| Fatal::new("58000", "no randomness for a SCRAM nonce"))?;
-                let server_first = scram
-                    .handle_client_first(data)
-                    .map_err(|e| Fatal::new("08P01", format!("malformed SCRAM message: {e}")))?;
-                backend::authentication_sasl_continue(out, &server_first);
-                Ok((
-                    Self::SaslFinal {
-                        who,
-                        scram: Box::new(scram),
-                    },
-                    Outcome::NeedMore,
-                ))
+                let scram = sasl_first(&body, *secret, out)?;
+                Ok((Self::SaslFinal { who, scram }, Outcome::NeedMore))
             }
             Self::SaslFinal { mut who, mut scram } => {
                 let Some(body) = auth_message(rx)? else {
@@ -241,6 +273,66 @@ impl Login {
                 backend::authentication_ok(out);
                 who.keys = scram.client_keys();
                 Ok((Self::Startup, Outcome::Authenticated(who)))
+            }
+            // The decoy states read and check what they are sent exactly as
+            // the real ones do (a malformed message gets the same 08P01),
+            // and end where a wrong password ends.
+            Self::DecoyPassword { who } => {
+                let Some(body) = auth_message(rx)? else {
+                    return Ok((Self::DecoyPassword { who }, Outcome::NeedMore));
+                };
+                frontend::parse_password(&body)?;
+                Err(who.failed())
+            }
+            Self::DecoySaslInitial { who, secret } => {
+                let Some(body) = auth_message(rx)? else {
+                    return Ok((Self::DecoySaslInitial { who, secret }, Outcome::NeedMore));
+                };
+                let scram = sasl_first(&body, *secret, out)?;
+                Ok((Self::DecoySaslFinal { who, scram }, Outcome::NeedMore))
+            }
+            Self::DecoySaslFinal { who, mut scram } => {
+                let Some(body) = auth_message(rx)? else {
+                    return Ok((Self::DecoySaslFinal { who, scram }, Outcome::NeedMore));
+                };
+                // No proof matches a mock secret (its stored key is no
+                // hash anyone knows a preimage of); the check runs anyway,
+                // so that it costs what a real one does.
+                let _ = scram.handle_client_final(&body);
+                Err(who.failed())
+            }
+        }
+    }
+
+    /// A client no route admits: put through the exchange a wrong password
+    /// gets, if any route asks for a password (see [`decoy_method`]);
+    /// else refused with 28000 at once, as PostgreSQL refuses a client no
+    /// pg_hba.conf line admits.
+    fn decoy(
+        database: &str,
+        user: String,
+        out: &mut BytesMut,
+        cfg: &Config,
+    ) -> Result<(Self, Outcome), Fatal> {
+        let why = format!("no route for database \"{database}\" and user \"{user}\"");
+        let Some(method) = decoy_method(cfg, database) else {
+            return Err(Fatal::new("28000", why));
+        };
+        let who = Box::new(Unrouted { user, why });
+        match method {
+            Authentication::ScramSha256 => {
+                // Stable per user name, as a real user's salt is.
+                let secret = Box::new(mock_scram_secret(&who.user));
+                backend::authentication_sasl(out, &[SCRAM_SHA_256]);
+                Ok((Self::DecoySaslInitial { who, secret }, Outcome::NeedMore))
+            }
+            Authentication::Md5 => {
+                backend::authentication_md5(out, md5_salt()?);
+                Ok((Self::DecoyPassword { who }, Outcome::NeedMore))
+            }
+            _ => {
+                backend::authentication_cleartext(out);
+                Ok((Self::DecoyPassword { who }, Outcome::NeedMore))
             }
         }
     }
@@ -326,10 +418,7 @@ impl Login {
             ));
         }
         let Some(route) = cx.routes.route(cx.cfg, &database, &user) else {
-            return Err(Fatal::new(
-                "28000",
-                format!("no route for database \"{database}\" and user \"{user}\""),
-            ));
+            return Self::decoy(&database, user, out, cx.cfg);
         };
         let kept = params
             .iter()
@@ -392,9 +481,7 @@ impl Login {
             Authentication::ClearText => Ok((Self::ask_password(who, out), Outcome::NeedMore)),
             Authentication::Passthrough => Ok((Self::Startup, Outcome::AskServer(who))),
             Authentication::Md5 => {
-                let mut salt = [0u8; 4];
-                getrandom::getrandom(&mut salt)
-                    .map_err(|_| Fatal::new("58000", "no randomness for an md5 salt"))?;
+                let salt = md5_salt()?;
                 backend::authentication_md5(out, salt);
                 Ok((
                     Self::Password {
@@ -444,6 +531,66 @@ impl Login {
             md5_salt: None,
         }
     }
+}
+
+/// A fresh random md5 salt.
+fn md5_salt() -> Result<[u8; 4], Fatal> {
+    let mut salt = [0u8; 4];
+    getrandom::getrandom(&mut salt)
+        .map_err(|_| Fatal::new("58000", "no randomness for an md5 salt"))?;
+    Ok(salt)
+}
+
+/// Reads a SASLInitialResponse and answers it with server-first: the
+/// server's side of SCRAM up to the client's proof.
+fn sasl_first(
+    body: &[u8],
+    secret: ScramSecret,
+    out: &mut BytesMut,
+) -> Result<Box<ScramServer>, Fatal> {
+    let (mechanism, data) = frontend::parse_sasl_initial_response(body)?;
+    if mechanism != SCRAM_SHA_256 {
+        return Err(Fatal::new(
+            "08P01",
+            "client selected an invalid SASL authentication mechanism",
+        ));
+    }
+    let mut scram = ScramServer::try_new(secret)
+        .map_err(|_| Fatal::new("58000", "no randomness for a SCRAM nonce"))?;
+    let server_first = scram
+        .handle_client_first(data)
+        .map_err(|e| Fatal::new("08P01", format!("malformed SCRAM message: {e}")))?;
+    backend::authentication_sasl_continue(out, &server_first);
+    Ok(Box::new(scram))
+}
+
+/// The password method a client no route admits is asked for, so that an
+/// unknown user (or database) cannot be told from a known user with a
+/// wrong password: that of the first route that asks for a password among
+/// the routes of the client's database, else of the `default` database,
+/// else of the whole config (each in name order), as the client would
+/// meet it (`passthrough` asks in clear text, `auth_query` as its method
+/// says). None when no route asks for a password (only `none`, `cert`,
+/// `block`): every user there gets in, or not, without one, so there is
+/// nothing a decoy would hide, and the client is told 28000 as PostgreSQL
+/// tells one that no pg_hba.conf line admits.
+fn decoy_method(cfg: &Config, database: &str) -> Option<Authentication> {
+    let asks = |r: &crate::config::Route| match r.authentication {
+        Authentication::ClearText | Authentication::Passthrough => Some(Authentication::ClearText),
+        Authentication::Md5 => Some(Authentication::Md5),
+        Authentication::ScramSha256 => Some(Authentication::ScramSha256),
+        Authentication::None | Authentication::Block | Authentication::Cert => None,
+    };
+    let of_db = |db: &str| {
+        cfg.database
+            .get(db)
+            .and_then(|d| d.user.values().find_map(asks))
+    };
+    of_db(database).or_else(|| of_db("default")).or_else(|| {
+        cfg.database
+            .values()
+            .find_map(|d| d.user.values().find_map(asks))
+    })
 }
 
 /// The body of the next PasswordMessage (or SASL response, which shares
@@ -917,6 +1064,162 @@ mod tests {
                 Err(f) => assert!(!ok && f.code == "28000", "{f:?}"),
             }
         }
+    }
+
+    /// A SCRAM exchange as `user` on `db` with `password`, to its end:
+    /// the server-first's salt and iteration count, and how it ended.
+    fn scram_as(
+        c: &Config,
+        db: &str,
+        user: &str,
+        password: &str,
+    ) -> (String, Result<Outcome, Fatal>) {
+        let mut rx = startup(user, db);
+        let mut out = BytesMut::new();
+        let (login, o) = step(Login::Startup, &mut rx, &mut out, c).unwrap();
+        assert!(matches!(o, Outcome::NeedMore));
+        let backend::Authentication::Sasl { mechanisms } = auth_of(&mut out) else {
+            panic!("no SASL offer for {user}@{db}")
+        };
+        assert_eq!(mechanisms, vec![SCRAM_SHA_256.to_string()]);
+        let mut client = ScramClient::new(password);
+        frontend::sasl_initial_response(&mut rx, SCRAM_SHA_256, &client.client_first());
+        let (login, o) = step(login, &mut rx, &mut out, c).unwrap();
+        assert!(matches!(o, Outcome::NeedMore));
+        let backend::Authentication::SaslContinue { data } = auth_of(&mut out) else {
+            panic!("no SASLContinue")
+        };
+        let text = String::from_utf8(data.to_vec()).unwrap();
+        // r=<nonce>,s=<salt>,i=<iterations>: the part after the nonce.
+        let salt_and_count = text[text.find(",s=").unwrap()..].to_string();
+        let last = client.handle_server_first(&data).unwrap();
+        frontend::sasl_response(&mut rx, &last);
+        (
+            salt_and_count,
+            step(login, &mut rx, &mut out, c).map(|(_, o)| o),
+        )
+    }
+
+    #[test]
+    fn an_unknown_user_runs_the_scram_exchange_to_a_wrong_passwords_end() {
+        let c = cfg("scram-sha-256", "secret");
+        let (_, known) = scram_as(&c, "db", "alice", "wrong");
+        let known = known.unwrap_err();
+        assert_eq!(known, password_failed("alice"));
+        // Unknown user, unknown database: the same exchange, the same end.
+        for (db, user) in [("db", "mallory"), ("nodb", "alice"), ("nodb", "eve")] {
+            let (salt, unknown) = scram_as(&c, db, user, "secret");
+            let unknown = unknown.unwrap_err();
+            let told = password_failed(user);
+            assert_eq!(
+                (&unknown.code, &unknown.message, unknown.verbatim),
+                (&told.code, &told.message, told.verbatim)
+            );
+            assert_eq!(unknown.code, known.code);
+            // Only the log hears why.
+            let logged = unknown.logged();
+            assert!(
+                logged.contains(&format!(
+                    "no route for database \"{db}\" and user \"{user}\""
+                )),
+                "{logged}"
+            );
+            assert!(!unknown.message.contains("route"), "{}", unknown.message);
+            // The fake salt is stable per user, as a real one is, and
+            // differs between users.
+            let (again, _) = scram_as(&c, db, user, "other");
+            assert_eq!(salt, again);
+            assert!(salt.ends_with(&format!(",i={SCRAM_ITERATIONS}")), "{salt}");
+            let (someone_else, _) = scram_as(&c, db, &format!("{user}2"), "x");
+            assert_ne!(salt, someone_else);
+        }
+    }
+
+    #[test]
+    fn an_unknown_user_gets_the_md5_or_cleartext_request_a_known_one_would() {
+        // md5: a challenge with a fresh salt each time, then 28P01.
+        let c = cfg("md5", "secret");
+        let mut salts = Vec::new();
+        for user in ["alice", "mallory", "mallory"] {
+            let mut rx = startup(user, "db");
+            let mut out = BytesMut::new();
+            let (login, o) = step(Login::Startup, &mut rx, &mut out, &c).unwrap();
+            assert!(matches!(o, Outcome::NeedMore));
+            let salt = salt_of(&mut out);
+            salts.push(salt);
+            frontend::password(&mut rx, &md5::client_response(user, "wrong", salt));
+            let f = step(login, &mut rx, &mut out, &c).unwrap_err();
+            assert_eq!(
+                (f.code.as_ref(), f.message.as_str()),
+                ("28P01", password_failed(user).message.as_str())
+            );
+            assert!(out.is_empty(), "nothing but the error: {out:?}");
+        }
+        assert_ne!(salts[1], salts[2], "md5 salts are random");
+        // Even the right password of another user does not pass.
+        let mut rx = startup("mallory", "db");
+        let mut out = BytesMut::new();
+        let (login, _) = step(Login::Startup, &mut rx, &mut out, &c).unwrap();
+        let salt = salt_of(&mut out);
+        frontend::password(&mut rx, &md5::client_response("mallory", "secret", salt));
+        assert_eq!(
+            step(login, &mut rx, &mut out, &c).unwrap_err().code,
+            "28P01"
+        );
+
+        // clear_text and passthrough ask in clear text; a malformed answer
+        // gets the same 08P01 as a known user's would.
+        for method in ["clear_text", "passthrough"] {
+            let c = cfg(method, "secret");
+            let mut rx = startup("mallory", "db");
+            let mut out = BytesMut::new();
+            let (login, _) = step(Login::Startup, &mut rx, &mut out, &c).unwrap();
+            assert!(matches!(
+                auth_of(&mut out),
+                backend::Authentication::CleartextPassword
+            ));
+            frontend::password(&mut rx, "secret");
+            let f = step(login, &mut rx, &mut out, &c).unwrap_err();
+            assert_eq!(f.message, password_failed("mallory").message, "{method}");
+            let mut rx = startup("mallory", "db");
+            let (login, _) = step(Login::Startup, &mut rx, &mut out, &c).unwrap();
+            out.clear();
+            rx.extend_from_slice(b"Q\0\0\0\x05\0");
+            assert_eq!(
+                step(login, &mut rx, &mut out, &c).unwrap_err().code,
+                "08P01"
+            );
+        }
+    }
+
+    #[test]
+    fn the_decoy_method_is_the_databases_then_the_defaults_then_any() {
+        let c = Config::parse(
+            "[[listen]]\nport = 0\n[storage.s]\ntype = \"remote\"\n\
+             [database.a.user.trusted]\nauthentication = \"none\"\nstorage = \"s\"\n\
+             [database.a.user.zed]\nauthentication = \"md5\"\npassword = \"p\"\nstorage = \"s\"\n\
+             [database.b.user.bob]\nauthentication = \"scram-sha-256\"\npassword = \"p\"\nstorage = \"s\"\n\
+             [database.c.user.carol]\nauthentication = \"none\"\nstorage = \"s\"\n",
+        )
+        .unwrap();
+        assert_eq!(decoy_method(&c, "a"), Some(Authentication::Md5));
+        assert_eq!(decoy_method(&c, "b"), Some(Authentication::ScramSha256));
+        // A database whose routes ask for nothing, or one with no route:
+        // the first route that asks, in name order.
+        assert_eq!(decoy_method(&c, "c"), Some(Authentication::Md5));
+        assert_eq!(decoy_method(&c, "nowhere"), Some(Authentication::Md5));
+        // The trusted user still gets in without a password.
+        let mut out = BytesMut::new();
+        let (_, o) = step(Login::Startup, &mut startup("trusted", "a"), &mut out, &c).unwrap();
+        assert!(matches!(o, Outcome::Authenticated(_)));
+
+        // Only routes that ask for no password: nothing to hide, and the
+        // refusal says what it is, as PostgreSQL's pg_hba one does.
+        let c = cfg("none", "x");
+        assert_eq!(decoy_method(&c, "db"), None);
+        let e = step(Login::Startup, &mut startup("bob", "db"), &mut out, &c).unwrap_err();
+        assert_eq!(e.code, "28000");
+        assert!(e.message.contains("no route"), "{}", e.message);
     }
 
     #[test]

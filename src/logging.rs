@@ -13,6 +13,18 @@
 //! level (syslog stamps the time, and the level is in `PRI`): `[<thread>]
 //! <message>` in text, the whole object in json.
 //!
+//! **One record, one line, whatever a peer sent.** Messages quote what
+//! clients and servers said (user and database names, application_name,
+//! query text, server errors), so a newline in a user name would otherwise
+//! start a line of the attacker's making, and an escape sequence would
+//! drive the terminal of whoever reads the log. Escaping is done here, once
+//! for every sink (console, file and syslog share the formatted line),
+//! rather than at each call site that might forget: in `text`, control
+//! characters (C0, DEL, C1) and the invisible line and direction marks are
+//! written as `\n`, `\r`, `\t`, `\x1b`, `\u{2028}` (backslashes themselves
+//! are left alone, so quoted SQL stays readable); `json` escapes as JSON
+//! does.
+//!
 //! **One write per line and sink.** Each line is formatted into a reused
 //! per-thread buffer and handed to the kernel with one `write(2)` per sink:
 //! `Stderr` is unbuffered, so formatting straight into it costs a system
@@ -395,7 +407,9 @@ fn format_line(
             push_rfc3339(line, now);
             let _ = write!(line, " {} ", record.level());
             let body = line.len();
-            let _ = writeln!(line, "[{thread}] {}", record.args());
+            let _ = write!(line, "[{thread}] ");
+            let _ = write!(TextEscaped(line), "{}", record.args());
+            line.push('\n');
             body
         }
         LogFormat::Json => {
@@ -489,6 +503,59 @@ impl fmt::Write for JsonEscaped<'_> {
     }
 }
 
+/// Appends `s` with every character that could break or disguise a text
+/// line escaped (see the module's notes): C0 controls, DEL and C1
+/// controls, the Unicode line and paragraph separators, and the marks that
+/// reorder how a line displays (bidirectional embeddings, overrides and
+/// isolates). Everything else, backslashes included, stays as it is.
+fn push_text_escaped(out: &mut String, s: &str) {
+    // The common case: printable ASCII only.
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        out.push_str(s);
+        return;
+    }
+    let mut plain = 0;
+    for (i, c) in s.char_indices() {
+        let escape = match c {
+            '\n' => "\\n",
+            '\r' => "\\r",
+            '\t' => "\\t",
+            c if c.is_control() || is_invisible_mark(c) => "",
+            _ => continue,
+        };
+        out.push_str(&s[plain..i]);
+        if !escape.is_empty() {
+            out.push_str(escape);
+        } else if c.is_ascii() {
+            let _ = write!(out, "\\x{:02x}", u32::from(c));
+        } else {
+            let _ = write!(out, "\\u{{{:04x}}}", u32::from(c));
+        }
+        plain = i + c.len_utf8();
+    }
+    out.push_str(&s[plain..]);
+}
+
+/// Characters that are not controls but still change how a line reads: the
+/// line and paragraph separators, the left-to-right/right-to-left marks,
+/// embeddings, overrides and isolates ("Trojan Source", CVE-2021-42574).
+fn is_invisible_mark(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
+/// A `fmt::Write` that escapes what goes through it for a text line.
+struct TextEscaped<'a>(&'a mut String);
+
+impl fmt::Write for TextEscaped<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        push_text_escaped(self.0, s);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,6 +610,42 @@ mod tests {
                  \"thread\":{name},\"message\":\"say \\\"hé\\\\\\\"\\n\"}}\n"
             )
         );
+    }
+
+    #[test]
+    fn a_forged_line_stays_inside_the_text_record() {
+        let user = "x\n2026-01-01T00:00:00.000Z INFO [odissey-worker-0] cX: login as admin@console";
+        let (line, body) = line(
+            LogFormat::Text,
+            log::Level::Info,
+            format_args!("c1: login refused: no route for user \"{user}\""),
+        );
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        assert!(line.ends_with('\n'));
+        assert!(
+            line.contains("user \"x\\n2026-01-01T00:00:00.000Z INFO [odissey-worker-0] cX:"),
+            "{line}"
+        );
+        // Syslog gets the same escaped body.
+        assert!(!line[body..line.len() - 1].contains('\n'));
+    }
+
+    #[test]
+    fn text_escaping() {
+        let mut out = String::new();
+        push_text_escaped(
+            &mut out,
+            "a\\b\"c\n\r\t\u{0}\u{1b}[2J\u{7f}\u{85}é€😀\u{2028}\u{202e}\u{2066}/",
+        );
+        assert_eq!(
+            out,
+            "a\\b\"c\\n\\r\\t\\x00\\x1b[2J\\x7f\\u{0085}é€😀\\u{2028}\\u{202e}\\u{2066}/"
+        );
+        // Printable text goes through as it is, and in pieces.
+        let mut out = String::new();
+        let (plain, control) = ("plain text", "a\u{8}");
+        let _ = write!(TextEscaped(&mut out), "{plain}|{control}");
+        assert_eq!(out, "plain text|a\\x08");
     }
 
     #[test]

@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use odissey_facade::{
     Call, ClientInfo, ConfigSource, Error, Inspection, Reply, Request, ServerInfo, Started,
 };
@@ -42,6 +42,9 @@ pub(crate) enum SysTimer {
     Stats,
     /// Time to top pools up to `min_pool_size`.
     Warm,
+    /// Time to close the metrics endpoint's HTTP connections past their
+    /// deadline.
+    HttpSweep,
 }
 
 /// How often pools are topped up to `min_pool_size`.
@@ -53,6 +56,9 @@ struct MetricsServer {
     listener: Listener,
     conns: slab::Slab<HttpConn>,
     next_serial: u64,
+    /// The armed `HttpSweep` and when it fires: never later than the
+    /// earliest deadline of an open connection.
+    sweep: Option<(TimerId, Instant)>,
 }
 
 /// One HTTP connection: a request head in, one response out, then closed.
@@ -66,14 +72,35 @@ struct HttpConn {
     gathering: bool,
     /// Its response is in `out`: write it, then close.
     replied: bool,
+    /// When it is closed if still open: [`HTTP_HEAD_TIMEOUT`] after the
+    /// accept, then [`HTTP_ANSWER_TIMEOUT`] once its request head is whole.
+    deadline: Instant,
+}
+
+impl HttpConn {
+    /// Still waiting for its request head: what an idle or slow peer
+    /// looks like, and what gives way first when the slots are full.
+    fn waiting(&self) -> bool {
+        !self.gathering && !self.replied
+    }
 }
 
 /// Tokens of the system thread's reactor: the metrics listener, then its
 /// connections by slab index (the waker has `usize::MAX`).
 const METRICS_LISTENER: Token = Token(usize::MAX - 1);
 
-/// HTTP connections served at once; more are closed at accept.
+/// HTTP connections served at once. A connection accepted when all are
+/// taken closes the oldest one still waiting for its request head (else
+/// the oldest), so idle or slow peers cannot lock scrapers out.
 const MAX_HTTP: usize = 64;
+
+/// How long a metrics connection has to send a whole request head after
+/// its accept (not reset by partial data, so a trickle doesn't extend it).
+const HTTP_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long it then has for its answer: the gathering (at most
+/// [`GATHER_TIMEOUT`]) and reading the response.
+const HTTP_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connection lists being collected from the workers, and who asked.
 struct Gather {
@@ -261,6 +288,7 @@ impl System {
                         listener,
                         conns: slab::Slab::new(),
                         next_serial: 0,
+                        sweep: None,
                     });
                 }
                 // Like a [[listen]] that can't bind: the start fails.
@@ -553,8 +581,26 @@ impl System {
             match m.listener.accept() {
                 Ok(Some((mut stream, _))) => {
                     if m.conns.len() >= MAX_HTTP {
-                        continue; // dropped: closed
+                        // Serials grow with each accept: the smallest is
+                        // the oldest.
+                        let oldest = m
+                            .conns
+                            .iter()
+                            .min_by_key(|(_, c)| (!c.waiting(), c.serial))
+                            .map(|(i, c)| (i, c.waiting()));
+                        if let Some((i, waiting)) = oldest {
+                            debug!(
+                                "metrics: {MAX_HTTP} connections open; closing the oldest {}",
+                                if waiting {
+                                    "one still waiting for its request"
+                                } else {
+                                    "one being answered"
+                                }
+                            );
+                            m.conns.remove(i);
+                        }
                     }
+                    let deadline = cx.now() + HTTP_HEAD_TIMEOUT;
                     let entry = m.conns.vacant_entry();
                     let token = Token(entry.key());
                     if cx
@@ -576,7 +622,14 @@ impl System {
                         serial: m.next_serial,
                         gathering: false,
                         replied: false,
+                        deadline,
                     });
+                    if !matches!(m.sweep, Some((_, at)) if at <= deadline) {
+                        if let Some((id, _)) = m.sweep.take() {
+                            cx.cancel_timer(id);
+                        }
+                        m.sweep = Some((cx.set_timer(deadline, SysTimer::HttpSweep), deadline));
+                    }
                     // Its request may already be there.
                     self.drive_http(cx, token.0, Ready::default());
                     return self.accept_http(cx);
@@ -610,6 +663,11 @@ impl System {
                 .read_into(&mut conn.rx, metrics::MAX_REQUEST, false);
             let request = metrics::parse_request(&conn.rx);
             let closed = matches!(r, SocketResult::Closed | SocketResult::Error(_));
+            if request.is_some() {
+                // The sweep armed for the head timeout comes no later
+                // than this: it re-arms for the rest.
+                conn.deadline = cx.now() + HTTP_ANSWER_TIMEOUT;
+            }
             let reply = match request {
                 Some(metrics::HttpRequest::Metrics) => {
                     conn.gathering = true;
@@ -637,6 +695,27 @@ impl System {
             };
             let serial = conn.serial;
             self.answer_http(cx, i, serial, reply);
+        }
+    }
+
+    /// Closes the HTTP connections past their deadline (an idle or slow
+    /// peer, or one that does not read its answer) and arms the next sweep.
+    fn sweep_http(&mut self, cx: &mut Context<'_, SysTimer>) {
+        let Some(m) = &mut self.metrics else {
+            return;
+        };
+        m.sweep = None;
+        let now = cx.now();
+        let before = m.conns.len();
+        m.conns.retain(|_, c| c.deadline > now);
+        if m.conns.len() < before {
+            debug!(
+                "metrics: closed {} connection(s) past their deadline",
+                before - m.conns.len()
+            );
+        }
+        if let Some(at) = m.conns.iter().map(|(_, c)| c.deadline).min() {
+            m.sweep = Some((cx.set_timer(at, SysTimer::HttpSweep), at));
         }
     }
 
@@ -1014,6 +1093,7 @@ impl Handler for System {
                     cx.set_timer(cx.now() + WARM_EVERY, SysTimer::Warm);
                 }
             }
+            SysTimer::HttpSweep => self.sweep_http(cx),
             SysTimer::Stats => {
                 self.stats_timer = None;
                 self.gather(cx, Purpose::Log);

@@ -1159,7 +1159,7 @@ impl Worker {
                             info!(
                                 "{}: login refused: {} ({}){}",
                                 c.id,
-                                f.message,
+                                f.logged(),
                                 f.code,
                                 why.map(|w| format!("; TLS: {w}")).unwrap_or_default()
                             );

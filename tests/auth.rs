@@ -561,3 +561,60 @@ fn a_broken_auth_query_is_reported_not_mistaken_for_a_wrong_password() {
     assert!(text.contains("no_such_table"), "{text}");
     assert_ne!(e.code(), Some(&SqlState::INVALID_PASSWORD), "{text}");
 }
+
+/// What a failed login told the client, without odissey's `odissey: c…: `
+/// prefix (the connection id differs from one connection to the next).
+fn refusal(e: &postgres::Error) -> (String, String) {
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not an error from the pooler: {e}"));
+    let message = db.message();
+    let message = match message.strip_prefix("odissey: ") {
+        Some(rest) => rest.split_once(": ").map_or(rest, |(_, m)| m),
+        None => message,
+    };
+    (db.code().code().to_string(), message.to_string())
+}
+
+/// Issue 13: a user no route admits (or a database no route names) is asked
+/// for a password like a known user and told exactly what a known user
+/// with a wrong password is told, for SCRAM and md5 routes alike; the
+/// right password still gets in.
+#[test]
+fn unknown_users_cannot_be_told_from_wrong_passwords() {
+    let _w = watchdog("enumeration", Duration::from_secs(60));
+    let pg = PgCluster::start();
+    for (user, method, right) in [
+        (SCRAM_USER, "scram-sha-256", SCRAM_PASS),
+        (MD5_USER, "md5", MD5_PASS),
+    ] {
+        let cfg = Config::new(pg.port()).route(route(user, method, Some(right)));
+        let (_h, port) = start_pooler(&cfg);
+        assert_eq!(one(port, user, Some(right)).unwrap(), 1, "{method}");
+        let wrong = refusal(&expect_code(
+            one(port, user, Some("wrong")),
+            &SqlState::INVALID_PASSWORD,
+            "a wrong password",
+        ));
+        assert_eq!(
+            wrong.1,
+            format!("password authentication failed for user \"{user}\"")
+        );
+        // The same user name, so that the texts can match whole.
+        for (db, who) in [("nodb", user), ("test", "nobody"), ("nodb", "nobody")] {
+            // Even the known user's right password: there is no route.
+            let unknown = refusal(&expect_code(
+                try_connect(port, db, who, Some(right)),
+                &SqlState::INVALID_PASSWORD,
+                &format!("{method}: {who}@{db}"),
+            ));
+            let want = (
+                wrong.0.clone(),
+                format!("password authentication failed for user \"{who}\""),
+            );
+            assert_eq!(unknown, want, "{method}: {who}@{db}");
+        }
+        // The pooler is unharmed, and so is the known user.
+        assert_eq!(one(port, user, Some(right)).unwrap(), 1, "{method}");
+    }
+}

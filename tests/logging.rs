@@ -633,3 +633,117 @@ fn a_relayed_server_error_names_its_code_once_in_the_log() {
     }
     pooler.stop();
 }
+
+/// Logs in over a raw socket with these startup parameters, answers an
+/// md5 or cleartext password request with a wrong password, and returns
+/// everything the pooler sent until it closed the connection (nothing
+/// when it could not connect).
+fn raw_login(port: u16, params: &[(&str, &str)]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for (k, v) in params {
+        for s in [k, v] {
+            body.extend_from_slice(s.as_bytes());
+            body.push(0);
+        }
+    }
+    body.push(0);
+    let mut startup = (body.len() as u32 + 4).to_be_bytes().to_vec();
+    startup.extend_from_slice(&body);
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return Vec::new();
+    };
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(&startup).unwrap();
+    let mut got = Vec::new();
+    let mut answered = false;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            return got;
+        }
+        got.extend_from_slice(&buf[..n]);
+        // An authentication request ('R', length 8 or 12, code 3 or 5).
+        if !answered && got.len() >= 9 && got[0] == b'R' && matches!(got[8], 3 | 5) {
+            answered = true;
+            let password = b"md5000000000000000000000000000000000\0";
+            let mut p = vec![b'p'];
+            p.extend_from_slice(&(password.len() as u32 + 4).to_be_bytes());
+            p.extend_from_slice(password);
+            s.write_all(&p).unwrap();
+        }
+    }
+}
+
+/// Issue 13: what a peer sends cannot forge log lines. A user name with a
+/// newline and a fake line after it, refused before any authentication,
+/// stays inside its own line, escaped; so does a terminal escape in a
+/// database name. The log also says why the unknown user was refused,
+/// which its client, told only that the password was wrong, does not learn.
+#[test]
+fn names_sent_by_clients_cannot_forge_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("odissey.log");
+    let port = free_port();
+    // No server is needed: nobody gets that far.
+    let config = Config::new(1)
+        .workers(1)
+        .global("log_file", &toml_path(&log))
+        .route(Route::new("test", "trust_user"))
+        .route(Route::new("test", "alice").md5("pw"))
+        .toml()
+        .replace("port = 0", &format!("port = {port}"));
+    let pooler = Pooler::start(dir.path(), &config, &[]);
+    let fake = "2026-01-01T00:00:00.000Z INFO [odissey-worker-0] cX: login as admin@console \
+                (route console.admin, session mode) from 10.0.0.66:4242";
+    let user = format!("x\n{fake}");
+    let deadline = Instant::now() + WAIT;
+    let reply = loop {
+        // The first tries may come before the listener is up.
+        let reply = raw_login(port, &[("user", &user), ("database", "test")]);
+        match reply {
+            r if !r.is_empty() => break r,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => panic!("odissey never answered on port {port}"),
+        }
+    };
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    assert!(reply.contains("28P01"), "{reply:?}");
+    assert!(
+        reply.contains("password authentication failed for user \"x\n2026"),
+        "{reply:?}"
+    );
+    assert!(
+        !reply.contains("no route"),
+        "the client learns nothing: {reply:?}"
+    );
+    raw_login(
+        port,
+        &[("user", "trust_user"), ("database", "\u{1b}[2Jdb\r")],
+    );
+
+    let text = wait_for_lines(&log, "login refused", 2);
+    for line in text.lines() {
+        assert!(!line.starts_with("2026-01-01"), "a forged line: {line:?}");
+        assert!(!line.contains('\u{1b}') && !line.contains('\r'), "{line:?}");
+        assert!(line.starts_with(|c: char| c.is_ascii_digit()), "{line:?}");
+    }
+    let forged = text
+        .lines()
+        .find(|l| l.contains(&format!("x\\n{fake}")))
+        .unwrap_or_else(|| panic!("no escaped user name in:\n{text}"));
+    assert!(
+        forged.contains("login refused: no route for database \"test\""),
+        "{forged}"
+    );
+    assert!(
+        forged.ends_with("\": asked for a password all the same, refused as a wrong one (28P01)"),
+        "{forged}"
+    );
+    assert!(
+        text.contains("database \"\\x1b[2Jdb\\r\" and user \"trust_user\""),
+        "{text}"
+    );
+    pooler.stop();
+}

@@ -425,3 +425,57 @@ fn client_rate_limits_new_connections_per_second() {
         "a new second, a new allowance"
     );
 }
+
+/// Issue 13: idle connections cannot starve the metrics endpoint. More
+/// idle connections than it has slots (64) still leave a scrape served at
+/// once (the oldest idle one gives way), and a connection that does not
+/// send a whole request head is closed about 5 s after it came.
+#[test]
+fn idle_connections_do_not_starve_the_metrics_endpoint() {
+    let _w = watchdog("metrics idle", Duration::from_secs(60));
+    // No server is needed for metrics.
+    let mut text = Config::new(1).route(Route::new("test", TRUST_USER)).toml();
+    text.push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let (h, _) = start_pooler_from(ConfigSource::Toml(text));
+    let metrics = h.inspect().unwrap().metrics.expect("the metrics address");
+
+    let idle: Vec<std::net::TcpStream> = (0..80)
+        .map(|_| std::net::TcpStream::connect(metrics).unwrap())
+        .collect();
+    // Half a request, then silence: a slow peer.
+    let mut slow = std::net::TcpStream::connect(metrics).unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let slow_since = Instant::now();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        assert!(scrape(metrics).contains("odissey_up 1"));
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "a scrape behind idle connections took {:?}",
+            t0.elapsed()
+        );
+    }
+
+    // The slow one is closed by the server at its head timeout, not
+    // before, and every idle one by then too.
+    slow.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = slow.read(&mut buf).unwrap_or(0);
+    let waited = slow_since.elapsed();
+    assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(8),
+        "closed after {waited:?}"
+    );
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("an idle connection still open: {other:?}"),
+        }
+    }
+    assert!(scrape(metrics).contains("odissey_up 1"));
+}

@@ -199,8 +199,9 @@ fn ssl_request_is_declined_and_login_proceeds() {
     c.terminate();
 }
 
-/// Bullet 8: a wrong password gets 28P01, an unknown route 28000, and the
-/// pooler keeps serving.
+/// Bullet 8: a wrong password gets 28P01, and so does an unknown route
+/// (issue 13: after the same password request, so that users cannot be
+/// enumerated), and the pooler keeps serving.
 #[test]
 fn wrong_password_and_unknown_route_are_refused() {
     let _w = watchdog("wrong_password_and_unknown_route_are_refused", LIMIT);
@@ -246,6 +247,8 @@ fn wrong_password_and_unknown_route_are_refused() {
     );
 
     // Unknown user, unknown database, both: no default route configured.
+    // Asked for a password like a known user (the method of the database's
+    // first password route, md5 here), and refused like a wrong one.
     for (db, user) in [
         ("test", "nobody"),
         ("nodb", "trust_user"),
@@ -254,20 +257,35 @@ fn wrong_password_and_unknown_route_are_refused() {
     ] {
         let what = format!("unknown route {db}/{user}");
         let e = expect_code(
-            try_connect(port, db, user, None),
-            &SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            try_connect(port, db, user, Some("client-pw")),
+            &SqlState::INVALID_PASSWORD,
             &what,
         );
         assert_pooler_fatal(&e, &what);
+        assert!(
+            describe(&e).contains(&format!(
+                "password authentication failed for user \"{user}\""
+            )),
+            "{what}: {}",
+            describe(&e)
+        );
     }
 
-    // The raw client sees the same, and the connection is then closed.
+    // The raw client sees the md5 request, then the same error, and the
+    // connection is then closed.
     let mut raw = RawClient::tcp(port);
     raw.send_startup(&[("user", "nobody"), ("database", "test")]);
+    let (tag, body) = raw.read_msg().expect("the password request");
+    assert_eq!((tag, &body[..4]), (b'R', &5u32.to_be_bytes()[..]));
+    let answer = b"md5000000000000000000000000000000000\0";
+    let mut msg = vec![b'p'];
+    msg.extend_from_slice(&(answer.len() as u32 + 4).to_be_bytes());
+    msg.extend_from_slice(answer);
+    raw.send(&msg);
     let err = raw
         .finish_login()
         .expect_err("unknown route must be refused");
-    assert_eq!(err.code, "28000", "{err:?}");
+    assert_eq!(err.code, "28P01", "{err:?}");
     assert_eq!(err.severity, "FATAL", "{err:?}");
     read_until_closed(&mut raw.stream, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("after a refused login: {e}"));
