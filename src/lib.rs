@@ -25,6 +25,7 @@ mod metrics;
 mod params;
 mod prepared;
 mod relay;
+mod resolver;
 mod router;
 mod server;
 mod session;
