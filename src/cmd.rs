@@ -145,4 +145,10 @@ pub(crate) enum WorkerCmd {
     Pause { id: u64, database: Option<String> },
     /// Serve `database` (all when None) again.
     Resume { database: Option<String> },
+    /// A lookup this worker started ended (`resolver::Dns`): the
+    /// addresses of `host`, or why there are none.
+    Resolved {
+        host: String,
+        answer: crate::resolver::Answer,
+    },
 }

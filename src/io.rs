@@ -20,6 +20,10 @@ pub(crate) struct Io {
     /// An event said the peer closed its side (or the socket failed): read
     /// to the end instead of stopping at a short read.
     pub(crate) hup: bool,
+    /// The socket error that ended it, if one did (not a plain close): a
+    /// refused connect shows as the first write failing, and the error
+    /// must then be named, not taken for the peer closing.
+    pub(crate) error: Option<std::io::ErrorKind>,
 }
 
 impl Io {
@@ -32,6 +36,7 @@ impl Io {
             writable: connected,
             eof: false,
             hup: false,
+            error: None,
         }
     }
 
@@ -69,6 +74,9 @@ impl Io {
             SocketResult::Continue => {}
             SocketResult::WouldBlock => self.readable = false,
             SocketResult::Closed | SocketResult::Error(_) => {
+                if let SocketResult::Error(kind) = r {
+                    self.error.get_or_insert(kind);
+                }
                 self.readable = false;
                 self.eof = true;
                 return true;
@@ -89,6 +97,9 @@ impl Io {
             SocketResult::Continue => {}
             SocketResult::WouldBlock => self.writable = false,
             SocketResult::Closed | SocketResult::Error(_) => {
+                if let SocketResult::Error(kind) = r {
+                    self.error.get_or_insert(kind);
+                }
                 self.writable = false;
                 self.eof = true;
                 self.out.clear();

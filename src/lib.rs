@@ -26,6 +26,7 @@ mod params;
 mod prepared;
 mod ratelimit;
 mod relay;
+mod resolver;
 mod router;
 mod server;
 mod session;

@@ -74,6 +74,20 @@ impl Relay {
         self.left == 0
     }
 
+    /// True when the sender stopped inside a message: what is missing of
+    /// the frame at the front of `rx` (its header, the rest of a frame held
+    /// to be delivered whole, or of one being passed through) has not
+    /// arrived. False when what is there was merely not relayed yet.
+    pub(crate) fn unfinished(&self, rx: &[u8]) -> bool {
+        if self.left > 0 {
+            return rx.len() < self.left;
+        }
+        match self.wanted(rx) {
+            Some(whole) => rx.len() < whole,
+            None => !rx.is_empty() && rx.len() < 5,
+        }
+    }
+
     /// The tag of the frame at the front of `rx` that is held back to be
     /// delivered whole and has not been (its header was counted, nothing
     /// of it was passed on).
@@ -413,5 +427,32 @@ mod tests {
         assert!(Relay::default()
             .step(&mut rx, 1 << 20, |_, _| false)
             .is_err());
+    }
+
+    #[test]
+    fn unfinished_tells_a_stalled_sender_from_an_unrelayed_one() {
+        let mut whole = BytesMut::new();
+        frontend::copy_data(&mut whole, &[7u8; 100]); // 105 bytes, passed
+        backend::ready_for_query(&mut whole, backend::TransactionStatus::Idle); // 6, held
+        let mut r = Relay::default();
+        // Part of a header.
+        let mut rx = BytesMut::from(&whole[..3]);
+        assert!(r.unfinished(&rx));
+        // A passed frame cut short: what came went on, the rest is owed.
+        rx.extend_from_slice(&whole[3..50]);
+        assert_eq!(run(&mut r, &mut rx), vec![('-', 50)]);
+        assert!(rx.is_empty() && r.unfinished(&rx));
+        // Its rest arrived but is not relayed yet: not the sender's fault.
+        rx.extend_from_slice(&whole[50..105]);
+        assert!(!r.unfinished(&rx));
+        assert_eq!(run(&mut r, &mut rx), vec![('-', 55)]);
+        // A frame held whole, half there; then all there.
+        rx.extend_from_slice(&whole[105..108]);
+        assert_eq!(run(&mut r, &mut rx), vec![]);
+        assert!(r.unfinished(&rx));
+        rx.extend_from_slice(&whole[108..]);
+        assert!(!r.unfinished(&rx));
+        assert_eq!(run(&mut r, &mut rx), vec![('Z', 6)]);
+        assert!(!r.unfinished(&rx));
     }
 }

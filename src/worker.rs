@@ -34,6 +34,7 @@ use crate::io::Io;
 use crate::prepared::ServerStatements;
 use crate::ratelimit::limited;
 use crate::relay::{Relay, Step};
+use crate::resolver::{resolve_blocking, Dns, Lookup, Start, LOOKUP_TIMEOUT};
 use crate::router::{GiveUp, Lease, PoolKey, PoolShared, Registry, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
 use crate::session::{Greeting, Pin, Scan};
@@ -85,6 +86,48 @@ pub(crate) enum WorkerTimer {
     ProbeTimeout(Key),
     /// Once a second: pool_ttl, server_lifetime, client and query timeouts.
     Tick,
+    /// A host name lookup took too long: what waits for it fails
+    /// (`resolver::Dns::timed_out`).
+    ResolveTimeout(u64),
+}
+
+/// What waits for a storage's host name to be resolved, to be run again
+/// once it is (or to fail with the lookup's error).
+#[derive(Debug)]
+pub(crate) enum Resume {
+    /// `open_server_asking`.
+    Server {
+        pool: PoolKey,
+        route: Arc<ResolvedRoute>,
+        ask: AskTls,
+        tls_retry: bool,
+    },
+    /// `send_cancel` (a recovering server waits for it: `cancelling`);
+    /// otherwise only while the server still runs the request that started
+    /// at `request` (a late cancel must not hit the next client's query).
+    Cancel {
+        server: Key,
+        recovering: bool,
+        request: Option<Instant>,
+    },
+    /// `start_probe`, for a client still `Verifying`.
+    Probe {
+        client: Key,
+        who: Box<Identity>,
+        route: Arc<ResolvedRoute>,
+        credential: Option<ScramCredential>,
+        job: Job,
+        ask: Option<AskTls>,
+    },
+}
+
+/// A storage connection as far as it could be started now.
+enum Opened {
+    Stream(Stream),
+    /// Why not, for the client and the log (names the host and port).
+    Failed(String),
+    /// The host name is being resolved: park the caller.
+    Wait,
 }
 
 /// A connection that carries one CancelRequest to a server.
@@ -165,7 +208,7 @@ pub(crate) struct Probe {
 
 /// What a probe is for.
 #[derive(Debug)]
-enum Job {
+pub(crate) enum Job {
     /// Log in with no password (`passthrough`): getting in without being
     /// asked for one means the server trusts the user.
     Trust,
@@ -218,6 +261,8 @@ pub(crate) struct Shared {
     pub(crate) tls: Arc<TlsSet>,
     /// Routes resolved for this worker's clients under `cfg`.
     routes: RouteCache,
+    /// Storage host names: cache, and connections waiting for a lookup.
+    dns: Dns<Resume>,
     /// Per pool: the state shared with the router, and the idle servers
     /// this worker keeps for itself (most recently used last).
     local: HashMap<PoolKey, LocalPool>,
@@ -280,6 +325,7 @@ impl Worker {
         registry: Arc<Registry>,
         clients: Arc<AtomicUsize>,
     ) -> Self {
+        let lookups = lookups_for(peers.get(id).cloned());
         Self {
             conns: Machines::default(),
             w: Shared {
@@ -298,6 +344,7 @@ impl Worker {
                 listeners: Vec::new(),
                 listen_keepalive: None,
                 routes: RouteCache::default(),
+                dns: Dns::new(lookups),
                 cancel_keys: HashMap::new(),
                 dead: Vec::new(),
                 again: Vec::new(),
@@ -354,6 +401,17 @@ impl Shared {
         }
         for m in msgs {
             self.send(m);
+        }
+    }
+
+    /// How long a connection waits for its host name:
+    /// `resolver::LOOKUP_TIMEOUT`, or `server_connect_timeout` if shorter.
+    fn lookup_timeout(&self) -> std::time::Duration {
+        let connect = std::time::Duration::from_millis(self.cfg.server_connect_timeout);
+        if connect.is_zero() {
+            LOOKUP_TIMEOUT
+        } else {
+            connect.min(LOOKUP_TIMEOUT)
         }
     }
 
@@ -748,6 +806,17 @@ impl Worker {
                 }
                 self.serve_resumed(cx);
             }
+            WorkerCmd::Resolved { host, answer } => {
+                if let Err(why) = &answer {
+                    warn!(
+                        "worker {}: DNS lookup of host {host:?} failed: {why}",
+                        self.w.id
+                    );
+                }
+                for r in self.w.dns.answered(&host, answer, cx.now()) {
+                    self.resume(cx, r);
+                }
+            }
         }
     }
 
@@ -825,6 +894,19 @@ impl Worker {
                 if let Some(Conn::Cancel(c)) = self.conns.get_mut(k) {
                     c.timer = None;
                     self.finish_canceller(cx, k);
+                }
+            }
+            WorkerTimer::ResolveTimeout(id) => {
+                let after = self.w.lookup_timeout();
+                if let Some((host, parked)) = self.w.dns.timed_out(id, after, cx.now()) {
+                    warn!(
+                        "worker {}: DNS lookup of host {host:?} timed out after {} ms",
+                        self.w.id,
+                        after.as_millis()
+                    );
+                    for r in parked {
+                        self.resume(cx, r);
+                    }
                 }
             }
             WorkerTimer::DrainSweep => {
@@ -2132,21 +2214,28 @@ impl Worker {
         tls_retry: bool,
     ) {
         let st = &route.storage;
-        let stream = connect_storage(st);
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
+        let stream = match self.open_storage(cx, st) {
+            Opened::Stream(s) => s,
+            Opened::Failed(why) => {
+                warn!("pool {pool}: {why}");
                 self.w.send(SysCmd::ServerClosed {
                     pool: pool.clone(),
                     worker: self.w.id,
                     server: None,
                     was: ServerWas::Opening,
                 });
-                let f = Fatal::new(
-                    "08006",
-                    format!("cannot connect to the server {}:{}: {e}", st.host, st.port),
-                );
-                self.fail_first_waiter(cx, &pool, f);
+                self.fail_first_waiter(cx, &pool, Fatal::new("08006", why));
+                return;
+            }
+            Opened::Wait => {
+                let host = st.host.clone();
+                let r = Resume::Server {
+                    pool,
+                    route,
+                    ask,
+                    tls_retry,
+                };
+                self.park(cx, &host, r);
                 return;
             }
         };
@@ -2236,7 +2325,8 @@ impl Worker {
                         return;
                     }
                     Ok(None) => {
-                        self.fail_login(cx, sk, "the server closed the connection".into(), "08006");
+                        let why = unconnected(&s.io, &s.route.storage);
+                        self.fail_login(cx, sk, why, "08006");
                         return;
                     }
                 },
@@ -2705,6 +2795,89 @@ impl Worker {
         self.drive_server(cx, sk);
     }
 
+    /// Starts a connection to storage `st`: at once for a Unix socket, an
+    /// IP address or a host name `Dns` knows; otherwise a lookup runs off
+    /// this thread and the caller parks (`park`) until it ends.
+    fn open_storage(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        st: &crate::config::Storage,
+    ) -> Opened {
+        let cannot = |e: &dyn std::fmt::Display| {
+            format!("cannot connect to the server {}:{}: {e}", st.host, st.port)
+        };
+        let opened = match &st.unix_socket_dir {
+            Some(dir) => {
+                let path = std::path::Path::new(dir).join(format!(".s.PGSQL.{}", st.port));
+                connect_unix(&path)
+            }
+            None => match self.w.dns.lookup(&st.host, st.port, cx.now()) {
+                Lookup::Ready(addr) => connect(addr),
+                Lookup::Failed(e) => return Opened::Failed(cannot(&e)),
+                Lookup::Wait => return Opened::Wait,
+            },
+        };
+        match opened {
+            Ok(s) => Opened::Stream(s),
+            Err(e) => Opened::Failed(cannot(&e)),
+        }
+    }
+
+    /// Parks `r` until `host` is resolved; the first to wait for it sets
+    /// the lookup's deadline.
+    fn park(&mut self, cx: &mut Context<'_, WorkerTimer>, host: &str, r: Resume) {
+        debug!(
+            "worker {}: waiting for host {host:?} to be resolved",
+            self.w.id
+        );
+        if let Some(id) = self.w.dns.park(host, r) {
+            let at = cx.now() + self.w.lookup_timeout();
+            cx.set_timer(at, WorkerTimer::ResolveTimeout(id));
+        }
+    }
+
+    /// Runs again what waited for a host name (it finds the answer, or
+    /// the failure, in `Dns` now).
+    fn resume(&mut self, cx: &mut Context<'_, WorkerTimer>, r: Resume) {
+        match r {
+            Resume::Server {
+                pool,
+                route,
+                ask,
+                tls_retry,
+            } => self.open_server_asking(cx, pool, route, ask, tls_retry),
+            Resume::Cancel {
+                server,
+                recovering,
+                request,
+            } => {
+                let same = matches!(self.conns.get(server), Some(Conn::Server(s)) if s.query_start == request);
+                if recovering || same {
+                    self.send_cancel(cx, server, recovering);
+                } else {
+                    debug!(
+                        "worker {}: a cancel waited for DNS past its request: dropped",
+                        self.w.id
+                    );
+                }
+            }
+            Resume::Probe {
+                client,
+                who,
+                route,
+                credential,
+                job,
+                ask,
+            } => {
+                // A client that gave up (auth_timeout, EOF) needs no probe.
+                if matches!(self.conns.get(client), Some(Conn::Client(c)) if matches!(c.state, ClientState::Verifying))
+                {
+                    self.start_probe(cx, client, who, route, credential, job, ask);
+                }
+            }
+        }
+    }
+
     /// Sends a CancelRequest for what server `sk` runs, on a new connection
     /// to its storage. With `recovering`, the server waits for the cancel to
     /// be delivered before it can be reused.
@@ -2733,15 +2906,43 @@ impl Worker {
             self.w.cancel_drops.full += 1;
             return;
         }
-        let st = &s.route.storage;
-        let stream = connect_storage(st);
-        let stream = match stream {
-            Ok(x) => x,
-            Err(e) => {
+        let (id, route, request) = (s.id, Arc::clone(&s.route), s.query_start);
+        let stream = match self.open_storage(cx, &route.storage) {
+            Opened::Stream(x) => x,
+            Opened::Failed(why) => {
                 self.w.cancel_drops.failed += 1;
-                debug!("{}: cannot connect to send a cancel request: {e}", s.id);
+                debug!("{id}: cannot send a cancel request: {why}");
+                // A recovering server may have waited for this cancel
+                // while its host name was looked up.
+                if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
+                    if let ServerState::Recovering(r) = &mut s.state {
+                        if r.cancelling {
+                            r.cancelling = false;
+                            self.drive_server(cx, sk);
+                        }
+                    }
+                }
                 return;
             }
+            Opened::Wait => {
+                // The recovering server must not be reused before the
+                // cancel is delivered: it waits from now on.
+                if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
+                    if let ServerState::Recovering(r) = &mut s.state {
+                        r.cancelling |= recovering;
+                    }
+                }
+                let r = Resume::Cancel {
+                    server: sk,
+                    recovering,
+                    request,
+                };
+                self.park(cx, &route.storage.host, r);
+                return;
+            }
+        };
+        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+            return;
         };
         debug!("{}: sending a cancel request", s.id);
         s.cancel_inflight = true;
@@ -2898,15 +3099,28 @@ impl Worker {
         job: Job,
         ask: Option<AskTls>,
     ) {
+        let asked = ask;
         let retry = (ask.is_none() && self.w.retries_with_tls(&route))
             .then(|| (Arc::clone(&route), credential.clone()));
         let ask = ask.unwrap_or_else(|| self.w.ask_tls(&route));
         let st = &route.storage;
-        let stream = match connect_storage(st) {
-            Ok(s) => s,
-            Err(e) => {
-                let why = format!("cannot connect to the server {}:{}: {e}", st.host, st.port);
+        let stream = match self.open_storage(cx, st) {
+            Opened::Stream(s) => s,
+            Opened::Failed(why) => {
                 self.refuse_unproved(cx, ck, &who, (why, "08006"));
+                return;
+            }
+            Opened::Wait => {
+                let host = st.host.clone();
+                let r = Resume::Probe {
+                    client: ck,
+                    who,
+                    route,
+                    credential,
+                    job,
+                    ask: asked,
+                };
+                self.park(cx, &host, r);
                 return;
             }
         };
@@ -2963,7 +3177,7 @@ impl Worker {
                         return;
                     }
                     Ok(None) => {
-                        let why = "the server closed the connection".to_string();
+                        let why = unconnected(&p.io, &p.who.route.storage);
                         self.finish_probe(cx, k, Err((why, "08006")));
                         return;
                     }
@@ -3542,6 +3756,7 @@ impl Worker {
         let mut slow = Vec::new();
         let mut hung = Vec::new();
         let mut unanswered = Vec::new();
+        let mut stalled = Vec::new();
         let connect_timeout = self.w.cfg.server_connect_timeout;
         for (k, conn) in self.conns.iter() {
             match conn {
@@ -3552,7 +3767,14 @@ impl Worker {
                     ) && connect_timeout > 0
                         && s.born.elapsed().as_millis() >= connect_timeout.into() =>
                 {
-                    unanswered.push(k);
+                    let st = &s.route.storage;
+                    let (host, port) = (&st.host, st.port);
+                    let why = if matches!(s.state, ServerState::Connecting(_)) {
+                        format!("connecting to the server {host}:{port} timed out after {connect_timeout} ms (server_connect_timeout)")
+                    } else {
+                        format!("the server {host}:{port} accepted the connection but did not complete the login within {connect_timeout} ms (server_connect_timeout)")
+                    };
+                    unanswered.push((k, why));
                 }
                 Conn::Server(s) if matches!(s.state, ServerState::Idle) => {
                     let r = &s.route.route;
@@ -3592,6 +3814,18 @@ impl Worker {
                         {
                             idle_in_xact.push(k);
                         }
+                        // The client itself stopped half-way through a
+                        // message: the server waits for the rest (as
+                        // PostgreSQL's backend would, for ever), so it is
+                        // the client's fault, not the server's.
+                        ClientState::Linked
+                            if busy
+                                && r.query_timeout > 0
+                                && quiet >= r.query_timeout
+                                && c.relay.unfinished(&c.io.rx) =>
+                        {
+                            stalled.push(k);
+                        }
                         ClientState::Linked if busy && r.query_timeout > 0 => {
                             if let Some((sk, s)) = server {
                                 let started = s.query_start;
@@ -3629,14 +3863,15 @@ impl Worker {
             );
             self.close_client(cx, ck, Some(f));
         }
-        for sk in unanswered {
-            let ms = connect_timeout;
-            self.fail_login(
-                cx,
-                sk,
-                format!("the server did not accept the connection and login within {ms} ms (server_connect_timeout)"),
-                "08006",
+        for (sk, why) in unanswered {
+            self.fail_login(cx, sk, why, "08006");
+        }
+        for ck in stalled {
+            let f = Fatal::new(
+                "08P01",
+                "the client did not finish sending its message within query_timeout: connection closed",
             );
+            self.close_client(cx, ck, Some(f));
         }
         for sk in hung {
             let f = Fatal::new(
@@ -4008,11 +4243,42 @@ fn step_login(
     (progress, LoginStep::Pending)
 }
 
-fn connect_storage(st: &crate::config::Storage) -> std::io::Result<Stream> {
-    match &st.unix_socket_dir {
-        Some(dir) => connect_unix(&std::path::Path::new(dir).join(format!(".s.PGSQL.{}", st.port))),
-        None => crate::config::resolve(&st.host, st.port).and_then(connect),
+/// Why a connect that had not completed ended: the socket error a write or
+/// read met (ECONNREFUSED shows there once the startup message is sent),
+/// named with the host and port.
+fn unconnected(io: &Io, st: &crate::config::Storage) -> String {
+    match io.error {
+        Some(kind) => format!(
+            "cannot connect to the server {}:{}: {}",
+            st.host,
+            st.port,
+            std::io::Error::from(kind)
+        ),
+        None => format!(
+            "the server {}:{} closed the connection while it was being connected",
+            st.host, st.port
+        ),
     }
+}
+
+/// Starts the lookups of a worker's `Dns`: one thread per host name
+/// (`Dns` runs one lookup per name at a time), which answers through the
+/// worker's own channel.
+fn lookups_for(me: Option<Sender<WorkerCmd>>) -> Start {
+    Box::new(move |host: &str| {
+        let Some(me) = me.clone() else {
+            return Err(std::io::Error::other("no channel to answer on"));
+        };
+        let host = host.to_string();
+        std::thread::Builder::new()
+            .name("odissey-resolve".into())
+            .spawn(move || {
+                let answer = resolve_blocking(&host);
+                // The worker may have stopped meanwhile: nobody to tell.
+                let _ = me.send(WorkerCmd::Resolved { host, answer });
+            })
+            .map(|_| ())
+    })
 }
 
 /// Listeners use the top of the token space; slab keys stay far below.
