@@ -1704,6 +1704,16 @@ impl Worker {
             self.close_server(cx, sk, "shutdown");
             return;
         }
+        // Granted from the router's books (idle here, or moved from another
+        // worker): it may have been terminated while idle, as in `attach`.
+        if granted {
+            if let Some(why) = s.gone_while_idle(cx.now(), self.w.cfg.readahead) {
+                let pool = s.pool.clone();
+                self.close_server(cx, sk, &why);
+                self.w.balance_needs(&pool);
+                return;
+            }
+        }
         let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
             return;
         };
@@ -1954,15 +1964,26 @@ impl Worker {
         c.waiting_us = since_start_us(self.w.started);
         let id = self.w.id;
         let paused = self.w.paused.holds(&pool.database);
-        let lp = self.w.local(&pool, &route);
+        let readahead = self.w.cfg.readahead;
+        let mut lp = self.w.local(&pool, &route);
         lp.route = Arc::clone(&route);
         while let Some(sk) = if paused { None } else { lp.idle.pop() } {
             lp.shared.taken(id);
-            let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
-            if idle {
-                self.link(cx, ck, sk);
-                return;
+            let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+                continue;
+            };
+            if !matches!(s.state, ServerState::Idle) {
+                continue;
             }
+            // Terminated while idle, its end not yet read: take another
+            // (nothing was sent to it, so nothing can have run).
+            if let Some(why) = s.gone_while_idle(cx.now(), readahead) {
+                self.close_server(cx, sk, &why);
+                lp = self.w.local(&pool, &route);
+                continue;
+            }
+            self.link(cx, ck, sk);
+            return;
         }
         // Admission control: with queue_max clients already waiting (on
         // every worker), the request is refused here and now, without the
