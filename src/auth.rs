@@ -44,6 +44,15 @@ impl Fatal {
         self.log.as_deref().unwrap_or(&self.message)
     }
 
+    /// A logged-in client broke the protocol. An unknown message type is
+    /// worded as PostgreSQL words it (`invalid frontend message type N`).
+    pub(crate) fn violation(e: ProtoError) -> Self {
+        match e {
+            ProtoError::UnknownFrontendType { .. } => Self::new("08P01", e.to_string()),
+            other => Self::new("08P01", format!("protocol violation: {other}")),
+        }
+    }
+
     /// An error PostgreSQL raised, passed on as it said it.
     pub(crate) fn from_server(code: String, message: String) -> Self {
         Self {
@@ -209,6 +218,25 @@ fn is_session_param(name: &str) -> bool {
     !matches!(name, "user" | "database" | "replication") && !name.starts_with("_pq_.")
 }
 
+/// The `replication` startup parameter as PostgreSQL reads it: `database`
+/// or a boolean in `parse_bool`'s spellings (any prefix of true, false,
+/// yes, no; on, off from two letters; 1, 0; any case). Some(true) asks for
+/// a walsender, which odissey does not offer; None is not a valid value.
+fn replication(value: &str) -> Option<bool> {
+    if value == "database" {
+        return Some(true);
+    }
+    let v = value.to_ascii_lowercase();
+    let prefix_of = |word: &str, min: usize| v.len() >= min && word.starts_with(v.as_str());
+    if prefix_of("true", 1) || prefix_of("yes", 1) || prefix_of("on", 2) || v == "1" {
+        Some(true)
+    } else if prefix_of("false", 1) || prefix_of("no", 1) || prefix_of("off", 2) || v == "0" {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// The first byte of a TLS handshake record: a direct-TLS client.
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -359,6 +387,34 @@ impl Login {
         let Some(startup) = codec::read_startup(rx)? else {
             return Ok((Self::Startup, Outcome::NeedMore));
         };
+        if let Startup::Startup { minor, params, .. } = &startup {
+            // Checked as PostgreSQL checks it, while it reads the packet.
+            if let Some(value) = crate::params::get(params, "replication") {
+                match replication(value) {
+                    Some(false) => {}
+                    Some(true) => {
+                        return Err(Fatal::new(
+                            "0A000",
+                            "replication connections are not supported by odissey",
+                        ))
+                    }
+                    None => {
+                        return Err(Fatal::new(
+                            "22023",
+                            format!("invalid value for parameter \"replication\": \"{value}\""),
+                        ))
+                    }
+                }
+            }
+            // PostgreSQL 15+ tells a client asking for a newer minor
+            // version, or for protocol options, what it speaks (3.0, no
+            // options) and goes on: libpq 18 asks for 3.2 and would
+            // otherwise believe it got it.
+            let options = startup.protocol_options();
+            if *minor > 0 || !options.is_empty() {
+                backend::negotiate_protocol_version(out, codec::PROTOCOL_3_0, &options);
+            }
+        }
         let params = match startup {
             Startup::SslRequest | Startup::GssEncRequest if !rx.is_empty() => {
                 // Bytes sent before our answer would be a TLS ClientHello:
@@ -1242,5 +1298,88 @@ mod tests {
                 .code,
             "08P01"
         );
+    }
+
+    #[test]
+    fn replication_is_read_like_postgresql_and_refused() {
+        for (v, want) in [
+            ("database", Some(true)),
+            ("true", Some(true)),
+            ("TRUE", Some(true)),
+            ("t", Some(true)),
+            ("yes", Some(true)),
+            ("on", Some(true)),
+            ("1", Some(true)),
+            ("false", Some(false)),
+            ("f", Some(false)),
+            ("no", Some(false)),
+            ("of", Some(false)),
+            ("off", Some(false)),
+            ("0", Some(false)),
+            ("o", None),
+            ("", None),
+            ("Database", None),
+            ("truest", None),
+            ("2", None),
+        ] {
+            assert_eq!(replication(v), want, "{v:?}");
+        }
+        let c = cfg("none", "x");
+        let mut out = BytesMut::new();
+        for (v, code) in [("database", "0A000"), ("on", "0A000"), ("maybe", "22023")] {
+            let mut rx = BytesMut::new();
+            frontend::startup(
+                &mut rx,
+                &[("user", "alice"), ("database", "db"), ("replication", v)],
+            );
+            let e = step(Login::Startup, &mut rx, &mut out, &c).unwrap_err();
+            assert_eq!(e.code, code, "{v}: {e:?}");
+        }
+        let mut rx = BytesMut::new();
+        frontend::startup(
+            &mut rx,
+            &[
+                ("user", "alice"),
+                ("database", "db"),
+                ("replication", "off"),
+            ],
+        );
+        out.clear();
+        let (_, o) = step(Login::Startup, &mut rx, &mut out, &c).unwrap();
+        let Outcome::Authenticated(who) = o else {
+            panic!("replication=off logs in");
+        };
+        assert!(who.params.is_empty(), "{:?}", who.params);
+        assert_eq!(
+            out.first(),
+            Some(&b'R'),
+            "no NegotiateProtocolVersion for 3.0"
+        );
+    }
+
+    #[test]
+    fn newer_minor_versions_and_protocol_options_are_negotiated() {
+        let c = cfg("none", "x");
+        let mut rx = BytesMut::new();
+        rx.extend_from_slice(&[0, 0, 0, 0, 0, 3, 0, 2]);
+        rx.extend_from_slice(b"user\0alice\0database\0db\0_pq_.x\0y\0\0");
+        let len = (rx.len() as u32).to_be_bytes();
+        rx[..4].copy_from_slice(&len);
+        let mut out = BytesMut::new();
+        let (_, o) = step(Login::Startup, &mut rx, &mut out, &c).unwrap();
+        let Outcome::Authenticated(who) = o else {
+            panic!("3.2 logs in on 3.0");
+        };
+        assert!(who.params.is_empty(), "{:?}", who.params);
+        let f = read_frame(&mut out, 1 << 20).unwrap().unwrap();
+        assert_eq!(
+            BackendMessage::parse(&f).unwrap(),
+            BackendMessage::NegotiateProtocolVersion {
+                minor: codec::PROTOCOL_3_0,
+                options: vec!["_pq_.x".into()],
+            }
+        );
+        // Then the login goes on: AuthenticationOk.
+        assert_eq!(read_frame(&mut out, 1 << 20).unwrap().unwrap().tag, b'R');
     }
 }

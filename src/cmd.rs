@@ -60,6 +60,8 @@ pub(crate) enum SysCmd {
     },
     /// No transaction of PAUSE `id`'s scope runs on this worker any more.
     Paused { id: u64 },
+    /// A worker carried out KILL `id`: it closed `closed` connections.
+    Killed { id: u64, closed: usize },
     /// A worker applied the config of reload `id` (`WorkerCmd::Configure`).
     Configured { id: u64 },
     /// A worker's part of gathering `id` (see `WorkerCmd::Snapshot`).
@@ -138,8 +140,9 @@ pub(crate) enum WorkerCmd {
         close: bool,
     },
     /// Close the client with this id, or every client and server of the
-    /// database of that name (the console's KILL).
-    Kill { target: String },
+    /// database of that name (the console's KILL); answer
+    /// `SysCmd::Killed { id, .. }` with how many were closed.
+    Kill { id: u64, target: String },
     /// Hold new transactions of `database` (all when None); answer
     /// `SysCmd::Paused { id }` once none runs here.
     Pause { id: u64, database: Option<String> },

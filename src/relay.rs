@@ -17,7 +17,7 @@
 
 use bytes::BytesMut;
 use odissey_protocol::backend;
-use odissey_protocol::codec::peek_header;
+use odissey_protocol::codec::{peek_frontend_header, peek_header};
 
 /// One step of relaying.
 #[derive(Debug, PartialEq, Eq)]
@@ -40,6 +40,9 @@ pub(crate) struct Relay {
     whole: bool,
     /// It relays a server's output: headers are checked per message type.
     server: bool,
+    /// It relays a logged-in client's input: a type PostgreSQL would not
+    /// accept is an error at its first byte.
+    client: bool,
 }
 
 impl Relay {
@@ -47,6 +50,14 @@ impl Relay {
     pub(crate) fn for_server() -> Self {
         Self {
             server: true,
+            ..Self::default()
+        }
+    }
+
+    /// The relay of a logged-in client's input.
+    pub(crate) fn for_client() -> Self {
+        Self {
+            client: true,
             ..Self::default()
         }
     }
@@ -59,6 +70,9 @@ impl Relay {
         buf: &[u8],
         max_len: usize,
     ) -> Result<Option<(u8, usize)>, odissey_protocol::Error> {
+        if self.client {
+            return peek_frontend_header(buf, max_len);
+        }
         if !self.server {
             return peek_header(buf, max_len);
         }
@@ -415,6 +429,30 @@ mod tests {
             Step::Inspect(b'Q', _)
         ));
         assert_eq!((asked, r.held(&rx)), (1, None));
+    }
+
+    #[test]
+    fn a_client_relay_refuses_unknown_types_after_what_came_before() {
+        // Like PostgreSQL, which runs the Query then refuses the `z`: the
+        // Query passes, the next step is the error, at the type byte alone.
+        let mut rx = BytesMut::new();
+        frontend::query(&mut rx, "SELECT 1");
+        let good = rx.len();
+        rx.extend_from_slice(b"z");
+        let mut r = Relay::for_client();
+        let step = r.step(&mut rx, 1 << 20, |_, _| false);
+        assert!(matches!(step, Ok(Step::Pass(b)) if b.len() == good));
+        assert_eq!(
+            r.step(&mut rx, 1 << 20, |_, _| false),
+            Err(odissey_protocol::Error::UnknownFrontendType { tag: b'z' })
+        );
+        // CopyData outside COPY is a known type (the server ignores it).
+        let mut rx = BytesMut::new();
+        frontend::copy_data(&mut rx, b"x");
+        assert!(matches!(
+            Relay::for_client().step(&mut rx, 1 << 20, |_, _| false),
+            Ok(Step::Pass(_))
+        ));
     }
 
     #[test]

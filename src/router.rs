@@ -890,6 +890,11 @@ impl Router {
         v
     }
 
+    /// Whether some pool (current or retired) serves database `db`.
+    pub(crate) fn knows_database(&self, db: &str) -> bool {
+        self.pools.keys().any(|k| &*k.database == db)
+    }
+
     /// Snapshot for inspect.
     pub(crate) fn stats(&self) -> Vec<odissey_facade::RouteStats> {
         let mut v: Vec<_> = self

@@ -123,6 +123,43 @@ pub(crate) struct Server {
     pub(crate) stmts: ServerStatements,
 }
 
+/// How long a server must have sat idle before it is handed out only
+/// after a look at its socket ([`Server::gone_while_idle`]).
+pub(crate) const IDLE_PROBE_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
+
+impl Server {
+    /// Before an idle server is handed to a client: has it closed, or said
+    /// something, since its socket was last read? A backend terminated
+    /// while idle (`pg_terminate_backend`, `idle_session_timeout`, a
+    /// restart) writes a FATAL error and closes; its readiness event may
+    /// not have been dispatched yet (later in this batch, or after the
+    /// last poll), and a request written to it would be lost with the
+    /// client told 57P01. One non-blocking read (a `recv` that finds
+    /// nothing, ~1 µs) tells, and is made only for a server idle for at
+    /// least `IDLE_PROBE_AFTER` as of `now` (the batch's clock): at most
+    /// 0.1% of the time it sat idle, so busy pools, whose servers go
+    /// straight from one client to the next, pay nothing. The reason to
+    /// close it, or `None` when it may be used; nothing was written to it.
+    pub(crate) fn gone_while_idle(
+        &mut self,
+        now: std::time::Instant,
+        readahead: usize,
+    ) -> Option<String> {
+        if now.saturating_duration_since(self.idle_since) < IDLE_PROBE_AFTER {
+            return None;
+        }
+        probe_idle(&mut self.io, readahead)
+    }
+}
+
+/// One look at an idle server's socket without waiting for an edge: what
+/// the kernel holds is read and judged as [`idle_input`] judges it.
+fn probe_idle(io: &mut Io, readahead: usize) -> Option<String> {
+    io.readable = true;
+    io.fill(readahead);
+    idle_input(&mut io.rx, io.eof)
+}
+
 /// Reads what an idle server sent (`rx`, with `eof` once it closed): the
 /// reason to close it, or `None` while it is fine. An idle server may send
 /// notices, parameter changes and notifications (consumed here); an error
@@ -154,6 +191,59 @@ pub(crate) fn idle_input(rx: &mut BytesMut, eof: bool) -> Option<String> {
 mod tests {
     use super::*;
     use odissey_protocol::backend;
+
+    /// A connected pair of streams over loopback TCP: (ours, the peer's).
+    fn pair() -> (Io, odissey_transport::Stream) {
+        let addr = "127.0.0.1:0".parse().expect("address");
+        let l = odissey_transport::Listener::bind_tcp(addr, 8).expect("bind");
+        let odissey_transport::ListenerAddr::Tcp(addr) = l.local_addr().expect("local_addr") else {
+            panic!("a TCP listener has a TCP address");
+        };
+        let ours = odissey_transport::connect(addr).expect("connect");
+        let start = std::time::Instant::now();
+        let peer = loop {
+            if let Some((s, _)) = l.accept().expect("accept") {
+                break s;
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        (Io::new(ours, true), peer)
+    }
+
+    #[test]
+    fn a_probe_finds_a_fatal_error_queued_without_an_event() {
+        let (mut io, mut peer) = pair();
+        // Nothing there: the server may be used, and nothing is consumed.
+        io.readable = false;
+        assert_eq!(probe_idle(&mut io, 1 << 16), None);
+        assert!(!io.eof && io.rx.is_empty());
+        // A backend terminated while idle: FATAL 57P01, then the end.
+        let mut fatal = BytesMut::new();
+        backend::error_response(
+            &mut fatal,
+            "FATAL",
+            "57P01",
+            "terminating connection due to administrator command",
+            None,
+        );
+        while !fatal.is_empty() {
+            peer.write_from(&mut fatal);
+        }
+        drop(peer);
+        // No readiness was reported (`readable` is false): the probe reads
+        // anyway. Loopback delivers at once; allow the kernel a moment.
+        let start = std::time::Instant::now();
+        let why = loop {
+            io.readable = false;
+            if let Some(why) = probe_idle(&mut io, 1 << 16) {
+                break why;
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        assert_eq!(why, "closed by the server while idle");
+    }
 
     #[test]
     fn an_idle_server_may_send_notices_and_nothing_else() {

@@ -145,6 +145,19 @@ struct Running {
 }
 
 /// The system thread's handler.
+/// A console KILL waiting for every worker to say how many connections
+/// it closed.
+struct KillWait {
+    left: usize,
+    closed: usize,
+    /// The target names a database of the config or of a pool: killing
+    /// nothing there is no error (it had no connections).
+    known: bool,
+    worker: WorkerId,
+    client: Key,
+    target: String,
+}
+
 pub(crate) struct System {
     me: Sender<SysCmd>,
     running: Option<Running>,
@@ -160,6 +173,12 @@ pub(crate) struct System {
     /// PAUSE commands waiting for workers: id → (workers left, the
     /// console client's worker and key).
     pauses: HashMap<u64, (usize, WorkerId, Key)>,
+    /// KILL commands waiting for workers, by id.
+    kills: HashMap<u64, KillWait>,
+    /// What the console paused (all, and databases by name), so that a
+    /// RESUME of something not paused is answered with an error.
+    paused_all: bool,
+    paused_dbs: std::collections::HashSet<String>,
     /// Facade reloads waiting for every worker to apply the new config:
     /// id → (workers left, the call, its answer). A login that starts
     /// after `reload` returns sees the new config on any worker.
@@ -182,6 +201,9 @@ impl System {
             gathers: HashMap::new(),
             reloads: HashMap::new(),
             pauses: HashMap::new(),
+            kills: HashMap::new(),
+            paused_all: false,
+            paused_dbs: std::collections::HashSet::new(),
             metrics: None,
             stats_prev: HashMap::new(),
             stats_at: std::time::Instant::now(),
@@ -783,15 +805,35 @@ impl System {
                 }
             },
             Command::Kill(target) => {
+                let id = self.next_gather;
+                self.next_gather += 1;
+                let mut left = 0;
                 if let Some(run) = &self.running {
                     for w in &run.workers {
-                        let _ = w.send(WorkerCmd::Kill {
-                            target: target.clone(),
-                        });
+                        let target = target.clone();
+                        if w.send(WorkerCmd::Kill { id, target }).is_ok() {
+                            left += 1;
+                        }
                     }
                 }
                 info!("console: KILL {target}");
-                backend::command_complete(&mut out, "KILL");
+                let known = self.knows_database(&target);
+                if left > 0 {
+                    // Answered once every worker says what it closed.
+                    self.kills.insert(
+                        id,
+                        KillWait {
+                            left,
+                            closed: 0,
+                            known,
+                            worker,
+                            client,
+                            target,
+                        },
+                    );
+                    return;
+                }
+                kill_answer(&mut out, &target, known);
             }
             Command::Shutdown => {
                 info!("console: SHUTDOWN");
@@ -803,7 +845,26 @@ impl System {
                 self.shutdown(cx, None, grace);
                 return;
             }
+            Command::Pause(Some(db)) if !self.knows_database(&db) => {
+                // PgBouncer's words.
+                let message = format!("no such database: {db}");
+                backend::error_response(&mut out, "ERROR", "3D000", &message, None);
+            }
+            Command::Resume(Some(db)) if !self.paused_dbs.contains(&db) => {
+                let message = format!("database {db} is not paused");
+                backend::error_response(&mut out, "ERROR", "55000", &message, None);
+            }
+            Command::Resume(None) if !self.paused_all && self.paused_dbs.is_empty() => {
+                let message = "odissey is not paused";
+                backend::error_response(&mut out, "ERROR", "55000", message, None);
+            }
             Command::Pause(database) => {
+                match &database {
+                    Some(db) => {
+                        self.paused_dbs.insert(db.clone());
+                    }
+                    None => self.paused_all = true,
+                }
                 let id = self.next_gather;
                 self.next_gather += 1;
                 let mut left = 0;
@@ -824,6 +885,16 @@ impl System {
                 backend::command_complete(&mut out, "PAUSE");
             }
             Command::Resume(database) => {
+                // As the workers do it: RESUME (all) lifts every pause.
+                match &database {
+                    Some(db) => {
+                        self.paused_dbs.remove(db);
+                    }
+                    None => {
+                        self.paused_all = false;
+                        self.paused_dbs.clear();
+                    }
+                }
                 if let Some(run) = &self.running {
                     for w in &run.workers {
                         let database = database.clone();
@@ -835,6 +906,15 @@ impl System {
             }
         }
         self.console_reply(worker, client, out, false);
+    }
+
+    /// Whether `db` names a database: a route of the running config, or a
+    /// pool (a default route's, or one kept by clients of an older config).
+    fn knows_database(&self, db: &str) -> bool {
+        self.running
+            .as_ref()
+            .is_some_and(|r| r.cfg.database.contains_key(db))
+            || self.router.knows_database(db)
     }
 
     fn console_reply(&self, worker: WorkerId, client: Key, data: BytesMut, close: bool) {
@@ -1064,6 +1144,19 @@ impl Handler for System {
                     }
                 }
             }
+            SysCmd::Killed { id, closed } => {
+                if let Some(k) = self.kills.get_mut(&id) {
+                    k.left = k.left.saturating_sub(1);
+                    k.closed += closed;
+                    if k.left == 0 {
+                        if let Some(k) = self.kills.remove(&id) {
+                            let mut out = BytesMut::new();
+                            kill_answer(&mut out, &k.target, k.known || k.closed > 0);
+                            self.console_reply(k.worker, k.client, out, false);
+                        }
+                    }
+                }
+            }
             SysCmd::Drained { worker } => {
                 info!("worker {worker} drained");
                 if let Some((_, left)) = &mut self.stopping {
@@ -1175,4 +1268,15 @@ pub(crate) fn spawn_system() -> std::io::Result<odissey_facade::Handle> {
         Box::new(move |call| tx.send(SysCmd::Facade(call)).is_ok()),
         thread,
     ))
+}
+
+/// The answer to a console KILL: done, or an error when the target named
+/// no connection and no database (PgBouncer's "no such database").
+fn kill_answer(out: &mut BytesMut, target: &str, matched: bool) {
+    if matched {
+        backend::command_complete(out, "KILL");
+    } else {
+        let message = format!("no such client or database: {target}");
+        backend::error_response(out, "ERROR", "42704", &message, None);
+    }
 }

@@ -783,7 +783,10 @@ impl Worker {
                 c.state = ClientState::Console { busy: false };
                 self.drive_client(cx, client);
             }
-            WorkerCmd::Kill { target } => self.kill_target(cx, &target),
+            WorkerCmd::Kill { id, target } => {
+                let closed = self.kill_target(cx, &target);
+                self.w.send(SysCmd::Killed { id, closed });
+            }
             WorkerCmd::Pause { id, database } => {
                 match &database {
                     Some(db) => {
@@ -1087,7 +1090,7 @@ impl Worker {
                 route: None,
                 pool: None,
                 server: None,
-                relay: Relay::default(),
+                relay: Relay::for_client(),
                 pending: 0,
                 unsynced: false,
                 greeted: false,
@@ -1257,7 +1260,7 @@ impl Worker {
                 ClientState::Idle => {
                     c.state = ClientState::Idle;
                     if !c.io.rx.is_empty() {
-                        match codec::peek_header(&c.io.rx, self.w.max_len()) {
+                        match codec::peek_frontend_header(&c.io.rx, self.w.max_len()) {
                             Ok(Some((b'X', _))) => {
                                 self.close_client(cx, ck, None);
                                 return;
@@ -1275,11 +1278,7 @@ impl Worker {
                                 progress = true;
                             }
                             Err(e) => {
-                                self.close_client(
-                                    cx,
-                                    ck,
-                                    Some(Fatal::new("08P01", format!("protocol violation: {e}"))),
-                                );
+                                self.close_client(cx, ck, Some(Fatal::violation(e)));
                                 return;
                             }
                         }
@@ -1308,9 +1307,9 @@ impl Worker {
                         return;
                     }
                     match self.console_input(ck) {
-                        Some(p) => progress |= p,
-                        None => {
-                            self.close_client(cx, ck, None);
+                        Ok(p) => progress |= p,
+                        Err(fatal) => {
+                            self.close_client(cx, ck, fatal);
                             return;
                         }
                     }
@@ -1524,8 +1523,7 @@ impl Worker {
                     break;
                 }
                 Err(e) => {
-                    let f = Fatal::new("08P01", format!("protocol violation: {e}"));
-                    self.close_client(cx, ck, Some(f));
+                    self.close_client(cx, ck, Some(Fatal::violation(e)));
                     return None;
                 }
             }
@@ -1836,6 +1834,16 @@ impl Worker {
             self.close_server(cx, sk, "shutdown");
             return;
         }
+        // Granted from the router's books (idle here, or moved from another
+        // worker): it may have been terminated while idle, as in `attach`.
+        if granted {
+            if let Some(why) = s.gone_while_idle(cx.now(), self.w.cfg.readahead) {
+                let pool = s.pool.clone();
+                self.close_server(cx, sk, &why);
+                self.w.balance_needs(&pool);
+                return;
+            }
+        }
         let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
             return;
         };
@@ -2086,15 +2094,26 @@ impl Worker {
         c.waiting_us = since_start_us(self.w.started);
         let id = self.w.id;
         let paused = self.w.paused.holds(&pool.database);
-        let lp = self.w.local(&pool, &route);
+        let readahead = self.w.cfg.readahead;
+        let mut lp = self.w.local(&pool, &route);
         lp.route = Arc::clone(&route);
         while let Some(sk) = if paused { None } else { lp.idle.pop() } {
             lp.shared.taken(id);
-            let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
-            if idle {
-                self.link(cx, ck, sk);
-                return;
+            let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+                continue;
+            };
+            if !matches!(s.state, ServerState::Idle) {
+                continue;
             }
+            // Terminated while idle, its end not yet read: take another
+            // (nothing was sent to it, so nothing can have run).
+            if let Some(why) = s.gone_while_idle(cx.now(), readahead) {
+                self.close_server(cx, sk, &why);
+                lp = self.w.local(&pool, &route);
+                continue;
+            }
+            self.link(cx, ck, sk);
+            return;
         }
         // Admission control: with queue_max clients already waiting (on
         // every worker), the request is refused here and now, without the
@@ -3588,26 +3607,40 @@ impl Worker {
     }
 
     /// Takes a console client's queries: each command goes to the system
-    /// thread, one at a time. None when the client ends the connection.
-    fn console_input(&mut self, ck: Key) -> Option<bool> {
+    /// thread, one at a time. An error when the connection is to end: the
+    /// client said Terminate (no error to send) or broke the protocol.
+    ///
+    /// Other messages are answered as PostgreSQL answers them: a
+    /// FunctionCall is an error followed by ReadyForQuery; an extended
+    /// protocol message is an error, after which everything up to the next
+    /// Sync is ignored (`unsynced` marks that stretch: a console client
+    /// never has a server, so the field is free), and the Sync gets
+    /// ReadyForQuery; COPY messages outside COPY are ignored; a type
+    /// PostgreSQL does not accept is FATAL.
+    fn console_input(&mut self, ck: Key) -> Result<bool, Option<Fatal>> {
         let max_len = self.w.max_len();
         let worker = self.w.id;
         let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
-            return None;
+            return Err(None);
         };
         let mut progress = false;
         loop {
-            let frame = match codec::read_frame(&mut c.io.rx, max_len) {
+            let frame = match codec::peek_frontend_header(&c.io.rx, max_len)
+                .and_then(|_| codec::read_frame(&mut c.io.rx, max_len))
+            {
                 Ok(Some(f)) => f,
-                Ok(None) => return Some(progress),
-                Err(e) => {
-                    let message = format!("protocol violation: {e}");
-                    write_error(&mut c.io.out, c.id, "FATAL", "08P01", &message);
-                    return None;
-                }
+                Ok(None) => return Ok(progress),
+                Err(e) => return Err(Some(Fatal::violation(e))),
             };
             progress = true;
             match frame.tag {
+                b'X' => return Err(None),
+                b'S' => {
+                    c.unsynced = false;
+                    backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
+                }
+                // Skipping to the Sync after an extended-protocol error.
+                _ if c.unsynced => {}
                 b'Q' => {
                     let sql = frame
                         .body
@@ -3623,7 +3656,7 @@ impl Worker {
                                 client: ck,
                                 command,
                             });
-                            return Some(true);
+                            return Ok(true);
                         }
                         Err(message) => {
                             write_error(&mut c.io.out, c.id, "ERROR", "42601", &message);
@@ -3631,16 +3664,29 @@ impl Worker {
                         }
                     }
                 }
-                b'X' => return None,
-                b'S' => backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle),
-                b'H' => {}
-                _ => write_error(
-                    &mut c.io.out,
-                    c.id,
-                    "ERROR",
-                    "0A000",
-                    "the console speaks the simple query protocol only",
-                ),
+                // Flush, and COPY messages outside COPY: nothing to do.
+                b'H' | b'd' | b'c' | b'f' => {}
+                b'F' => {
+                    write_error(
+                        &mut c.io.out,
+                        c.id,
+                        "ERROR",
+                        "0A000",
+                        "the console speaks the simple query protocol only",
+                    );
+                    backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
+                }
+                // Parse, Bind, Describe, Execute, Close.
+                _ => {
+                    write_error(
+                        &mut c.io.out,
+                        c.id,
+                        "ERROR",
+                        "0A000",
+                        "the console speaks the simple query protocol only",
+                    );
+                    c.unsynced = true;
+                }
             }
         }
     }
@@ -3920,8 +3966,9 @@ impl Worker {
     }
 
     /// The console's KILL: the client with that id, or every client and
-    /// server of the database of that name.
-    fn kill_target(&mut self, cx: &mut Context<'_, WorkerTimer>, target: &str) {
+    /// server of the database of that name. Returns how many were closed
+    /// (the console answers a KILL that matched nothing with an error).
+    fn kill_target(&mut self, cx: &mut Context<'_, WorkerTimer>, target: &str) -> usize {
         let mut clients = Vec::new();
         let mut servers = Vec::new();
         for (k, conn) in self.conns.iter() {
@@ -3936,6 +3983,7 @@ impl Worker {
                 _ => {}
             }
         }
+        let closed = clients.len() + servers.len();
         for k in clients {
             if let Some(Conn::Client(c)) = self.conns.get(k) {
                 info!("{}: killed from the console", c.id);
@@ -3949,6 +3997,7 @@ impl Worker {
         for k in servers {
             self.close_server(cx, k, "killed from the console");
         }
+        closed
     }
 
     /// Frees a connection's slot. Dropping its stream closes the socket

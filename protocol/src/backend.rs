@@ -399,6 +399,23 @@ pub fn ready_for_query(buf: &mut BytesMut, status: TransactionStatus) {
     message(buf, b'Z', |b| b.put_u8(status.as_byte()));
 }
 
+/// Appends NegotiateProtocolVersion, what PostgreSQL 15+ answers a
+/// startup packet asking for a newer minor version than it speaks, or with
+/// protocol options (`_pq_.*`) it does not know, before it goes on with the
+/// login on the version it offers. `version` is the newest version spoken,
+/// as a whole version code (major in the high 16 bits: PostgreSQL sends
+/// `PG_PROTOCOL_LATEST`, i.e. [`crate::codec::PROTOCOL_3_0`]); `options`
+/// are the names it did not recognize, in the order they came.
+pub fn negotiate_protocol_version(buf: &mut BytesMut, version: u32, options: &[&str]) {
+    message(buf, b'v', |b| {
+        b.put_u32(version);
+        b.put_u32(u32::try_from(options.len()).unwrap_or(u32::MAX));
+        for name in options {
+            put_cstr(b, name.as_bytes());
+        }
+    });
+}
+
 /// Writes the common S/V/C/M fields of an error or notice.
 fn put_error_fields(b: &mut BytesMut, severity: &str, code: &str, message_text: &str) {
     b.put_u8(b'S');
@@ -487,6 +504,27 @@ mod tests {
         assert!(b.is_empty(), "builder wrote exactly one frame");
         let msg = BackendMessage::parse(&frame).unwrap();
         (frame, msg)
+    }
+
+    #[test]
+    fn negotiate_protocol_version_is_what_postgresql_sends() {
+        // PostgreSQL 15 to a 3.2 startup with one `_pq_.` option.
+        let (frame, msg) = roundtrip(|b| {
+            super::negotiate_protocol_version(b, crate::codec::PROTOCOL_3_0, &["_pq_.x"])
+        });
+        assert_eq!(frame.tag, b'v');
+        assert_eq!(&frame.body[..], b"\0\x03\0\0\0\0\0\x01_pq_.x\0");
+        assert_eq!(
+            msg,
+            BackendMessage::NegotiateProtocolVersion {
+                minor: crate::codec::PROTOCOL_3_0,
+                options: vec!["_pq_.x".into()],
+            }
+        );
+        let mut b = BytesMut::new();
+        super::negotiate_protocol_version(&mut b, crate::codec::PROTOCOL_3_0, &[]);
+        assert_eq!(&b[..], b"v\0\0\0\x0c\0\x03\0\0\0\0\0\0");
+        check_header(b'v', 12).unwrap();
     }
 
     #[test]

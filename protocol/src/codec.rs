@@ -63,6 +63,20 @@ pub fn peek_header(buf: &[u8], max_len: usize) -> Result<Option<(u8, usize)>> {
     Ok(Some((tag, len as usize + 1)))
 }
 
+/// [`peek_header`] for a client's input after login: the type byte is
+/// judged first, as PostgreSQL does (`SocketBackend` reads the type and
+/// refuses an unknown one before it reads any length), so a client out of
+/// step gets `UnknownFrontendType` as soon as one byte is there, and a
+/// garbage length behind a garbage type is never believed.
+pub fn peek_frontend_header(buf: &[u8], max_len: usize) -> Result<Option<(u8, usize)>> {
+    if let Some(&tag) = buf.first() {
+        if !crate::frontend::is_known_type(tag) {
+            return Err(Error::UnknownFrontendType { tag });
+        }
+    }
+    peek_header(buf, max_len)
+}
+
 /// Cuts one complete tagged message off the front of buf. Ok(None) = need
 /// more bytes (buf untouched).
 pub fn read_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>> {
@@ -117,6 +131,20 @@ impl Startup {
                 .find(|(n, _)| n == name)
                 .map(|(_, v)| v.as_str()),
             _ => None,
+        }
+    }
+
+    /// The protocol options of a StartupMessage: its parameters named
+    /// `_pq_.*`, in the order sent. PostgreSQL knows none of them (up to
+    /// 17) and lists them in its NegotiateProtocolVersion.
+    pub fn protocol_options(&self) -> Vec<&str> {
+        match self {
+            Self::Startup { params, .. } => params
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .filter(|n| n.starts_with("_pq_."))
+                .collect(),
+            _ => Vec::new(),
         }
     }
 }
@@ -210,6 +238,31 @@ mod tests {
         frontend::parse(&mut b, "s1", "select $1", &[23]);
         frontend::copy_data(&mut b, b"");
         b
+    }
+
+    #[test]
+    fn frontend_header_judges_the_type_before_the_length() {
+        // One byte is enough to refuse, whatever length would follow.
+        assert_eq!(
+            peek_frontend_header(b"z", 100),
+            Err(Error::UnknownFrontendType { tag: b'z' })
+        );
+        assert_eq!(
+            peek_frontend_header(b"\xff\0\0\0\0", 100),
+            Err(Error::UnknownFrontendType { tag: 0xff })
+        );
+        // A password message is a login-phase message only.
+        assert!(peek_frontend_header(b"p\0\0\0\x05x", 100).is_err());
+        assert_eq!(peek_frontend_header(b"S", 100), Ok(None));
+        assert_eq!(
+            peek_frontend_header(b"d\0\0\0\x04", 100),
+            Ok(Some((b'd', 5)))
+        );
+        // A known type still has its length checked.
+        assert_eq!(
+            peek_frontend_header(b"Q\0\0\0\x01", 100),
+            Err(Error::BadLength { tag: b'Q', len: 1 })
+        );
     }
 
     #[test]
@@ -407,19 +460,23 @@ mod tests {
         b.put_u32((1234 << 16) | 5679);
         b.put_u32(0);
         assert!(matches!(read_startup(&mut b), Err(Error::Malformed { .. })));
-        // 3.2 is passed through for the caller to negotiate.
+        // 3.2 is passed through for the caller to negotiate, with its
+        // protocol options.
         let mut b = BytesMut::new();
-        b.put_u32(18);
+        b.put_u32(35);
         b.put_u32((3 << 16) | 2);
-        b.put_slice(b"user\0bob\0\0");
+        b.put_slice(b"user\0bob\0_pq_.a\0x\0_pq_.b\0\0\0");
+        let s = read_startup(&mut b).unwrap().unwrap();
         assert!(matches!(
-            read_startup(&mut b),
-            Ok(Some(Startup::Startup {
+            s,
+            Startup::Startup {
                 major: 3,
                 minor: 2,
                 ..
-            }))
+            }
         ));
+        assert_eq!(s.protocol_options(), vec!["_pq_.a", "_pq_.b"]);
+        assert!(Startup::SslRequest.protocol_options().is_empty());
     }
 
     #[test]

@@ -42,6 +42,12 @@ pub enum Error {
         /// The tag received.
         got: u8,
     },
+    /// A message type PostgreSQL never accepts from a client after login
+    /// (see [`crate::frontend::is_known_type`]).
+    UnknownFrontendType {
+        /// The tag received.
+        tag: u8,
+    },
     /// SCRAM or md5 exchange failure.
     Auth {
         /// What failed.
@@ -83,6 +89,11 @@ impl fmt::Display for Error {
             Self::Unexpected { expected, got } => {
                 write!(f, "unexpected message {}, expected {expected}", Tag(*got))
             }
+            // PostgreSQL's own words (postgres.c), the type as a decimal
+            // number, so clients see what a direct connection would say.
+            Self::UnknownFrontendType { tag } => {
+                write!(f, "invalid frontend message type {tag}")
+            }
             Self::Auth { what } => write!(f, "authentication error: {what}"),
         }
     }
@@ -110,5 +121,7 @@ mod tests {
             got: 0,
         };
         assert!(e.to_string().contains("0x00"));
+        let e = Error::UnknownFrontendType { tag: 0xff };
+        assert_eq!(e.to_string(), "invalid frontend message type 255");
     }
 }

@@ -167,6 +167,20 @@ impl FrontendMessage {
     }
 }
 
+/// Whether PostgreSQL accepts a message of this type from a client once it
+/// is logged in (the types `SocketBackend` in postgres.c lets through):
+/// the simple and extended query messages, FunctionCall, Terminate and the
+/// COPY messages. Anything else (a PasswordMessage `p` included) is
+/// answered `FATAL 08P01 invalid frontend message type N` and the
+/// connection closes. CopyData, CopyDone and CopyFail are accepted outside
+/// COPY too, and ignored there.
+pub fn is_known_type(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'Q' | b'F' | b'X' | b'B' | b'C' | b'D' | b'E' | b'H' | b'P' | b'S' | b'd' | b'c' | b'f'
+    )
+}
+
 /// Decodes a PasswordMessage body: one NUL-terminated string.
 pub fn parse_password(body: &[u8]) -> Result<&str> {
     let mut r = Reader::new(body);
