@@ -90,11 +90,72 @@ fn a_late_cancel_never_hits_another_clients_query() {
              (the cancelling client sent {rounds} cancels, {own} hit its own queries)"
         );
     }
+    println!(
+        "late cancels: {rounds} sent, {own} hit the client's own queries, \
+         {total} sleeps of others ran, none cancelled"
+    );
     assert!(
         rounds > 100,
         "only {rounds} cancels sent: the test proves little"
     );
     assert!(total > 30, "only {total} sleeps ran");
+}
+
+/// A genuine cancel still arrives at once: a `pg_sleep(20)` is cancelled
+/// within a second, from either worker.
+#[test]
+fn a_genuine_cancel_takes_under_a_second() {
+    let _w = watchdog("a_genuine_cancel_takes_under_a_second", LIMIT);
+    let pg = PgCluster::start();
+    let config = Config::new(pg.port())
+        .workers(2)
+        .route(Route::new("test", "trust_user").transaction().pool_size(2));
+    let (_handle, port) = start_pooler(&config);
+    for round in 0..4 {
+        let mut c = connect(port, "test", "trust_user", None);
+        let token = c.cancel_token();
+        let t = thread::spawn(move || {
+            let r = c.simple_query("select pg_sleep(20)").map(drop);
+            (r, Instant::now())
+        });
+        // The query must be running before the cancel is sent: a cancel for
+        // a client with nothing running is dropped, as it should be.
+        let started = Instant::now();
+        loop {
+            let rows = pg.sql(
+                "postgres",
+                "select count(*) from pg_stat_activity \
+                 where query = 'select pg_sleep(20)' and state = 'active'",
+            );
+            let running = rows
+                .first()
+                .and_then(|r| r.first())
+                .and_then(|v| v.as_deref());
+            if running == Some("1") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "round {round}: the query never ran"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        let sent = Instant::now();
+        token.cancel_query(NoTls).expect("cancel_query");
+        let (r, done) = t.join().expect("query thread");
+        let e = r.expect_err("a cancelled pg_sleep(20)");
+        assert_eq!(
+            e.code(),
+            Some(&SqlState::QUERY_CANCELED),
+            "round {round}: {}",
+            describe(&e)
+        );
+        let took = done.saturating_duration_since(sent);
+        assert!(
+            took < Duration::from_secs(1),
+            "round {round}: the cancel took {took:?}"
+        );
+    }
 }
 
 /// Open descriptors of this process (the pooler runs in it).
@@ -170,12 +231,17 @@ fn a_cancel_flood_is_bounded_and_harms_nobody() {
     let sent = sent.load(Ordering::Relaxed);
     for s in sleepers {
         let (n, cancelled, slowest) = s.join().expect("sleeper");
+        println!("a sleeper ran {n} pg_sleep(0.2), the slowest in {slowest:?}");
         assert_eq!(cancelled, 0, "a sleeper was cancelled by another's flood");
         assert!(
             slowest < Duration::from_millis(500),
             "a 0.2 s query took {slowest:?} during the flood ({n} ran)"
         );
     }
+    println!(
+        "cancel flood: {sent} cancels in 6 s, peak {peak_fds} descriptors (from {base_fds}), \
+         peak {peak_backends} PostgreSQL client backends"
+    );
     assert!(
         sent > 2000,
         "only {sent} cancels sent: the flood proves little"
