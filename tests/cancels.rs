@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -178,7 +176,7 @@ fn a_cancel_flood_is_bounded_and_harms_nobody() {
     let base_fds = open_fds();
     let stop = Arc::new(AtomicBool::new(false));
     let sleepers: Vec<_> = (0..2).map(|_| sleeper(port, Arc::clone(&stop))).collect();
-    let (mut flooder, pid, key) = raw_login_with_key(port);
+    let (mut flooder, pid, key) = login_with_key(port, "trust_user", "test");
     let busy = {
         let stop = Arc::clone(&stop);
         thread::spawn(move || {
@@ -187,23 +185,10 @@ fn a_cancel_flood_is_bounded_and_harms_nobody() {
             }
         })
     };
-    let sent = Arc::new(AtomicUsize::new(0));
     let floods: Vec<_> = (0..4)
         .map(|_| {
-            let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
-            thread::spawn(move || {
-                let mut packet = Vec::with_capacity(16);
-                packet.extend_from_slice(&16u32.to_be_bytes());
-                packet.extend_from_slice(&80_877_102u32.to_be_bytes());
-                packet.extend_from_slice(&pid.to_be_bytes());
-                packet.extend_from_slice(&key.to_be_bytes());
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-                        let _ = s.write_all(&packet);
-                        sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || flood_cancels(port, pid, key, &stop))
         })
         .collect();
     let mut peak_fds = 0;
@@ -224,11 +209,11 @@ fn a_cancel_flood_is_bounded_and_harms_nobody() {
         thread::sleep(Duration::from_millis(50));
     }
     stop.store(true, Ordering::Relaxed);
-    for f in floods {
-        f.join().expect("flood thread");
-    }
+    let sent: usize = floods
+        .into_iter()
+        .map(|f| f.join().expect("flood thread"))
+        .sum();
     busy.join().expect("flooding client");
-    let sent = sent.load(Ordering::Relaxed);
     for s in sleepers {
         let (n, cancelled, slowest) = s.join().expect("sleeper");
         println!("a sleeper ran {n} pg_sleep(0.2), the slowest in {slowest:?}");
@@ -256,26 +241,4 @@ fn a_cancel_flood_is_bounded_and_harms_nobody() {
         peak_fds < base_fds + 300,
         "{peak_fds} descriptors open (from {base_fds}) during a flood of {sent} cancels"
     );
-}
-
-/// A raw client logged in, with the BackendKeyData it was given.
-fn raw_login_with_key(port: u16) -> (RawClient, u32, u32) {
-    let mut c = RawClient::tcp(port);
-    c.send_startup(&[("user", "trust_user"), ("database", "test")]);
-    let mut key = None;
-    loop {
-        let (tag, body) = c.read_msg().expect("login reply");
-        match tag {
-            b'K' => {
-                let word =
-                    |i: usize| u32::from_be_bytes([body[i], body[i + 1], body[i + 2], body[i + 3]]);
-                key = Some((word(0), word(4)));
-            }
-            b'Z' => break,
-            b'E' => panic!("login refused: {body:?}"),
-            _ => {}
-        }
-    }
-    let (pid, secret) = key.expect("a BackendKeyData at login");
-    (c, pid, secret)
 }

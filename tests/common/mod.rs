@@ -1027,6 +1027,45 @@ pub(crate) fn tags(msgs: &[(u8, Vec<u8>)]) -> String {
 
 /// Sends a CancelRequest for (pid, key) on a fresh connection to `port`
 /// and waits (up to 5 s) for the pooler to close it.
+/// Logs in a raw client as `user` on `db` and returns it with the
+/// BackendKeyData it was given.
+pub(crate) fn login_with_key(port: u16, user: &str, db: &str) -> (RawClient, u32, u32) {
+    let mut c = RawClient::tcp(port);
+    c.send_startup(&[("user", user), ("database", db)]);
+    let mut key = None;
+    loop {
+        let (tag, body) = c.read_msg().expect("login reply");
+        match tag {
+            b'K' if body.len() >= 8 => {
+                let word =
+                    |i: usize| u32::from_be_bytes([body[i], body[i + 1], body[i + 2], body[i + 3]]);
+                key = Some((word(0), word(4)));
+            }
+            b'Z' => break,
+            b'E' => panic!("login refused: {:?}", parse_error_fields(&body)),
+            _ => {}
+        }
+    }
+    let (pid, secret) = key.expect("a BackendKeyData at login");
+    (c, pid, secret)
+}
+
+/// Sends CancelRequests for (pid, key) on new connections to `port`, as
+/// fast as they go, until `stop`; returns how many were sent.
+pub(crate) fn flood_cancels(port: u16, pid: u32, key: u32, stop: &AtomicBool) -> usize {
+    let mut packet = bytes::BytesMut::new();
+    odissey_protocol::frontend::cancel_request(&mut packet, pid, key);
+    let mut sent = 0;
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            if s.write_all(&packet).is_ok() {
+                sent += 1;
+            }
+        }
+    }
+    sent
+}
+
 pub(crate) fn send_cancel_request(port: u16, pid: u32, key: u32) {
     let mut stream = TcpStream::connect(("127.0.0.1", port))
         .unwrap_or_else(|e| panic!("cannot connect to 127.0.0.1:{port}: {e}"));
