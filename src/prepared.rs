@@ -47,9 +47,6 @@
 //! statements are shared by text only, so clients that differ in
 //! `search_path` share plans like they do in PgBouncer.
 
-// The worker integrates this module; until then most of it is unused
-// outside the tests.
-
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
