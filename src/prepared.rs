@@ -85,6 +85,9 @@ pub(crate) struct Statement {
     /// Its text may change the session (`session::scan`): each execution
     /// has its server checked afterwards.
     pub(crate) marks: bool,
+    /// It calls `set_config($n, ...)`: the parameter whose value names the
+    /// setting (`session::Scan::name_param`).
+    pub(crate) name_param: Option<u16>,
 }
 
 impl Statement {
@@ -93,7 +96,7 @@ impl Statement {
     fn new(rest: &[u8]) -> Result<Self, Error> {
         let server_name = format!("odissey_{:016x}", fnv1a(rest));
         let text = &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())];
-        let marks = crate::session::scan(text, &mut Vec::new()).any();
+        let scan = crate::session::scan(text, &mut Vec::new());
         let len = 4 + server_name.len() + 1 + rest.len();
         let len = u32::try_from(len).map_err(|_| Error::Malformed {
             what: "Parse message too long",
@@ -107,7 +110,8 @@ impl Statement {
         Ok(Self {
             server_name,
             parse: b.freeze(),
-            marks,
+            marks: scan.any(),
+            name_param: scan.name_param,
         })
     }
 }
@@ -623,18 +627,25 @@ pub(crate) fn needs_whole(tag: u8) -> bool {
     matches!(tag, b'P' | b'B' | b'D' | b'C')
 }
 
-/// True when `frame` is a Bind of a named statement of the client's whose
-/// text may change the session (see `Statement::marks`).
-pub(crate) fn bind_marks(frame: &[u8], cs: &ClientStatements) -> bool {
+/// When `frame` is a Bind of a named statement of the client's whose text
+/// may change the session (see `Statement::marks`): the parameter, if any,
+/// that names a setting (`Statement::name_param`).
+pub(crate) fn bind_marks(frame: &[u8], cs: &ClientStatements) -> Option<Option<u16>> {
     if frame.first() != Some(&b'B') {
-        return false;
+        return None;
     }
     let body = frame.get(5..).unwrap_or(&[]);
     let mut parts = body.splitn(3, |&b| b == 0);
     let (Some(_portal), Some(statement)) = (parts.next(), parts.next()) else {
-        return false;
+        return None;
     };
-    !statement.is_empty() && cs.map.get(statement).is_some_and(|s| s.marks)
+    if statement.is_empty() {
+        return None;
+    }
+    cs.map
+        .get(statement)
+        .filter(|s| s.marks)
+        .map(|s| s.name_param)
 }
 
 /// Sends `stmt`'s Parse (after Closes for what it evicts) and records it.

@@ -69,22 +69,41 @@ pub(crate) struct Scan {
     /// It may end state that pins (`DROP`, `CLOSE`): matters only to a
     /// pinned client, whose server is checked again.
     pub(crate) unpins: bool,
-    /// It calls `set_config` with a name odissey cannot read (a parameter
-    /// placeholder): a custom variable set that way cannot be listed, so
+    /// It calls `set_config` with a name odissey cannot read (an
+    /// expression): a custom variable set that way cannot be listed, so
     /// the client keeps its server.
     pub(crate) opaque: bool,
+    /// It calls `set_config($n, ...)`: the name is the statement's n-th
+    /// parameter (1-based), read from each Bind ([`bind_param`]).
+    pub(crate) name_param: Option<u16>,
 }
 
 impl Scan {
     pub(crate) fn any(self) -> bool {
-        self.marks || self.unpins || self.opaque
+        self.marks || self.unpins || self.opaque || self.name_param.is_some()
     }
 }
 
 /// Custom variable names a client was seen setting (boxed by the client,
 /// which mostly has none: an idle client's every byte counts).
 #[derive(Debug, Default)]
-pub(crate) struct CustomNames(pub(crate) Vec<String>);
+pub(crate) struct CustomNames {
+    pub(crate) names: Vec<String>,
+    /// The client's unnamed statement calls `set_config($n, ...)`: its
+    /// Binds name the setting in parameter n.
+    pub(crate) unnamed_param: Option<u16>,
+}
+
+/// The statement name of a Parse or Bind frame (tag and length included):
+/// empty for the unnamed statement. A Bind's comes after its portal's.
+pub(crate) fn statement_name(frame: &[u8]) -> &[u8] {
+    let body = frame.get(5..).unwrap_or(&[]);
+    let mut names = body.split(|&b| b == 0);
+    if frame.first() == Some(&b'B') {
+        names.next();
+    }
+    names.next().unwrap_or(&[])
+}
 
 /// Most custom variable names a client is followed for.
 pub(crate) const MAX_CUSTOM: usize = 64;
@@ -214,9 +233,12 @@ fn classify(
     if ANYWHERE_WORDS.iter().any(|w| is(w)) {
         out.marks = true;
         if is("set_config") {
-            match first_literal_arg(&sql[after..]) {
-                Some(name) => remember(names, name),
-                None => out.opaque = true,
+            match first_arg(&sql[after..]) {
+                Some(Arg::Literal(name)) => remember(names, name),
+                Some(Arg::Param(n)) if out.name_param.is_none_or(|m| m == n) => {
+                    out.name_param = Some(n);
+                }
+                _ => out.opaque = true,
             }
         }
         return;
@@ -240,14 +262,81 @@ fn set_target(rest: &[u8]) -> Option<&str> {
     w.contains('.').then_some(w)
 }
 
-/// The first argument of a call when it is a plain string literal:
-/// `('a.b', ...)`.
-fn first_literal_arg(rest: &[u8]) -> Option<&str> {
+/// A call's first argument, when odissey can know its value.
+enum Arg<'a> {
+    /// A plain string literal: `('a.b', ...)`.
+    Literal(&'a str),
+    /// A parameter placeholder, maybe cast: `($2, ...)`, `($1::text, ...)`.
+    Param(u16),
+}
+
+fn first_arg(rest: &[u8]) -> Option<Arg<'_>> {
     let text = std::str::from_utf8(rest).ok()?.trim_start();
     let text = text.strip_prefix('(')?.trim_start();
-    let text = text.strip_prefix('\'')?;
-    let end = text.find('\'')?;
-    Some(&text[..end])
+    if let Some(text) = text.strip_prefix('\'') {
+        let end = text.find('\'')?;
+        // `'a''b'` is not a plain literal: odissey does not unquote.
+        return (!text[end + 1..].starts_with('\'')).then(|| Arg::Literal(&text[..end]));
+    }
+    let digits = text.strip_prefix('$')?;
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    let after = digits[end..].trim_start();
+    if !(after.starts_with(',') || after.starts_with("::")) {
+        return None;
+    }
+    digits[..end]
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .map(Arg::Param)
+}
+
+/// The value of parameter `n` (1-based) of a Bind frame (tag and length
+/// included), in either format: `set_config`'s name is text, whose binary
+/// form is its bytes. None for a NULL, a missing parameter or a malformed
+/// frame.
+pub(crate) fn bind_param(frame: &[u8], n: u16) -> Option<&[u8]> {
+    let body = frame.get(5..)?;
+    let mut at = 0;
+    for _ in 0..2 {
+        // The portal's and the statement's names.
+        at += body.get(at..)?.iter().position(|&b| b == 0)? + 1;
+    }
+    let u16_at =
+        |i: usize| -> Option<u16> { Some(u16::from_be_bytes([*body.get(i)?, *body.get(i + 1)?])) };
+    let formats = usize::from(u16_at(at)?);
+    at += 2 + 2 * formats;
+    let params = u16_at(at)?;
+    at += 2;
+    if n == 0 || n > params {
+        return None;
+    }
+    for i in 1..=params {
+        let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        let value = if len < 0 {
+            None
+        } else {
+            let v = body.get(at..at + len as usize)?;
+            at += len as usize;
+            Some(v)
+        };
+        if i == n {
+            return value;
+        }
+    }
+    None
+}
+
+/// Records the name a Bind gave `set_config` (see [`Scan::name_param`]):
+/// a custom variable to read back by name. Anything that is not a valid
+/// name is left to the check, which sees every other setting.
+pub(crate) fn remember_bound(names: &mut Vec<String>, value: &[u8]) {
+    if let Ok(name) = std::str::from_utf8(value) {
+        remember(names, name);
+    }
 }
 
 /// Records a custom variable name (a name with a dot: the others are in
@@ -408,7 +497,10 @@ pub(crate) fn sync_queries(client: &Settings, server: &Settings) -> Vec<String> 
     let mut out = Vec::new();
     for (name, _) in server.iter() {
         if client.get(name).is_none() && valid_name(name) {
-            out.push(format!("RESET {name}"));
+            // Each part quoted: a custom variable may be named with a
+            // keyword (`app.user`), which RESET would not parse bare.
+            let quoted: Vec<String> = name.split('.').map(|p| format!("\"{p}\"")).collect();
+            out.push(format!("RESET {}", quoted.join(".")));
         }
     }
     let mut role = None;
@@ -697,8 +789,26 @@ mod tests {
         scan(b"SET search_path = a", &mut names);
         assert_eq!(names, ["app.tenant", "my.var"]);
         let s = scan(b"select set_config($1, $2, false)", &mut names);
-        assert!(s.opaque);
+        assert_eq!((s.opaque, s.name_param), (false, Some(1)));
+        let s = scan(b"select set_config($2::text, $1, false)", &mut names);
+        assert_eq!((s.opaque, s.name_param), (false, Some(2)));
+        assert!(scan(b"select set_config(lower($1), 'x', false)", &mut names).opaque);
+        assert!(scan(b"select set_config('a''b', 'x', false)", &mut names).opaque);
         assert!(!marks("select set_config('search_path', $1, false)").opaque);
+        // A Bind's parameters, read back.
+        let mut f = bytes::BytesMut::new();
+        odissey_protocol::frontend::bind(&mut f, "", "s1", &[Some(b"app.user"), None, Some(b"7")]);
+        assert_eq!(bind_param(&f, 1), Some(&b"app.user"[..]));
+        assert_eq!(bind_param(&f, 2), None);
+        assert_eq!(bind_param(&f, 3), Some(&b"7"[..]));
+        assert_eq!(bind_param(&f, 4), None);
+        assert_eq!(bind_param(&f[..12], 1), None, "a truncated frame");
+        assert_eq!(statement_name(&f), b"s1");
+        let mut p = bytes::BytesMut::new();
+        odissey_protocol::frontend::parse(&mut p, "", "select 1", &[]);
+        assert_eq!(statement_name(&p), b"");
+        remember_bound(&mut names, b"App.User");
+        assert!(names.contains(&"app.user".to_string()));
         assert!(marks("DROP TABLE t").unpins);
         assert!(!marks("DROP TABLE t").marks);
     }
@@ -735,13 +845,19 @@ mod tests {
         assert_eq!(
             q,
             [
-                "RESET statement_timeout",
+                "RESET \"statement_timeout\"",
                 "SELECT pg_catalog.set_config('search_path', 's2, public', false)",
                 "SELECT pg_catalog.set_config('timezone', 'it''s', false)",
                 "SET ROLE 'mine'",
             ]
         );
         assert!(sync_queries(&client, &client).is_empty());
+        let mut server = Settings::default();
+        server.set("app.user", "u");
+        assert_eq!(
+            sync_queries(&Settings::default(), &server),
+            ["RESET \"app\".\"user\""]
+        );
         assert_eq!(literal("a\\b").as_deref(), Some("$o$a\\b$o$"));
         assert_eq!(literal("x$o$\\").as_deref(), Some("$o1$x$o$\\$o1$"));
     }

@@ -561,7 +561,7 @@ fn every_way_of_setting_follows_its_client_and_nothing_else() {
         "CREATE SCHEMA s1; CREATE SCHEMA s2; GRANT USAGE ON SCHEMA s1, s2 TO PUBLIC",
     );
     let config = Config::new(pg.port()).workers(1).route(tx_route(1));
-    let (_handle, port) = start_pooler(&config);
+    let (handle, port) = start_pooler(&config);
     let mut x = connect(port, "test", "trust_user", None);
     let mut y = connect(port, "test", "trust_user", None);
     // Extended protocol (the postgres crate prepares, binds, executes).
@@ -610,6 +610,30 @@ fn every_way_of_setting_follows_its_client_and_nothing_else() {
             "round {round}"
         );
     }
+    // set_config with the name as a parameter (psycopg's `%s`): the Bind
+    // names the custom variable, which follows its client without pinning.
+    x.execute("SELECT set_config($1, $2, false)", &[&"app.user", &"ux"])
+        .expect("set_config($1, $2)");
+    for round in 0..5 {
+        assert_eq!(
+            show(&mut x, "select current_setting('app.user', true)"),
+            "ux",
+            "round {round}"
+        );
+        assert_eq!(
+            show(
+                &mut y,
+                "select coalesce(current_setting('app.user', true), '')"
+            ),
+            "",
+            "round {round}"
+        );
+    }
+    let ins = handle.inspect().expect("inspect");
+    assert!(
+        ins.client_list.iter().all(|c| c.pinned.is_none()),
+        "{ins:?}"
+    );
     // RESET ALL: the client's settings go, on whichever server it gets.
     x.batch_execute("RESET ALL").expect("RESET ALL");
     assert_eq!(show(&mut y, "show search_path"), "s2");

@@ -1262,9 +1262,25 @@ impl Worker {
                             Some(b'P') => {
                                 let sc = scan_into(&mut c.custom, crate::session::parse_text(&f));
                                 note_scan(&mut c.check_due, &mut c.pinned, c.id, sc, discard);
+                                // A named statement keeps its own (`Statement`).
+                                if crate::session::statement_name(&f).is_empty() {
+                                    note_unnamed_param(&mut c.custom, sc.name_param);
+                                }
                             }
-                            Some(b'B') if crate::prepared::bind_marks(&f, &p.stmts) => {
-                                c.check_due = true;
+                            Some(b'B') => {
+                                let param = if crate::session::statement_name(&f).is_empty() {
+                                    c.custom.as_deref().and_then(|n| n.unnamed_param)
+                                } else if let Some(param) =
+                                    crate::prepared::bind_marks(&f, &p.stmts)
+                                {
+                                    c.check_due = true;
+                                    param
+                                } else {
+                                    None
+                                };
+                                if let Some(n) = param {
+                                    note_bound_name(&mut c.custom, &f, n);
+                                }
                             }
                             _ => {}
                         }
@@ -1288,7 +1304,10 @@ impl Worker {
                         info!("{}: parse: {}", c.id, parse_text(&f));
                     }
                     if scanning {
-                        let sc = scan_into(&mut c.custom, crate::session::parse_text(&f));
+                        let mut sc = scan_into(&mut c.custom, crate::session::parse_text(&f));
+                        // Without statement tracking the Binds go by
+                        // unread: a name given as a parameter stays unknown.
+                        sc.opaque |= sc.name_param.is_some();
                         note_scan(&mut c.check_due, &mut c.pinned, c.id, sc, discard);
                     }
                     s.io.out.unsplit(f);
@@ -1572,7 +1591,7 @@ impl Worker {
                     // it back before anyone else can get this server.
                     c.check_due = false;
                     let q = crate::session::check_query(
-                        c.custom.as_deref().map_or(&[], |n| n.0.as_slice()),
+                        c.custom.as_deref().map_or(&[], |n| n.names.as_slice()),
                         &s.route.server_user,
                     );
                     frontend::query(&mut s.io.out, &q);
@@ -2867,15 +2886,42 @@ fn drops_statements(sql: &str) -> bool {
 /// Scans a Query or Parse text, keeping the custom variable names it sets.
 fn scan_into(custom: &mut Option<Box<crate::session::CustomNames>>, text: &[u8]) -> Scan {
     match custom {
-        Some(names) => crate::session::scan(text, &mut names.0),
+        Some(c) => crate::session::scan(text, &mut c.names),
         None => {
             let mut names = Vec::new();
             let sc = crate::session::scan(text, &mut names);
             if !names.is_empty() {
-                *custom = Some(Box::new(crate::session::CustomNames(names)));
+                *custom = Some(Box::new(crate::session::CustomNames {
+                    names,
+                    unnamed_param: None,
+                }));
             }
             sc
         }
+    }
+}
+
+/// Keeps which parameter of the client's unnamed statement names a
+/// setting (a new unnamed Parse replaces the last).
+fn note_unnamed_param(custom: &mut Option<Box<crate::session::CustomNames>>, n: Option<u16>) {
+    match custom {
+        Some(c) => c.unnamed_param = n,
+        None if n.is_some() => {
+            *custom = Some(Box::new(crate::session::CustomNames {
+                names: Vec::new(),
+                unnamed_param: n,
+            }));
+        }
+        None => {}
+    }
+}
+
+/// A Bind whose statement names a setting in parameter `n`: that name is
+/// read back by later checks.
+fn note_bound_name(custom: &mut Option<Box<crate::session::CustomNames>>, bind: &[u8], n: u16) {
+    if let Some(value) = crate::session::bind_param(bind, n) {
+        let c = custom.get_or_insert_with(Default::default);
+        crate::session::remember_bound(&mut c.names, value);
     }
 }
 
@@ -2894,9 +2940,9 @@ fn note_scan(check_due: &mut bool, pinned: &mut Option<Pin>, id: ConnId, sc: Sca
 }
 
 /// Why a client keeps its server for good: it called set_config with a
-/// name odissey could not read, which may be a custom variable no check
-/// can list.
-const PIN_OPAQUE: Pin = "set_config with a parameter for the name";
+/// name odissey could not read (an expression, or a parameter of an
+/// untracked statement), which may be a custom variable no check can list.
+const PIN_OPAQUE: Pin = "set_config with a name odissey cannot read";
 
 /// Why a client keeps its server when its session could not be read back.
 const PIN_UNREADABLE: Pin = "its session could not be read back";
