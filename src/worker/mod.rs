@@ -5,19 +5,26 @@
 //! (system thread) for servers and reports to it; between a client and its
 //! server, bytes move without leaving the thread.
 //!
-//! This module holds `Worker`, its `Handler` impl (dispatch and panic
-//! containment) and, for now, the client, server and pool transitions.
-//! Beside it: `accept` (listeners, accepting in batches), `cancel` (cancel
-//! keys and the connections that carry CancelRequests), `probe`
-//! (passthrough and auth_query logins on a client's behalf) and `sweep`
-//! (tick, drain, kill, snapshot, pool counters, PAUSE checks).
+//! This module holds `Worker`, `Shared`, its `Handler` impl (dispatch and
+//! panic containment) and, for now, the client's transitions (driving,
+//! relaying, linking, login, greeting, session checks, closing). Beside
+//! it: `accept` (listeners, accepting in batches), `cancel` (cancel keys
+//! and the connections that carry CancelRequests), `pool` (`LocalPool`,
+//! needs, attaching and queueing clients, grants, offering, shipping and
+//! adopting servers, opening new ones), `probe` (passthrough and
+//! auth_query logins on a client's behalf), `server_conn` (a server
+//! connection's own transitions: connecting, login, reset, closing; not
+//! `server`, which would read as `crate::server`'s `Server` struct) and
+//! `sweep` (tick, drain, kill, snapshot, pool counters, PAUSE checks).
 
 mod accept;
 mod cancel;
+mod pool;
 mod probe;
+mod server_conn;
 mod sweep;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,7 +38,7 @@ use odissey_reactor::{Context, Handler, Interest, Key, Machines, Ready, Sender, 
 use odissey_transport::{connect, connect_unix, Listener, Stream, ALPN_POSTGRESQL};
 
 use crate::auth::{Ctx, Fatal, Identity, Outcome, TlsView};
-use crate::backend_login::{AskTls, BackendLogin, LoginError, Progress};
+use crate::backend_login::AskTls;
 use crate::client::{Client, ClientState};
 use crate::cmd::{SysCmd, WorkerCmd};
 use crate::config::{
@@ -41,19 +48,18 @@ use crate::config::{
 use crate::credentials;
 use crate::ids::ConnId;
 use crate::io::Io;
-use crate::prepared::ServerStatements;
 use crate::ratelimit::limited;
-use crate::relay::{Relay, Step};
+use crate::relay::Step;
 use crate::resolver::{resolve_blocking, Dns, Lookup, Start, LOOKUP_TIMEOUT};
-use crate::router::{GiveUp, Lease, PoolKey, PoolShared, Registry, ServerWas, WorkerId};
+use crate::router::{GiveUp, PoolKey, Registry, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
 use crate::session::{Greeting, Pin, Scan};
-use crate::stats::Counters;
-use crate::tls::{StorageTlsConfig, TlsSet};
+use crate::tls::TlsSet;
 use odissey_protocol::scram::ScramCredential;
 
 use accept::{listener_index, listener_token};
 use cancel::{CancelDrops, Canceller};
+use pool::LocalPool;
 use probe::{Job, Probe};
 
 /// Rounds of read/relay/write per wake-up before yielding to others.
@@ -217,21 +223,6 @@ pub(crate) struct Shared {
     cancel_drops: CancelDrops,
 }
 
-/// A pool as one worker sees it.
-pub(crate) struct LocalPool {
-    shared: Arc<PoolShared>,
-    /// Servers kept idle here, most recently used last.
-    idle: Vec<Key>,
-    /// Clients of this worker waiting for a server, FIFO.
-    queue: VecDeque<Key>,
-    /// Servers asked of the router and not yet granted.
-    asked: usize,
-    /// The route as of the latest client, for new servers.
-    route: Arc<ResolvedRoute>,
-    /// What this worker's servers did for the pool (see `stats`).
-    totals: Counters,
-}
-
 /// The worker's handler.
 pub(crate) struct Worker {
     conns: Machines<Conn>,
@@ -283,50 +274,6 @@ impl Worker {
 }
 
 impl Shared {
-    /// This worker's view of `pool`, created on first use.
-    fn local(&mut self, pool: &PoolKey, route: &Arc<ResolvedRoute>) -> &mut LocalPool {
-        let registry = &self.registry;
-        self.local.entry(pool.clone()).or_insert_with(|| LocalPool {
-            shared: registry.get(pool),
-            idle: Vec::new(),
-            queue: VecDeque::new(),
-            asked: 0,
-            route: Arc::clone(route),
-            totals: Counters::default(),
-        })
-    }
-
-    /// Asks the router for more servers while the queue outgrows what was
-    /// asked; gives the needs back when the queue is empty.
-    fn balance_needs(&mut self, pool: &PoolKey) {
-        let id = self.id;
-        // A paused database's clients wait without asking for servers.
-        let paused = self.paused.holds(&pool.database);
-        let Some(lp) = self.local.get_mut(pool) else {
-            return;
-        };
-        let mut msgs = Vec::new();
-        if (lp.queue.is_empty() || paused) && lp.asked > 0 {
-            msgs.push(SysCmd::CancelNeed {
-                pool: pool.clone(),
-                worker: id,
-                n: lp.asked,
-            });
-            lp.asked = 0;
-        }
-        while !paused && lp.asked < lp.queue.len() {
-            lp.asked += 1;
-            msgs.push(SysCmd::Need {
-                pool: pool.clone(),
-                route: Arc::clone(&lp.route),
-                worker: id,
-            });
-        }
-        for m in msgs {
-            self.send(m);
-        }
-    }
-
     /// How long a connection waits for its host name:
     /// `resolver::LOOKUP_TIMEOUT`, or `server_connect_timeout` if shorter.
     fn lookup_timeout(&self) -> std::time::Duration {
@@ -1611,115 +1558,6 @@ impl Worker {
         Some(progress)
     }
 
-    fn unlink_and_release(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, sk: Key) {
-        if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
-            c.server = None;
-            c.state = ClientState::Idle;
-        }
-        self.release_server(cx, sk);
-    }
-
-    /// A server is idle and clean: hand it to the router if another
-    /// worker's need is queued there (fairness), else to the first client
-    /// queued here, else keep it idle here for the next one (no message to
-    /// anyone). Closed when draining or retired.
-    fn release_server(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key) {
-        self.offer(cx, sk, false);
-    }
-
-    /// `granted`: the router gave it to this worker's queue (its turn), so
-    /// other workers' needs are not considered.
-    fn offer(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, granted: bool) {
-        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
-            return;
-        };
-        s.client = None;
-        s.state = ServerState::Idle;
-        // Draining, a server still serves the clients queued here (they
-        // are let finish a request), and closes when none waits. (Its
-        // counters stay on it until it closes or a snapshot reads them:
-        // nothing per transaction.)
-        if self.w.draining
-            && self
-                .w
-                .local
-                .get(&s.pool)
-                .is_none_or(|lp| lp.queue.is_empty())
-        {
-            self.close_server(cx, sk, "shutdown");
-            return;
-        }
-        // Granted from the router's books (idle here, or moved from another
-        // worker): it may have been terminated while idle, as in `attach`.
-        if granted {
-            if let Some(why) = s.gone_while_idle(cx.now(), self.w.cfg.readahead) {
-                let pool = s.pool.clone();
-                self.close_server(cx, sk, &why);
-                self.w.balance_needs(&pool);
-                return;
-            }
-        }
-        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
-            return;
-        };
-        let id = self.w.id;
-        let pool = s.pool.clone();
-        let route = Arc::clone(&s.route);
-        let lp = self.w.local(&pool, &route);
-        // A retired pool (its route changed in a reload) still serves the
-        // clients that logged in before; its servers close when none waits.
-        if lp.shared.retired.load(std::sync::atomic::Ordering::SeqCst) && lp.queue.is_empty() {
-            self.close_server(cx, sk, "its route changed");
-            return;
-        }
-        // A reload lowered the pool_size below what the pool holds, or its
-        // storage is full (storage_max) and this route holds more than its
-        // share while another waits: the server closes instead of serving.
-        if !granted {
-            if let Some(why) = lp.shared.give_up_one() {
-                self.close_server(cx, sk, why.reason());
-                self.w.balance_needs(&pool);
-                return;
-            }
-        }
-        // A paused database's queue waits: the server is kept (or given
-        // back), not handed to the next client.
-        let paused = self.w.paused.holds(&pool.database);
-        let lp = self.w.local(&pool, &route);
-        if granted || !lp.shared.others_waiting(id) {
-            while let Some(ck) = if paused { None } else { lp.queue.pop_front() } {
-                lp.shared
-                    .clients_waiting
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                let waiting = matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting));
-                if waiting {
-                    self.w.balance_needs(&pool);
-                    if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
-                        if let Some(t) = c.deadline.take() {
-                            cx.cancel_timer(t);
-                        }
-                    }
-                    self.link(cx, ck, sk);
-                    return;
-                }
-            }
-            let lp = self.w.local(&pool, &route);
-            if lp.shared.keep(id) {
-                lp.idle.push(sk);
-                if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
-                    s.idle_since = Instant::now();
-                }
-                self.w.balance_needs(&pool);
-                return;
-            }
-        }
-        self.w.send(SysCmd::Release {
-            pool,
-            worker: id,
-            server: sk,
-        });
-    }
-
     fn logged_in(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, mut who: Identity) {
         let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
             return;
@@ -1893,499 +1731,6 @@ impl Worker {
         }
     }
 
-    /// Finds `ck` a server: one this worker keeps idle for its pool (the
-    /// common case: no other thread involved), else it queues here and the
-    /// router is asked for one more.
-    fn attach(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) {
-        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
-            return;
-        };
-        let (Some(pool), Some(route)) = (c.pool.clone(), &c.route) else {
-            return;
-        };
-        let route = Arc::clone(route);
-        let cid = c.id;
-        c.state = ClientState::Waiting;
-        c.waiting_us = since_start_us(self.w.started);
-        let id = self.w.id;
-        let paused = self.w.paused.holds(&pool.database);
-        let readahead = self.w.cfg.readahead;
-        let mut lp = self.w.local(&pool, &route);
-        lp.route = Arc::clone(&route);
-        while let Some(sk) = if paused { None } else { lp.idle.pop() } {
-            lp.shared.taken(id);
-            let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
-                continue;
-            };
-            if !matches!(s.state, ServerState::Idle) {
-                continue;
-            }
-            // Terminated while idle, its end not yet read: take another
-            // (nothing was sent to it, so nothing can have run).
-            if let Some(why) = s.gone_while_idle(cx.now(), readahead) {
-                self.close_server(cx, sk, &why);
-                lp = self.w.local(&pool, &route);
-                continue;
-            }
-            self.link(cx, ck, sk);
-            return;
-        }
-        // Admission control: with queue_max clients already waiting (on
-        // every worker), the request is refused here and now, without the
-        // router.
-        let max = route.route.queue_max;
-        if max > 0
-            && lp
-                .shared
-                .clients_waiting
-                .load(std::sync::atomic::Ordering::Relaxed)
-                >= max
-        {
-            let f = Fatal::new(
-                "53300",
-                format!(
-                    "route {}.{} is busy: {max} clients already wait for a server connection (queue_max)",
-                    route.rule_db, route.rule_user
-                ),
-            );
-            self.close_client(cx, ck, Some(f));
-            return;
-        }
-        lp.queue.push_back(ck);
-        let waiting = lp
-            .shared
-            .clients_waiting
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1;
-        // (The macro tests the level first: nothing is formatted without
-        // log_debug.)
-        debug!("{cid}: waiting for a server of {pool} ({waiting} waiting)");
-        let timeout = route.route.pool_timeout;
-        if timeout > 0 {
-            let t = cx.set_timer(
-                cx.now() + std::time::Duration::from_millis(timeout),
-                WorkerTimer::PoolTimeout(ck),
-            );
-            if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
-                c.deadline = Some(t);
-            }
-        }
-        self.w.balance_needs(&pool);
-    }
-
-    /// A client leaves this worker's queue without a server.
-    fn dequeue(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, pool: &PoolKey) {
-        if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
-            if let Some(t) = c.deadline.take() {
-                cx.cancel_timer(t);
-            }
-        }
-        if let Some(lp) = self.w.local.get_mut(pool) {
-            if let Some(i) = lp.queue.iter().position(|k| *k == ck) {
-                lp.queue.remove(i);
-                lp.shared
-                    .clients_waiting
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        self.w.balance_needs(pool);
-    }
-
-    /// The router met one of this worker's needs.
-    fn granted(
-        &mut self,
-        cx: &mut Context<'_, WorkerTimer>,
-        lease: Lease,
-        pool: PoolKey,
-        route: Arc<ResolvedRoute>,
-    ) {
-        let lp = self.w.local(&pool, &route);
-        lp.asked = lp.asked.saturating_sub(1);
-        // A paused database opens nothing (its server may be restarting).
-        let queued = !lp.queue.is_empty() && !self.w.paused.holds(&pool.database);
-        match lease {
-            Lease::New if queued => self.open_server(cx, pool, route),
-            Lease::New => {
-                // The queue emptied before the grant arrived: give the slot back.
-                self.w.send(SysCmd::ServerClosed {
-                    pool: pool.clone(),
-                    worker: self.w.id,
-                    server: None,
-                    was: ServerWas::Opening,
-                });
-                self.w.balance_needs(&pool);
-            }
-            Lease::Local(sk) => {
-                let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
-                if idle {
-                    self.offer(cx, sk, true);
-                } else {
-                    // It died meanwhile (the router knows): ask again.
-                    self.w.balance_needs(&pool);
-                }
-            }
-        }
-    }
-
-    /// Opens a new server connection for this worker's queue.
-    fn open_server(
-        &mut self,
-        cx: &mut Context<'_, WorkerTimer>,
-        pool: PoolKey,
-        route: Arc<ResolvedRoute>,
-    ) {
-        let ask = self.w.ask_tls(&route);
-        let tls_retry = self.w.retries_with_tls(&route);
-        self.open_server_asking(cx, pool, route, ask, tls_retry);
-    }
-
-    fn open_server_asking(
-        &mut self,
-        cx: &mut Context<'_, WorkerTimer>,
-        pool: PoolKey,
-        route: Arc<ResolvedRoute>,
-        ask: AskTls,
-        tls_retry: bool,
-    ) {
-        let st = &route.storage;
-        let stream = match self.open_storage(cx, st) {
-            Opened::Stream(s) => s,
-            Opened::Failed(why) => {
-                warn!("pool {pool}: {why}");
-                self.w.send(SysCmd::ServerClosed {
-                    pool: pool.clone(),
-                    worker: self.w.id,
-                    server: None,
-                    was: ServerWas::Opening,
-                });
-                self.fail_first_waiter(cx, &pool, Fatal::new("08006", why));
-                return;
-            }
-            Opened::Wait => {
-                let host = st.host.clone();
-                let r = Resume::Server {
-                    pool,
-                    route,
-                    ask,
-                    tls_retry,
-                };
-                self.park(cx, &host, r);
-                return;
-            }
-        };
-        let _ = stream.tune(self.w.cfg.keepalive());
-        let id = ConnId::server();
-        let mut io = Io::new(stream, false);
-        // A configured password, else what clients proved for this user
-        // (passthrough, or SCRAM keys learned against the server's
-        // verifier).
-        let credential = match &route.server_password {
-            Some(p) => Some(ScramCredential::Password(p.clone())),
-            None => credentials::credential(&route.route.storage, &route.server_user),
-        };
-        let login = BackendLogin::start(
-            &mut io.out,
-            &route.server_db,
-            &route.server_user,
-            credential,
-            ask,
-        );
-        let (sk, failed) = insert_registered(&mut self.conns, cx.registry(), io, |_, io| {
-            Conn::Server(Box::new(Server {
-                id,
-                io,
-                pool: pool.clone(),
-                route: Arc::clone(&route),
-                state: ServerState::Connecting(login),
-                born: Instant::now(),
-                idle_since: Instant::now(),
-                cancelled: None,
-                counters: Counters::default(),
-                query_start: None,
-                xact_start: None,
-                tls_retry,
-                client: None,
-                relay: Relay::for_server(),
-                status: TransactionStatus::Idle,
-                key: None,
-                params: Vec::new(),
-                defaults: Arc::default(),
-                session: crate::session::Settings::default(),
-                owner: None,
-                swallow: 0,
-                check: None,
-                cancel_inflight: false,
-                copy_in: false,
-                stmts: ServerStatements::new(route.route.prepared_statements_max),
-            }))
-        });
-        debug!(
-            "{id}: connecting to {}:{} for pool {pool}",
-            route.storage.host, route.storage.port
-        );
-        if let Some(e) = failed {
-            self.fail_login(
-                cx,
-                sk,
-                format!("cannot register the server socket: {e}"),
-                "08006",
-            );
-        }
-    }
-
-    /// Drives a server that is not linked: connecting, logging in, idle or
-    /// being reset.
-    fn drive_server(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key) {
-        for _ in 0..MAX_ROUNDS {
-            let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
-                return;
-            };
-            let mut progress = s.io.flush();
-            let state = std::mem::replace(&mut s.state, ServerState::Idle);
-            match state {
-                ServerState::Connecting(login) => match s.io.stream.take_error() {
-                    Ok(None) if s.io.stream.is_connected() => {
-                        s.io.writable = true;
-                        s.state = ServerState::LoggingIn(login);
-                        progress = true;
-                    }
-                    Ok(None) if !s.io.eof => s.state = ServerState::Connecting(login),
-                    Ok(Some(e)) | Err(e) => {
-                        let msg = format!(
-                            "cannot connect to the server {}:{}: {e}",
-                            s.route.storage.host, s.route.storage.port
-                        );
-                        self.fail_login(cx, sk, msg, "08006");
-                        return;
-                    }
-                    Ok(None) => {
-                        let why = unconnected(&s.io, &s.route.storage);
-                        self.fail_login(cx, sk, why, "08006");
-                        return;
-                    }
-                },
-                ServerState::LoggingIn(mut login) => {
-                    let tls = self.w.tls.storage.get(&s.route.route.storage);
-                    let host = &s.route.storage.host;
-                    let (moved, step) =
-                        step_login(&mut s.io, &mut login, tls, host, self.w.cfg.readahead);
-                    progress |= moved;
-                    match step {
-                        LoginStep::Pending => s.state = ServerState::LoggingIn(login),
-                        LoginStep::Ready => {
-                            self.server_ready(cx, sk, login);
-                            return;
-                        }
-                        LoginStep::Failed(message, code) => {
-                            self.fail_login(cx, sk, message, code);
-                            return;
-                        }
-                    }
-                }
-                ServerState::Idle => {
-                    s.state = ServerState::Idle;
-                    progress |= s.io.fill(self.w.cfg.readahead);
-                    let why = crate::server::idle_input(&mut s.io.rx, s.io.eof);
-                    if let Some(why) = why {
-                        self.close_server(cx, sk, &why);
-                        return;
-                    }
-                }
-                ServerState::Linked => {
-                    s.state = ServerState::Linked;
-                    if let Some(ck) = s.client {
-                        self.drive_client(cx, ck);
-                    }
-                    return;
-                }
-                ServerState::Recovering(mut r) => {
-                    progress |= s.io.fill(self.w.cfg.readahead);
-                    let max_len = self.w.max_len();
-                    // Everything the server says now was meant for the
-                    // client that left: drop it, noting the state.
-                    loop {
-                        let step = s.relay.step(&mut s.io.rx, max_len, |tag, total| {
-                            matches!(tag, b'Z' | b'S' | b'G' | b'W')
-                                || (tag == b'E' && total <= max_len + 1)
-                        });
-                        match step {
-                            Ok(Step::NeedMore) => break,
-                            Ok(Step::Pass(_)) => {}
-                            Ok(Step::Inspect(tag, f)) => {
-                                match BackendMessage::parse(&frame_of(tag, &f)) {
-                                    Ok(BackendMessage::ReadyForQuery(st)) => {
-                                        r.replies = r.replies.saturating_sub(1);
-                                        s.status = st;
-                                    }
-                                    Ok(BackendMessage::ParameterStatus { name, value }) => {
-                                        crate::params::set(&mut s.params, &name, &value);
-                                    }
-                                    Ok(BackendMessage::ErrorResponse(e)) => {
-                                        debug!(
-                                            "{}: while recovering: {} ({})",
-                                            s.id, e.message, e.code
-                                        );
-                                    }
-                                    _ if tag == b'G' => {
-                                        frontend::copy_fail(&mut s.io.out, "client disconnected");
-                                    }
-                                    _ => {
-                                        // COPY BOTH (replication) cannot be
-                                        // wound down from here.
-                                        s.state = ServerState::Recovering(r);
-                                        self.close_server(cx, sk, "client left during COPY BOTH");
-                                        return;
-                                    }
-                                }
-                            }
-                            Err(_) => {
-                                s.io.eof = true;
-                                break;
-                            }
-                        }
-                        progress = true;
-                    }
-                    if s.io.eof {
-                        s.state = ServerState::Recovering(r);
-                        self.close_server(cx, sk, "closed while recovering");
-                        return;
-                    }
-                    if r.replies == 0 && !r.cancelling && s.relay.at_boundary() {
-                        if s.status != TransactionStatus::Idle {
-                            if r.may_rollback {
-                                debug!("{}: rolling back its departed client's transaction", s.id);
-                                frontend::query(&mut s.io.out, "ROLLBACK");
-                                r.replies = 1;
-                                r.may_rollback = false;
-                                progress = true;
-                            } else {
-                                s.state = ServerState::Recovering(r);
-                                self.close_server(
-                                    cx,
-                                    sk,
-                                    "its client left inside a transaction (pool_rollback = false)",
-                                );
-                                return;
-                            }
-                        } else if r.discard || r.deallocate {
-                            // DISCARD ALL deallocates too.
-                            let q = if r.discard {
-                                "DISCARD ALL"
-                            } else {
-                                "DEALLOCATE ALL"
-                            };
-                            frontend::query(&mut s.io.out, q);
-                            s.stmts.clear();
-                            if r.discard {
-                                s.session.clear();
-                            }
-                            r.replies = 1;
-                            r.discard = false;
-                            r.deallocate = false;
-                            progress = true;
-                        } else if s.io.out.is_empty() {
-                            if let Some(t) = r.timer.take() {
-                                cx.cancel_timer(t);
-                            }
-                            debug!("{}: clean again", s.id);
-                            self.release_server(cx, sk);
-                            return;
-                        }
-                    }
-                    progress |= s.io.flush();
-                    s.state = ServerState::Recovering(r);
-                }
-            }
-            if !progress {
-                return;
-            }
-        }
-        self.w.again.push(sk);
-        cx.again();
-    }
-
-    fn server_ready(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, login: BackendLogin) {
-        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
-            return;
-        };
-        info!(
-            "{}: logged in to {} as {}",
-            s.id, s.route.server_db, s.route.server_user
-        );
-        s.state = ServerState::Idle;
-        s.status = TransactionStatus::Idle;
-        s.key = login.key;
-        s.params.clone_from(&login.params);
-        s.defaults = Arc::new(login.params);
-        let pool = s.pool.clone();
-        self.w.send(SysCmd::ServerUp { pool: pool.clone() });
-        let defaults = Greeting::Ready(Arc::clone(&s.defaults));
-        let route = Arc::clone(&s.route);
-        let lp = self.w.local(&pool, &route);
-        lp.shared.greetings.put(Default::default(), defaults);
-        self.offer(cx, sk, true);
-    }
-
-    /// A server opened for a client could not log in: the client hears why.
-    fn fail_login(
-        &mut self,
-        cx: &mut Context<'_, WorkerTimer>,
-        sk: Key,
-        message: String,
-        code: &'static str,
-    ) {
-        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
-            return;
-        };
-        // 08006 is odissey's own (no connection, TLS failed): a retry would
-        // meet the same. Anything else is the server refusing the login.
-        if s.tls_retry && code != "08006" {
-            info!(
-                "{}: {message} ({code}); trying again over TLS (tls = allow)",
-                s.id
-            );
-            let (pool, route) = (s.pool.clone(), Arc::clone(&s.route));
-            self.kill(sk);
-            // The router's slot for this connection carries over.
-            self.open_server_asking(cx, pool, route, AskTls::Require, false);
-            return;
-        }
-        limited!(warn, "{}: {message} ({code})", s.id);
-        let pool = s.pool.clone();
-        self.kill(sk);
-        self.w.send(SysCmd::ServerClosed {
-            pool: pool.clone(),
-            worker: self.w.id,
-            server: Some(sk),
-            was: ServerWas::Opening,
-        });
-        self.fail_first_waiter(cx, &pool, Fatal::new(code, message));
-    }
-
-    /// A server opened for this worker's queue failed: the first client in
-    /// the queue hears why (as PgBouncer tells its waiting clients); the
-    /// others keep waiting for another try.
-    fn fail_first_waiter(
-        &mut self,
-        cx: &mut Context<'_, WorkerTimer>,
-        pool: &PoolKey,
-        fatal: Fatal,
-    ) {
-        // Paused (an operator restarting the server), the clients are held,
-        // not failed: RESUME asks for servers again.
-        let paused = self.w.paused.holds(&pool.database);
-        let first = self
-            .w
-            .local
-            .get(pool)
-            .filter(|_| !paused)
-            .and_then(|lp| lp.queue.front().copied());
-        match first {
-            Some(ck) => self.close_client(cx, ck, Some(fatal)),
-            None => self.w.balance_needs(pool),
-        }
-    }
-
     /// Gives server `sk` to client `ck`. A server whose last owner was
     /// someone else first gets the client's session settings (and DISCARD
     /// ALL with pool_discard), sent ahead of the client's own messages and
@@ -2431,68 +1776,6 @@ impl Worker {
         }
         // Otherwise it is greeted when the settings sent above are answered.
         self.drive_client(cx, ck);
-    }
-
-    fn ship(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, to: WorkerId, pool: PoolKey) {
-        let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
-        if !idle || to >= self.w.peers.len() {
-            self.w.send(SysCmd::ShipFailed { pool, to });
-            return;
-        }
-        if let Some(lp) = self.w.local.get_mut(&pool) {
-            if let Some(i) = lp.idle.iter().position(|k| *k == sk) {
-                lp.idle.swap_remove(i);
-                lp.shared.taken(self.w.id);
-            }
-        }
-        let Some(Conn::Server(mut s)) = self
-            .conns
-            .get_mut(sk)
-            .map(|c| std::mem::replace(c, Conn::Dead))
-        else {
-            return;
-        };
-        self.w.dead.push(sk);
-        let _ = cx.registry().deregister(&mut s.io.stream);
-        s.client = None;
-        debug!("{}: moving to worker {to}", s.id);
-        if let Err(e) = self.w.peers[to].send(WorkerCmd::Adopt { server: s }) {
-            if let WorkerCmd::Adopt { server, .. } = e.0 {
-                self.w.send(SysCmd::ServerClosed {
-                    pool: server.pool.clone(),
-                    worker: self.w.id,
-                    server: None,
-                    was: ServerWas::Active,
-                });
-            }
-        }
-    }
-
-    /// A server shipped here meets one of this worker's needs.
-    fn adopt(&mut self, cx: &mut Context<'_, WorkerTimer>, mut server: Box<Server>) {
-        let lp = self.w.local(&server.pool, &server.route);
-        lp.asked = lp.asked.saturating_sub(1);
-        let registry = cx.registry();
-        let mut failed = None;
-        // Readiness is unknown after the move: assume both, the calls will
-        // find out (and mio re-arms edges on registration).
-        server.io.readable = true;
-        server.io.writable = true;
-        let sk = self.conns.insert_with(|key| {
-            if let Err(e) = registry.register(
-                &mut server.io.stream,
-                key.token(),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                failed = Some(e);
-            }
-            Conn::Server(server)
-        });
-        if failed.is_some() {
-            self.close_server(cx, sk, "cannot register after moving");
-            return;
-        }
-        self.offer(cx, sk, true);
     }
 
     /// Closes a client, with a FATAL error first when given. Its server, if
@@ -2718,67 +2001,6 @@ impl Worker {
     fn finish_close(&mut self, ck: Key) {
         if let Some(Conn::Client(_)) = self.conns.get(ck) {
             self.kill(ck);
-        }
-    }
-
-    fn close_server(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, why: &str) {
-        let f = Fatal::new("08006", "server connection closed");
-        self.close_server_telling(cx, sk, why, f);
-    }
-
-    /// Closes a server; its client, if it has one, hears `fatal`.
-    fn close_server_telling(
-        &mut self,
-        cx: &mut Context<'_, WorkerTimer>,
-        sk: Key,
-        why: &str,
-        fatal: Fatal,
-    ) {
-        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
-            return;
-        };
-        if !s.counters.is_empty() {
-            let counters = std::mem::take(&mut s.counters);
-            if let Some(lp) = self.w.local.get_mut(&s.pool) {
-                lp.totals.merge(&counters);
-            }
-        }
-        info!("{}: closing ({}): {why}", s.id, s.state.name());
-        if matches!(s.state, ServerState::Idle) {
-            if let Some(lp) = self.w.local.get_mut(&s.pool) {
-                if let Some(i) = lp.idle.iter().position(|k| *k == sk) {
-                    lp.idle.swap_remove(i);
-                    lp.shared.taken(self.w.id);
-                }
-            }
-        }
-        let was = match s.state {
-            ServerState::Connecting(_) | ServerState::LoggingIn(_) => ServerWas::Opening,
-            ServerState::Idle => ServerWas::Idle,
-            ServerState::Linked | ServerState::Recovering(_) => ServerWas::Active,
-        };
-        if !s.io.eof {
-            frontend::terminate(&mut s.io.out);
-            s.io.writable = true;
-            s.io.flush();
-        }
-        let pool = s.pool.clone();
-        let client = s.client.take();
-        self.kill(sk);
-        self.w.send(SysCmd::ServerClosed {
-            pool,
-            worker: self.w.id,
-            server: Some(sk),
-            was,
-        });
-        if let Some(ck) = client {
-            if matches!(self.conns.get(ck), Some(Conn::Client(c)) if c.server == Some(sk)) {
-                if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
-                    c.server = None;
-                    c.state = ClientState::Idle;
-                }
-                self.close_client(cx, ck, Some(fatal));
-            }
         }
     }
 
@@ -3019,132 +2241,6 @@ fn tls_view<'a>(tls: &TlsSet, c: &Client, peer_cn: Option<&'a str>) -> TlsView<'
     }
 }
 
-/// Where a server login stands after a step.
-enum LoginStep {
-    Pending,
-    Ready,
-    /// Why, and the SQLSTATE for the client.
-    Failed(String, &'static str),
-}
-
-/// Moves a server login on as far as the socket allows: the answer to
-/// SSLRequest and the start of TLS, then the login messages. Shared by pooled
-/// servers and passthrough checks. The bool says whether anything moved.
-fn step_login(
-    io: &mut Io,
-    login: &mut BackendLogin,
-    tls: Option<&StorageTlsConfig>,
-    host: &str,
-    readahead: usize,
-) -> (bool, LoginStep) {
-    let ended = |io: &Io| {
-        let why = io.stream.tls_error().map_or_else(
-            || "the server closed the connection during login".to_string(),
-            |e| format!("TLS with the server failed: {e}"),
-        );
-        LoginStep::Failed(why, "08006")
-    };
-    let mut progress = io.fill(readahead);
-    if login.awaits_tls_answer() {
-        let Some(&answer) = io.rx.first() else {
-            return (
-                progress,
-                if io.eof {
-                    ended(io)
-                } else {
-                    LoginStep::Pending
-                },
-            );
-        };
-        let _ = io.rx.split_to(1);
-        progress = true;
-        match login.tls_answer(answer, &mut io.out) {
-            Ok(true) => {
-                if !io.rx.is_empty() {
-                    // Bytes before our ClientHello: a man in the middle's
-                    // injection (CVE-2021-23222).
-                    let why = "the server sent data before the TLS handshake".to_string();
-                    return (progress, LoginStep::Failed(why, "08006"));
-                }
-                let started = match tls {
-                    Some(t) => io
-                        .stream
-                        .start_tls_client(&t.client, host)
-                        .map_err(|e| e.to_string()),
-                    None => Err("no TLS configuration".into()),
-                };
-                if let Err(e) = started {
-                    let why = format!("cannot start TLS with the server: {e}");
-                    return (progress, LoginStep::Failed(why, "08006"));
-                }
-                login.tls_started(&mut io.out);
-                io.readable = true;
-                io.writable = true;
-                io.flush();
-                io.fill(readahead);
-            }
-            Ok(false) => {}
-            Err(e) => {
-                return (
-                    progress,
-                    LoginStep::Failed(format!("server login failed: {e}"), "08006"),
-                )
-            }
-        }
-    }
-    loop {
-        match codec::read_frame(&mut io.rx, 1 << 20) {
-            Ok(Some(f)) => {
-                progress = true;
-                match login.handle(&f, &mut io.out) {
-                    Ok(Progress::Continue) => {}
-                    Ok(Progress::Ready) => return (progress, LoginStep::Ready),
-                    Err(e) => {
-                        // The server's code travels beside the message, not
-                        // in it: whoever logs or relays the two adds it once.
-                        let (why, code) = match &e {
-                            LoginError::Server(f) => (
-                                format!("server login failed: {}", f.message),
-                                code_of(&f.code),
-                            ),
-                            _ => (format!("server login failed: {e}"), "08006"),
-                        };
-                        return (progress, LoginStep::Failed(why, code));
-                    }
-                }
-            }
-            Ok(None) => break,
-            Err(e) => {
-                let why = format!("server login failed: {e}");
-                return (progress, LoginStep::Failed(why, "08006"));
-            }
-        }
-    }
-    if io.eof {
-        return (progress, ended(io));
-    }
-    progress |= io.flush();
-    (progress, LoginStep::Pending)
-}
-
-/// Why a connect that had not completed ended: the socket error a write or
-/// read met (ECONNREFUSED shows there once the startup message is sent),
-/// named with the host and port.
-fn unconnected(io: &Io, st: &crate::config::Storage) -> String {
-    match io.error {
-        Some(kind) => format!(
-            "cannot connect to the server {}:{}: {}",
-            st.host,
-            st.port,
-            std::io::Error::from(kind)
-        ),
-        None => format!(
-            "the server {}:{} closed the connection while it was being connected",
-            st.host, st.port
-        ),
-    }
-}
-
 /// Starts the lookups of a worker's `Dns`: one thread per host name
 /// (`Dns` runs one lookup per name at a time), which answers through the
 /// worker's own channel.
@@ -3186,17 +2282,4 @@ fn frame_of(tag: u8, whole: &BytesMut) -> odissey_protocol::Frame {
 
 fn c_eof(conns: &Machines<Conn>, ck: Key) -> bool {
     matches!(conns.get(ck), Some(Conn::Client(c)) if c.io.eof && matches!(c.state, ClientState::Login(_)))
-}
-
-/// SQLSTATEs are five ASCII characters; anything else from a server
-/// becomes a generic connection failure.
-fn code_of(code: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "28P01", "28000", "3D000", "53300", "57P03", "08006", "08P01", "57P01",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == code)
-        .copied()
-        .unwrap_or("08006")
 }

@@ -19,10 +19,8 @@ use crate::config::ResolvedRoute;
 use crate::credentials;
 use crate::io::Io;
 
-use super::{
-    insert_registered, step_login, tls_view, unconnected, Conn, LoginStep, Opened, Resume, Worker,
-    WorkerTimer, MAX_ROUNDS,
-};
+use super::server_conn::{step_login, unconnected, LoginStep};
+use super::{insert_registered, tls_view, Conn, Opened, Resume, Worker, WorkerTimer, MAX_ROUNDS};
 
 /// A throwaway server login on behalf of a client that is logging in: it
 /// tries a `passthrough` client's password, or runs `auth_query` for the

@@ -1,0 +1,519 @@
+//! The worker's side of the pools: `LocalPool` (a pool as one worker sees
+//! it: idle servers, the FIFO queue of waiting clients, needs asked of the
+//! router), `Shared::local`/`balance_needs`, and the transitions that move
+//! servers between clients, this worker, the router and other workers:
+//! `attach`/`dequeue` (a client asks for a server or stops waiting),
+//! `granted` (the router's answer), `offer`/`release_server`/
+//! `unlink_and_release` (a free server finds its next client), `ship`/
+//! `adopt` (a server moves between workers) and `open_server`/
+//! `open_server_asking` (a new server connection is started).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use log::{debug, warn};
+use odissey_protocol::backend::TransactionStatus;
+use odissey_protocol::scram::ScramCredential;
+use odissey_reactor::{Context, Interest, Key};
+
+use crate::auth::Fatal;
+use crate::backend_login::{AskTls, BackendLogin};
+use crate::client::ClientState;
+use crate::cmd::{SysCmd, WorkerCmd};
+use crate::config::ResolvedRoute;
+use crate::credentials;
+use crate::ids::ConnId;
+use crate::io::Io;
+use crate::prepared::ServerStatements;
+use crate::relay::Relay;
+use crate::router::{Lease, PoolKey, PoolShared, ServerWas, WorkerId};
+use crate::server::{Server, ServerState};
+use crate::stats::Counters;
+
+use super::{insert_registered, since_start_us, Conn, Opened, Resume, Shared, Worker, WorkerTimer};
+
+/// A pool as one worker sees it.
+pub(super) struct LocalPool {
+    pub(super) shared: Arc<PoolShared>,
+    /// Servers kept idle here, most recently used last.
+    pub(super) idle: Vec<Key>,
+    /// Clients of this worker waiting for a server, FIFO.
+    pub(super) queue: VecDeque<Key>,
+    /// Servers asked of the router and not yet granted.
+    asked: usize,
+    /// The route as of the latest client, for new servers.
+    route: Arc<ResolvedRoute>,
+    /// What this worker's servers did for the pool (see `stats`).
+    pub(super) totals: Counters,
+}
+
+impl Shared {
+    /// This worker's view of `pool`, created on first use.
+    pub(super) fn local(&mut self, pool: &PoolKey, route: &Arc<ResolvedRoute>) -> &mut LocalPool {
+        let registry = &self.registry;
+        self.local.entry(pool.clone()).or_insert_with(|| LocalPool {
+            shared: registry.get(pool),
+            idle: Vec::new(),
+            queue: VecDeque::new(),
+            asked: 0,
+            route: Arc::clone(route),
+            totals: Counters::default(),
+        })
+    }
+
+    /// Asks the router for more servers while the queue outgrows what was
+    /// asked; gives the needs back when the queue is empty.
+    pub(super) fn balance_needs(&mut self, pool: &PoolKey) {
+        let id = self.id;
+        // A paused database's clients wait without asking for servers.
+        let paused = self.paused.holds(&pool.database);
+        let Some(lp) = self.local.get_mut(pool) else {
+            return;
+        };
+        let mut msgs = Vec::new();
+        if (lp.queue.is_empty() || paused) && lp.asked > 0 {
+            msgs.push(SysCmd::CancelNeed {
+                pool: pool.clone(),
+                worker: id,
+                n: lp.asked,
+            });
+            lp.asked = 0;
+        }
+        while !paused && lp.asked < lp.queue.len() {
+            lp.asked += 1;
+            msgs.push(SysCmd::Need {
+                pool: pool.clone(),
+                route: Arc::clone(&lp.route),
+                worker: id,
+            });
+        }
+        for m in msgs {
+            self.send(m);
+        }
+    }
+}
+
+impl Worker {
+    pub(super) fn unlink_and_release(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        ck: Key,
+        sk: Key,
+    ) {
+        if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+            c.server = None;
+            c.state = ClientState::Idle;
+        }
+        self.release_server(cx, sk);
+    }
+
+    /// A server is idle and clean: hand it to the router if another
+    /// worker's need is queued there (fairness), else to the first client
+    /// queued here, else keep it idle here for the next one (no message to
+    /// anyone). Closed when draining or retired.
+    pub(super) fn release_server(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key) {
+        self.offer(cx, sk, false);
+    }
+
+    /// `granted`: the router gave it to this worker's queue (its turn), so
+    /// other workers' needs are not considered.
+    pub(super) fn offer(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, granted: bool) {
+        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+            return;
+        };
+        s.client = None;
+        s.state = ServerState::Idle;
+        // Draining, a server still serves the clients queued here (they
+        // are let finish a request), and closes when none waits. (Its
+        // counters stay on it until it closes or a snapshot reads them:
+        // nothing per transaction.)
+        if self.w.draining
+            && self
+                .w
+                .local
+                .get(&s.pool)
+                .is_none_or(|lp| lp.queue.is_empty())
+        {
+            self.close_server(cx, sk, "shutdown");
+            return;
+        }
+        // Granted from the router's books (idle here, or moved from another
+        // worker): it may have been terminated while idle, as in `attach`.
+        if granted {
+            if let Some(why) = s.gone_while_idle(cx.now(), self.w.cfg.readahead) {
+                let pool = s.pool.clone();
+                self.close_server(cx, sk, &why);
+                self.w.balance_needs(&pool);
+                return;
+            }
+        }
+        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+            return;
+        };
+        let id = self.w.id;
+        let pool = s.pool.clone();
+        let route = Arc::clone(&s.route);
+        let lp = self.w.local(&pool, &route);
+        // A retired pool (its route changed in a reload) still serves the
+        // clients that logged in before; its servers close when none waits.
+        if lp.shared.retired.load(std::sync::atomic::Ordering::SeqCst) && lp.queue.is_empty() {
+            self.close_server(cx, sk, "its route changed");
+            return;
+        }
+        // A reload lowered the pool_size below what the pool holds, or its
+        // storage is full (storage_max) and this route holds more than its
+        // share while another waits: the server closes instead of serving.
+        if !granted {
+            if let Some(why) = lp.shared.give_up_one() {
+                self.close_server(cx, sk, why.reason());
+                self.w.balance_needs(&pool);
+                return;
+            }
+        }
+        // A paused database's queue waits: the server is kept (or given
+        // back), not handed to the next client.
+        let paused = self.w.paused.holds(&pool.database);
+        let lp = self.w.local(&pool, &route);
+        if granted || !lp.shared.others_waiting(id) {
+            while let Some(ck) = if paused { None } else { lp.queue.pop_front() } {
+                lp.shared
+                    .clients_waiting
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                let waiting = matches!(self.conns.get(ck), Some(Conn::Client(c)) if matches!(c.state, ClientState::Waiting));
+                if waiting {
+                    self.w.balance_needs(&pool);
+                    if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+                        if let Some(t) = c.deadline.take() {
+                            cx.cancel_timer(t);
+                        }
+                    }
+                    self.link(cx, ck, sk);
+                    return;
+                }
+            }
+            let lp = self.w.local(&pool, &route);
+            if lp.shared.keep(id) {
+                lp.idle.push(sk);
+                if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
+                    s.idle_since = Instant::now();
+                }
+                self.w.balance_needs(&pool);
+                return;
+            }
+        }
+        self.w.send(SysCmd::Release {
+            pool,
+            worker: id,
+            server: sk,
+        });
+    }
+
+    /// Finds `ck` a server: one this worker keeps idle for its pool (the
+    /// common case: no other thread involved), else it queues here and the
+    /// router is asked for one more.
+    pub(super) fn attach(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) {
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return;
+        };
+        let (Some(pool), Some(route)) = (c.pool.clone(), &c.route) else {
+            return;
+        };
+        let route = Arc::clone(route);
+        let cid = c.id;
+        c.state = ClientState::Waiting;
+        c.waiting_us = since_start_us(self.w.started);
+        let id = self.w.id;
+        let paused = self.w.paused.holds(&pool.database);
+        let readahead = self.w.cfg.readahead;
+        let mut lp = self.w.local(&pool, &route);
+        lp.route = Arc::clone(&route);
+        while let Some(sk) = if paused { None } else { lp.idle.pop() } {
+            lp.shared.taken(id);
+            let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+                continue;
+            };
+            if !matches!(s.state, ServerState::Idle) {
+                continue;
+            }
+            // Terminated while idle, its end not yet read: take another
+            // (nothing was sent to it, so nothing can have run).
+            if let Some(why) = s.gone_while_idle(cx.now(), readahead) {
+                self.close_server(cx, sk, &why);
+                lp = self.w.local(&pool, &route);
+                continue;
+            }
+            self.link(cx, ck, sk);
+            return;
+        }
+        // Admission control: with queue_max clients already waiting (on
+        // every worker), the request is refused here and now, without the
+        // router.
+        let max = route.route.queue_max;
+        if max > 0
+            && lp
+                .shared
+                .clients_waiting
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= max
+        {
+            let f = Fatal::new(
+                "53300",
+                format!(
+                    "route {}.{} is busy: {max} clients already wait for a server connection (queue_max)",
+                    route.rule_db, route.rule_user
+                ),
+            );
+            self.close_client(cx, ck, Some(f));
+            return;
+        }
+        lp.queue.push_back(ck);
+        let waiting = lp
+            .shared
+            .clients_waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        // (The macro tests the level first: nothing is formatted without
+        // log_debug.)
+        debug!("{cid}: waiting for a server of {pool} ({waiting} waiting)");
+        let timeout = route.route.pool_timeout;
+        if timeout > 0 {
+            let t = cx.set_timer(
+                cx.now() + std::time::Duration::from_millis(timeout),
+                WorkerTimer::PoolTimeout(ck),
+            );
+            if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+                c.deadline = Some(t);
+            }
+        }
+        self.w.balance_needs(&pool);
+    }
+
+    /// A client leaves this worker's queue without a server.
+    pub(super) fn dequeue(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, pool: &PoolKey) {
+        if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+            if let Some(t) = c.deadline.take() {
+                cx.cancel_timer(t);
+            }
+        }
+        if let Some(lp) = self.w.local.get_mut(pool) {
+            if let Some(i) = lp.queue.iter().position(|k| *k == ck) {
+                lp.queue.remove(i);
+                lp.shared
+                    .clients_waiting
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.w.balance_needs(pool);
+    }
+
+    /// The router met one of this worker's needs.
+    pub(super) fn granted(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        lease: Lease,
+        pool: PoolKey,
+        route: Arc<ResolvedRoute>,
+    ) {
+        let lp = self.w.local(&pool, &route);
+        lp.asked = lp.asked.saturating_sub(1);
+        // A paused database opens nothing (its server may be restarting).
+        let queued = !lp.queue.is_empty() && !self.w.paused.holds(&pool.database);
+        match lease {
+            Lease::New if queued => self.open_server(cx, pool, route),
+            Lease::New => {
+                // The queue emptied before the grant arrived: give the slot back.
+                self.w.send(SysCmd::ServerClosed {
+                    pool: pool.clone(),
+                    worker: self.w.id,
+                    server: None,
+                    was: ServerWas::Opening,
+                });
+                self.w.balance_needs(&pool);
+            }
+            Lease::Local(sk) => {
+                let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
+                if idle {
+                    self.offer(cx, sk, true);
+                } else {
+                    // It died meanwhile (the router knows): ask again.
+                    self.w.balance_needs(&pool);
+                }
+            }
+        }
+    }
+
+    /// Opens a new server connection for this worker's queue.
+    pub(super) fn open_server(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        pool: PoolKey,
+        route: Arc<ResolvedRoute>,
+    ) {
+        let ask = self.w.ask_tls(&route);
+        let tls_retry = self.w.retries_with_tls(&route);
+        self.open_server_asking(cx, pool, route, ask, tls_retry);
+    }
+
+    pub(super) fn open_server_asking(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        pool: PoolKey,
+        route: Arc<ResolvedRoute>,
+        ask: AskTls,
+        tls_retry: bool,
+    ) {
+        let st = &route.storage;
+        let stream = match self.open_storage(cx, st) {
+            Opened::Stream(s) => s,
+            Opened::Failed(why) => {
+                warn!("pool {pool}: {why}");
+                self.w.send(SysCmd::ServerClosed {
+                    pool: pool.clone(),
+                    worker: self.w.id,
+                    server: None,
+                    was: ServerWas::Opening,
+                });
+                self.fail_first_waiter(cx, &pool, Fatal::new("08006", why));
+                return;
+            }
+            Opened::Wait => {
+                let host = st.host.clone();
+                let r = Resume::Server {
+                    pool,
+                    route,
+                    ask,
+                    tls_retry,
+                };
+                self.park(cx, &host, r);
+                return;
+            }
+        };
+        let _ = stream.tune(self.w.cfg.keepalive());
+        let id = ConnId::server();
+        let mut io = Io::new(stream, false);
+        // A configured password, else what clients proved for this user
+        // (passthrough, or SCRAM keys learned against the server's
+        // verifier).
+        let credential = match &route.server_password {
+            Some(p) => Some(ScramCredential::Password(p.clone())),
+            None => credentials::credential(&route.route.storage, &route.server_user),
+        };
+        let login = BackendLogin::start(
+            &mut io.out,
+            &route.server_db,
+            &route.server_user,
+            credential,
+            ask,
+        );
+        let (sk, failed) = insert_registered(&mut self.conns, cx.registry(), io, |_, io| {
+            Conn::Server(Box::new(Server {
+                id,
+                io,
+                pool: pool.clone(),
+                route: Arc::clone(&route),
+                state: ServerState::Connecting(login),
+                born: Instant::now(),
+                idle_since: Instant::now(),
+                cancelled: None,
+                counters: Counters::default(),
+                query_start: None,
+                xact_start: None,
+                tls_retry,
+                client: None,
+                relay: Relay::for_server(),
+                status: TransactionStatus::Idle,
+                key: None,
+                params: Vec::new(),
+                defaults: Arc::default(),
+                session: crate::session::Settings::default(),
+                owner: None,
+                swallow: 0,
+                check: None,
+                cancel_inflight: false,
+                copy_in: false,
+                stmts: ServerStatements::new(route.route.prepared_statements_max),
+            }))
+        });
+        debug!(
+            "{id}: connecting to {}:{} for pool {pool}",
+            route.storage.host, route.storage.port
+        );
+        if let Some(e) = failed {
+            self.fail_login(
+                cx,
+                sk,
+                format!("cannot register the server socket: {e}"),
+                "08006",
+            );
+        }
+    }
+
+    pub(super) fn ship(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        sk: Key,
+        to: WorkerId,
+        pool: PoolKey,
+    ) {
+        let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
+        if !idle || to >= self.w.peers.len() {
+            self.w.send(SysCmd::ShipFailed { pool, to });
+            return;
+        }
+        if let Some(lp) = self.w.local.get_mut(&pool) {
+            if let Some(i) = lp.idle.iter().position(|k| *k == sk) {
+                lp.idle.swap_remove(i);
+                lp.shared.taken(self.w.id);
+            }
+        }
+        let Some(Conn::Server(mut s)) = self
+            .conns
+            .get_mut(sk)
+            .map(|c| std::mem::replace(c, Conn::Dead))
+        else {
+            return;
+        };
+        self.w.dead.push(sk);
+        let _ = cx.registry().deregister(&mut s.io.stream);
+        s.client = None;
+        debug!("{}: moving to worker {to}", s.id);
+        if let Err(e) = self.w.peers[to].send(WorkerCmd::Adopt { server: s }) {
+            if let WorkerCmd::Adopt { server, .. } = e.0 {
+                self.w.send(SysCmd::ServerClosed {
+                    pool: server.pool.clone(),
+                    worker: self.w.id,
+                    server: None,
+                    was: ServerWas::Active,
+                });
+            }
+        }
+    }
+
+    /// A server shipped here meets one of this worker's needs.
+    pub(super) fn adopt(&mut self, cx: &mut Context<'_, WorkerTimer>, mut server: Box<Server>) {
+        let lp = self.w.local(&server.pool, &server.route);
+        lp.asked = lp.asked.saturating_sub(1);
+        let registry = cx.registry();
+        let mut failed = None;
+        // Readiness is unknown after the move: assume both, the calls will
+        // find out (and mio re-arms edges on registration).
+        server.io.readable = true;
+        server.io.writable = true;
+        let sk = self.conns.insert_with(|key| {
+            if let Err(e) = registry.register(
+                &mut server.io.stream,
+                key.token(),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                failed = Some(e);
+            }
+            Conn::Server(server)
+        });
+        if failed.is_some() {
+            self.close_server(cx, sk, "cannot register after moving");
+            return;
+        }
+        self.offer(cx, sk, true);
+    }
+}

@@ -1,0 +1,482 @@
+//! A server connection's own transitions, while no client drives it:
+//! `drive_server` (connecting, logging in, idle, being reset),
+//! `server_ready` and `fail_login` (how a login ends), `fail_first_waiter`
+//! (a failed login tells the first queued client), `close_server` and
+//! `close_server_telling`; and the free helpers of a server login,
+//! `step_login`/`LoginStep` and `unconnected`, which the probes share.
+
+use std::sync::Arc;
+
+use log::{debug, info};
+use odissey_protocol::backend::{BackendMessage, TransactionStatus};
+use odissey_protocol::{codec, frontend};
+use odissey_reactor::{Context, Key};
+
+use crate::auth::Fatal;
+use crate::backend_login::{AskTls, BackendLogin, LoginError, Progress};
+use crate::client::ClientState;
+use crate::cmd::SysCmd;
+use crate::io::Io;
+use crate::ratelimit::limited;
+use crate::relay::Step;
+use crate::router::{PoolKey, ServerWas};
+use crate::server::ServerState;
+use crate::session::Greeting;
+use crate::tls::StorageTlsConfig;
+
+use super::{frame_of, Conn, Worker, WorkerTimer, MAX_ROUNDS};
+
+impl Worker {
+    /// Drives a server that is not linked: connecting, logging in, idle or
+    /// being reset.
+    pub(super) fn drive_server(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key) {
+        for _ in 0..MAX_ROUNDS {
+            let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+                return;
+            };
+            let mut progress = s.io.flush();
+            let state = std::mem::replace(&mut s.state, ServerState::Idle);
+            match state {
+                ServerState::Connecting(login) => match s.io.stream.take_error() {
+                    Ok(None) if s.io.stream.is_connected() => {
+                        s.io.writable = true;
+                        s.state = ServerState::LoggingIn(login);
+                        progress = true;
+                    }
+                    Ok(None) if !s.io.eof => s.state = ServerState::Connecting(login),
+                    Ok(Some(e)) | Err(e) => {
+                        let msg = format!(
+                            "cannot connect to the server {}:{}: {e}",
+                            s.route.storage.host, s.route.storage.port
+                        );
+                        self.fail_login(cx, sk, msg, "08006");
+                        return;
+                    }
+                    Ok(None) => {
+                        let why = unconnected(&s.io, &s.route.storage);
+                        self.fail_login(cx, sk, why, "08006");
+                        return;
+                    }
+                },
+                ServerState::LoggingIn(mut login) => {
+                    let tls = self.w.tls.storage.get(&s.route.route.storage);
+                    let host = &s.route.storage.host;
+                    let (moved, step) =
+                        step_login(&mut s.io, &mut login, tls, host, self.w.cfg.readahead);
+                    progress |= moved;
+                    match step {
+                        LoginStep::Pending => s.state = ServerState::LoggingIn(login),
+                        LoginStep::Ready => {
+                            self.server_ready(cx, sk, login);
+                            return;
+                        }
+                        LoginStep::Failed(message, code) => {
+                            self.fail_login(cx, sk, message, code);
+                            return;
+                        }
+                    }
+                }
+                ServerState::Idle => {
+                    s.state = ServerState::Idle;
+                    progress |= s.io.fill(self.w.cfg.readahead);
+                    let why = crate::server::idle_input(&mut s.io.rx, s.io.eof);
+                    if let Some(why) = why {
+                        self.close_server(cx, sk, &why);
+                        return;
+                    }
+                }
+                ServerState::Linked => {
+                    s.state = ServerState::Linked;
+                    if let Some(ck) = s.client {
+                        self.drive_client(cx, ck);
+                    }
+                    return;
+                }
+                ServerState::Recovering(mut r) => {
+                    progress |= s.io.fill(self.w.cfg.readahead);
+                    let max_len = self.w.max_len();
+                    // Everything the server says now was meant for the
+                    // client that left: drop it, noting the state.
+                    loop {
+                        let step = s.relay.step(&mut s.io.rx, max_len, |tag, total| {
+                            matches!(tag, b'Z' | b'S' | b'G' | b'W')
+                                || (tag == b'E' && total <= max_len + 1)
+                        });
+                        match step {
+                            Ok(Step::NeedMore) => break,
+                            Ok(Step::Pass(_)) => {}
+                            Ok(Step::Inspect(tag, f)) => {
+                                match BackendMessage::parse(&frame_of(tag, &f)) {
+                                    Ok(BackendMessage::ReadyForQuery(st)) => {
+                                        r.replies = r.replies.saturating_sub(1);
+                                        s.status = st;
+                                    }
+                                    Ok(BackendMessage::ParameterStatus { name, value }) => {
+                                        crate::params::set(&mut s.params, &name, &value);
+                                    }
+                                    Ok(BackendMessage::ErrorResponse(e)) => {
+                                        debug!(
+                                            "{}: while recovering: {} ({})",
+                                            s.id, e.message, e.code
+                                        );
+                                    }
+                                    _ if tag == b'G' => {
+                                        frontend::copy_fail(&mut s.io.out, "client disconnected");
+                                    }
+                                    _ => {
+                                        // COPY BOTH (replication) cannot be
+                                        // wound down from here.
+                                        s.state = ServerState::Recovering(r);
+                                        self.close_server(cx, sk, "client left during COPY BOTH");
+                                        return;
+                                    }
+                                }
+                            }
+                            Err(_) => {
+                                s.io.eof = true;
+                                break;
+                            }
+                        }
+                        progress = true;
+                    }
+                    if s.io.eof {
+                        s.state = ServerState::Recovering(r);
+                        self.close_server(cx, sk, "closed while recovering");
+                        return;
+                    }
+                    if r.replies == 0 && !r.cancelling && s.relay.at_boundary() {
+                        if s.status != TransactionStatus::Idle {
+                            if r.may_rollback {
+                                debug!("{}: rolling back its departed client's transaction", s.id);
+                                frontend::query(&mut s.io.out, "ROLLBACK");
+                                r.replies = 1;
+                                r.may_rollback = false;
+                                progress = true;
+                            } else {
+                                s.state = ServerState::Recovering(r);
+                                self.close_server(
+                                    cx,
+                                    sk,
+                                    "its client left inside a transaction (pool_rollback = false)",
+                                );
+                                return;
+                            }
+                        } else if r.discard || r.deallocate {
+                            // DISCARD ALL deallocates too.
+                            let q = if r.discard {
+                                "DISCARD ALL"
+                            } else {
+                                "DEALLOCATE ALL"
+                            };
+                            frontend::query(&mut s.io.out, q);
+                            s.stmts.clear();
+                            if r.discard {
+                                s.session.clear();
+                            }
+                            r.replies = 1;
+                            r.discard = false;
+                            r.deallocate = false;
+                            progress = true;
+                        } else if s.io.out.is_empty() {
+                            if let Some(t) = r.timer.take() {
+                                cx.cancel_timer(t);
+                            }
+                            debug!("{}: clean again", s.id);
+                            self.release_server(cx, sk);
+                            return;
+                        }
+                    }
+                    progress |= s.io.flush();
+                    s.state = ServerState::Recovering(r);
+                }
+            }
+            if !progress {
+                return;
+            }
+        }
+        self.w.again.push(sk);
+        cx.again();
+    }
+
+    fn server_ready(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, login: BackendLogin) {
+        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+            return;
+        };
+        info!(
+            "{}: logged in to {} as {}",
+            s.id, s.route.server_db, s.route.server_user
+        );
+        s.state = ServerState::Idle;
+        s.status = TransactionStatus::Idle;
+        s.key = login.key;
+        s.params.clone_from(&login.params);
+        s.defaults = Arc::new(login.params);
+        let pool = s.pool.clone();
+        self.w.send(SysCmd::ServerUp { pool: pool.clone() });
+        let defaults = Greeting::Ready(Arc::clone(&s.defaults));
+        let route = Arc::clone(&s.route);
+        let lp = self.w.local(&pool, &route);
+        lp.shared.greetings.put(Default::default(), defaults);
+        self.offer(cx, sk, true);
+    }
+
+    /// A server opened for a client could not log in: the client hears why.
+    pub(super) fn fail_login(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        sk: Key,
+        message: String,
+        code: &'static str,
+    ) {
+        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+            return;
+        };
+        // 08006 is odissey's own (no connection, TLS failed): a retry would
+        // meet the same. Anything else is the server refusing the login.
+        if s.tls_retry && code != "08006" {
+            info!(
+                "{}: {message} ({code}); trying again over TLS (tls = allow)",
+                s.id
+            );
+            let (pool, route) = (s.pool.clone(), Arc::clone(&s.route));
+            self.kill(sk);
+            // The router's slot for this connection carries over.
+            self.open_server_asking(cx, pool, route, AskTls::Require, false);
+            return;
+        }
+        limited!(warn, "{}: {message} ({code})", s.id);
+        let pool = s.pool.clone();
+        self.kill(sk);
+        self.w.send(SysCmd::ServerClosed {
+            pool: pool.clone(),
+            worker: self.w.id,
+            server: Some(sk),
+            was: ServerWas::Opening,
+        });
+        self.fail_first_waiter(cx, &pool, Fatal::new(code, message));
+    }
+
+    /// A server opened for this worker's queue failed: the first client in
+    /// the queue hears why (as PgBouncer tells its waiting clients); the
+    /// others keep waiting for another try.
+    pub(super) fn fail_first_waiter(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        pool: &PoolKey,
+        fatal: Fatal,
+    ) {
+        // Paused (an operator restarting the server), the clients are held,
+        // not failed: RESUME asks for servers again.
+        let paused = self.w.paused.holds(&pool.database);
+        let first = self
+            .w
+            .local
+            .get(pool)
+            .filter(|_| !paused)
+            .and_then(|lp| lp.queue.front().copied());
+        match first {
+            Some(ck) => self.close_client(cx, ck, Some(fatal)),
+            None => self.w.balance_needs(pool),
+        }
+    }
+
+    pub(super) fn close_server(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key, why: &str) {
+        let f = Fatal::new("08006", "server connection closed");
+        self.close_server_telling(cx, sk, why, f);
+    }
+
+    /// Closes a server; its client, if it has one, hears `fatal`.
+    pub(super) fn close_server_telling(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        sk: Key,
+        why: &str,
+        fatal: Fatal,
+    ) {
+        let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
+            return;
+        };
+        if !s.counters.is_empty() {
+            let counters = std::mem::take(&mut s.counters);
+            if let Some(lp) = self.w.local.get_mut(&s.pool) {
+                lp.totals.merge(&counters);
+            }
+        }
+        info!("{}: closing ({}): {why}", s.id, s.state.name());
+        if matches!(s.state, ServerState::Idle) {
+            if let Some(lp) = self.w.local.get_mut(&s.pool) {
+                if let Some(i) = lp.idle.iter().position(|k| *k == sk) {
+                    lp.idle.swap_remove(i);
+                    lp.shared.taken(self.w.id);
+                }
+            }
+        }
+        let was = match s.state {
+            ServerState::Connecting(_) | ServerState::LoggingIn(_) => ServerWas::Opening,
+            ServerState::Idle => ServerWas::Idle,
+            ServerState::Linked | ServerState::Recovering(_) => ServerWas::Active,
+        };
+        if !s.io.eof {
+            frontend::terminate(&mut s.io.out);
+            s.io.writable = true;
+            s.io.flush();
+        }
+        let pool = s.pool.clone();
+        let client = s.client.take();
+        self.kill(sk);
+        self.w.send(SysCmd::ServerClosed {
+            pool,
+            worker: self.w.id,
+            server: Some(sk),
+            was,
+        });
+        if let Some(ck) = client {
+            if matches!(self.conns.get(ck), Some(Conn::Client(c)) if c.server == Some(sk)) {
+                if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+                    c.server = None;
+                    c.state = ClientState::Idle;
+                }
+                self.close_client(cx, ck, Some(fatal));
+            }
+        }
+    }
+}
+
+/// Where a server login stands after a step.
+pub(super) enum LoginStep {
+    Pending,
+    Ready,
+    /// Why, and the SQLSTATE for the client.
+    Failed(String, &'static str),
+}
+
+/// Moves a server login on as far as the socket allows: the answer to
+/// SSLRequest and the start of TLS, then the login messages. Shared by pooled
+/// servers and passthrough checks. The bool says whether anything moved.
+pub(super) fn step_login(
+    io: &mut Io,
+    login: &mut BackendLogin,
+    tls: Option<&StorageTlsConfig>,
+    host: &str,
+    readahead: usize,
+) -> (bool, LoginStep) {
+    let ended = |io: &Io| {
+        let why = io.stream.tls_error().map_or_else(
+            || "the server closed the connection during login".to_string(),
+            |e| format!("TLS with the server failed: {e}"),
+        );
+        LoginStep::Failed(why, "08006")
+    };
+    let mut progress = io.fill(readahead);
+    if login.awaits_tls_answer() {
+        let Some(&answer) = io.rx.first() else {
+            return (
+                progress,
+                if io.eof {
+                    ended(io)
+                } else {
+                    LoginStep::Pending
+                },
+            );
+        };
+        let _ = io.rx.split_to(1);
+        progress = true;
+        match login.tls_answer(answer, &mut io.out) {
+            Ok(true) => {
+                if !io.rx.is_empty() {
+                    // Bytes before our ClientHello: a man in the middle's
+                    // injection (CVE-2021-23222).
+                    let why = "the server sent data before the TLS handshake".to_string();
+                    return (progress, LoginStep::Failed(why, "08006"));
+                }
+                let started = match tls {
+                    Some(t) => io
+                        .stream
+                        .start_tls_client(&t.client, host)
+                        .map_err(|e| e.to_string()),
+                    None => Err("no TLS configuration".into()),
+                };
+                if let Err(e) = started {
+                    let why = format!("cannot start TLS with the server: {e}");
+                    return (progress, LoginStep::Failed(why, "08006"));
+                }
+                login.tls_started(&mut io.out);
+                io.readable = true;
+                io.writable = true;
+                io.flush();
+                io.fill(readahead);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                return (
+                    progress,
+                    LoginStep::Failed(format!("server login failed: {e}"), "08006"),
+                )
+            }
+        }
+    }
+    loop {
+        match codec::read_frame(&mut io.rx, 1 << 20) {
+            Ok(Some(f)) => {
+                progress = true;
+                match login.handle(&f, &mut io.out) {
+                    Ok(Progress::Continue) => {}
+                    Ok(Progress::Ready) => return (progress, LoginStep::Ready),
+                    Err(e) => {
+                        // The server's code travels beside the message, not
+                        // in it: whoever logs or relays the two adds it once.
+                        let (why, code) = match &e {
+                            LoginError::Server(f) => (
+                                format!("server login failed: {}", f.message),
+                                code_of(&f.code),
+                            ),
+                            _ => (format!("server login failed: {e}"), "08006"),
+                        };
+                        return (progress, LoginStep::Failed(why, code));
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let why = format!("server login failed: {e}");
+                return (progress, LoginStep::Failed(why, "08006"));
+            }
+        }
+    }
+    if io.eof {
+        return (progress, ended(io));
+    }
+    progress |= io.flush();
+    (progress, LoginStep::Pending)
+}
+
+/// Why a connect that had not completed ended: the socket error a write or
+/// read met (ECONNREFUSED shows there once the startup message is sent),
+/// named with the host and port.
+pub(super) fn unconnected(io: &Io, st: &crate::config::Storage) -> String {
+    match io.error {
+        Some(kind) => format!(
+            "cannot connect to the server {}:{}: {}",
+            st.host,
+            st.port,
+            std::io::Error::from(kind)
+        ),
+        None => format!(
+            "the server {}:{} closed the connection while it was being connected",
+            st.host, st.port
+        ),
+    }
+}
+
+/// SQLSTATEs are five ASCII characters; anything else from a server
+/// becomes a generic connection failure.
+fn code_of(code: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "28P01", "28000", "3D000", "53300", "57P03", "08006", "08P01", "57P01",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == code)
+        .copied()
+        .unwrap_or("08006")
+}
