@@ -306,6 +306,16 @@ fn asyncpg_server_settings_reach_the_server() {
     asyncpg("server_settings", port, &pg);
 }
 
+/// asyncpg's `timeout=` cancels (racing their replies) cancel only the
+/// query of the client whose timeout fired, never another's.
+#[test]
+fn asyncpg_timeouts_cancel_only_their_own_query() {
+    let _guard = watchdog("asyncpg_timeouts", Duration::from_secs(240));
+    let pg = cluster();
+    let (_handle, port) = pooler(&pg, transaction_route(2));
+    asyncpg("timeouts", port, &pg);
+}
+
 // ---------------------------------------------------------------------------
 // 8. Session pooling: the driver's pid, cancel
 // ---------------------------------------------------------------------------

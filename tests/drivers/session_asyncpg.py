@@ -160,7 +160,51 @@ async def bad_setting_case():
     return [f"login with server_settings={settings} succeeded through odissey ({then}); PostgreSQL refuses it: {want}"]
 
 
+async def timeouts_case():
+    """asyncpg's own timeout= (a CancelRequest when it fires, often as the
+    reply arrives): clients 0-3 run pg_sleep(0.05) with timeouts around
+    0.05 s, so their cancels race their replies; clients 4-7 run
+    pg_sleep(0.1) with no timeout and must never be cancelled. Transaction
+    pooling, 2 servers for 8 clients. A timed-out connection stays usable."""
+    tally = Tally("asyncpg timeout= cancels only its own query")
+    stats = {"timeouts": 0, "sleeps": 0}
+
+    async def body(k, ready):
+        conn = await connect_pooled()
+        try:
+            await ready.wait()
+            for r in range(ROUNDS):
+                if k < 4:
+                    try:
+                        await conn.fetchval("SELECT pg_sleep(0.05)", timeout=0.03 + 0.01 * (r % 5))
+                    except asyncio.TimeoutError:
+                        stats["timeouts"] += 1
+                    except asyncpg.QueryCanceledError:
+                        # The cancel of its own timed-out query may land on
+                        # its next one: PostgreSQL does the same directly.
+                        pass
+                    tally.read(k, r, await conn.fetchval("SELECT 1", timeout=30), 1, None)
+                else:
+                    try:
+                        await conn.fetchval("SELECT pg_sleep(0.1)")
+                        got = "ran"
+                    except asyncpg.PostgresError as e:
+                        got = f"{type(e).__name__}: {e}"
+                    stats["sleeps"] += 1
+                    tally.read(k, r, got, "ran", await conn.fetchval("SELECT pg_backend_pid()"))
+        finally:
+            await conn.close()
+
+    await run_clients(tally, CLIENTS, body)
+    print(f"{stats['timeouts']} timeouts fired; {stats['sleeps']} sleeps of the other clients")
+    out = tally.report()
+    if stats["timeouts"] < 10:
+        out.append(f"only {stats['timeouts']} timeouts fired: the test proves little")
+    return out
+
+
 CASES = {
+    "timeouts": timeouts_case,
     "server_settings": server_settings_case,
     "session_pid": session_pid_case,
     "bad_setting": bad_setting_case,
