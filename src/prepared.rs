@@ -120,6 +120,10 @@ impl Statement {
 #[derive(Debug, Default)]
 pub(crate) struct ClientStatements {
     map: HashMap<Bytes, Arc<Statement>>,
+    /// One of its statements ever had `marks`: only then is a Bind looked
+    /// up for it (`bind_marks`), so that the common Bind costs no second
+    /// lookup.
+    any_marks: bool,
 }
 
 impl ClientStatements {
@@ -631,7 +635,7 @@ pub(crate) fn needs_whole(tag: u8) -> bool {
 /// may change the session (see `Statement::marks`): the parameter, if any,
 /// that names a setting (`Statement::name_param`).
 pub(crate) fn bind_marks(frame: &[u8], cs: &ClientStatements) -> Option<Option<u16>> {
-    if frame.first() != Some(&b'B') {
+    if !cs.any_marks || frame.first() != Some(&b'B') {
         return None;
     }
     let body = frame.get(5..).unwrap_or(&[]);
@@ -751,6 +755,7 @@ pub(crate) fn client_frame(
             let client = if cs.map.contains_key(&name) {
                 None
             } else {
+                cs.any_marks |= stmt.marks;
                 cs.map.insert(name.clone(), Arc::clone(&stmt));
                 Some(ClientUndo {
                     name,

@@ -31,26 +31,30 @@ impl Settings {
         self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
     }
 
-    pub(crate) fn get(&self, name: &str) -> Option<&str> {
-        let name = name.to_ascii_lowercase();
+    /// Where `name` (any case) is, or would go: names are kept in lower
+    /// case, and compared so without allocating.
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        let lower = name.bytes().map(|b| b.to_ascii_lowercase());
         self.0
-            .binary_search_by(|(n, _)| n.as_str().cmp(&name))
-            .ok()
-            .map(|i| self.0[i].1.as_str())
+            .binary_search_by(|(n, _)| n.bytes().cmp(lower.clone()))
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
+        self.find(name).ok().map(|i| self.0[i].1.as_str())
     }
 
     /// Sets `name` (any case) to `value`.
     pub(crate) fn set(&mut self, name: &str, value: &str) {
-        let name = name.to_ascii_lowercase();
-        match self.0.binary_search_by(|(n, _)| n.as_str().cmp(&name)) {
+        match self.find(name) {
             Ok(i) => value.clone_into(&mut self.0[i].1),
-            Err(i) => self.0.insert(i, (name, value.to_string())),
+            Err(i) => self
+                .0
+                .insert(i, (name.to_ascii_lowercase(), value.to_string())),
         }
     }
 
     pub(crate) fn remove(&mut self, name: &str) {
-        let name = name.to_ascii_lowercase();
-        if let Ok(i) = self.0.binary_search_by(|(n, _)| n.as_str().cmp(&name)) {
+        if let Ok(i) = self.find(name) {
             self.0.remove(i);
         }
     }
@@ -243,9 +247,11 @@ fn classify(
         }
         return;
     }
-    let lower = word.to_ascii_lowercase();
-    let advisory = lower.starts_with(b"pg_advisory_") || lower.starts_with(b"pg_try_advisory_");
-    if advisory && !lower.windows(6).any(|w| w == b"_xact_") {
+    // Session-level advisory lock functions (not the `_xact_` ones), with no
+    // allocation: this runs for every word of every scanned query.
+    let starts = |p: &[u8]| word.len() >= p.len() && word[..p.len()].eq_ignore_ascii_case(p);
+    let advisory = starts(b"pg_advisory_") || starts(b"pg_try_advisory_");
+    if advisory && !word.windows(6).any(|w| w.eq_ignore_ascii_case(b"_xact_")) {
         out.marks = true;
     }
 }
@@ -542,11 +548,14 @@ pub(crate) fn parse_text(frame: &[u8]) -> &[u8] {
 /// without asking a server: an `application_name` PostgreSQL keeps as it is
 /// (printable ASCII, shorter than NAMEDATALEN), a `client_encoding` already
 /// in PostgreSQL's spelling.
+/// (`name` in any case.)
 pub(crate) fn reported_locally(name: &str, value: &str) -> bool {
-    match name {
-        "application_name" => value.len() < 64 && value.bytes().all(|b| (0x20..0x7f).contains(&b)),
-        "client_encoding" => canonical_encoding(value) == Some(value),
-        _ => false,
+    if name.eq_ignore_ascii_case("application_name") {
+        value.len() < 64 && value.bytes().all(|b| (0x20..0x7f).contains(&b))
+    } else if name.eq_ignore_ascii_case("client_encoding") {
+        canonical_encoding(value) == Some(value)
+    } else {
+        false
     }
 }
 

@@ -374,7 +374,7 @@ fn greet(c: &mut Client, shared: &mut Shared, params: &[(String, String)], pid: 
     for (name, value) in params {
         // The settings odissey knows PostgreSQL reports as sent.
         let value = match c.session.get(name) {
-            Some(v) if crate::session::reported_locally(&name.to_ascii_lowercase(), v) => v,
+            Some(v) if crate::session::reported_locally(name, v) => v,
             _ => value.as_str(),
         };
         backend::parameter_status(&mut c.io.out, name, value);
@@ -399,10 +399,9 @@ fn greet_linked(c: &mut Client, s: &Server, shared: &mut Shared) {
     greet(c, shared, &s.params, pid);
     let mut kept = s.params.clone();
     for (name, value) in &mut kept {
-        let lower = name.to_ascii_lowercase();
         if c.session
-            .get(&lower)
-            .is_some_and(|v| crate::session::reported_locally(&lower, v))
+            .get(name)
+            .is_some_and(|v| crate::session::reported_locally(name, v))
         {
             if let Some(d) = crate::params::get(&s.defaults, name) {
                 d.clone_into(value);
@@ -1201,7 +1200,11 @@ impl Worker {
                 // Only asked for (needs_whole) when statements are tracked.
                 Ok(Step::Inspect(b'P' | b'B' | b'D' | b'C', f)) if c.prepared.is_some() => {
                     if log_query && f.first() == Some(&b'P') {
-                        info!("{}: parse: {}", c.id, parse_text(&f));
+                        info!(
+                            "{}: parse: {}",
+                            c.id,
+                            String::from_utf8_lossy(crate::session::parse_text(&f))
+                        );
                     }
                     let p = c.prepared.as_deref_mut().expect("checked by the guard");
                     if scanning {
@@ -1248,7 +1251,11 @@ impl Worker {
                 Ok(Step::Inspect(b'P', f)) => {
                     // Asked for whole by scanning or log_query.
                     if log_query {
-                        info!("{}: parse: {}", c.id, parse_text(&f));
+                        info!(
+                            "{}: parse: {}",
+                            c.id,
+                            String::from_utf8_lossy(crate::session::parse_text(&f))
+                        );
                     }
                     if scanning {
                         let mut sc = scan_into(&mut c.custom, crate::session::parse_text(&f));
@@ -2259,17 +2266,6 @@ fn lookups_for(me: Option<Sender<WorkerCmd>>) -> Start {
             })
             .map(|_| ())
     })
-}
-
-/// The query text of a whole Parse frame (for log_query).
-fn parse_text(f: &[u8]) -> String {
-    let body = f.get(5..).unwrap_or(&[]);
-    body.iter()
-        .position(|b| *b == 0)
-        .and_then(|name_end| body.get(name_end + 1..))
-        .and_then(|rest| rest.split(|b| *b == 0).next())
-        .map(|t| String::from_utf8_lossy(t).into_owned())
-        .unwrap_or_default()
 }
 
 /// A whole frame as the protocol crate's parsers take it.
