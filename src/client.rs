@@ -12,6 +12,7 @@ use crate::prepared::{ClientStatements, Pipeline};
 use crate::relay::Relay;
 use crate::router::PoolKey;
 use crate::session::{Pin, Settings};
+use crate::worker::Conversation;
 
 /// What a client connection waits for.
 #[derive(Debug)]
@@ -30,8 +31,10 @@ pub(crate) enum ClientState {
     /// before the end of the stream.
     Closing,
     /// A console client (its route's storage is `local`); `busy` while its
-    /// command is being answered by the system thread.
-    Console { busy: bool },
+    /// command is being answered by the system thread, `skipping` after an
+    /// extended-protocol message, up to the next Sync (as PostgreSQL skips
+    /// after an error).
+    Console { busy: bool, skipping: bool },
 }
 
 impl ClientState {
@@ -72,12 +75,8 @@ pub(crate) struct Client {
     pub(crate) server: Option<Key>,
     /// Walks the client's input to count requests and spot Terminate.
     pub(crate) relay: Relay,
-    /// ReadyForQuery messages the server still owes (one per Query, Sync,
-    /// FunctionCall forwarded).
-    pub(crate) pending: usize,
-    /// Extended-protocol messages forwarded since the last Sync: the server
-    /// is mid-pipeline even if its last status was idle.
-    pub(crate) unsynced: bool,
+    /// What it and its server owe each other (`worker::link`).
+    pub(crate) conv: Conversation,
     /// Sent ParameterStatus/BackendKeyData/ReadyForQuery already.
     pub(crate) greeted: bool,
     /// Refuse after the startup packet (client_max reached).
@@ -103,15 +102,6 @@ pub(crate) struct Client {
     /// list them, so checks ask for these by name.
     /// (Boxed: most clients have none, and every idle byte counts.)
     pub(crate) custom: Option<Box<crate::session::CustomNames>>,
-    /// Syncs forwarded since the last Execute or Query: if that Execute
-    /// starts a COPY IN, the server ignores them.
-    pub(crate) syncs_since_execute: usize,
-    /// The server is in COPY IN for this client until it sends CopyDone or
-    /// CopyFail; Sync and Flush meanwhile are ignored by the server.
-    pub(crate) copy_mode: bool,
-    /// ReadyForQuery messages owed in total, and received in total.
-    pub(crate) z_sent: u64,
-    pub(crate) z_seen: u64,
     /// Named prepared statements follow this client across servers
     /// (transaction and statement pooling with `prepared_statements`).
     pub(crate) track_prepared: bool,
@@ -122,6 +112,46 @@ pub(crate) struct Client {
     /// The BackendKeyData odissey gave it, for its CancelRequests.
     pub(crate) cancel_key: Option<(u32, u32)>,
 }
+impl Client {
+    /// A client that just connected, logging in.
+    pub(crate) fn new(
+        id: ConnId,
+        key: Key,
+        io: Io,
+        listener: u16,
+        reject: bool,
+        born_s: u32,
+        active_ms: u32,
+    ) -> Self {
+        Self {
+            id,
+            key,
+            io,
+            state: ClientState::Login(Login::Startup),
+            born_s,
+            active_ms,
+            waiting_us: 0,
+            route: None,
+            pool: None,
+            server: None,
+            relay: Relay::for_client(),
+            conv: Conversation::default(),
+            greeted: false,
+            reject,
+            session: Settings::default(),
+            check_due: false,
+            pinned: None,
+            custom: None,
+            deadline: None,
+            listener,
+            tls_direct: false,
+            track_prepared: false,
+            prepared: None,
+            cancel_key: None,
+        }
+    }
+}
+
 /// A client's side of prepared-statement tracking.
 #[derive(Debug, Default)]
 pub(crate) struct Prepared {

@@ -202,6 +202,15 @@ impl Relay {
     }
 }
 
+/// A whole frame (as `Step::Inspect` hands it over) as the protocol
+/// crate's parsers take it.
+pub(crate) fn frame_of(tag: u8, whole: &[u8]) -> odissey_protocol::Frame {
+    odissey_protocol::Frame {
+        tag,
+        body: bytes::Bytes::copy_from_slice(whole.get(5..).unwrap_or(&[])),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

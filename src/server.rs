@@ -7,6 +7,10 @@ use odissey_protocol::backend::TransactionStatus;
 use odissey_protocol::codec;
 use odissey_reactor::{Key, TimerId};
 
+use log::debug;
+use odissey_protocol::backend::BackendMessage;
+use odissey_protocol::frontend;
+
 use crate::backend_login::BackendLogin;
 use crate::config::ResolvedRoute;
 use crate::ids::ConnId;
@@ -14,6 +18,7 @@ use crate::io::Io;
 use crate::params::Params;
 use crate::prepared::ServerStatements;
 use crate::relay::Relay;
+use crate::relay::{frame_of, Step};
 use crate::router::PoolKey;
 use crate::session::{Check, Settings};
 
@@ -107,14 +112,9 @@ pub(crate) struct Server {
     pub(crate) session: Settings,
     /// The last client that used it (`pool_discard` resets it for another).
     pub(crate) owner: Option<ConnId>,
-    /// ReadyForQuery messages of odissey's own queries (settings, session
-    /// checks, statement-mode rollback) whose replies the client must not see.
-    pub(crate) swallow: usize,
-    /// A session check is in flight (the last of the swallowed queries):
+    /// A session check is in flight (the last of odissey's own queries):
     /// its rows are read here.
     pub(crate) check: Option<Box<Check>>,
-    /// The server expects COPY data from the client.
-    pub(crate) copy_in: bool,
     /// A CancelRequest for it is on its way: it goes to no other client
     /// (and no second cancel is sent) until the postmaster has taken it,
     /// or the signal could hit another client's query.
@@ -128,6 +128,44 @@ pub(crate) struct Server {
 pub(crate) const IDLE_PROBE_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl Server {
+    /// A connection being opened for `pool`, its login started.
+    pub(crate) fn new(
+        id: ConnId,
+        io: Io,
+        pool: PoolKey,
+        route: Arc<ResolvedRoute>,
+        login: BackendLogin,
+        tls_retry: bool,
+    ) -> Self {
+        let now = std::time::Instant::now();
+        let stmts = ServerStatements::new(route.route.prepared_statements_max);
+        Self {
+            id,
+            io,
+            pool,
+            route,
+            state: ServerState::Connecting(login),
+            born: now,
+            idle_since: now,
+            cancelled: None,
+            counters: crate::stats::Counters::default(),
+            query_start: None,
+            xact_start: None,
+            tls_retry,
+            client: None,
+            relay: Relay::for_server(),
+            status: TransactionStatus::Idle,
+            key: None,
+            params: Vec::new(),
+            defaults: Arc::default(),
+            session: Settings::default(),
+            owner: None,
+            check: None,
+            cancel_inflight: false,
+            stmts,
+        }
+    }
+
     /// Before an idle server is handed to a client: has it closed, or said
     /// something, since its socket was last read? A backend terminated
     /// while idle (`pg_terminate_backend`, `idle_session_timeout`, a
@@ -150,6 +188,129 @@ impl Server {
         }
         probe_idle(&mut self.io, readahead)
     }
+}
+
+impl Recovery {
+    /// Starts bringing back a server whose client left mid-conversation
+    /// (`owed`, from `link::Conversation::owed`): a COPY IN the server is
+    /// in gets CopyFail, extended-protocol messages left open get a Sync,
+    /// and every reply still owed is waited for. `discard`: the session
+    /// must be reset whole (session pooling, or state odissey cannot
+    /// replay); `deallocate`: prepared-statement work was in flight.
+    pub(crate) fn start(
+        s: &mut Server,
+        owed: crate::worker::Owed,
+        discard: bool,
+        deallocate: bool,
+        timer: Option<TimerId>,
+    ) -> Self {
+        if owed.copy_fail {
+            frontend::copy_fail(&mut s.io.out, "client disconnected");
+        }
+        if owed.sync {
+            frontend::sync(&mut s.io.out);
+        }
+        Self {
+            replies: owed.replies,
+            may_rollback: s.route.route.pool_rollback,
+            discard,
+            deallocate,
+            timer,
+            // A cancel already on its way is waited for like ours.
+            cancelling: s.cancel_inflight,
+        }
+    }
+
+    /// One step of the recovery, after the server's socket was read into
+    /// `s.io.rx`: everything the server says now was meant for the client
+    /// that left and is dropped, noting the server's state; once every
+    /// reply is in (and no cancel is on its way), an open transaction gets
+    /// ROLLBACK, then the session DISCARD ALL or DEALLOCATE ALL as due.
+    /// This is where an abandoned transaction is rolled back.
+    pub(crate) fn step(mut self, s: &mut Server, max_len: usize) -> (bool, Recovered) {
+        let mut progress = false;
+        loop {
+            let step = s.relay.step(&mut s.io.rx, max_len, |tag, total| {
+                matches!(tag, b'Z' | b'S' | b'G' | b'W') || (tag == b'E' && total <= max_len + 1)
+            });
+            match step {
+                Ok(Step::NeedMore) => break,
+                Ok(Step::Pass(_)) => {}
+                Ok(Step::Inspect(tag, f)) => {
+                    match BackendMessage::parse(&frame_of(tag, &f)) {
+                        Ok(BackendMessage::ReadyForQuery(st)) => {
+                            self.replies = self.replies.saturating_sub(1);
+                            s.status = st;
+                        }
+                        Ok(BackendMessage::ParameterStatus { name, value }) => {
+                            crate::params::set(&mut s.params, &name, &value);
+                        }
+                        Ok(BackendMessage::ErrorResponse(e)) => {
+                            debug!("{}: while recovering: {} ({})", s.id, e.message, e.code);
+                        }
+                        _ if tag == b'G' => {
+                            frontend::copy_fail(&mut s.io.out, "client disconnected");
+                        }
+                        // COPY BOTH (replication) cannot be wound down from
+                        // here.
+                        _ => return (true, Recovered::Close(self, "client left during COPY BOTH")),
+                    }
+                }
+                Err(_) => {
+                    s.io.eof = true;
+                    break;
+                }
+            }
+            progress = true;
+        }
+        if s.io.eof {
+            return (progress, Recovered::Close(self, "closed while recovering"));
+        }
+        if self.replies == 0 && !self.cancelling && s.relay.at_boundary() {
+            if s.status != TransactionStatus::Idle {
+                if !self.may_rollback {
+                    let why = "its client left inside a transaction (pool_rollback = false)";
+                    return (progress, Recovered::Close(self, why));
+                }
+                debug!("{}: rolling back its departed client's transaction", s.id);
+                frontend::query(&mut s.io.out, "ROLLBACK");
+                self.replies = 1;
+                self.may_rollback = false;
+                progress = true;
+            } else if self.discard || self.deallocate {
+                // DISCARD ALL deallocates too.
+                let q = if self.discard {
+                    "DISCARD ALL"
+                } else {
+                    "DEALLOCATE ALL"
+                };
+                frontend::query(&mut s.io.out, q);
+                s.stmts.clear();
+                if self.discard {
+                    s.session.clear();
+                }
+                self.replies = 1;
+                self.discard = false;
+                self.deallocate = false;
+                progress = true;
+            } else if s.io.out.is_empty() {
+                debug!("{}: clean again", s.id);
+                return (progress, Recovered::Clean(self.timer));
+            }
+        }
+        (progress, Recovered::Pending(self))
+    }
+}
+
+/// Where a recovery stands after a step.
+#[derive(Debug)]
+pub(crate) enum Recovered {
+    /// Still under way.
+    Pending(Recovery),
+    /// Clean and idle: it may serve anyone (its deadline, to cancel).
+    Clean(Option<TimerId>),
+    /// It cannot be brought back: close it, for this reason.
+    Close(Recovery, &'static str),
 }
 
 /// One look at an idle server's socket without waiting for an edge: what
@@ -276,5 +437,191 @@ mod tests {
             idle_input(&mut rx, false).as_deref(),
             Some("closed by the server while idle")
         );
+    }
+
+    mod recovery {
+        //! A server whose client left, brought back (or not) by
+        //! `Recovery::step`, over an in-memory stream.
+
+        use super::super::*;
+        use crate::worker::testkit::{
+            bare, config, copy_response, done, error, memory, queries, ready, server, tags,
+        };
+        use crate::worker::Owed;
+        use odissey_protocol::backend;
+        use odissey_protocol::backend::TransactionStatus::{Failed, Idle, InTransaction};
+
+        const MAX: usize = 1 << 20;
+
+        fn owed(replies: usize) -> Owed {
+            Owed {
+                replies,
+                sync: false,
+                copy_fail: false,
+            }
+        }
+
+        /// Reads what PostgreSQL sent and takes one step, as `drive_server`.
+        fn step(s: &mut Server, r: Recovery, from_server: &[u8]) -> Recovered {
+            memory(&mut s.io).input.extend_from_slice(from_server);
+            s.io.readable = true;
+            s.io.fill(MAX);
+            let (_, next) = r.step(s, MAX);
+            if matches!(next, Recovered::Pending(_)) {
+                s.io.flush();
+            }
+            next
+        }
+
+        fn sent(s: &mut Server) -> Vec<String> {
+            queries(&std::mem::take(&mut memory(&mut s.io).output))
+        }
+
+        fn pending(next: Recovered) -> Recovery {
+            match next {
+                Recovered::Pending(r) => r,
+                other => panic!("expected the recovery to go on, got {other:?}"),
+            }
+        }
+
+        #[test]
+        fn an_idle_server_owing_nothing_is_clean_at_once() {
+            let mut s = server(&config("transaction", ""));
+            let r = Recovery::start(&mut s, owed(0), false, false, None);
+            assert!(matches!(step(&mut s, r, &[]), Recovered::Clean(None)));
+            assert!(sent(&mut s).is_empty());
+        }
+
+        #[test]
+        fn the_replies_still_owed_are_drained_unseen() {
+            let mut s = server(&config("transaction", ""));
+            let r = Recovery::start(&mut s, owed(1), false, false, None);
+            let mut rows = BytesMut::new();
+            backend::row_description(&mut rows, &["a"]);
+            backend::data_row(&mut rows, &[Some("1")]);
+            let r = pending(step(&mut s, r, &rows));
+            assert!(matches!(
+                step(&mut s, r, &done("SELECT 1", Idle)),
+                Recovered::Clean(_)
+            ));
+        }
+
+        #[test]
+        fn an_abandoned_transaction_is_rolled_back() {
+            let mut s = server(&config("transaction", ""));
+            s.status = InTransaction;
+            let r = Recovery::start(&mut s, owed(0), false, false, None);
+            let r = pending(step(&mut s, r, &[]));
+            assert_eq!(sent(&mut s), ["ROLLBACK"]);
+            assert!(matches!(
+                step(&mut s, r, &done("ROLLBACK", Idle)),
+                Recovered::Clean(_)
+            ));
+            assert_eq!(s.status, Idle);
+        }
+
+        #[test]
+        fn a_failed_transaction_is_rolled_back_after_its_last_reply() {
+            let mut s = server(&config("transaction", ""));
+            let r = Recovery::start(&mut s, owed(1), false, false, None);
+            let r = pending(step(&mut s, r, &[]));
+            assert!(sent(&mut s).is_empty(), "the reply in flight comes first");
+            let mut reply = error("22012", "division by zero");
+            reply.extend_from_slice(&ready(Failed));
+            let r = pending(step(&mut s, r, &reply));
+            assert_eq!(sent(&mut s), ["ROLLBACK"]);
+            assert!(matches!(
+                step(&mut s, r, &done("ROLLBACK", Idle)),
+                Recovered::Clean(_)
+            ));
+        }
+
+        #[test]
+        fn without_pool_rollback_a_transaction_closes_the_server() {
+            let mut s = server(&config("transaction", "pool_rollback = false"));
+            s.status = InTransaction;
+            let r = Recovery::start(&mut s, owed(0), false, false, None);
+            assert!(matches!(step(&mut s, r, &[]), Recovered::Close(..)));
+        }
+
+        #[test]
+        fn a_copy_in_left_open_gets_copy_fail() {
+            let mut s = server(&config("transaction", ""));
+            let left = Owed {
+                replies: 1,
+                sync: false,
+                copy_fail: true,
+            };
+            let r = Recovery::start(&mut s, left, false, false, None);
+            s.io.flush();
+            assert_eq!(tags(&memory(&mut s.io).output), "f", "CopyFail");
+            memory(&mut s.io).output.clear();
+            let mut reply = error("57014", "COPY from stdin failed: client disconnected");
+            reply.extend_from_slice(&ready(Idle));
+            assert!(matches!(step(&mut s, r, &reply), Recovered::Clean(_)));
+        }
+
+        #[test]
+        fn a_copy_out_is_drained_to_its_end() {
+            let mut s = server(&config("transaction", ""));
+            let r = Recovery::start(&mut s, owed(1), false, false, None);
+            let mut copy = copy_response(true);
+            for _ in 0..3 {
+                copy.extend_from_slice(&[b'd', 0, 0, 0, 6, b'1', b'\n']);
+            }
+            let r = pending(step(&mut s, r, &copy));
+            let mut end = BytesMut::from(&bare(b'c')[..]);
+            end.extend_from_slice(&done("COPY 3", Idle));
+            assert!(matches!(step(&mut s, r, &end), Recovered::Clean(_)));
+            assert!(sent(&mut s).is_empty(), "nothing to send for a COPY OUT");
+        }
+
+        #[test]
+        fn session_pooling_discards_the_session() {
+            let mut s = server(&config("session", ""));
+            s.session.set("search_path", "app");
+            let r = Recovery::start(&mut s, owed(0), true, false, None);
+            let r = pending(step(&mut s, r, &[]));
+            assert_eq!(sent(&mut s), ["DISCARD ALL"]);
+            assert!(s.session.get("search_path").is_none());
+            assert!(matches!(
+                step(&mut s, r, &done("DISCARD ALL", Idle)),
+                Recovered::Clean(_)
+            ));
+        }
+
+        #[test]
+        fn statements_in_flight_are_deallocated() {
+            let mut s = server(&config("transaction", ""));
+            let r = Recovery::start(&mut s, owed(0), false, true, None);
+            let r = pending(step(&mut s, r, &[]));
+            assert_eq!(sent(&mut s), ["DEALLOCATE ALL"]);
+            assert!(matches!(
+                step(&mut s, r, &done("DEALLOCATE ALL", Idle)),
+                Recovered::Clean(_)
+            ));
+        }
+
+        #[test]
+        fn a_cancel_on_its_way_is_waited_for() {
+            let mut s = server(&config("transaction", ""));
+            s.cancel_inflight = true;
+            s.status = InTransaction;
+            let r = Recovery::start(&mut s, owed(0), false, false, None);
+            let mut r = pending(step(&mut s, r, &[]));
+            assert!(sent(&mut s).is_empty(), "no ROLLBACK the cancel could hit");
+            r.cancelling = false;
+            pending(step(&mut s, r, &[]));
+            assert_eq!(sent(&mut s), ["ROLLBACK"]);
+        }
+
+        #[test]
+        fn a_server_that_closes_while_recovering_is_closed() {
+            let mut s = server(&config("transaction", ""));
+            let r = Recovery::start(&mut s, owed(1), false, false, None);
+            memory(&mut s.io).closed = true;
+            s.io.hup = true;
+            assert!(matches!(step(&mut s, r, &[]), Recovered::Close(..)));
+        }
     }
 }

@@ -8,12 +8,10 @@ use log::{debug, warn};
 use odissey_reactor::{Context, Interest, Token};
 use odissey_transport::{Stream, ACCEPTED_INHERIT_OPTIONS};
 
-use crate::auth::Login;
-use crate::client::{Client, ClientState};
+use crate::client::Client;
 use crate::ids::ConnId;
 use crate::io::Io;
 use crate::ratelimit::limited;
-use crate::relay::Relay;
 
 use super::{Conn, Worker, WorkerTimer};
 
@@ -92,37 +90,15 @@ impl Worker {
             ) {
                 failed = Some(e);
             }
-            Conn::Client(Client {
+            Conn::Client(Client::new(
                 id,
                 key,
                 io,
-                state: ClientState::Login(Login::Startup),
-                born_s: self.w.since_start().as_secs() as u32,
-                active_ms: self.w.since_start().as_millis() as u32,
-                waiting_us: 0,
-                route: None,
-                pool: None,
-                server: None,
-                relay: Relay::for_client(),
-                pending: 0,
-                unsynced: false,
-                greeted: false,
+                u16::try_from(listener).unwrap_or(u16::MAX),
                 reject,
-                session: crate::session::Settings::default(),
-                check_due: false,
-                pinned: None,
-                custom: None,
-                deadline: None,
-                listener: u16::try_from(listener).unwrap_or(u16::MAX),
-                tls_direct: false,
-                z_sent: 0,
-                z_seen: 0,
-                syncs_since_execute: 0,
-                copy_mode: false,
-                track_prepared: false,
-                prepared: None,
-                cancel_key: None,
-            })
+                self.w.since_start().as_secs() as u32,
+                self.w.since_start().as_millis() as u32,
+            ))
         });
         if let Some(e) = failed {
             warn!("{id}: cannot register: {e}");

@@ -77,7 +77,7 @@ impl Worker {
             // cancel arriving after the reply would hit whatever the
             // server runs next.
             Some(Conn::Client(c)) => match c.server {
-                Some(sk) if c.pending > 0 || c.unsynced => self.send_cancel(cx, sk, false),
+                Some(sk) if c.conv.busy() => self.send_cancel(cx, sk, false),
                 _ => self.w.cancel_drops.idle += 1,
             },
             _ => return false,

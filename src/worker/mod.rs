@@ -19,10 +19,14 @@
 
 mod accept;
 mod cancel;
+mod cx;
+mod link;
 mod pool;
 mod probe;
 mod server_conn;
 mod sweep;
+#[cfg(test)]
+pub(crate) mod testkit;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
@@ -31,9 +35,8 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use log::{debug, error, info, warn};
-use odissey_protocol::backend::BackendMessage;
 use odissey_protocol::backend::{self, TransactionStatus};
-use odissey_protocol::{codec, frontend};
+use odissey_protocol::codec;
 use odissey_reactor::{Context, Handler, Interest, Key, Machines, Ready, Sender, TimerId, Token};
 use odissey_transport::{connect, connect_unix, Listener, Stream, ALPN_POSTGRESQL};
 
@@ -42,23 +45,22 @@ use crate::backend_login::AskTls;
 use crate::client::{Client, ClientState};
 use crate::cmd::{SysCmd, WorkerCmd};
 use crate::config::{
-    is_md5_hash, Config, ListenTls, PoolMode, ResolvedRoute, RouteCache, SessionCheck, StorageTls,
-    StorageType,
+    is_md5_hash, Config, ListenTls, PoolMode, ResolvedRoute, RouteCache, StorageTls, StorageType,
 };
 use crate::credentials;
-use crate::ids::ConnId;
 use crate::io::Io;
-use crate::ratelimit::limited;
-use crate::relay::Step;
 use crate::resolver::{resolve_blocking, Dns, Lookup, Start, LOOKUP_TIMEOUT};
 use crate::router::{GiveUp, PoolKey, Registry, ServerWas, WorkerId};
 use crate::server::{Recovery, Server, ServerState};
-use crate::session::{Greeting, Pin, Scan};
+use crate::session::Greeting;
 use crate::tls::TlsSet;
 use odissey_protocol::scram::ScramCredential;
 
 use accept::{listener_index, listener_token};
 use cancel::{CancelDrops, Canceller};
+use cx::{Cx, Evt};
+use link::{write_error, Next, Settle};
+pub(crate) use link::{Conversation, Owed};
 use pool::LocalPool;
 use probe::{Job, Probe};
 
@@ -147,6 +149,17 @@ enum Opened {
     Wait,
 }
 
+/// What `relay_pair` does once a pump's borrows end.
+enum After {
+    /// The pair goes on; whether anything moved.
+    Stay(bool),
+    Close(Option<Fatal>),
+    /// The server goes back to the pool; the client waits idle.
+    Release,
+    /// Draining: the server goes, and the client is closed shortly.
+    Drain,
+}
+
 /// What the console's PAUSE holds: every database, or some.
 #[derive(Debug, Default)]
 struct Paused {
@@ -221,6 +234,9 @@ pub(crate) struct Shared {
     sweep_set: bool,
     /// Cancels dropped since the last summary line.
     cancel_drops: CancelDrops,
+    /// What the machines raised during the event being handled (reused;
+    /// applied before the event returns: `Worker::apply`).
+    evts: Vec<Evt>,
 }
 
 /// The worker's handler.
@@ -268,6 +284,7 @@ impl Worker {
                 draining: false,
                 sweep_set: false,
                 cancel_drops: CancelDrops::default(),
+                evts: Vec::new(),
             },
         }
     }
@@ -325,12 +342,6 @@ impl Shared {
     }
 }
 
-/// Appends a pooler-made error for `id`'s client.
-fn write_error(out: &mut BytesMut, id: ConnId, severity: &str, code: &str, message: &str) {
-    let text = format!("odissey: {id}: {message}");
-    backend::error_response(out, severity, code, &text, None);
-}
-
 /// What a console client hears after authentication. `server_version`
 /// names odissey (as PgBouncer's console does); the rest are the settings
 /// drivers check for.
@@ -359,61 +370,6 @@ fn console_greet(out: &mut BytesMut, application_name: &str) {
 /// for waits shorter than that.
 fn since_start_us(started: Instant) -> u32 {
     started.elapsed().as_micros() as u32
-}
-
-/// Sends a client what PostgreSQL sends after authentication: the
-/// ParameterStatus values (the server's, with the client's own settings
-/// where it asked for some), a BackendKeyData of odissey's own (the
-/// server's key must never reach a client that may hold another server
-/// next) and ReadyForQuery.
-///
-/// `params` are the ParameterStatus values a server reported for the
-/// client's settings (or for a login with the same ones); `pid`, in session
-/// pooling, the pid of the client's own server.
-fn greet(c: &mut Client, shared: &mut Shared, params: &[(String, String)], pid: Option<u32>) {
-    for (name, value) in params {
-        // The settings odissey knows PostgreSQL reports as sent.
-        let value = match c.session.get(name) {
-            Some(v) if crate::session::reported_locally(name, v) => v,
-            _ => value.as_str(),
-        };
-        backend::parameter_status(&mut c.io.out, name, value);
-    }
-    // From the uuid crate's thread-local CSPRNG: unguessable, no syscall.
-    let key = uuid::Uuid::new_v4().into_bytes();
-    let pid = pid.unwrap_or(u32::from_be_bytes([key[0], key[1], key[2], key[3]]) & 0x7fff_ffff);
-    let secret = u32::from_be_bytes([key[8], key[9], key[10], key[11]]);
-    backend::backend_key_data(&mut c.io.out, pid, secret);
-    backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
-    c.cancel_key = Some((pid, secret));
-    c.greeted = true;
-    shared.cancel_keys.insert((pid, secret), c.key);
-}
-
-/// Greets `c` with what its server `s` reports now that the client's
-/// settings are applied, and remembers it for later logins with the same
-/// settings (the values reported as sent are the pool's in the copy kept).
-fn greet_linked(c: &mut Client, s: &Server, shared: &mut Shared) {
-    let session_mode = s.route.route.pool == PoolMode::Session;
-    let pid = s.key.map(|(pid, _)| pid).filter(|_| session_mode);
-    greet(c, shared, &s.params, pid);
-    let mut kept = s.params.clone();
-    for (name, value) in &mut kept {
-        if c.session
-            .get(name)
-            .is_some_and(|v| crate::session::reported_locally(name, v))
-        {
-            if let Some(d) = crate::params::get(&s.defaults, name) {
-                d.clone_into(value);
-            }
-        }
-    }
-    let key = crate::session::greeting_key(&c.session);
-    if let Some(lp) = shared.local.get(&s.pool) {
-        lp.shared
-            .greetings
-            .put(key, Greeting::Ready(Arc::new(kept)));
-    }
 }
 
 impl Handler for Worker {
@@ -650,7 +606,10 @@ impl Worker {
                     return;
                 }
                 backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
-                c.state = ClientState::Console { busy: false };
+                c.state = ClientState::Console {
+                    busy: false,
+                    skipping: false,
+                };
                 self.drive_client(cx, client);
             }
             WorkerCmd::Kill { id, target } => {
@@ -790,7 +749,7 @@ impl Worker {
                     // A client that has not had its first request answered
                     // (accepted from the backlog while draining) is let
                     // finish it.
-                    .filter(|(_, c)| matches!(c, Conn::Client(c) if matches!(c.state, ClientState::Idle) && c.z_seen > 0))
+                    .filter(|(_, c)| matches!(c, Conn::Client(c) if matches!(c.state, ClientState::Idle) && c.conv.answered_once()))
                     .map(|(k, _)| k)
                     .collect();
                 for k in idle {
@@ -1007,7 +966,7 @@ impl Worker {
                                 self.close_client(cx, ck, None);
                                 return;
                             }
-                            Ok(_) if self.w.draining && c.z_seen > 0 => {
+                            Ok(_) if self.w.draining && c.conv.answered_once() => {
                                 let f = Fatal::new(
                                     "57P01",
                                     "terminating connection: odissey is shutting down",
@@ -1038,8 +997,8 @@ impl Worker {
                     }
                     return;
                 }
-                ClientState::Console { busy } => {
-                    c.state = ClientState::Console { busy };
+                ClientState::Console { busy, skipping } => {
+                    c.state = ClientState::Console { busy, skipping };
                     if c.io.eof {
                         self.close_client(cx, ck, None);
                         return;
@@ -1095,13 +1054,10 @@ impl Worker {
         cx.again();
     }
 
-    /// Moves bytes both ways between a linked client and server. None when
-    /// the pair was closed or split.
+    /// Moves bytes both ways between a linked client and server
+    /// (`link::pump`) and does what comes of it. None when the pair was
+    /// closed or split.
     fn relay_pair(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) -> Option<bool> {
-        let max_len = self.w.max_len();
-        // Read no more from a socket once this much waits to be relayed, and
-        // no more from a server once this much waits for its client.
-        let readahead = self.w.cfg.readahead;
         let Some(Conn::Client(c)) = self.conns.get(ck) else {
             return None;
         };
@@ -1109,425 +1065,40 @@ impl Worker {
         let Some((Conn::Client(c), Conn::Server(s))) = self.conns.get2_mut(ck, sk) else {
             return None;
         };
-        if c.track_prepared && c.prepared.is_none() {
-            c.prepared = Some(Box::default());
-        }
-        let mut progress = false;
-        // Client -> server.
-        let mut terminate = false;
-        // A server slower than its client: leave the input in the client's
-        // buffer, which stops reading the client socket once full.
-        let out_before = s.io.out.len();
-        let log_query = self.w.cfg.log_query;
-        // In transaction and statement pooling the session must follow the
-        // client: its requests are scanned for what may change it.
-        let mode = c.route.as_ref().map(|r| r.route.pool);
-        let scanning = matches!(mode, Some(PoolMode::Transaction | PoolMode::Statement));
-        let always = scanning
-            && c.route.as_ref().map(|r| r.route.session_check) == Some(SessionCheck::Always);
-        let discard = c.route.as_ref().is_some_and(|r| r.route.pool_discard);
-        // Timings use the batch's clock: precise to the event loop's turn,
-        // and no clock read per message.
-        let now = cx.now();
-        while s.io.out.len() < readahead {
-            let (qstart, xstart) = (&mut s.query_start, &mut s.xact_start);
-            let (pending, unsynced, z_sent) = (&mut c.pending, &mut c.unsynced, &mut c.z_sent);
-            let (syncs, copy_mode) = (&mut c.syncs_since_execute, &mut c.copy_mode);
-            let check_due = &mut c.check_due;
-            let mut prepared = c.prepared.as_deref_mut();
-            let step = c.relay.step(&mut c.io.rx, max_len, |tag, len| {
-                if scanning {
-                    // Too long to hold for a scan, a function call, or a
-                    // route that checks always: check without reading.
-                    let long = matches!(tag, b'Q' | b'P') && len > SCAN_MAX;
-                    if long || tag == b'F' || (always && matches!(tag, b'Q' | b'S')) {
-                        *check_due = true;
-                    }
-                }
-                // Sync and Flush in COPY IN are ignored by the server: no
-                // reply is owed for them.
-                let ignored = *copy_mode && matches!(tag, b'S' | b'H');
-                if !ignored && matches!(tag, b'Q' | b'F' | b'S') {
-                    // A request: its answer's ReadyForQuery ends the timing.
-                    if qstart.is_none() {
-                        *qstart = Some(now);
-                    }
-                    if xstart.is_none() {
-                        *xstart = *qstart;
-                    }
-                }
-                match tag {
-                    _ if ignored => {}
-                    b'Q' | b'F' => {
-                        *pending += 1;
-                        *z_sent += 1;
-                        *unsynced = false;
-                        *syncs = 0;
-                    }
-                    b'S' => {
-                        *pending += 1;
-                        *z_sent += 1;
-                        *unsynced = false;
-                        *syncs += 1;
-                    }
-                    b'E' => {
-                        *unsynced = true;
-                        *syncs = 0;
-                    }
-                    b'P' | b'B' | b'D' | b'C' | b'H' => *unsynced = true,
-                    b'c' | b'f' => *copy_mode = false,
-                    _ => {}
-                }
-                if let Some(p) = prepared.as_deref_mut() {
-                    if crate::prepared::needs_whole(tag) {
-                        return true;
-                    }
-                    if !ignored {
-                        p.pipeline.client_passthrough(tag);
-                    }
-                }
-                // Query and Parse texts are looked at whole: they may
-                // change the session. With log_query, every one is.
-                tag == b'X'
-                    || (matches!(tag, b'Q' | b'P') && ((scanning && len <= SCAN_MAX) || log_query))
-            });
-            match step {
-                Ok(Step::NeedMore) => break,
-                Ok(Step::Pass(b)) => {
-                    s.io.out.unsplit(b);
-                    progress = true;
-                }
-                // Only asked for (needs_whole) when statements are tracked.
-                Ok(Step::Inspect(b'P' | b'B' | b'D' | b'C', f)) if c.prepared.is_some() => {
-                    if log_query && f.first() == Some(&b'P') {
-                        info!(
-                            "{}: parse: {}",
-                            c.id,
-                            String::from_utf8_lossy(crate::session::parse_text(&f))
-                        );
-                    }
-                    let p = c.prepared.as_deref_mut().expect("checked by the guard");
-                    if scanning {
-                        match f.first() {
-                            Some(b'P') => {
-                                let sc = scan_into(&mut c.custom, crate::session::parse_text(&f));
-                                note_scan(&mut c.check_due, &mut c.pinned, c.id, sc, discard);
-                                // A named statement keeps its own (`Statement`).
-                                if crate::session::statement_name(&f).is_empty() {
-                                    note_unnamed_param(&mut c.custom, sc.name_param);
-                                }
-                            }
-                            Some(b'B') => {
-                                let param = if crate::session::statement_name(&f).is_empty() {
-                                    c.custom.as_deref().and_then(|n| n.unnamed_param)
-                                } else if let Some(param) =
-                                    crate::prepared::bind_marks(&f, &p.stmts)
-                                {
-                                    c.check_due = true;
-                                    param
-                                } else {
-                                    None
-                                };
-                                if let Some(n) = param {
-                                    note_bound_name(&mut c.custom, &f, n);
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                    if let Err(e) = crate::prepared::client_frame(
-                        f,
-                        &mut p.stmts,
-                        &mut s.stmts,
-                        &mut p.pipeline,
-                        &mut s.io.out,
-                    ) {
-                        let f = Fatal::new("08P01", format!("protocol violation: {e}"));
-                        self.close_client(cx, ck, Some(f));
-                        return None;
-                    }
-                    progress = true;
-                }
-                Ok(Step::Inspect(b'P', f)) => {
-                    // Asked for whole by scanning or log_query.
-                    if log_query {
-                        info!(
-                            "{}: parse: {}",
-                            c.id,
-                            String::from_utf8_lossy(crate::session::parse_text(&f))
-                        );
-                    }
-                    if scanning {
-                        let mut sc = scan_into(&mut c.custom, crate::session::parse_text(&f));
-                        // Without statement tracking the Binds go by
-                        // unread: a name given as a parameter stays unknown.
-                        sc.opaque |= sc.name_param.is_some();
-                        note_scan(&mut c.check_due, &mut c.pinned, c.id, sc, discard);
-                    }
-                    s.io.out.unsplit(f);
-                    progress = true;
-                }
-                Ok(Step::Inspect(b'Q', f)) => {
-                    let raw = crate::session::query_text(&f);
-                    if scanning {
-                        // Bytes, whatever the client's encoding.
-                        let sc = scan_into(&mut c.custom, raw);
-                        note_scan(&mut c.check_due, &mut c.pinned, c.id, sc, discard);
-                    }
-                    let sql = std::str::from_utf8(raw).unwrap_or("");
-                    if self.w.panic_on.as_deref() == Some(sql) {
-                        panic!("failpoint ODISSEY_FAILPOINT_PANIC reached");
-                    }
-                    if log_query {
-                        info!("{}: query: {sql}", c.id);
-                    }
-                    if drops_statements(sql) {
-                        s.stmts.clear();
-                    }
-                    s.io.out.unsplit(f);
-                    progress = true;
-                }
-                Ok(Step::Inspect(_, _)) => {
-                    terminate = true;
-                    break;
-                }
-                Err(e) => {
-                    self.close_client(cx, ck, Some(Fatal::violation(e)));
-                    return None;
-                }
-            }
-        }
-        if let Some(p) = c.prepared.as_deref_mut() {
-            p.pipeline.drain_due(&mut c.io.out);
-        }
-        s.counters.bytes_in += s.io.out.len().saturating_sub(out_before) as u64;
-        progress |= s.io.flush();
-        // Server -> client, only while the client keeps up.
-        if c.io.out.len() < readahead {
-            let limit = s
-                .relay
-                .wanted(&s.io.rx)
-                .map_or(readahead, |w| w.max(readahead));
-            progress |= s.io.fill(limit);
-        }
-        let out_before = c.io.out.len();
-        // A startup setting PostgreSQL refused while the client waited for
-        // its greeting.
-        let mut refused: Option<Fatal> = None;
-        loop {
-            let (swallow, copy_in) = (s.swallow, &mut s.copy_in);
-            let z_seen = &mut c.z_seen;
-            let mut prepared = c.prepared.as_deref_mut().map(|p| &mut p.pipeline);
-            let (pending, syncs, copy_mode) =
-                (&mut c.pending, &mut c.syncs_since_execute, &mut c.copy_mode);
-            let step = s.relay.step(&mut s.io.rx, max_len, |tag, total| {
-                if swallow > 0 {
-                    return true;
-                }
-                if matches!(tag, b'G' | b'W') {
-                    // COPY IN began: the Syncs sent after its Execute are
-                    // ignored by the server, so their replies aren't owed
-                    // (ReadyForQuery numbering moves on as if they came).
-                    let n = std::mem::take(syncs);
-                    *pending = pending.saturating_sub(n);
-                    *z_seen += n as u64;
-                    if let Some(pipeline) = prepared.as_deref_mut() {
-                        pipeline.ignore_syncs(n);
-                    }
-                    *copy_mode = true;
-                }
-                let whole = prepared.as_deref_mut().is_some_and(|pipeline| {
-                    pipeline.server_header(tag) == crate::prepared::Disposition::Whole
-                });
-                match tag {
-                    b'G' | b'W' => *copy_in = true,
-                    b'E' => {
-                        *copy_in = false;
-                        *copy_mode = false;
-                    }
-                    b'C' | b'Z' => *copy_in = false,
-                    _ => {}
-                }
-                // ErrorResponses are counted by SQLSTATE class (one longer
-                // than max_message_size passes uncounted, not held whole).
-                whole || matches!(tag, b'Z' | b'S') || (tag == b'E' && total <= max_len + 1)
-            });
-            match step {
-                Ok(Step::NeedMore) => break,
-                Ok(Step::Pass(b)) => c.io.out.unsplit(b),
-                Ok(Step::Inspect(tag, f)) if s.swallow > 0 => {
-                    // A reply to odissey's own queries: the client never
-                    // sees it, but the server's state is noted.
-                    if tag == b'D' {
-                        if let Some(check) = s.check.as_deref_mut() {
-                            match backend::parse_data_row(f.get(5..).unwrap_or(&[])) {
-                                Ok(values) => check.row(&values),
-                                Err(_) => check.failed = true,
-                            }
-                        }
-                        progress = true;
-                        continue;
-                    }
-                    match BackendMessage::parse(&frame_of(tag, &f)) {
-                        Ok(BackendMessage::ReadyForQuery(st)) => {
-                            s.swallow -= 1;
-                            s.status = st;
-                            if s.swallow == 0 {
-                                if let Some(check) = s.check.take() {
-                                    checked(c, s, *check);
-                                }
-                                if !c.greeted && refused.is_none() {
-                                    greet_linked(c, s, &mut self.w);
-                                }
-                            }
-                        }
-                        Ok(BackendMessage::ParameterStatus { name, value }) => {
-                            crate::params::set(&mut s.params, &name, &value);
-                        }
-                        Ok(BackendMessage::ErrorResponse(e)) => {
-                            if let Some(check) = s.check.as_deref_mut() {
-                                warn!(
-                                    "{}: session check for {} failed: {} ({})",
-                                    s.id, c.id, e.message, e.code
-                                );
-                                check.failed = true;
-                            } else {
-                                debug!(
-                                    "{}: setting for {} failed: {} ({})",
-                                    s.id, c.id, e.message, e.code
-                                );
-                                // What the server carries is no longer
-                                // what odissey believes: check it.
-                                c.check_due = true;
-                                if !c.greeted && refused.is_none() {
-                                    // A startup setting PostgreSQL refuses:
-                                    // the login fails as PostgreSQL's would.
-                                    let key = crate::session::greeting_key(&c.session);
-                                    if let Some(lp) = self.w.local.get(&s.pool) {
-                                        lp.shared.greetings.put(
-                                            key,
-                                            Greeting::Refused {
-                                                code: e.code.clone(),
-                                                message: e.message.clone(),
-                                                until: Instant::now() + crate::session::REFUSAL_TTL,
-                                            },
-                                        );
-                                    }
-                                    refused = Some(Fatal::from_server(e.code, e.message));
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                Ok(Step::Inspect(tag, mut f)) => {
-                    match tag {
-                        b'S' => {
-                            if let Ok(BackendMessage::ParameterStatus { name, value }) =
-                                BackendMessage::parse(&frame_of(b'S', &f))
-                            {
-                                crate::params::set(&mut s.params, &name, &value);
-                                // A reported setting changed (SET, or a
-                                // function): read the session back.
-                                c.check_due |= scanning;
-                            }
-                        }
-                        b'E' => {
-                            if let Some(code) = crate::stats::error_code(f.get(5..).unwrap_or(&[]))
-                            {
-                                s.counters.error(code);
-                            }
-                        }
-                        b'Z' => {
-                            if let Ok(st) =
-                                TransactionStatus::from_byte(f.get(5).copied().unwrap_or(0))
-                            {
-                                s.status = st;
-                            }
-                            s.counters.queries += 1;
-                            if let Some(t) = s.query_start.take() {
-                                s.counters.query_us +=
-                                    now.saturating_duration_since(t).as_micros() as u64;
-                            }
-                            if s.status == TransactionStatus::Idle {
-                                s.counters.xacts += 1;
-                                if let Some(t) = s.xact_start.take() {
-                                    s.counters.xact_us +=
-                                        now.saturating_duration_since(t).as_micros() as u64;
-                                }
-                            }
-                            c.pending = c.pending.saturating_sub(1);
-                            c.z_seen += 1;
-                            if mode == Some(PoolMode::Statement)
-                                && s.status != TransactionStatus::Idle
-                            {
-                                // Statement pooling cannot keep a transaction
-                                // open: roll it back and tell the client, who
-                                // stays usable.
-                                let msg =
-                                    "transaction blocks are not allowed in statement pooling mode";
-                                f.clear();
-                                write_error(&mut f, c.id, "ERROR", "0A000", msg);
-                                backend::ready_for_query(&mut f, TransactionStatus::Idle);
-                                frontend::query(&mut s.io.out, "ROLLBACK");
-                                s.swallow += 1;
-                                s.io.flush();
-                            }
-                        }
-                        _ => {}
-                    }
-                    if let Some(p) = c.prepared.as_deref_mut() {
-                        p.pipeline.server_frame(f, &mut s.stmts, &mut c.io.out);
-                    } else {
-                        c.io.out.unsplit(f);
-                    }
-                }
-                Err(e) => {
-                    limited!(warn, "{}: protocol violation from server: {e}", s.id);
-                    s.io.eof = true;
-                    break;
-                }
-            }
-            progress = true;
-        }
-        if let Some(p) = c.prepared.as_deref_mut() {
-            p.pipeline.drain_due(&mut c.io.out);
-        }
-        s.counters.bytes_out += c.io.out.len().saturating_sub(out_before) as u64;
-        progress |= c.io.flush();
-        let clean = c.pending == 0
-            && s.swallow == 0
-            && c.prepared.as_ref().is_none_or(|p| p.pipeline.is_idle())
-            && !c.unsynced
-            && c.relay.at_boundary()
-            && s.relay.at_boundary()
-            && s.io.rx.is_empty()
-            && s.status == TransactionStatus::Idle;
-        if s.io.eof {
-            let id = s.id;
-            // Part of a message already went to the client: an error now
-            // would land inside it, so the client is only disconnected.
-            let f = s.relay.at_boundary().then(|| {
-                Fatal::new(
-                    "08006",
-                    format!("server connection {id} closed unexpectedly"),
-                )
-            });
-            self.close_client(cx, ck, f);
-            return None;
-        }
-        if terminate || c.io.eof || refused.is_some() {
-            self.close_client(cx, ck, refused);
-            return None;
-        }
-        if clean && s.cancel_inflight && !self.w.draining {
+        let mut lx = Cx {
+            now: cx.now(),
+            cfg: &self.w.cfg,
+            panic_on: self.w.panic_on.as_deref(),
+            evts: &mut self.w.evts,
+        };
+        let after = match link::pump(c, s, &mut lx) {
+            Next::Relaying(progress) => After::Stay(progress),
+            Next::Close(fatal) => After::Close(fatal),
             // A cancel for this server is on its way: nobody else may get
             // it before the postmaster has taken the cancel
             // (`finish_canceller` drives the pair again).
-            return Some(progress);
-        }
-        if clean {
-            if self.w.draining {
+            Next::Clean(progress) if s.cancel_inflight && !self.w.draining => After::Stay(progress),
+            Next::Clean(_) if self.w.draining => After::Drain,
+            Next::Clean(progress) if link::follows_session(c) => match link::settle(c, s) {
+                Settle::Checking => After::Stay(true),
+                Settle::Keep => After::Stay(progress),
+                Settle::Release => After::Release,
+            },
+            // Session pooling: the client keeps its server.
+            Next::Clean(progress) => After::Stay(progress),
+        };
+        self.apply();
+        match after {
+            After::Stay(progress) => Some(progress),
+            After::Close(fatal) => {
+                self.close_client(cx, ck, fatal);
+                None
+            }
+            After::Release => {
+                self.unlink_and_release(cx, ck, sk);
+                Some(true)
+            }
+            After::Drain => {
                 // The transaction is over: the server goes, and the client
                 // is told a moment later, so that the error does not arrive
                 // in the same read as the reply (some drivers would take it
@@ -1537,32 +1108,36 @@ impl Worker {
                     self.w.sweep_set = true;
                     cx.set_timer(cx.now() + DRAIN_SWEEP, WorkerTimer::DrainSweep);
                 }
-                return Some(true);
-            }
-            if scanning {
-                if c.check_due {
-                    // The transaction may have changed the session: read
-                    // it back before anyone else can get this server.
-                    c.check_due = false;
-                    let q = crate::session::check_query(
-                        c.custom.as_deref().map_or(&[], |n| n.names.as_slice()),
-                        &s.route.server_user,
-                    );
-                    frontend::query(&mut s.io.out, &q);
-                    s.swallow += 1;
-                    s.check = Some(Box::default());
-                    s.io.flush();
-                    return Some(true);
-                }
-                if c.pinned.is_some() {
-                    // State only this server holds: the client keeps it.
-                    return Some(progress);
-                }
-                self.unlink_and_release(cx, ck, sk);
-                return Some(true);
+                Some(true)
             }
         }
-        Some(progress)
+    }
+
+    /// Does what the machines raised (`Evt`), in order. Called before
+    /// returning from the event that ran them.
+    fn apply(&mut self) {
+        if self.w.evts.is_empty() {
+            return;
+        }
+        let mut evts = std::mem::take(&mut self.w.evts);
+        for evt in evts.drain(..) {
+            match evt {
+                Evt::Greeted { client, cancel_key } => {
+                    self.w.cancel_keys.insert(cancel_key, client);
+                }
+                Evt::Greeting {
+                    pool,
+                    key,
+                    greeting,
+                } => {
+                    if let Some(lp) = self.w.local.get(&pool) {
+                        lp.shared.greetings.put(key, greeting);
+                    }
+                }
+            }
+        }
+        // The queue keeps its memory for the next event.
+        self.w.evts = evts;
     }
 
     fn logged_in(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, mut who: Identity) {
@@ -1597,7 +1172,10 @@ impl Worker {
                 .map_or("", |(_, v)| v.as_str());
             console_greet(&mut c.io.out, app);
             c.route = Some(who.route);
-            c.state = ClientState::Console { busy: false };
+            c.state = ClientState::Console {
+                busy: false,
+                skipping: false,
+            };
             return;
         }
         let pool = PoolKey::new(&who.database, &who.user, &who.route);
@@ -1730,7 +1308,10 @@ impl Worker {
                 .and_then(|lp| lp.shared.greetings.get(&key))
         };
         match known {
-            Some(Greeting::Ready(params)) => greet(c, &mut self.w, &params, None),
+            Some(Greeting::Ready(params)) => {
+                let cancel_key = link::greet(c, &params, None);
+                self.w.cancel_keys.insert(cancel_key, ck);
+            }
             Some(Greeting::Refused { code, message, .. }) => {
                 self.close_client(cx, ck, Some(Fatal::from_server(code, message)));
             }
@@ -1738,10 +1319,8 @@ impl Worker {
         }
     }
 
-    /// Gives server `sk` to client `ck`. A server whose last owner was
-    /// someone else first gets the client's session settings (and DISCARD
-    /// ALL with pool_discard), sent ahead of the client's own messages and
-    /// answered to odissey alone.
+    /// Gives server `sk` to client `ck` (`link::begin` sends the server
+    /// what the client's session needs first) and runs the pair.
     fn link(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key, sk: Key) {
         let Some((Conn::Client(c), Conn::Server(s))) = self.conns.get2_mut(ck, sk) else {
             return;
@@ -1757,31 +1336,14 @@ impl Worker {
         c.state = ClientState::Linked;
         s.client = Some(ck);
         s.state = ServerState::Linked;
-        if s.route.route.pool_discard && s.owner != Some(c.id) {
-            frontend::query(&mut s.io.out, "DISCARD ALL");
-            s.stmts.clear();
-            s.session.clear();
-            s.swallow += 1;
-        }
-        s.owner = Some(c.id);
-        // The server carries what its last owners left (as far as odissey
-        // saw: every change it could not see pins or was checked); what
-        // differs from this client's session is reset or set. Clients with
-        // the same settings (pgbench's, an application's pool) need nothing.
-        if s.session != c.session {
-            let queries = crate::session::sync_queries(&c.session, &s.session);
-            for q in &queries {
-                frontend::query(&mut s.io.out, q);
-            }
-            s.swallow += queries.len();
-            s.session.clone_from(&c.session);
-            debug!("{}: {} setting(s) sent for {}", s.id, queries.len(), c.id);
-        }
-        if !c.greeted && s.swallow == 0 {
-            // Nothing to apply: the server's values are the client's.
-            greet_linked(c, s, &mut self.w);
-        }
-        // Otherwise it is greeted when the settings sent above are answered.
+        let mut lx = Cx {
+            now: cx.now(),
+            cfg: &self.w.cfg,
+            panic_on: self.w.panic_on.as_deref(),
+            evts: &mut self.w.evts,
+        };
+        link::begin(c, s, &mut lx);
+        self.apply();
         self.drive_client(cx, ck);
     }
 
@@ -1832,18 +1394,7 @@ impl Worker {
             return;
         };
         let mid_message = !c.relay.at_boundary();
-        let (mut pending, mut unsynced) = (c.pending, c.unsynced);
-        // A request held back to be passed on whole (a short Query read for
-        // SET sniffing, a tracked Parse) was counted when its header came,
-        // but the server never saw it: no reply is owed for it. (A Sync is
-        // sent in its place, so whatever extended messages went before are
-        // closed off either way.)
-        if let Some(tag) = c.relay.held(&c.io.rx) {
-            if matches!(tag, b'Q' | b'F') || (tag == b'S' && !c.copy_mode) {
-                pending = pending.saturating_sub(1);
-            }
-            unsynced = true;
-        }
+        let owed = c.conv.owed(c.relay.held(&c.io.rx));
         let statements_in_flight = c.prepared.as_ref().is_some_and(|p| !p.pipeline.is_idle());
         let mode = c.route.as_ref().map(|r| r.route.pool);
         // State only its server holds (pinned), or a change not yet read
@@ -1885,28 +1436,13 @@ impl Worker {
         // else gets it: close a COPY, finish a pipeline, cancel what runs,
         // wait for every reply, roll back, reset.
         let route = Arc::clone(&s.route);
-        let mut replies = pending + s.swallow;
-        s.swallow = 0;
         let unknown_session = unknown_session || s.check.take().is_some();
-        if s.copy_in {
-            frontend::copy_fail(&mut s.io.out, "client disconnected");
-            s.copy_in = false;
-        }
-        if unsynced {
-            frontend::sync(&mut s.io.out);
-            replies += 1;
-        }
         let timeout = std::time::Duration::from_millis(route.route.pool_reset_timeout.max(1));
         let timer = cx.set_timer(cx.now() + timeout, WorkerTimer::Recover(sk));
-        s.state = ServerState::Recovering(Recovery {
-            replies,
-            may_rollback: route.route.pool_rollback,
-            discard: mode == Some(PoolMode::Session) || unknown_session,
-            deallocate: statements_in_flight,
-            timer: Some(timer),
-            // A cancel already on its way is waited for like ours.
-            cancelling: s.cancel_inflight,
-        });
+        let discard = mode == Some(PoolMode::Session) || unknown_session;
+        let r = Recovery::start(s, owed, discard, statements_in_flight, Some(timer));
+        let replies = r.replies;
+        s.state = ServerState::Recovering(r);
         if replies > 0 {
             debug!(
                 "{}: its client left with {replies} request(s) in flight",
@@ -2018,8 +1554,8 @@ impl Worker {
     /// Other messages are answered as PostgreSQL answers them: a
     /// FunctionCall is an error followed by ReadyForQuery; an extended
     /// protocol message is an error, after which everything up to the next
-    /// Sync is ignored (`unsynced` marks that stretch: a console client
-    /// never has a server, so the field is free), and the Sync gets
+    /// Sync is ignored (`skipping` in its state marks that stretch), and
+    /// the Sync gets
     /// ReadyForQuery; COPY messages outside COPY are ignored; a type
     /// PostgreSQL does not accept is FATAL.
     fn console_input(&mut self, ck: Key) -> Result<bool, Option<Fatal>> {
@@ -2029,23 +1565,30 @@ impl Worker {
             return Err(None);
         };
         let mut progress = false;
+        let mut skipping = matches!(c.state, ClientState::Console { skipping: true, .. });
         loop {
             let frame = match codec::peek_frontend_header(&c.io.rx, max_len)
                 .and_then(|_| codec::read_frame(&mut c.io.rx, max_len))
             {
                 Ok(Some(f)) => f,
-                Ok(None) => return Ok(progress),
+                Ok(None) => {
+                    c.state = ClientState::Console {
+                        busy: false,
+                        skipping,
+                    };
+                    return Ok(progress);
+                }
                 Err(e) => return Err(Some(Fatal::violation(e))),
             };
             progress = true;
             match frame.tag {
                 b'X' => return Err(None),
                 b'S' => {
-                    c.unsynced = false;
+                    skipping = false;
                     backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
                 }
                 // Skipping to the Sync after an extended-protocol error.
-                _ if c.unsynced => {}
+                _ if skipping => {}
                 b'Q' => {
                     let sql = frame
                         .body
@@ -2055,7 +1598,10 @@ impl Worker {
                     match crate::console::parse(sql) {
                         Ok(command) => {
                             debug!("{}: console command {command:?}", c.id);
-                            c.state = ClientState::Console { busy: true };
+                            c.state = ClientState::Console {
+                                busy: true,
+                                skipping: false,
+                            };
                             self.w.send(SysCmd::Console {
                                 worker,
                                 client: ck,
@@ -2090,125 +1636,12 @@ impl Worker {
                         "0A000",
                         "the console speaks the simple query protocol only",
                     );
-                    c.unsynced = true;
+                    skipping = true;
                 }
             }
         }
     }
 }
-
-/// True for a simple query that drops the session's prepared statements.
-fn drops_statements(sql: &str) -> bool {
-    // Cheap test first: this runs for every short simple query.
-    if !matches!(sql.trim_start().as_bytes().first(), Some(b'd' | b'D')) {
-        return false;
-    }
-    let words: Vec<&str> = sql
-        .trim()
-        .trim_end_matches(';')
-        .split_whitespace()
-        .collect();
-    matches!(words.as_slice(), [a, b] if (a.eq_ignore_ascii_case("DISCARD") || a.eq_ignore_ascii_case("DEALLOCATE"))
-        && b.eq_ignore_ascii_case("ALL"))
-}
-
-/// Scans a Query or Parse text, keeping the custom variable names it sets.
-fn scan_into(custom: &mut Option<Box<crate::session::CustomNames>>, text: &[u8]) -> Scan {
-    match custom {
-        Some(c) => crate::session::scan(text, &mut c.names),
-        None => {
-            let mut names = Vec::new();
-            let sc = crate::session::scan(text, &mut names);
-            if !names.is_empty() {
-                *custom = Some(Box::new(crate::session::CustomNames {
-                    names,
-                    unnamed_param: None,
-                }));
-            }
-            sc
-        }
-    }
-}
-
-/// Keeps which parameter of the client's unnamed statement names a
-/// setting (a new unnamed Parse replaces the last).
-fn note_unnamed_param(custom: &mut Option<Box<crate::session::CustomNames>>, n: Option<u16>) {
-    match custom {
-        Some(c) => c.unnamed_param = n,
-        None if n.is_some() => {
-            *custom = Some(Box::new(crate::session::CustomNames {
-                names: Vec::new(),
-                unnamed_param: n,
-            }));
-        }
-        None => {}
-    }
-}
-
-/// A Bind whose statement names a setting in parameter `n`: that name is
-/// read back by later checks.
-fn note_bound_name(custom: &mut Option<Box<crate::session::CustomNames>>, bind: &[u8], n: u16) {
-    if let Some(value) = crate::session::bind_param(bind, n) {
-        let c = custom.get_or_insert_with(Default::default);
-        crate::session::remember_bound(&mut c.names, value);
-    }
-}
-
-/// Notes what a scanned Query or Parse text may do to the client's session.
-/// (`discard`: the route's pool_discard, under which nothing pins.)
-fn note_scan(check_due: &mut bool, pinned: &mut Option<Pin>, id: ConnId, sc: Scan, discard: bool) {
-    if sc.marks || (sc.unpins && pinned.is_some()) {
-        *check_due = true;
-    }
-    if sc.opaque && !discard && *pinned != Some(PIN_OPAQUE) {
-        if pinned.is_none() {
-            info!("{id}: keeps its server connection from now on: {PIN_OPAQUE}");
-        }
-        *pinned = Some(PIN_OPAQUE);
-    }
-}
-
-/// Why a client keeps its server for good: it called set_config with a
-/// name odissey could not read (an expression, or a parameter of an
-/// untracked statement), which may be a custom variable no check can list.
-const PIN_OPAQUE: Pin = "set_config with a name odissey cannot read";
-
-/// Why a client keeps its server when its session could not be read back.
-const PIN_UNREADABLE: Pin = "its session could not be read back";
-
-/// A session check of server `s` for client `c` came back: both now
-/// carry what the server reported, and the client keeps the server while
-/// it holds state that cannot follow it elsewhere.
-fn checked(c: &mut Client, s: &mut Server, check: crate::session::Check) {
-    let pin = match check.finish() {
-        Some((settings, pin)) => {
-            s.session.clone_from(&settings);
-            c.session = settings;
-            pin
-        }
-        None => Some(PIN_UNREADABLE),
-    };
-    let pin = if s.route.route.pool_discard {
-        // The route asked for every change of owner to start afresh
-        // (DISCARD ALL): nothing pins.
-        None
-    } else if c.pinned == Some(PIN_OPAQUE) {
-        c.pinned
-    } else {
-        pin
-    };
-    match (c.pinned, pin) {
-        (None, Some(why)) => info!("{}: keeps {} while it holds {why}", c.id, s.id),
-        (Some(_), None) => debug!("{}: no longer keeps {}", c.id, s.id),
-        _ => {}
-    }
-    c.pinned = pin;
-}
-
-/// Query and Parse texts up to this size are scanned for words that may
-/// change the session (held whole for it); a longer one is checked after
-/// its transaction without being scanned.
-const SCAN_MAX: usize = 64 * 1024;
 
 /// Puts a connection in the slab and registers its socket under its key's
 /// token. The error, if registering failed: the slot is taken all the same,
@@ -2266,14 +1699,6 @@ fn lookups_for(me: Option<Sender<WorkerCmd>>) -> Start {
             })
             .map(|_| ())
     })
-}
-
-/// A whole frame as the protocol crate's parsers take it.
-fn frame_of(tag: u8, whole: &BytesMut) -> odissey_protocol::Frame {
-    odissey_protocol::Frame {
-        tag,
-        body: bytes::Bytes::copy_from_slice(whole.get(5..).unwrap_or(&[])),
-    }
 }
 
 fn c_eof(conns: &Machines<Conn>, ck: Key) -> bool {

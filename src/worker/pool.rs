@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use log::{debug, warn};
-use odissey_protocol::backend::TransactionStatus;
 use odissey_protocol::scram::ScramCredential;
 use odissey_reactor::{Context, Interest, Key};
 
@@ -25,8 +24,6 @@ use crate::config::ResolvedRoute;
 use crate::credentials;
 use crate::ids::ConnId;
 use crate::io::Io;
-use crate::prepared::ServerStatements;
-use crate::relay::Relay;
 use crate::router::{Lease, PoolKey, PoolShared, ServerWas, WorkerId};
 use crate::server::{Server, ServerState};
 use crate::stats::Counters;
@@ -407,33 +404,14 @@ impl Worker {
             ask,
         );
         let (sk, failed) = insert_registered(&mut self.conns, cx.registry(), io, |_, io| {
-            Conn::Server(Box::new(Server {
+            Conn::Server(Box::new(Server::new(
                 id,
                 io,
-                pool: pool.clone(),
-                route: Arc::clone(&route),
-                state: ServerState::Connecting(login),
-                born: Instant::now(),
-                idle_since: Instant::now(),
-                cancelled: None,
-                counters: Counters::default(),
-                query_start: None,
-                xact_start: None,
+                pool.clone(),
+                Arc::clone(&route),
+                login,
                 tls_retry,
-                client: None,
-                relay: Relay::for_server(),
-                status: TransactionStatus::Idle,
-                key: None,
-                params: Vec::new(),
-                defaults: Arc::default(),
-                session: crate::session::Settings::default(),
-                owner: None,
-                swallow: 0,
-                check: None,
-                cancel_inflight: false,
-                copy_in: false,
-                stmts: ServerStatements::new(route.route.prepared_statements_max),
-            }))
+            )))
         });
         debug!(
             "{id}: connecting to {}:{} for pool {pool}",

@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use log::{debug, info};
-use odissey_protocol::backend::{BackendMessage, TransactionStatus};
+use log::info;
+use odissey_protocol::backend::TransactionStatus;
 use odissey_protocol::{codec, frontend};
 use odissey_reactor::{Context, Key};
 
@@ -18,13 +18,12 @@ use crate::client::ClientState;
 use crate::cmd::SysCmd;
 use crate::io::Io;
 use crate::ratelimit::limited;
-use crate::relay::Step;
 use crate::router::{PoolKey, ServerWas};
-use crate::server::ServerState;
+use crate::server::{Recovered, ServerState};
 use crate::session::Greeting;
 use crate::tls::StorageTlsConfig;
 
-use super::{frame_of, Conn, Worker, WorkerTimer, MAX_ROUNDS};
+use super::{Conn, Worker, WorkerTimer, MAX_ROUNDS};
 
 impl Worker {
     /// Drives a server that is not linked: connecting, logging in, idle or
@@ -92,102 +91,28 @@ impl Worker {
                     }
                     return;
                 }
-                ServerState::Recovering(mut r) => {
+                ServerState::Recovering(r) => {
                     progress |= s.io.fill(self.w.cfg.readahead);
-                    let max_len = self.w.max_len();
-                    // Everything the server says now was meant for the
-                    // client that left: drop it, noting the state.
-                    loop {
-                        let step = s.relay.step(&mut s.io.rx, max_len, |tag, total| {
-                            matches!(tag, b'Z' | b'S' | b'G' | b'W')
-                                || (tag == b'E' && total <= max_len + 1)
-                        });
-                        match step {
-                            Ok(Step::NeedMore) => break,
-                            Ok(Step::Pass(_)) => {}
-                            Ok(Step::Inspect(tag, f)) => {
-                                match BackendMessage::parse(&frame_of(tag, &f)) {
-                                    Ok(BackendMessage::ReadyForQuery(st)) => {
-                                        r.replies = r.replies.saturating_sub(1);
-                                        s.status = st;
-                                    }
-                                    Ok(BackendMessage::ParameterStatus { name, value }) => {
-                                        crate::params::set(&mut s.params, &name, &value);
-                                    }
-                                    Ok(BackendMessage::ErrorResponse(e)) => {
-                                        debug!(
-                                            "{}: while recovering: {} ({})",
-                                            s.id, e.message, e.code
-                                        );
-                                    }
-                                    _ if tag == b'G' => {
-                                        frontend::copy_fail(&mut s.io.out, "client disconnected");
-                                    }
-                                    _ => {
-                                        // COPY BOTH (replication) cannot be
-                                        // wound down from here.
-                                        s.state = ServerState::Recovering(r);
-                                        self.close_server(cx, sk, "client left during COPY BOTH");
-                                        return;
-                                    }
-                                }
-                            }
-                            Err(_) => {
-                                s.io.eof = true;
-                                break;
-                            }
+                    let (moved, next) = r.step(s, self.w.max_len());
+                    progress |= moved;
+                    match next {
+                        Recovered::Pending(r) => {
+                            progress |= s.io.flush();
+                            s.state = ServerState::Recovering(r);
                         }
-                        progress = true;
-                    }
-                    if s.io.eof {
-                        s.state = ServerState::Recovering(r);
-                        self.close_server(cx, sk, "closed while recovering");
-                        return;
-                    }
-                    if r.replies == 0 && !r.cancelling && s.relay.at_boundary() {
-                        if s.status != TransactionStatus::Idle {
-                            if r.may_rollback {
-                                debug!("{}: rolling back its departed client's transaction", s.id);
-                                frontend::query(&mut s.io.out, "ROLLBACK");
-                                r.replies = 1;
-                                r.may_rollback = false;
-                                progress = true;
-                            } else {
-                                s.state = ServerState::Recovering(r);
-                                self.close_server(
-                                    cx,
-                                    sk,
-                                    "its client left inside a transaction (pool_rollback = false)",
-                                );
-                                return;
-                            }
-                        } else if r.discard || r.deallocate {
-                            // DISCARD ALL deallocates too.
-                            let q = if r.discard {
-                                "DISCARD ALL"
-                            } else {
-                                "DEALLOCATE ALL"
-                            };
-                            frontend::query(&mut s.io.out, q);
-                            s.stmts.clear();
-                            if r.discard {
-                                s.session.clear();
-                            }
-                            r.replies = 1;
-                            r.discard = false;
-                            r.deallocate = false;
-                            progress = true;
-                        } else if s.io.out.is_empty() {
-                            if let Some(t) = r.timer.take() {
+                        Recovered::Clean(timer) => {
+                            if let Some(t) = timer {
                                 cx.cancel_timer(t);
                             }
-                            debug!("{}: clean again", s.id);
                             self.release_server(cx, sk);
                             return;
                         }
+                        Recovered::Close(r, why) => {
+                            s.state = ServerState::Recovering(r);
+                            self.close_server(cx, sk, why);
+                            return;
+                        }
                     }
-                    progress |= s.io.flush();
-                    s.state = ServerState::Recovering(r);
                 }
             }
             if !progress {

@@ -224,7 +224,7 @@ impl Worker {
                         _ => None,
                     });
                     let in_xact = server.is_some_and(|(_, s)| s.status != TransactionStatus::Idle);
-                    let busy = c.pending > 0 || c.unsynced;
+                    let busy = c.conv.busy();
                     match c.state {
                         ClientState::Idle | ClientState::Linked
                             if !busy
@@ -424,7 +424,7 @@ impl Worker {
                     // Still logging in, or holding a request: let it through
                     // (closed at its next clean point, or at the deadline).
                     ClientState::Login(_) | ClientState::Verifying | ClientState::Waiting => {}
-                    ClientState::Idle if c.z_seen == 0 => {}
+                    ClientState::Idle if !c.conv.answered_once() => {}
                     _ => {
                         let f =
                             Fatal::new("57P01", "terminating connection: odissey is shutting down");

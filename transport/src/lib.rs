@@ -23,7 +23,7 @@ mod tls;
 mod tls_tests;
 
 pub use listener::{Listener, ListenerAddr, UnixPath, ACCEPTED_INHERIT_OPTIONS};
-pub use stream::{connect, connect_unix, Peer, SocketResult, Stream};
+pub use stream::{connect, connect_unix, Memory, Peer, SocketResult, Stream};
 pub use tls::{
     ClientAuth, ClientTls, ClientTlsOptions, Protocols, ServerTls, ServerTlsOptions, TlsError,
     Verify, ALPN_POSTGRESQL,

@@ -240,7 +240,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let (s, _) = got.expect("accepted");
-        let sock = socket2::SockRef::from(&s);
+        let sock = socket2::SockRef::from(s.tcp().expect("a TCP stream"));
         if ACCEPTED_INHERIT_OPTIONS {
             assert!(sock.nodelay().unwrap());
             assert!(sock.keepalive().unwrap());

@@ -3,8 +3,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use std::os::fd::{AsFd, BorrowedFd};
-
 use bytes::{Buf, BytesMut};
 use mio::event::Source;
 use mio::net::{TcpStream, UnixStream};
@@ -66,6 +64,27 @@ pub struct Stream {
 pub(crate) enum Plain {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// No socket at all: see [`Stream::memory`].
+    Memory(Box<Memory>),
+}
+
+/// The far end of an in-memory [`Stream`] ([`Stream::memory`]): what the
+/// stream will read, and what was written to it.
+///
+/// Made for tests of the state machines above this crate, in the manner of
+/// quinn-proto's in-memory pairs: a machine runs its usual reads and writes
+/// while the test plays its peer, with no socket, no poll and no timing.
+#[derive(Debug, Default)]
+pub struct Memory {
+    /// Bytes the stream will read, in order; once empty a read would block,
+    /// or ends the stream when `closed`.
+    pub input: BytesMut,
+    /// Everything written to the stream so far.
+    pub output: BytesMut,
+    /// The peer closed its side: reads end once `input` is drained.
+    pub closed: bool,
+    /// Writes would block (a peer that does not read).
+    pub full: bool,
 }
 
 impl Read for Plain {
@@ -73,7 +92,35 @@ impl Read for Plain {
         match self {
             Self::Tcp(s) => s.read(buf),
             Self::Unix(s) => s.read(buf),
+            Self::Memory(m) => m.read(buf),
         }
+    }
+}
+
+impl Memory {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.input.is_empty() {
+            return if self.closed {
+                Ok(0)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            };
+        }
+        let n = buf.len().min(self.input.len());
+        buf[..n].copy_from_slice(&self.input[..n]);
+        self.input.advance(n);
+        Ok(n)
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.closed {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        if self.full {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
     }
 }
 
@@ -82,6 +129,7 @@ impl Write for Plain {
         match self {
             Self::Tcp(s) => s.write(buf),
             Self::Unix(s) => s.write(buf),
+            Self::Memory(m) => m.write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
@@ -89,6 +137,10 @@ impl Write for Plain {
         match self {
             Self::Tcp(s) => s.write_vectored(bufs),
             Self::Unix(s) => s.write_vectored(bufs),
+            Self::Memory(m) => {
+                let buf = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b);
+                m.write(buf)
+            }
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -114,11 +166,32 @@ impl From<UnixStream> for Stream {
     }
 }
 
-impl AsFd for Stream {
-    fn as_fd(&self) -> BorrowedFd<'_> {
+impl Stream {
+    /// A stream with no socket under it: reads take what the test put in
+    /// [`Memory::input`], writes land in [`Memory::output`]
+    /// ([`memory_mut`](Self::memory_mut)). It cannot be registered with a
+    /// poll (`register` fails); nothing in the pooler makes one.
+    pub fn memory() -> Self {
+        Self {
+            plain: Plain::Memory(Box::default()),
+            tls: None,
+        }
+    }
+
+    /// The TCP socket under it, for tests of its options.
+    #[cfg(test)]
+    pub(crate) fn tcp(&self) -> Option<&TcpStream> {
         match &self.plain {
-            Plain::Tcp(s) => s.as_fd(),
-            Plain::Unix(s) => s.as_fd(),
+            Plain::Tcp(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The far end of an in-memory stream; `None` for a socket.
+    pub fn memory_mut(&mut self) -> Option<&mut Memory> {
+        match &mut self.plain {
+            Plain::Memory(m) => Some(m),
+            _ => None,
         }
     }
 }
@@ -311,6 +384,7 @@ impl Stream {
         match &self.plain {
             Plain::Tcp(s) => s.take_error(),
             Plain::Unix(s) => s.take_error(),
+            Plain::Memory(_) => Ok(None),
         }
     }
 
@@ -319,6 +393,7 @@ impl Stream {
         match &self.plain {
             Plain::Tcp(s) => s.peer_addr().is_ok(),
             Plain::Unix(s) => s.peer_addr().is_ok(),
+            Plain::Memory(m) => !m.closed,
         }
     }
 
@@ -326,7 +401,7 @@ impl Stream {
     pub fn peer(&self) -> Peer {
         match &self.plain {
             Plain::Tcp(s) => s.peer_addr().map_or(Peer::Unix, Peer::Tcp),
-            Plain::Unix(_) => Peer::Unix,
+            Plain::Unix(_) | Plain::Memory(_) => Peer::Unix,
         }
     }
 
@@ -347,6 +422,7 @@ impl Stream {
         let _ = match &self.plain {
             Plain::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
             Plain::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Plain::Memory(_) => Ok(()),
         };
     }
 }
@@ -431,18 +507,27 @@ impl Source for Stream {
         match &mut self.plain {
             Plain::Tcp(s) => s.register(r, t, i),
             Plain::Unix(s) => s.register(r, t, i),
+            Plain::Memory(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "an in-memory stream cannot be polled",
+            )),
         }
     }
     fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match &mut self.plain {
             Plain::Tcp(s) => s.reregister(r, t, i),
             Plain::Unix(s) => s.reregister(r, t, i),
+            Plain::Memory(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "an in-memory stream cannot be polled",
+            )),
         }
     }
     fn deregister(&mut self, r: &Registry) -> io::Result<()> {
         match &mut self.plain {
             Plain::Tcp(s) => s.deregister(r),
             Plain::Unix(s) => s.deregister(r),
+            Plain::Memory(_) => Ok(()),
         }
     }
 }
