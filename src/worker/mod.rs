@@ -19,6 +19,7 @@
 
 mod accept;
 mod cancel;
+mod failure;
 mod pool;
 mod probe;
 mod server_conn;
@@ -142,7 +143,7 @@ pub(crate) enum Resume {
 enum Opened {
     Stream(Stream),
     /// Why not, for the client and the log (names the host and port).
-    Failed(String),
+    Failed(failure::ServerFailure),
     /// The host name is being resolved: park the caller.
     Wait,
 }
@@ -759,8 +760,8 @@ impl Worker {
             WorkerTimer::ProbeTimeout(k) => {
                 if let Some(Conn::Probe(p)) = self.conns.get_mut(k) {
                     p.timer = None;
-                    let why = "the server did not answer in time".to_string();
-                    self.finish_probe(cx, k, Err((why, "08006")));
+                    let failure = failure::ServerFailure::NoAnswer;
+                    self.finish_probe(cx, k, Err(failure));
                 }
             }
             WorkerTimer::CancelTimeout(k) => {
@@ -813,8 +814,8 @@ impl Worker {
                         Some(Conn::Server(_)) => self.close_server(cx, k, "shutdown"),
                         Some(Conn::Cancel(_)) => self.finish_canceller(cx, k),
                         Some(Conn::Probe(_)) => {
-                            let why = "odissey is shutting down".to_string();
-                            self.finish_probe(cx, k, Err((why, "57P01")));
+                            let failure = failure::ServerFailure::ShuttingDown;
+                            self.finish_probe(cx, k, Err(failure));
                         }
                         _ => {}
                     }
@@ -1929,8 +1930,10 @@ impl Worker {
         cx: &mut Context<'_, WorkerTimer>,
         st: &crate::config::Storage,
     ) -> Opened {
-        let cannot = |e: &dyn std::fmt::Display| {
-            format!("cannot connect to the server {}:{}: {e}", st.host, st.port)
+        let cannot = |e: &dyn std::fmt::Display| failure::ServerFailure::Connect {
+            host: st.host.clone(),
+            port: st.port,
+            error: e.to_string(),
         };
         let opened = match &st.unix_socket_dir {
             Some(dir) => {
