@@ -20,6 +20,7 @@
 mod accept;
 mod cancel;
 mod cx;
+mod failure;
 mod link;
 mod pool;
 mod probe;
@@ -144,7 +145,7 @@ pub(crate) enum Resume {
 enum Opened {
     Stream(Stream),
     /// Why not, for the client and the log (names the host and port).
-    Failed(String),
+    Failed(failure::ServerFailure),
     /// The host name is being resolved: park the caller.
     Wait,
 }
@@ -718,8 +719,8 @@ impl Worker {
             WorkerTimer::ProbeTimeout(k) => {
                 if let Some(Conn::Probe(p)) = self.conns.get_mut(k) {
                     p.timer = None;
-                    let why = "the server did not answer in time".to_string();
-                    self.finish_probe(cx, k, Err((why, "08006")));
+                    let failure = failure::ServerFailure::NoAnswer;
+                    self.finish_probe(cx, k, Err(failure));
                 }
             }
             WorkerTimer::CancelTimeout(k) => {
@@ -772,8 +773,8 @@ impl Worker {
                         Some(Conn::Server(_)) => self.close_server(cx, k, "shutdown"),
                         Some(Conn::Cancel(_)) => self.finish_canceller(cx, k),
                         Some(Conn::Probe(_)) => {
-                            let why = "odissey is shutting down".to_string();
-                            self.finish_probe(cx, k, Err((why, "57P01")));
+                            let failure = failure::ServerFailure::ShuttingDown;
+                            self.finish_probe(cx, k, Err(failure));
                         }
                         _ => {}
                     }
@@ -1465,8 +1466,10 @@ impl Worker {
         cx: &mut Context<'_, WorkerTimer>,
         st: &crate::config::Storage,
     ) -> Opened {
-        let cannot = |e: &dyn std::fmt::Display| {
-            format!("cannot connect to the server {}:{}: {e}", st.host, st.port)
+        let cannot = |e: &dyn std::fmt::Display| failure::ServerFailure::Connect {
+            host: st.host.clone(),
+            port: st.port,
+            error: e.to_string(),
         };
         let opened = match &st.unix_socket_dir {
             Some(dir) => {

@@ -28,6 +28,7 @@ use crate::router::{Lease, PoolKey, PoolShared, ServerWas, WorkerId};
 use crate::server::{Server, ServerState};
 use crate::stats::Counters;
 
+use super::failure::ServerFailure;
 use super::{insert_registered, since_start_us, Conn, Opened, Resume, Shared, Worker, WorkerTimer};
 
 /// A pool as one worker sees it.
@@ -363,15 +364,15 @@ impl Worker {
         let st = &route.storage;
         let stream = match self.open_storage(cx, st) {
             Opened::Stream(s) => s,
-            Opened::Failed(why) => {
-                warn!("pool {pool}: {why}");
+            Opened::Failed(failure) => {
+                warn!("pool {pool}: {failure}");
                 self.w.send(SysCmd::ServerClosed {
                     pool: pool.clone(),
                     worker: self.w.id,
                     server: None,
                     was: ServerWas::Opening,
                 });
-                self.fail_first_waiter(cx, &pool, Fatal::new("08006", why));
+                self.fail_first_waiter(cx, &pool, failure.fatal());
                 return;
             }
             Opened::Wait => {
@@ -418,12 +419,11 @@ impl Worker {
             route.storage.host, route.storage.port
         );
         if let Some(e) = failed {
-            self.fail_login(
-                cx,
-                sk,
-                format!("cannot register the server socket: {e}"),
-                "08006",
-            );
+            let failure = ServerFailure::Register {
+                error: e.to_string(),
+                probe: false,
+            };
+            self.fail_login(cx, sk, failure);
         }
     }
 

@@ -19,6 +19,7 @@ use crate::config::ResolvedRoute;
 use crate::credentials;
 use crate::io::Io;
 
+use super::failure::ServerFailure;
 use super::server_conn::{step_login, unconnected, LoginStep};
 use super::{insert_registered, tls_view, Conn, Opened, Resume, Worker, WorkerTimer, MAX_ROUNDS};
 
@@ -149,9 +150,12 @@ impl Worker {
             r.auth_query_user.clone().unwrap_or_default(),
         );
         let Some(qroute) = self.w.routes.route(&self.w.cfg, &qdb, &quser) else {
-            let why = format!("no route for auth_query as {quser:?} on database {qdb:?}");
-            warn!("{why}");
-            self.refuse_unproved(cx, ck, &who, (why, "28000"));
+            let failure = ServerFailure::NoAuthQueryRoute {
+                user: quser,
+                database: qdb,
+            };
+            warn!("{failure}");
+            self.refuse_unproved(cx, ck, &who, failure);
             return;
         };
         let credential = qroute
@@ -187,8 +191,8 @@ impl Worker {
         let st = &route.storage;
         let stream = match self.open_storage(cx, st) {
             Opened::Stream(s) => s,
-            Opened::Failed(why) => {
-                self.refuse_unproved(cx, ck, &who, (why, "08006"));
+            Opened::Failed(failure) => {
+                self.refuse_unproved(cx, ck, &who, failure);
                 return;
             }
             Opened::Wait => {
@@ -227,8 +231,11 @@ impl Worker {
             }))
         });
         if let Some(e) = failed {
-            let why = format!("cannot register a socket: {e}");
-            self.finish_probe(cx, k, Err((why, "08006")));
+            let failure = ServerFailure::Register {
+                error: e.to_string(),
+                probe: true,
+            };
+            self.finish_probe(cx, k, Err(failure));
             return;
         }
         let t = cx.set_timer(cx.now() + PROBE_TIMEOUT, WorkerTimer::ProbeTimeout(k));
@@ -252,14 +259,17 @@ impl Worker {
                     Ok(None) if !p.io.eof => return,
                     Ok(Some(e)) | Err(e) => {
                         let st = &p.who.route.storage;
-                        let why =
-                            format!("cannot connect to the server {}:{}: {e}", st.host, st.port);
-                        self.finish_probe(cx, k, Err((why, "08006")));
+                        let failure = ServerFailure::Connect {
+                            host: st.host.clone(),
+                            port: st.port,
+                            error: e.to_string(),
+                        };
+                        self.finish_probe(cx, k, Err(failure));
                         return;
                     }
                     Ok(None) => {
-                        let why = unconnected(&p.io, &p.who.route.storage);
-                        self.finish_probe(cx, k, Err((why, "08006")));
+                        let failure = unconnected(&p.io, &p.who.route.storage);
+                        self.finish_probe(cx, k, Err(failure));
                         return;
                     }
                 }
@@ -295,8 +305,7 @@ impl Worker {
                     }
                 }
                 if p.io.eof {
-                    let why = "the server closed the connection".to_string();
-                    self.finish_probe(cx, k, Err((why, "08006")));
+                    self.finish_probe(cx, k, Err(ServerFailure::ClosedAfterLogin));
                     return;
                 }
                 if !moved {
@@ -323,8 +332,8 @@ impl Worker {
                     frontend::sync(&mut p.io.out);
                     *sent = true;
                 }
-                LoginStep::Failed(why, code) => {
-                    self.finish_probe(cx, k, Err((why, code)));
+                LoginStep::Failed(failure) => {
+                    self.finish_probe(cx, k, Err(failure));
                     return;
                 }
             }
@@ -338,7 +347,7 @@ impl Worker {
         &mut self,
         cx: &mut Context<'_, WorkerTimer>,
         k: Key,
-        outcome: Result<(), (String, &'static str)>,
+        outcome: Result<(), ServerFailure>,
     ) {
         let Some(Conn::Probe(p)) = self.conns.get_mut(k) else {
             return;
@@ -367,9 +376,10 @@ impl Worker {
             ..
         } = *p;
         let challenged = login.challenged();
-        if let (Some((route, credential)), Err((why, code))) = (retry, &outcome) {
-            if *code != "08006" {
-                debug!("probe refused in plaintext ({why}, {code}); trying again over TLS (tls = allow)");
+        if let (Some((route, credential)), Err(failure)) = (retry, &outcome) {
+            let code = failure.code();
+            if code != "08006" {
+                debug!("probe refused in plaintext ({failure}, {code}); trying again over TLS (tls = allow)");
                 let job = match job {
                     Job::Trust => Job::Trust,
                     Job::Verify { password } => Job::Verify { password },
@@ -414,34 +424,30 @@ impl Worker {
                 credentials::remember_password(&storage, &who.route.server_user, &password);
                 self.verified(cx, client, *who);
             }
-            (Job::Verify { .. }, Err((why, code))) => {
-                if matches!(code, "28P01" | "28000") {
+            (Job::Verify { .. }, Err(failure)) => {
+                if matches!(failure.code(), "28P01" | "28000") {
                     credentials::forget(&storage, &who.route.server_user);
                 }
-                self.refuse_unproved(cx, client, &who, (why, code));
+                self.refuse_unproved(cx, client, &who, failure);
             }
             (Job::Fetch { error: Some(e), .. }, Ok(())) => {
-                let why = format!("auth_query failed: {e}");
-                warn!("{why}");
-                self.refuse_unproved(cx, client, &who, (why, "08006"));
+                let failure = ServerFailure::AuthQuery(e);
+                warn!("{failure}");
+                self.refuse_unproved(cx, client, &who, failure);
             }
             (Job::Fetch { secret, .. }, Ok(())) => {
                 credentials::remember_secret(&storage, &who.user, secret.clone());
                 who.secret = secret;
                 self.secret_found(cx, client, who);
             }
-            (Job::Fetch { .. }, Err((why, code))) => {
-                let why = format!("auth_query could not run: {why}");
-                // The server's own code, before it is said as 08006 below.
-                warn!("{why} ({code})");
-                // The query route's login failing is not the client's
-                // wrong password: say what happened.
-                let code = if matches!(code, "28P01" | "28000") {
-                    "08006"
-                } else {
-                    code
-                };
-                self.refuse_unproved(cx, client, &who, (why, code));
+            (Job::Fetch { .. }, Err(failure)) => {
+                // The server's own code, before `AuthQueryLogin` says a
+                // wrong password as 08006: the query route's login failing
+                // is not the client's wrong password.
+                let code = failure.code().to_owned();
+                let failure = ServerFailure::AuthQueryLogin(Box::new(failure));
+                warn!("{failure} ({code})");
+                self.refuse_unproved(cx, client, &who, failure);
             }
         }
     }
@@ -504,16 +510,17 @@ impl Worker {
         cx: &mut Context<'_, WorkerTimer>,
         ck: Key,
         who: &Identity,
-        (why, code): (String, &'static str),
+        failure: ServerFailure,
     ) {
+        let code = failure.code();
         let f = if matches!(code, "28P01" | "28000") {
             crate::auth::password_failed(&who.user)
         } else {
             warn!(
-                "login of user {:?} could not be checked: {why} ({code})",
+                "login of user {:?} could not be checked: {failure} ({code})",
                 who.user
             );
-            Fatal::new(code, why)
+            failure.fatal()
         };
         if let Some(Conn::Client(c)) = self.conns.get(ck) {
             if matches!(c.state, ClientState::Verifying) {

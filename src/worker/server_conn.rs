@@ -4,6 +4,7 @@
 //! (a failed login tells the first queued client), `close_server` and
 //! `close_server_telling`; and the free helpers of a server login,
 //! `step_login`/`LoginStep` and `unconnected`, which the probes share.
+//! Failures are `ServerFailure`s.
 
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use odissey_protocol::{codec, frontend};
 use odissey_reactor::{Context, Key};
 
 use crate::auth::Fatal;
-use crate::backend_login::{AskTls, BackendLogin, LoginError, Progress};
+use crate::backend_login::{AskTls, BackendLogin, Progress};
 use crate::client::ClientState;
 use crate::cmd::SysCmd;
 use crate::io::Io;
@@ -23,6 +24,7 @@ use crate::server::{Recovered, ServerState};
 use crate::session::Greeting;
 use crate::tls::StorageTlsConfig;
 
+use super::failure::ServerFailure;
 use super::{Conn, Worker, WorkerTimer, MAX_ROUNDS};
 
 impl Worker {
@@ -44,16 +46,17 @@ impl Worker {
                     }
                     Ok(None) if !s.io.eof => s.state = ServerState::Connecting(login),
                     Ok(Some(e)) | Err(e) => {
-                        let msg = format!(
-                            "cannot connect to the server {}:{}: {e}",
-                            s.route.storage.host, s.route.storage.port
-                        );
-                        self.fail_login(cx, sk, msg, "08006");
+                        let failure = ServerFailure::Connect {
+                            host: s.route.storage.host.clone(),
+                            port: s.route.storage.port,
+                            error: e.to_string(),
+                        };
+                        self.fail_login(cx, sk, failure);
                         return;
                     }
                     Ok(None) => {
-                        let why = unconnected(&s.io, &s.route.storage);
-                        self.fail_login(cx, sk, why, "08006");
+                        let failure = unconnected(&s.io, &s.route.storage);
+                        self.fail_login(cx, sk, failure);
                         return;
                     }
                 },
@@ -69,8 +72,8 @@ impl Worker {
                             self.server_ready(cx, sk, login);
                             return;
                         }
-                        LoginStep::Failed(message, code) => {
-                            self.fail_login(cx, sk, message, code);
+                        LoginStep::Failed(failure) => {
+                            self.fail_login(cx, sk, failure);
                             return;
                         }
                     }
@@ -150,17 +153,17 @@ impl Worker {
         &mut self,
         cx: &mut Context<'_, WorkerTimer>,
         sk: Key,
-        message: String,
-        code: &'static str,
+        failure: ServerFailure,
     ) {
         let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
             return;
         };
+        let code = failure.code();
         // 08006 is odissey's own (no connection, TLS failed): a retry would
         // meet the same. Anything else is the server refusing the login.
         if s.tls_retry && code != "08006" {
             info!(
-                "{}: {message} ({code}); trying again over TLS (tls = allow)",
+                "{}: {failure} ({code}); trying again over TLS (tls = allow)",
                 s.id
             );
             let (pool, route) = (s.pool.clone(), Arc::clone(&s.route));
@@ -169,7 +172,7 @@ impl Worker {
             self.open_server_asking(cx, pool, route, AskTls::Require, false);
             return;
         }
-        limited!(warn, "{}: {message} ({code})", s.id);
+        limited!(warn, "{}: {failure} ({code})", s.id);
         let pool = s.pool.clone();
         self.kill(sk);
         self.w.send(SysCmd::ServerClosed {
@@ -178,7 +181,7 @@ impl Worker {
             server: Some(sk),
             was: ServerWas::Opening,
         });
-        self.fail_first_waiter(cx, &pool, Fatal::new(code, message));
+        self.fail_first_waiter(cx, &pool, failure.fatal());
     }
 
     /// A server opened for this worker's queue failed: the first client in
@@ -271,8 +274,7 @@ impl Worker {
 pub(super) enum LoginStep {
     Pending,
     Ready,
-    /// Why, and the SQLSTATE for the client.
-    Failed(String, &'static str),
+    Failed(ServerFailure),
 }
 
 /// Moves a server login on as far as the socket allows: the answer to
@@ -286,11 +288,11 @@ pub(super) fn step_login(
     readahead: usize,
 ) -> (bool, LoginStep) {
     let ended = |io: &Io| {
-        let why = io.stream.tls_error().map_or_else(
-            || "the server closed the connection during login".to_string(),
-            |e| format!("TLS with the server failed: {e}"),
-        );
-        LoginStep::Failed(why, "08006")
+        LoginStep::Failed(
+            io.stream
+                .tls_error()
+                .map_or(ServerFailure::ClosedDuringLogin, ServerFailure::Tls),
+        )
     };
     let mut progress = io.fill(readahead);
     if login.awaits_tls_answer() {
@@ -311,8 +313,8 @@ pub(super) fn step_login(
                 if !io.rx.is_empty() {
                     // Bytes before our ClientHello: a man in the middle's
                     // injection (CVE-2021-23222).
-                    let why = "the server sent data before the TLS handshake".to_string();
-                    return (progress, LoginStep::Failed(why, "08006"));
+                    let failure = ServerFailure::InjectedBeforeTls;
+                    return (progress, LoginStep::Failed(failure));
                 }
                 let started = match tls {
                     Some(t) => io
@@ -322,8 +324,7 @@ pub(super) fn step_login(
                     None => Err("no TLS configuration".into()),
                 };
                 if let Err(e) = started {
-                    let why = format!("cannot start TLS with the server: {e}");
-                    return (progress, LoginStep::Failed(why, "08006"));
+                    return (progress, LoginStep::Failed(ServerFailure::TlsStart(e)));
                 }
                 login.tls_started(&mut io.out);
                 io.readable = true;
@@ -332,12 +333,8 @@ pub(super) fn step_login(
                 io.fill(readahead);
             }
             Ok(false) => {}
-            Err(e) => {
-                return (
-                    progress,
-                    LoginStep::Failed(format!("server login failed: {e}"), "08006"),
-                )
-            }
+            // No refusal by the server: odissey's own failure (08006).
+            Err(e) => return (progress, LoginStep::Failed(ServerFailure::Login(e))),
         }
     }
     loop {
@@ -347,25 +344,11 @@ pub(super) fn step_login(
                 match login.handle(&f, &mut io.out) {
                     Ok(Progress::Continue) => {}
                     Ok(Progress::Ready) => return (progress, LoginStep::Ready),
-                    Err(e) => {
-                        // The server's code travels beside the message, not
-                        // in it: whoever logs or relays the two adds it once.
-                        let (why, code) = match &e {
-                            LoginError::Server(f) => (
-                                format!("server login failed: {}", f.message),
-                                code_of(&f.code),
-                            ),
-                            _ => (format!("server login failed: {e}"), "08006"),
-                        };
-                        return (progress, LoginStep::Failed(why, code));
-                    }
+                    Err(e) => return (progress, LoginStep::Failed(ServerFailure::login(e))),
                 }
             }
             Ok(None) => break,
-            Err(e) => {
-                let why = format!("server login failed: {e}");
-                return (progress, LoginStep::Failed(why, "08006"));
-            }
+            Err(e) => return (progress, LoginStep::Failed(ServerFailure::Protocol(e))),
         }
     }
     if io.eof {
@@ -378,30 +361,14 @@ pub(super) fn step_login(
 /// Why a connect that had not completed ended: the socket error a write or
 /// read met (ECONNREFUSED shows there once the startup message is sent),
 /// named with the host and port.
-pub(super) fn unconnected(io: &Io, st: &crate::config::Storage) -> String {
+pub(super) fn unconnected(io: &Io, st: &crate::config::Storage) -> ServerFailure {
+    let (host, port) = (st.host.clone(), st.port);
     match io.error {
-        Some(kind) => format!(
-            "cannot connect to the server {}:{}: {}",
-            st.host,
-            st.port,
-            std::io::Error::from(kind)
-        ),
-        None => format!(
-            "the server {}:{} closed the connection while it was being connected",
-            st.host, st.port
-        ),
+        Some(kind) => ServerFailure::Connect {
+            host,
+            port,
+            error: std::io::Error::from(kind).to_string(),
+        },
+        None => ServerFailure::ClosedWhileConnecting { host, port },
     }
-}
-
-/// SQLSTATEs are five ASCII characters; anything else from a server
-/// becomes a generic connection failure.
-fn code_of(code: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "28P01", "28000", "3D000", "53300", "57P03", "08006", "08P01", "57P01",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == code)
-        .copied()
-        .unwrap_or("08006")
 }

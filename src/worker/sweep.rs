@@ -19,6 +19,7 @@ use crate::router::PoolKey;
 use crate::server::ServerState;
 use crate::stats::Counters;
 
+use super::failure::ServerFailure;
 use super::{since_start_us, Conn, Worker, WorkerTimer};
 
 impl Worker {
@@ -196,13 +197,22 @@ impl Worker {
                         && s.born.elapsed().as_millis() >= connect_timeout.into() =>
                 {
                     let st = &s.route.storage;
-                    let (host, port) = (&st.host, st.port);
-                    let why = if matches!(s.state, ServerState::Connecting(_)) {
-                        format!("connecting to the server {host}:{port} timed out after {connect_timeout} ms (server_connect_timeout)")
+                    let (host, port) = (st.host.clone(), st.port);
+                    let after_ms = connect_timeout;
+                    let failure = if matches!(s.state, ServerState::Connecting(_)) {
+                        ServerFailure::ConnectTimeout {
+                            host,
+                            port,
+                            after_ms,
+                        }
                     } else {
-                        format!("the server {host}:{port} accepted the connection but did not complete the login within {connect_timeout} ms (server_connect_timeout)")
+                        ServerFailure::LoginTimeout {
+                            host,
+                            port,
+                            after_ms,
+                        }
                     };
-                    unanswered.push((k, why));
+                    unanswered.push((k, failure));
                 }
                 Conn::Server(s) if matches!(s.state, ServerState::Idle) => {
                     let r = &s.route.route;
@@ -291,8 +301,8 @@ impl Worker {
             );
             self.close_client(cx, ck, Some(f));
         }
-        for (sk, why) in unanswered {
-            self.fail_login(cx, sk, why, "08006");
+        for (sk, failure) in unanswered {
+            self.fail_login(cx, sk, failure);
         }
         for ck in stalled {
             let f = Fatal::new(
