@@ -13,7 +13,7 @@ use odissey_transport::Listener;
 use crate::config::{Config, ResolvedRoute};
 use crate::console::Command;
 use crate::router::{Lease, PoolKey, ServerWas, WorkerId};
-use crate::server::Server;
+use crate::worker::server::Server;
 
 /// To the system thread.
 pub(crate) enum SysCmd {

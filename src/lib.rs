@@ -13,7 +13,6 @@
 
 mod auth;
 mod backend_login;
-mod client;
 mod cmd;
 pub mod config;
 mod console;
@@ -28,7 +27,6 @@ mod ratelimit;
 mod relay;
 mod resolver;
 mod router;
-mod server;
 mod session;
 mod stats;
 mod system;

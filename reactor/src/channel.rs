@@ -74,7 +74,7 @@ pub struct Receiver<C> {
 impl<C> Receiver<C> {
     /// Called when the waker's token fires: re-arms the wake-up, then takes
     /// everything queued (several wake-ups may have arrived as one event).
-    pub(crate) fn drain(&self) -> impl Iterator<Item = C> + '_ {
+    pub fn drain(&self) -> impl Iterator<Item = C> + '_ {
         self.shared.pending.store(false, Ordering::Release);
         self.rx.try_iter()
     }

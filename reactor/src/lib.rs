@@ -16,7 +16,7 @@ pub mod timer;
 
 pub use channel::{Receiver, SendError, Sender};
 pub use machines::{Key, Machines};
-pub use reactor::{Context, Handler, Reactor, Ready, WAKER_TOKEN};
+pub use reactor::{Context, Handler, Reactor, Ready, TestLoop, WAKER_TOKEN};
 pub use timer::{TimerId, Timers};
 
 pub use mio::{Interest, Registry, Token};

@@ -177,6 +177,82 @@ impl<C: Send + 'static, T> Reactor<C, T> {
     }
 }
 
+/// A loop that never polls, for tests of a [`Handler`]: the test plays the
+/// events (calling the handler's methods with [`TestLoop::context`]), moves
+/// the clock ([`TestLoop::advance`]) and fires the deadlines that fall due
+/// ([`TestLoop::fire`]), so timeouts are tested without waiting for them.
+/// Its registry is a real poll's, which nothing ever waits on.
+pub struct TestLoop<T> {
+    poll: Poll,
+    timers: Timers<T>,
+    now: Instant,
+    stop: bool,
+    again: bool,
+}
+
+impl<T> TestLoop<T> {
+    /// A loop at the current time with no deadline set.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            poll: Poll::new()?,
+            timers: Timers::default(),
+            now: Instant::now(),
+            stop: false,
+            again: false,
+        })
+    }
+
+    /// What a handler gets while it handles something, at the loop's time.
+    pub fn context(&mut self) -> Context<'_, T> {
+        Context {
+            registry: self.poll.registry(),
+            timers: &mut self.timers,
+            now: self.now,
+            stop: &mut self.stop,
+            again: &mut self.again,
+        }
+    }
+
+    /// Its registry (a channel's waker may be registered with it).
+    pub fn registry(&self) -> &Registry {
+        self.poll.registry()
+    }
+
+    /// The loop's clock.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Moves the clock on (deadlines fire only through [`TestLoop::fire`]).
+    pub fn advance(&mut self, by: Duration) {
+        self.now += by;
+    }
+
+    /// Deadlines set and not yet fired or cancelled.
+    pub fn timers(&self) -> usize {
+        self.timers.len()
+    }
+
+    /// Runs the handler on every deadline due by now, in order, then its
+    /// `after_batch`, as the loop would. Returns how many fired.
+    pub fn fire<H: Handler<Timer = T>>(&mut self, handler: &mut H) -> usize {
+        let mut fired = 0;
+        let mut cx = Context {
+            registry: self.poll.registry(),
+            timers: &mut self.timers,
+            now: self.now,
+            stop: &mut self.stop,
+            again: &mut self.again,
+        };
+        while let Some((id, timer)) = cx.timers.pop_expired(self.now) {
+            handler.timeout(&mut cx, id, timer);
+            fired += 1;
+        }
+        handler.after_batch(&mut cx);
+        fired
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,10 +8,10 @@ use log::{debug, warn};
 use odissey_reactor::{Context, Interest, Token};
 use odissey_transport::{Stream, ACCEPTED_INHERIT_OPTIONS};
 
-use crate::client::Client;
 use crate::ids::ConnId;
 use crate::io::Io;
 use crate::ratelimit::limited;
+use crate::worker::client::Client;
 
 use super::{Conn, Worker, WorkerTimer};
 

@@ -9,9 +9,10 @@ use odissey_protocol::frontend;
 use odissey_reactor::{Context, Key, TimerId};
 
 use crate::io::Io;
-use crate::server::ServerState;
+use crate::worker::server::ServerState;
 
-use super::{insert_registered, Conn, Opened, Resume, Worker, WorkerTimer};
+use super::opening::{Opened, Resume};
+use super::{insert_registered, Conn, Worker, WorkerTimer};
 
 /// A connection that carries one CancelRequest to a server.
 #[derive(Debug)]
@@ -57,6 +58,17 @@ impl CancelDrops {
     }
 }
 
+/// Where a CancelRequest goes (`Worker::cancel_target`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CancelTarget {
+    /// No client of this worker holds the key: another worker may.
+    NotHere,
+    /// The client holds it but runs nothing now: nothing to cancel.
+    Nothing,
+    /// The server running the client's request.
+    Server(Key),
+}
+
 /// How long a CancelRequest may take to be delivered.
 const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -69,20 +81,29 @@ impl Worker {
         pid: u32,
         key: u32,
     ) -> bool {
-        let Some(&ck) = self.w.cancel_keys.get(&(pid, key)) else {
-            return false;
-        };
-        match self.conns.get(ck) {
-            // Only while the server still runs this client's request: a
-            // cancel arriving after the reply would hit whatever the
-            // server runs next.
-            Some(Conn::Client(c)) => match c.server {
-                Some(sk) if c.conv.busy() => self.send_cancel(cx, sk, false),
-                _ => self.w.cancel_drops.idle += 1,
-            },
-            _ => return false,
+        match self.cancel_target(pid, key) {
+            CancelTarget::NotHere => return false,
+            CancelTarget::Server(sk) => self.send_cancel(cx, sk, false),
+            CancelTarget::Nothing => self.w.cancel_drops.idle += 1,
         }
         true
+    }
+
+    /// Where a CancelRequest with this key goes from this worker: the
+    /// server of the client that holds the key, only while it runs that
+    /// client's request (a cancel arriving after the reply would hit
+    /// whatever the server runs next).
+    pub(super) fn cancel_target(&self, pid: u32, key: u32) -> CancelTarget {
+        let Some(&ck) = self.w.cancel_keys.get(&(pid, key)) else {
+            return CancelTarget::NotHere;
+        };
+        match self.conns.get(ck) {
+            Some(Conn::Client(c)) => match c.server {
+                Some(sk) if c.conv.busy() => CancelTarget::Server(sk),
+                _ => CancelTarget::Nothing,
+            },
+            _ => CancelTarget::NotHere,
+        }
     }
 
     /// Sends a CancelRequest for what server `sk` runs, on a new connection

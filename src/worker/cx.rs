@@ -12,15 +12,24 @@ use std::time::Instant;
 
 use odissey_reactor::Key;
 
-use crate::config::Config;
+use crate::config::{Config, RouteCache};
 use crate::router::PoolKey;
 use crate::session::{Greeting, Settings};
+use crate::tls::TlsSet;
 
 /// What a transition may read and where it reports.
 pub(crate) struct Cx<'a> {
     /// The batch's clock (no clock read per message).
     pub(crate) now: Instant,
+    /// When the worker started (ages are kept relative to it).
+    pub(crate) started: Instant,
     pub(crate) cfg: &'a Config,
+    /// TLS for clients (by listener) and servers (by storage).
+    pub(crate) tls: &'a TlsSet,
+    /// Routes resolved for the worker's clients (logins look theirs up).
+    pub(crate) routes: &'a mut RouteCache,
+    /// The worker is shutting down gracefully.
+    pub(crate) draining: bool,
     /// Tests only (`ODISSEY_FAILPOINT_PANIC`): a simple query with exactly
     /// this text panics while it is relayed.
     pub(crate) panic_on: Option<&'a str>,

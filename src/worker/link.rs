@@ -27,15 +27,18 @@ use odissey_protocol::backend::{self, BackendMessage, TransactionStatus};
 use odissey_protocol::frontend;
 
 use crate::auth::Fatal;
-use crate::client::Client;
 use crate::config::{PoolMode, SessionCheck};
-use crate::ids::ConnId;
 use crate::ratelimit::limited;
 use crate::relay::{frame_of, Step};
-use crate::server::Server;
-use crate::session::{Greeting, Pin, Scan};
+use crate::session::Greeting;
+use crate::worker::client::Client;
+use crate::worker::server::Server;
 
+use super::client::{greet_linked, write_error};
 use super::cx::{Cx, Evt};
+use super::follow::{
+    checked, drops_statements, note_bound_name, note_scan, note_unnamed_param, scan_into, SCAN_MAX,
+};
 
 /// What a client's requests are owed by its server, and where the pair
 /// stands in the protocol. Kept on the client (its counts outlive a server:
@@ -748,190 +751,6 @@ pub(crate) fn begin(c: &mut Client, s: &mut Server, cx: &mut Cx<'_>) {
     }
 }
 
-/// Appends a pooler-made error for `id`'s client.
-pub(crate) fn write_error(
-    out: &mut BytesMut,
-    id: ConnId,
-    severity: &str,
-    code: &str,
-    message: &str,
-) {
-    let text = format!("odissey: {id}: {message}");
-    backend::error_response(out, severity, code, &text, None);
-}
-
-/// Sends a client what PostgreSQL sends after authentication: the
-/// ParameterStatus values (the server's, with the client's own settings
-/// where it asked for some), a BackendKeyData of odissey's own (the
-/// server's key must never reach a client that may hold another server
-/// next) and ReadyForQuery. Returns the cancel key given, for the worker
-/// to route CancelRequests carrying it.
-///
-/// `params` are the ParameterStatus values a server reported for the
-/// client's settings (or for a login with the same ones); `pid`, in session
-/// pooling, the pid of the client's own server.
-pub(crate) fn greet(c: &mut Client, params: &[(String, String)], pid: Option<u32>) -> (u32, u32) {
-    for (name, value) in params {
-        // The settings odissey knows PostgreSQL reports as sent.
-        let value = match c.session.get(name) {
-            Some(v) if crate::session::reported_locally(name, v) => v,
-            _ => value.as_str(),
-        };
-        backend::parameter_status(&mut c.io.out, name, value);
-    }
-    // From the uuid crate's thread-local CSPRNG: unguessable, no syscall.
-    let key = uuid::Uuid::new_v4().into_bytes();
-    let pid = pid.unwrap_or(u32::from_be_bytes([key[0], key[1], key[2], key[3]]) & 0x7fff_ffff);
-    let secret = u32::from_be_bytes([key[8], key[9], key[10], key[11]]);
-    backend::backend_key_data(&mut c.io.out, pid, secret);
-    backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
-    c.cancel_key = Some((pid, secret));
-    c.greeted = true;
-    (pid, secret)
-}
-
-/// Greets `c` with what its server `s` reports now that the client's
-/// settings are applied, and offers it for later logins with the same
-/// settings (the values reported as sent are the pool's in the copy kept).
-fn greet_linked(c: &mut Client, s: &Server, cx: &mut Cx<'_>) {
-    let session_mode = s.route.route.pool == PoolMode::Session;
-    let pid = s.key.map(|(pid, _)| pid).filter(|_| session_mode);
-    let cancel_key = greet(c, &s.params, pid);
-    cx.evts.push(Evt::Greeted {
-        client: c.key,
-        cancel_key,
-    });
-    let mut kept = s.params.clone();
-    for (name, value) in &mut kept {
-        if c.session
-            .get(name)
-            .is_some_and(|v| crate::session::reported_locally(name, v))
-        {
-            if let Some(d) = crate::params::get(&s.defaults, name) {
-                d.clone_into(value);
-            }
-        }
-    }
-    cx.evts.push(Evt::Greeting {
-        pool: s.pool.clone(),
-        key: crate::session::greeting_key(&c.session),
-        greeting: Greeting::Ready(std::sync::Arc::new(kept)),
-    });
-}
-
-/// True for a simple query that drops the session's prepared statements.
-fn drops_statements(sql: &str) -> bool {
-    // Cheap test first: this runs for every short simple query.
-    if !matches!(sql.trim_start().as_bytes().first(), Some(b'd' | b'D')) {
-        return false;
-    }
-    let words: Vec<&str> = sql
-        .trim()
-        .trim_end_matches(';')
-        .split_whitespace()
-        .collect();
-    matches!(words.as_slice(), [a, b] if (a.eq_ignore_ascii_case("DISCARD") || a.eq_ignore_ascii_case("DEALLOCATE"))
-        && b.eq_ignore_ascii_case("ALL"))
-}
-
-/// Scans a Query or Parse text, keeping the custom variable names it sets.
-fn scan_into(custom: &mut Option<Box<crate::session::CustomNames>>, text: &[u8]) -> Scan {
-    match custom {
-        Some(c) => crate::session::scan(text, &mut c.names),
-        None => {
-            let mut names = Vec::new();
-            let sc = crate::session::scan(text, &mut names);
-            if !names.is_empty() {
-                *custom = Some(Box::new(crate::session::CustomNames {
-                    names,
-                    unnamed_param: None,
-                }));
-            }
-            sc
-        }
-    }
-}
-
-/// Keeps which parameter of the client's unnamed statement names a
-/// setting (a new unnamed Parse replaces the last).
-fn note_unnamed_param(custom: &mut Option<Box<crate::session::CustomNames>>, n: Option<u16>) {
-    match custom {
-        Some(c) => c.unnamed_param = n,
-        None if n.is_some() => {
-            *custom = Some(Box::new(crate::session::CustomNames {
-                names: Vec::new(),
-                unnamed_param: n,
-            }));
-        }
-        None => {}
-    }
-}
-
-/// A Bind whose statement names a setting in parameter `n`: that name is
-/// read back by later checks.
-fn note_bound_name(custom: &mut Option<Box<crate::session::CustomNames>>, bind: &[u8], n: u16) {
-    if let Some(value) = crate::session::bind_param(bind, n) {
-        let c = custom.get_or_insert_with(Default::default);
-        crate::session::remember_bound(&mut c.names, value);
-    }
-}
-
-/// Notes what a scanned Query or Parse text may do to the client's session.
-/// (`discard`: the route's pool_discard, under which nothing pins.)
-fn note_scan(check_due: &mut bool, pinned: &mut Option<Pin>, id: ConnId, sc: Scan, discard: bool) {
-    if sc.marks || (sc.unpins && pinned.is_some()) {
-        *check_due = true;
-    }
-    if sc.opaque && !discard && *pinned != Some(PIN_OPAQUE) {
-        if pinned.is_none() {
-            info!("{id}: keeps its server connection from now on: {PIN_OPAQUE}");
-        }
-        *pinned = Some(PIN_OPAQUE);
-    }
-}
-
-/// Why a client keeps its server for good: it called set_config with a
-/// name odissey could not read (an expression, or a parameter of an
-/// untracked statement), which may be a custom variable no check can list.
-const PIN_OPAQUE: Pin = "set_config with a name odissey cannot read";
-
-/// Why a client keeps its server when its session could not be read back.
-const PIN_UNREADABLE: Pin = "its session could not be read back";
-
-/// A session check of server `s` for client `c` came back: both now
-/// carry what the server reported, and the client keeps the server while
-/// it holds state that cannot follow it elsewhere.
-fn checked(c: &mut Client, s: &mut Server, check: crate::session::Check) {
-    let pin = match check.finish() {
-        Some((settings, pin)) => {
-            s.session.clone_from(&settings);
-            c.session = settings;
-            pin
-        }
-        None => Some(PIN_UNREADABLE),
-    };
-    let pin = if s.route.route.pool_discard {
-        // The route asked for every change of owner to start afresh
-        // (DISCARD ALL): nothing pins.
-        None
-    } else if c.pinned == Some(PIN_OPAQUE) {
-        c.pinned
-    } else {
-        pin
-    };
-    match (c.pinned, pin) {
-        (None, Some(why)) => info!("{}: keeps {} while it holds {why}", c.id, s.id),
-        (Some(_), None) => debug!("{}: no longer keeps {}", c.id, s.id),
-        _ => {}
-    }
-    c.pinned = pin;
-}
-
-/// Query and Parse texts up to this size are scanned for words that may
-/// change the session (held whole for it); a longer one is checked after
-/// its transaction without being scanned.
-const SCAN_MAX: usize = 64 * 1024;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1211,6 +1030,8 @@ mod tests {
         let s = crate::worker::testkit::server(&cfg);
         let mut p = Pair {
             cfg,
+            tls: Default::default(),
+            routes: Default::default(),
             c,
             s,
             evts: Vec::new(),
@@ -1257,6 +1078,8 @@ mod tests {
         let s = crate::worker::testkit::server(&cfg);
         let mut p = Pair {
             cfg,
+            tls: Default::default(),
+            routes: Default::default(),
             c,
             s,
             evts: Vec::new(),

@@ -18,18 +18,19 @@ use odissey_reactor::{Context, Interest, Key};
 
 use crate::auth::Fatal;
 use crate::backend_login::{AskTls, BackendLogin};
-use crate::client::ClientState;
 use crate::cmd::{SysCmd, WorkerCmd};
 use crate::config::ResolvedRoute;
 use crate::credentials;
 use crate::ids::ConnId;
 use crate::io::Io;
 use crate::router::{Lease, PoolKey, PoolShared, ServerWas, WorkerId};
-use crate::server::{Server, ServerState};
 use crate::stats::Counters;
+use crate::worker::client::ClientState;
+use crate::worker::server::{Server, ServerState};
 
 use super::failure::ServerFailure;
-use super::{insert_registered, since_start_us, Conn, Opened, Resume, Shared, Worker, WorkerTimer};
+use super::opening::{Opened, Resume};
+use super::{insert_registered, since_start_us, Conn, Shared, Worker, WorkerTimer};
 
 /// A pool as one worker sees it.
 pub(super) struct LocalPool {
@@ -100,8 +101,7 @@ impl Worker {
         sk: Key,
     ) {
         if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
-            c.server = None;
-            c.state = ClientState::Idle;
+            c.unlink();
         }
         self.release_server(cx, sk);
     }
@@ -120,8 +120,7 @@ impl Worker {
         let Some(Conn::Server(s)) = self.conns.get_mut(sk) else {
             return;
         };
-        s.client = None;
-        s.state = ServerState::Idle;
+        s.set_idle();
         // Draining, a server still serves the clients queued here (they
         // are let finish a request), and closes when none waits. (Its
         // counters stay on it until it closes or a snapshot reads them:
@@ -219,8 +218,7 @@ impl Worker {
         };
         let route = Arc::clone(route);
         let cid = c.id;
-        c.state = ClientState::Waiting;
-        c.waiting_us = since_start_us(self.w.started);
+        c.wait(since_start_us(self.w.started));
         let id = self.w.id;
         let paused = self.w.paused.holds(&pool.database);
         let readahead = self.w.cfg.readahead;

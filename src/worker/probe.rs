@@ -14,14 +14,16 @@ use odissey_reactor::{Context, Key, TimerId};
 
 use crate::auth::{Fatal, Identity, Login, Outcome};
 use crate::backend_login::{AskTls, BackendLogin};
-use crate::client::ClientState;
 use crate::config::ResolvedRoute;
 use crate::credentials;
 use crate::io::Io;
+use crate::worker::client::ClientState;
 
+use super::client::tls_view;
 use super::failure::ServerFailure;
-use super::server_conn::{step_login, unconnected, LoginStep};
-use super::{insert_registered, tls_view, Conn, Opened, Resume, Worker, WorkerTimer, MAX_ROUNDS};
+use super::opening::{Opened, Resume};
+use super::server::{step_login, unconnected, LoginStep};
+use super::{insert_registered, Conn, Worker, WorkerTimer, MAX_ROUNDS};
 
 /// A throwaway server login on behalf of a client that is logging in: it
 /// tries a `passthrough` client's password, or runs `auth_query` for the
@@ -98,7 +100,8 @@ impl Worker {
         if !matches!(c.state, ClientState::Verifying) {
             return;
         }
-        c.state = ClientState::Login(Login::ask_password(who, &mut c.io.out));
+        let login = Login::ask_password(who, &mut c.io.out);
+        c.resume_login(login);
         self.drive_client(cx, ck);
     }
 
@@ -465,7 +468,7 @@ impl Worker {
         let tls = tls_view(&self.w.tls, c, peer_cn.as_deref());
         match Login::challenge(who, &mut c.io.out, tls) {
             Ok((login, Outcome::NeedMore)) => {
-                c.state = ClientState::Login(login);
+                c.resume_login(login);
                 self.drive_client(cx, ck);
             }
             Ok((_, other)) => {

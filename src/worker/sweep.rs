@@ -12,12 +12,12 @@ use odissey_protocol::backend::TransactionStatus;
 use odissey_reactor::{Context, Key};
 
 use crate::auth::Fatal;
-use crate::client::ClientState;
 use crate::cmd::SysCmd;
 use crate::config::{PoolMode, StorageType};
 use crate::router::PoolKey;
-use crate::server::ServerState;
 use crate::stats::Counters;
+use crate::worker::client::ClientState;
+use crate::worker::server::ServerState;
 
 use super::failure::ServerFailure;
 use super::{since_start_us, Conn, Worker, WorkerTimer};
@@ -66,7 +66,7 @@ impl Worker {
                 self.dequeue(cx, ck, &pool);
                 if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
                     if matches!(c.state, ClientState::Waiting) {
-                        c.state = ClientState::Idle;
+                        c.unlink();
                         self.attach(cx, ck);
                     }
                 }
@@ -97,7 +97,7 @@ impl Worker {
                         _ => (String::new(), String::new()),
                     };
                     let state = match c.state {
-                        ClientState::Login(_) => "login",
+                        ClientState::Login(_) | ClientState::Moving => "login",
                         ClientState::Verifying => "verifying",
                         ClientState::Idle => "idle",
                         ClientState::Waiting => "waiting",
@@ -130,7 +130,7 @@ impl Worker {
                         ServerState::LoggingIn(_) => "login",
                         ServerState::Idle => "idle",
                         ServerState::Linked => "active",
-                        ServerState::Recovering(_) => "recovering",
+                        ServerState::Recovering(_) | ServerState::Moving => "recovering",
                     };
                     servers.push(ServerInfo {
                         id: s.id.to_string(),

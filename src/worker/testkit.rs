@@ -12,12 +12,13 @@ use odissey_reactor::Key;
 use odissey_transport::Stream;
 
 use crate::backend_login::{AskTls, BackendLogin};
-use crate::client::{Client, ClientState};
-use crate::config::{Config, ResolvedRoute};
+use crate::config::{Config, ResolvedRoute, RouteCache};
 use crate::ids::ConnId;
 use crate::io::Io;
 use crate::router::PoolKey;
-use crate::server::{Server, ServerState};
+use crate::tls::TlsSet;
+use crate::worker::client::Client;
+use crate::worker::server::Server;
 
 use super::cx::{Cx, Evt};
 use super::link::{self, Next};
@@ -51,7 +52,7 @@ pub(crate) fn server(cfg: &Config) -> Server {
         login,
         false,
     );
-    s.state = ServerState::Idle;
+    s.set_idle();
     s.key = Some((4242, 1));
     s
 }
@@ -72,7 +73,7 @@ pub(crate) fn client(cfg: &Config) -> Client {
         route.route.prepared_statements && route.route.pool != crate::config::PoolMode::Session;
     c.route = Some(route);
     c.pool = Some(pool);
-    c.state = ClientState::Idle;
+    c.unlink();
     c.greeted = true;
     c
 }
@@ -81,6 +82,8 @@ pub(crate) fn client(cfg: &Config) -> Client {
 /// them, and the events they raised.
 pub(crate) struct Pair {
     pub(crate) cfg: Config,
+    pub(crate) tls: TlsSet,
+    pub(crate) routes: RouteCache,
     pub(crate) c: Client,
     pub(crate) s: Server,
     pub(crate) evts: Vec<Evt>,
@@ -94,6 +97,8 @@ impl Pair {
         let s = server(&cfg);
         let mut p = Self {
             cfg,
+            tls: TlsSet::default(),
+            routes: RouteCache::default(),
             c,
             s,
             evts: Vec::new(),
@@ -104,13 +109,15 @@ impl Pair {
 
     /// Links the pair as the worker does (`link::begin`).
     pub(crate) fn link(&mut self) {
-        self.c.server = Some(Key::from_u64(2));
-        self.c.state = ClientState::Linked;
-        self.s.client = Some(self.c.key);
-        self.s.state = ServerState::Linked;
+        self.c.link_to(Key::from_u64(2));
+        self.s.link_to(self.c.key);
         let mut cx = Cx {
             now: Instant::now(),
+            started: Instant::now(),
             cfg: &self.cfg,
+            tls: &self.tls,
+            routes: &mut self.routes,
+            draining: false,
             panic_on: None,
             evts: &mut self.evts,
         };
@@ -134,7 +141,11 @@ impl Pair {
         self.c.io.fill(self.cfg.readahead);
         let mut cx = Cx {
             now: Instant::now(),
+            started: Instant::now(),
             cfg: &self.cfg,
+            tls: &self.tls,
+            routes: &mut self.routes,
+            draining: false,
             panic_on: None,
             evts: &mut self.evts,
         };

@@ -7,11 +7,17 @@ use odissey_protocol::backend::TransactionStatus;
 use odissey_protocol::codec;
 use odissey_reactor::{Key, TimerId};
 
-use log::debug;
+use std::borrow::Cow;
+
+use log::{debug, info};
 use odissey_protocol::backend::BackendMessage;
 use odissey_protocol::frontend;
 
-use crate::backend_login::BackendLogin;
+use crate::backend_login::{BackendLogin, Progress};
+use crate::config::Config;
+use crate::tls::StorageTlsConfig;
+
+use super::failure::ServerFailure;
 use crate::config::ResolvedRoute;
 use crate::ids::ConnId;
 use crate::io::Io;
@@ -36,6 +42,10 @@ pub(crate) enum ServerState {
     /// Its client left: odissey brings it back to a clean idle state
     /// (cancel, drain, ROLLBACK, DISCARD ALL) before it is reused.
     Recovering(Recovery),
+    /// Not a state: what the slot holds while `on_io` runs a transition,
+    /// which takes the old state by value and always puts the next one
+    /// back before it returns. Never seen outside it.
+    Moving,
 }
 
 /// Where the recovery of a server connection stands.
@@ -66,6 +76,7 @@ impl ServerState {
             Self::Idle => "Idle",
             Self::Linked => "Linked",
             Self::Recovering(_) => "Recovering",
+            Self::Moving => "Moving",
         }
     }
 }
@@ -190,6 +201,171 @@ impl Server {
     }
 }
 
+/// What the worker is to do after a server connection's transition.
+#[derive(Debug)]
+pub(crate) enum ServerNext {
+    /// Nothing for the worker; whether anything moved (then it runs again).
+    Stay(bool),
+    /// It logged in and is idle: it joins its pool (`Worker::server_ready`).
+    Ready,
+    /// Its login failed: whoever waits for it hears why.
+    Failed(ServerFailure),
+    /// It serves a client: the client drives the pair (`link::pump`).
+    Linked(Key),
+    /// Clean again after its client left: back to the pool (its recovery
+    /// deadline, to cancel).
+    Clean(Option<TimerId>),
+    /// It must be closed, for this reason.
+    Close(Cow<'static, str>),
+}
+
+impl Server {
+    /// Runs the transition its socket's readiness allows, while no client
+    /// drives it: the connect completing, the login exchange, an idle
+    /// server's unexpected input, a departed client's recovery. `tls` is
+    /// its storage's TLS, if any.
+    pub(crate) fn on_io(&mut self, tls: Option<&StorageTlsConfig>, cfg: &Config) -> ServerNext {
+        let progress = self.io.flush();
+        let old = std::mem::replace(&mut self.state, ServerState::Moving);
+        let (next, then) = match old {
+            ServerState::Connecting(login) => self.connecting(login, progress),
+            ServerState::LoggingIn(login) => self.logging_in(login, tls, cfg, progress),
+            ServerState::Idle => {
+                let progress = progress | self.io.fill(cfg.readahead);
+                match idle_input(&mut self.io.rx, self.io.eof) {
+                    Some(why) => (ServerState::Idle, ServerNext::Close(why.into())),
+                    None => (ServerState::Idle, ServerNext::Stay(progress)),
+                }
+            }
+            ServerState::Linked => {
+                let then = match self.client {
+                    Some(ck) => ServerNext::Linked(ck),
+                    None => ServerNext::Stay(false),
+                };
+                (ServerState::Linked, then)
+            }
+            ServerState::Recovering(r) => {
+                let progress = progress | self.io.fill(cfg.readahead);
+                match r.step(self, cfg.max_message_size) {
+                    (moved, Recovered::Pending(r)) => {
+                        let flushed = self.io.flush();
+                        (
+                            ServerState::Recovering(r),
+                            ServerNext::Stay(progress | moved | flushed),
+                        )
+                    }
+                    (_, Recovered::Clean(timer)) => (ServerState::Idle, ServerNext::Clean(timer)),
+                    (_, Recovered::Close(r, why)) => {
+                        (ServerState::Recovering(r), ServerNext::Close(why.into()))
+                    }
+                }
+            }
+            ServerState::Moving => (
+                ServerState::Moving,
+                ServerNext::Close("internal error: a transition did not finish".into()),
+            ),
+        };
+        self.set_state(next);
+        then
+    }
+
+    /// The one place a server's state changes: logs the change at debug.
+    pub(crate) fn set_state(&mut self, next: ServerState) {
+        if std::mem::discriminant(&self.state) != std::mem::discriminant(&next)
+            && !matches!(self.state, ServerState::Moving)
+        {
+            debug!("{}: from {} to {}", self.id, self.state.name(), next.name());
+        }
+        self.state = next;
+    }
+
+    /// Given to client `ck`.
+    pub(crate) fn link_to(&mut self, ck: Key) {
+        self.client = Some(ck);
+        self.set_state(ServerState::Linked);
+    }
+
+    /// Idle in its pool, serving nobody.
+    pub(crate) fn set_idle(&mut self) {
+        self.client = None;
+        self.set_state(ServerState::Idle);
+    }
+
+    /// Its client left owing `owed`: it recovers (`Recovery`). Returns how
+    /// many replies it waits for.
+    pub(crate) fn recover(
+        &mut self,
+        owed: crate::worker::Owed,
+        discard: bool,
+        deallocate: bool,
+        timer: Option<TimerId>,
+    ) -> usize {
+        self.client = None;
+        let r = Recovery::start(self, owed, discard, deallocate, timer);
+        let replies = r.replies;
+        self.set_state(ServerState::Recovering(r));
+        replies
+    }
+
+    /// Waiting for the TCP connect: writability tells it is done.
+    fn connecting(&mut self, login: BackendLogin, progress: bool) -> (ServerState, ServerNext) {
+        match self.io.stream.take_error() {
+            Ok(None) if self.io.stream.is_connected() => {
+                self.io.writable = true;
+                (ServerState::LoggingIn(login), ServerNext::Stay(true))
+            }
+            Ok(None) if !self.io.eof => {
+                (ServerState::Connecting(login), ServerNext::Stay(progress))
+            }
+            Ok(Some(e)) | Err(e) => {
+                let failure = ServerFailure::Connect {
+                    host: self.route.storage.host.clone(),
+                    port: self.route.storage.port,
+                    error: e.to_string(),
+                };
+                (ServerState::Connecting(login), ServerNext::Failed(failure))
+            }
+            Ok(None) => {
+                let failure = unconnected(&self.io, &self.route.storage);
+                (ServerState::Connecting(login), ServerNext::Failed(failure))
+            }
+        }
+    }
+
+    /// The login exchange; once PostgreSQL is ready, what it reported is
+    /// kept (its key, its parameters as they stand and as defaults).
+    fn logging_in(
+        &mut self,
+        mut login: BackendLogin,
+        tls: Option<&StorageTlsConfig>,
+        cfg: &Config,
+        progress: bool,
+    ) -> (ServerState, ServerNext) {
+        let host = &self.route.storage.host;
+        let (moved, step) = step_login(&mut self.io, &mut login, tls, host, cfg.readahead);
+        match step {
+            LoginStep::Pending => (
+                ServerState::LoggingIn(login),
+                ServerNext::Stay(progress | moved),
+            ),
+            LoginStep::Failed(failure) => {
+                (ServerState::LoggingIn(login), ServerNext::Failed(failure))
+            }
+            LoginStep::Ready => {
+                info!(
+                    "{}: logged in to {} as {}",
+                    self.id, self.route.server_db, self.route.server_user
+                );
+                self.status = TransactionStatus::Idle;
+                self.key = login.key;
+                self.params.clone_from(&login.params);
+                self.defaults = Arc::new(login.params);
+                (ServerState::Idle, ServerNext::Ready)
+            }
+        }
+    }
+}
+
 impl Recovery {
     /// Starts bringing back a server whose client left mid-conversation
     /// (`owed`, from `link::Conversation::owed`): a COPY IN the server is
@@ -311,6 +487,109 @@ pub(crate) enum Recovered {
     Clean(Option<TimerId>),
     /// It cannot be brought back: close it, for this reason.
     Close(Recovery, &'static str),
+}
+
+/// Where a server login stands after a step.
+pub(crate) enum LoginStep {
+    Pending,
+    Ready,
+    Failed(ServerFailure),
+}
+
+/// Moves a server login on as far as the socket allows: the answer to
+/// SSLRequest and the start of TLS, then the login messages. Shared by pooled
+/// servers and passthrough checks. The bool says whether anything moved.
+pub(crate) fn step_login(
+    io: &mut Io,
+    login: &mut BackendLogin,
+    tls: Option<&StorageTlsConfig>,
+    host: &str,
+    readahead: usize,
+) -> (bool, LoginStep) {
+    let ended = |io: &Io| {
+        LoginStep::Failed(
+            io.stream
+                .tls_error()
+                .map_or(ServerFailure::ClosedDuringLogin, ServerFailure::Tls),
+        )
+    };
+    let mut progress = io.fill(readahead);
+    if login.awaits_tls_answer() {
+        let Some(&answer) = io.rx.first() else {
+            return (
+                progress,
+                if io.eof {
+                    ended(io)
+                } else {
+                    LoginStep::Pending
+                },
+            );
+        };
+        let _ = io.rx.split_to(1);
+        progress = true;
+        match login.tls_answer(answer, &mut io.out) {
+            Ok(true) => {
+                if !io.rx.is_empty() {
+                    // Bytes before our ClientHello: a man in the middle's
+                    // injection (CVE-2021-23222).
+                    let failure = ServerFailure::InjectedBeforeTls;
+                    return (progress, LoginStep::Failed(failure));
+                }
+                let started = match tls {
+                    Some(t) => io
+                        .stream
+                        .start_tls_client(&t.client, host)
+                        .map_err(|e| e.to_string()),
+                    None => Err("no TLS configuration".into()),
+                };
+                if let Err(e) = started {
+                    return (progress, LoginStep::Failed(ServerFailure::TlsStart(e)));
+                }
+                login.tls_started(&mut io.out);
+                io.readable = true;
+                io.writable = true;
+                io.flush();
+                io.fill(readahead);
+            }
+            Ok(false) => {}
+            // No refusal by the server: odissey's own failure (08006).
+            Err(e) => return (progress, LoginStep::Failed(ServerFailure::Login(e))),
+        }
+    }
+    loop {
+        match codec::read_frame(&mut io.rx, 1 << 20) {
+            Ok(Some(f)) => {
+                progress = true;
+                match login.handle(&f, &mut io.out) {
+                    Ok(Progress::Continue) => {}
+                    Ok(Progress::Ready) => return (progress, LoginStep::Ready),
+                    Err(e) => return (progress, LoginStep::Failed(ServerFailure::login(e))),
+                }
+            }
+            Ok(None) => break,
+            Err(e) => return (progress, LoginStep::Failed(ServerFailure::Protocol(e))),
+        }
+    }
+    if io.eof {
+        return (progress, ended(io));
+    }
+    progress |= io.flush();
+    (progress, LoginStep::Pending)
+}
+
+/// Why a connect that had not completed ended: the socket error a write or
+/// read met (ECONNREFUSED shows there once the startup message is sent),
+/// named with the host and port.
+pub(crate) fn unconnected(io: &Io, st: &crate::config::Storage) -> ServerFailure {
+    let (host, port) = (st.host.clone(), st.port);
+    match io.error {
+        Some(kind) => ServerFailure::Connect {
+            host,
+            port,
+            error: std::io::Error::from(kind).to_string(),
+        },
+        None => ServerFailure::ClosedWhileConnecting { host, port },
+    }
 }
 
 /// One look at an idle server's socket without waiting for an edge: what
