@@ -823,80 +823,127 @@ pub(crate) fn client_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::worker::testkit::{Next, Pair};
     use odissey_protocol::backend::{parse_error_fields, TransactionStatus};
     use odissey_protocol::codec::peek_header;
 
-    /// One client linked to one server, with a relay's view of both streams.
+    /// One client linked to one server (`testkit::Pair`, transaction
+    /// pooling), driven through the real relay (`link::pump`); the far
+    /// ends are the test's.
     struct Link {
-        cs: ClientStatements,
-        ss: ServerStatements,
-        pipe: Pipeline,
-        to_server: BytesMut,
-        to_client: BytesMut,
+        p: Pair,
+    }
+
+    /// The pair's own prepared-statement state and buffers, for the tests
+    /// that call the `Pipeline` API directly.
+    struct Parts<'a> {
+        /// The client's named statements.
+        cs: &'a mut ClientStatements,
+        /// The server's statements.
+        ss: &'a mut ServerStatements,
+        /// What the server owes the client.
+        pipe: &'a mut Pipeline,
+        /// The server's output buffer (what `sent` reads once flushed).
+        to_server: &'a mut BytesMut,
+        /// The client's output buffer (what `seen` reads once flushed).
+        to_client: &'a mut BytesMut,
     }
 
     impl Link {
         fn new(max: usize) -> Self {
-            Self {
-                cs: ClientStatements::default(),
-                ss: ServerStatements::new(max),
-                pipe: Pipeline::default(),
-                to_server: BytesMut::new(),
-                to_client: BytesMut::new(),
-            }
+            let p = Pair::new(
+                "transaction",
+                &format!("prepared_statements = true\nprepared_statements_max = {max}"),
+            );
+            assert!(p.c.track_prepared, "statements are tracked");
+            Self { p }
         }
 
-        /// Feeds client bytes like the relay would, then drains what is due.
+        /// The driver sends what `build` writes; the relay runs.
         fn client(&mut self, build: impl FnOnce(&mut BytesMut)) {
-            let mut rx = BytesMut::new();
-            build(&mut rx);
-            while let Some((tag, total)) = peek_header(&rx, 1 << 20).unwrap() {
-                let frame = rx.split_to(total);
-                if needs_whole(tag) {
-                    client_frame(
-                        frame,
-                        &mut self.cs,
-                        &mut self.ss,
-                        &mut self.pipe,
-                        &mut self.to_server,
-                    )
-                    .unwrap();
-                } else {
-                    self.pipe.client_passthrough(tag);
-                    self.to_server.unsplit(frame);
-                }
-            }
-            assert!(rx.is_empty());
-            self.pipe.drain_due(&mut self.to_client);
+            let mut b = BytesMut::new();
+            build(&mut b);
+            self.p.client_sends(&b);
+            self.pump();
         }
 
-        /// Feeds server bytes like the relay would.
+        /// PostgreSQL sends what `build` writes; the relay runs.
         fn server(&mut self, build: impl FnOnce(&mut BytesMut)) {
-            let mut rx = BytesMut::new();
-            build(&mut rx);
-            while let Some((tag, total)) = peek_header(&rx, 1 << 20).unwrap() {
-                let frame = rx.split_to(total);
-                match self.pipe.server_header(tag) {
-                    Disposition::Pass => self.to_client.unsplit(frame),
-                    Disposition::Whole => {
-                        self.pipe
-                            .server_frame(frame, &mut self.ss, &mut self.to_client)
-                    }
+            let mut b = BytesMut::new();
+            build(&mut b);
+            self.p.server_sends(&b);
+            self.pump();
+        }
+
+        /// Pumps until nothing moves; the client must stay linked.
+        fn pump(&mut self) {
+            for _ in 0..100 {
+                match self.p.pump() {
+                    Next::Relaying(true) | Next::Clean(true) => {}
+                    Next::Relaying(false) | Next::Clean(false) => return,
+                    Next::Close(f) => panic!("the relay closed the client: {f:?}"),
                 }
             }
-            self.pipe.drain_due(&mut self.to_client);
+            panic!("the relay never settles");
         }
 
+        fn parts(&mut self) -> Parts<'_> {
+            let prepared = self.p.c.prepared.get_or_insert_with(Box::default);
+            Parts {
+                cs: &mut prepared.stmts,
+                ss: &mut self.p.s.stmts,
+                pipe: &mut prepared.pipeline,
+                to_server: &mut self.p.s.io.out,
+                to_client: &mut self.p.c.io.out,
+            }
+        }
+
+        fn cs(&mut self) -> &mut ClientStatements {
+            self.parts().cs
+        }
+
+        fn ss(&mut self) -> &mut ServerStatements {
+            &mut self.p.s.stmts
+        }
+
+        fn pipe(&mut self) -> &mut Pipeline {
+            self.parts().pipe
+        }
+
+        /// What reached the server since the last call.
         fn sent(&mut self) -> Vec<(u8, Bytes)> {
-            frames(&mut self.to_server)
+            self.p.s.io.flush();
+            frames(&mut self.p.server_got())
         }
 
-        fn seen(&mut self) -> String {
-            frames(&mut self.to_client)
-                .iter()
-                .map(|(t, _)| *t as char)
-                .collect()
+        /// What reached the client since the last call.
+        fn seen_frames(&mut self) -> Vec<(u8, Bytes)> {
+            self.p.c.io.flush();
+            frames(&mut self.p.client_got())
         }
+
+        /// The tags of what reached the client since the last call.
+        fn seen(&mut self) -> String {
+            tags(&self.seen_frames())
+        }
+
+        /// Forgets whatever either side was sent.
+        fn clear(&mut self) {
+            self.p.s.io.out.clear();
+            self.p.c.io.out.clear();
+            self.p.server_got();
+            self.p.client_got();
+        }
+    }
+
+    /// The messages in `bytes`, each whole (tag, length, body).
+    fn split(mut bytes: BytesMut) -> Vec<BytesMut> {
+        let mut out = Vec::new();
+        while let Some((_, total)) = peek_header(&bytes, 1 << 20).unwrap() {
+            out.push(bytes.split_to(total));
+        }
+        assert!(bytes.is_empty(), "whole frames only");
+        out
     }
 
     fn frames(buf: &mut BytesMut) -> Vec<(u8, Bytes)> {
@@ -979,11 +1026,11 @@ mod tests {
         frontend::bind(&mut orig, "", "s1", &[Some(b"1")]);
         assert_eq!(&sent[1].1[2 + srv.len()..], &orig[5 + 4..]);
         assert!(sent[0].1.ends_with(b"select $1::int\0\0\x01\0\0\0\x17"));
-        assert!(l.ss.contains(&srv) && l.cs.len() == 1);
+        assert!(l.ss().contains(&srv) && l.cs().len() == 1);
         assert_eq!(l.seen(), "");
         l.server(|b| replies(b, true));
         assert_eq!(l.seen(), "12DCZ");
-        assert!(l.pipe.is_idle());
+        assert!(l.pipe().is_idle());
 
         // Well-behaved clients never make the queue grow.
         for _ in 0..1000 {
@@ -995,7 +1042,7 @@ mod tests {
             assert_eq!(tags(&l.sent()), "BES");
             l.server(|b| replies(b, false));
             assert_eq!(l.seen(), "2DCZ");
-            assert!(l.pipe.is_idle() && l.pipe.queue.is_empty());
+            assert!(l.pipe().is_idle() && l.pipe().queue.is_empty());
         }
     }
 
@@ -1007,38 +1054,38 @@ mod tests {
         a.sent();
         // Client b on the same server, under another name.
         let mut b = Link::new(DEFAULT_MAX);
-        b.ss = std::mem::replace(&mut a.ss, ServerStatements::new(1));
+        let fresh = a.p.fresh_server();
+        let shared = a.p.relink(fresh);
+        b.p.relink(shared);
         b.client(|x| batch(x, "mine", SQL));
         assert_eq!(tags(&b.sent()), "BES", "no Parse sent");
         // ParseComplete is due at once (nothing before it).
         assert_eq!(b.seen(), "1");
         b.server(|x| replies(x, false));
         assert_eq!(b.seen(), "2DCZ");
-        assert!(b.pipe.is_idle());
+        assert!(b.pipe().is_idle());
 
         // Same, without the drain after the client messages: the
         // ParseComplete comes right before BindComplete.
         let mut c = Link::new(DEFAULT_MAX);
-        c.ss = std::mem::replace(&mut b.ss, ServerStatements::new(1));
+        let fresh = b.p.fresh_server();
+        let shared = b.p.relink(fresh);
+        c.p.relink(shared);
         let mut rx = BytesMut::new();
         batch(&mut rx, "other", SQL);
-        while let Some((tag, total)) = peek_header(&rx, 1 << 20).unwrap() {
-            let f = rx.split_to(total);
-            if needs_whole(tag) {
-                client_frame(f, &mut c.cs, &mut c.ss, &mut c.pipe, &mut c.to_server).unwrap();
-            } else {
-                c.pipe.client_passthrough(tag);
-                c.to_server.unsplit(f);
-            }
+        for f in split(rx) {
+            let x = c.parts();
+            client_frame(f, x.cs, x.ss, x.pipe, x.to_server).unwrap();
         }
-        assert_eq!(c.pipe.server_header(b'2'), Disposition::Whole);
+        assert_eq!(c.pipe().server_header(b'2'), Disposition::Whole);
         let mut f = BytesMut::new();
         msg(&mut f, b'2', b"");
-        c.pipe.server_frame(f, &mut c.ss, &mut c.to_client);
+        let x = c.parts();
+        x.pipe.server_frame(f, x.ss, x.to_client);
         assert_eq!(c.seen(), "12");
-        assert_eq!(c.pipe.server_header(b'D'), Disposition::Pass);
-        assert_eq!(c.pipe.server_header(b'C'), Disposition::Pass);
-        assert_eq!(c.pipe.server_header(b'Z'), Disposition::Whole);
+        assert_eq!(c.pipe().server_header(b'D'), Disposition::Pass);
+        assert_eq!(c.pipe().server_header(b'C'), Disposition::Pass);
+        assert_eq!(c.pipe().server_header(b'Z'), Disposition::Whole);
     }
 
     #[test]
@@ -1049,7 +1096,8 @@ mod tests {
         l.sent();
         l.seen();
         // New server.
-        l.ss = ServerStatements::new(DEFAULT_MAX);
+        let fresh = l.p.fresh_server();
+        l.p.relink(fresh);
         l.client(|b| {
             frontend::bind(b, "", "s1", &[Some(b"1")]);
             frontend::execute(b, "", 0);
@@ -1060,14 +1108,15 @@ mod tests {
         let srv = server_name(SQL, &[23]);
         assert_eq!(named(b'P', &sent[0].1), srv);
         assert_eq!(named(b'B', &sent[1].1), srv);
-        assert_eq!(l.pipe.server_header(b'1'), Disposition::Whole);
+        assert_eq!(l.pipe().server_header(b'1'), Disposition::Whole);
         let mut f = BytesMut::new();
         msg(&mut f, b'1', b"");
-        l.pipe.server_frame(f, &mut l.ss, &mut l.to_client);
+        let x = l.parts();
+        x.pipe.server_frame(f, x.ss, x.to_client);
         assert_eq!(l.seen(), "", "swallowed");
         l.server(|b| replies(b, false));
         assert_eq!(l.seen(), "2DCZ");
-        assert!(l.pipe.is_idle() && l.ss.contains(&srv));
+        assert!(l.pipe().is_idle() && l.ss().contains(&srv));
     }
 
     #[test]
@@ -1083,7 +1132,7 @@ mod tests {
         });
         assert_eq!(tags(&l.sent()), "S", "the server keeps its copy");
         assert_eq!(l.seen(), "3");
-        assert!(l.cs.is_empty() && l.ss.len() == 1);
+        assert!(l.cs().is_empty() && l.ss().len() == 1);
         l.server(|b| backend::ready_for_query(b, TransactionStatus::Idle));
         assert_eq!(l.seen(), "Z");
         // Closing an unknown name is fine too.
@@ -1093,7 +1142,7 @@ mod tests {
         });
         assert_eq!(l.seen(), "3");
         assert_eq!(tags(&l.sent()), "H");
-        assert!(l.pipe.is_idle());
+        assert!(l.pipe().is_idle());
 
         // Binding it now fails like PostgreSQL would, and the server skips
         // the Execute.
@@ -1109,7 +1158,7 @@ mod tests {
             error(b, "26000");
             backend::ready_for_query(b, TransactionStatus::Idle);
         });
-        let seen = frames(&mut l.to_client);
+        let seen = l.seen_frames();
         assert_eq!(tags(&seen), "EZ");
         assert_eq!(
             error_code(&seen[0].1),
@@ -1118,7 +1167,7 @@ mod tests {
                 "prepared statement \"s1\" does not exist".into()
             )
         );
-        assert!(l.pipe.is_idle());
+        assert!(l.pipe().is_idle());
 
         // Describe of an unknown name, the error coming before the Sync.
         l.client(|b| {
@@ -1126,19 +1175,19 @@ mod tests {
             frontend::flush(b);
         });
         l.sent();
-        assert!(!l.pipe.is_idle());
+        assert!(!l.pipe().is_idle());
         l.server(|b| error(b, "26000"));
         assert_eq!(l.seen(), "E");
-        assert!(!l.pipe.is_idle(), "the server skips to the Sync");
+        assert!(!l.pipe().is_idle(), "the server skips to the Sync");
         // Whatever comes before the Sync is ignored by the server: dropped.
         l.client(|b| {
             batch(b, "s3", "select 3");
         });
         assert_eq!(tags(&l.sent()), "ES");
-        assert!(l.cs.is_empty(), "the skipped Parse did not happen");
+        assert!(l.cs().is_empty(), "the skipped Parse did not happen");
         l.server(|b| backend::ready_for_query(b, TransactionStatus::Idle));
         assert_eq!(l.seen(), "Z");
-        assert!(l.pipe.is_idle());
+        assert!(l.pipe().is_idle());
     }
 
     #[test]
@@ -1161,7 +1210,7 @@ mod tests {
             replies(b, true);
         });
         assert_eq!(l.seen(), "12EZ12DCZ");
-        assert!(l.pipe.is_idle());
+        assert!(l.pipe().is_idle());
 
         // A Bind fails: the ParseComplete due after it is never shown and
         // the Parse behind it is rolled back.
@@ -1176,28 +1225,31 @@ mod tests {
             frontend::sync(b);
         });
         assert_eq!(tags(&l.sent()), "PBPBES");
-        assert!(l.ss.contains(&srv_y) && l.cs.len() == 4);
+        assert!(l.ss().contains(&srv_y) && l.cs().len() == 4);
         l.server(|b| {
             msg(b, b'1', b"");
             error(b, "22P02");
         });
         assert_eq!(l.seen(), "1E");
-        assert!(!l.ss.contains(&srv_y), "the skipped Parse is not prepared");
+        assert!(
+            !l.ss().contains(&srv_y),
+            "the skipped Parse is not prepared"
+        );
         l.server(|b| backend::ready_for_query(b, TransactionStatus::Idle));
         assert_eq!(l.seen(), "Z");
-        assert!(l.pipe.is_idle());
+        assert!(l.pipe().is_idle());
         // The client's names roll back at its next message.
         l.client(|b| {
             frontend::bind(b, "", "y", &[Some(b"1")]);
             frontend::sync(b);
         });
-        assert_eq!(l.cs.len(), 3);
+        assert_eq!(l.cs().len(), 3);
         assert_eq!(tags(&l.sent()), "DS");
         l.server(|b| {
             error(b, "26000");
             backend::ready_for_query(b, TransactionStatus::Idle);
         });
-        let seen = frames(&mut l.to_client);
+        let seen = l.seen_frames();
         assert_eq!(
             error_code(&seen[0].1).1,
             "prepared statement \"y\" does not exist"
@@ -1209,13 +1261,13 @@ mod tests {
             frontend::sync(b);
         });
         let srv_bad = server_name("selec 1", &[]);
-        assert!(l.ss.contains(&srv_bad));
+        assert!(l.ss().contains(&srv_bad));
         l.server(|b| {
             error(b, "42601");
             backend::ready_for_query(b, TransactionStatus::Idle);
         });
         assert_eq!(l.seen(), "EZ");
-        assert!(!l.ss.contains(&srv_bad));
+        assert!(!l.ss().contains(&srv_bad));
         l.client(|b| {
             frontend::parse(b, "bad", "select 1", &[]);
             frontend::sync(b);
@@ -1250,7 +1302,7 @@ mod tests {
             error(b, "26000");
             backend::ready_for_query(b, TransactionStatus::Idle);
         });
-        let seen = frames(&mut l.to_client);
+        let seen = l.seen_frames();
         assert_eq!(tags(&seen), "EZ");
         assert_eq!(
             error_code(&seen[0].1),
@@ -1259,7 +1311,7 @@ mod tests {
                 "prepared statement \"s1\" already exists".into()
             )
         );
-        assert_eq!(l.ss.len(), 1);
+        assert_eq!(l.ss().len(), 1);
     }
 
     #[test]
@@ -1276,7 +1328,7 @@ mod tests {
         let srv_a = server_name("select 'a'", &[]);
         assert_eq!(named(b'C', &sent[2].1), srv_a);
         assert_eq!(sent[2].1[0], b'S');
-        assert!(!l.ss.contains(&srv_a) && l.ss.len() == 2);
+        assert!(!l.ss().contains(&srv_a) && l.ss().len() == 2);
         l.server(|b| {
             msg(b, b'1', b"");
             msg(b, b'1', b"");
@@ -1308,14 +1360,14 @@ mod tests {
             frontend::bind(b, "", "b", &[]); // evicts "c"
             frontend::sync(b);
         });
-        assert!(!l.ss.contains(&srv_c));
+        assert!(!l.ss().contains(&srv_c));
         l.server(|b| {
             error(b, "34000");
             backend::ready_for_query(b, TransactionStatus::Idle);
         });
         assert_eq!(l.seen(), "EZ");
-        assert!(l.ss.contains(&srv_c));
-        assert!(!l.ss.contains(&server_name("select 'b'", &[])));
+        assert!(l.ss().contains(&srv_c));
+        assert!(!l.ss().contains(&server_name("select 'b'", &[])));
     }
 
     #[test]
@@ -1342,7 +1394,8 @@ mod tests {
         });
         assert_eq!(l.seen(), "1tTNnZ");
         // On a fresh server, the Describe first prepares it.
-        l.ss = ServerStatements::new(DEFAULT_MAX);
+        let fresh = l.p.fresh_server();
+        l.p.relink(fresh);
         l.client(|b| {
             frontend::describe(b, b'S', "s1");
             frontend::sync(b);
@@ -1365,7 +1418,9 @@ mod tests {
         l.sent();
         l.seen();
         let mut other = Link::new(DEFAULT_MAX);
-        other.ss = std::mem::replace(&mut l.ss, ServerStatements::new(1));
+        let fresh = l.p.fresh_server();
+        let shared = l.p.relink(fresh);
+        other.p.relink(shared);
         other.client(|b| {
             frontend::parse(b, "p", SQL, &[23]);
             frontend::close(b, b'S', "p");
@@ -1373,7 +1428,7 @@ mod tests {
         });
         assert_eq!(tags(&other.sent()), "H");
         assert_eq!(other.seen(), "13");
-        assert!(other.pipe.is_idle() && other.cs.is_empty());
+        assert!(other.pipe().is_idle() && other.cs().is_empty());
 
         // Behind an Execute still running, it waits for its end.
         other.client(|b| {
@@ -1390,16 +1445,50 @@ mod tests {
         });
         assert_eq!(other.seen(), "2D");
         // A half-arrived CommandComplete: its header was seen, nothing due yet.
-        assert_eq!(other.pipe.server_header(b'C'), Disposition::Whole);
-        other.pipe.drain_due(&mut other.to_client);
+        assert_eq!(other.pipe().server_header(b'C'), Disposition::Whole);
+        let x = other.parts();
+        x.pipe.drain_due(x.to_client);
         assert_eq!(other.seen(), "");
         let mut f = BytesMut::new();
         backend::command_complete(&mut f, "SELECT 1");
-        other
-            .pipe
-            .server_frame(f, &mut other.ss, &mut other.to_client);
+        let x = other.parts();
+        x.pipe.server_frame(f, x.ss, x.to_client);
         assert_eq!(other.seen(), "C1");
-        assert!(other.pipe.is_idle());
+        assert!(other.pipe().is_idle());
+    }
+
+    #[test]
+    fn the_relay_holds_what_is_due_behind_a_half_arrived_frame() {
+        let mut l = Link::new(DEFAULT_MAX);
+        l.client(|b| batch(b, "s1", SQL));
+        l.server(|b| replies(b, true));
+        l.sent();
+        l.seen();
+        let mut other = Link::new(DEFAULT_MAX);
+        let fresh = l.p.fresh_server();
+        let shared = l.p.relink(fresh);
+        other.p.relink(shared);
+        other.client(|b| {
+            frontend::bind(b, "", "", &[]);
+            frontend::execute(b, "", 0);
+            frontend::parse(b, "p", SQL, &[23]);
+            frontend::flush(b);
+        });
+        assert_eq!(tags(&other.sent()), "BEH");
+        let mut reply = BytesMut::new();
+        msg(&mut reply, b'2', b"");
+        backend::data_row(&mut reply, &[Some("1")]);
+        backend::command_complete(&mut reply, "SELECT 1");
+        let cut = reply.len() - 3;
+        other.server(|b| b.extend_from_slice(&reply[..cut]));
+        assert_eq!(
+            other.seen(),
+            "2D",
+            "nothing lands inside the CommandComplete"
+        );
+        other.server(|b| b.extend_from_slice(&reply[cut..]));
+        assert_eq!(other.seen(), "C1");
+        assert!(other.pipe().is_idle());
     }
 
     #[test]
@@ -1408,7 +1497,7 @@ mod tests {
         l.client(|b| frontend::query(b, "copy t from stdin; select 1"));
         let mut dispositions = Vec::new();
         for tag in *b"GCTDCEZ" {
-            dispositions.push(l.pipe.server_header(tag));
+            dispositions.push(l.pipe().server_header(tag));
             if tag == b'G' {
                 l.client(|b| {
                     frontend::copy_data(b, b"1\n");
@@ -1420,17 +1509,19 @@ mod tests {
         assert_eq!(dispositions, [Pass, Pass, Pass, Pass, Pass, Pass, Whole]);
         let mut f = BytesMut::new();
         backend::ready_for_query(&mut f, TransactionStatus::Idle);
-        l.pipe.server_frame(f, &mut l.ss, &mut l.to_client);
-        assert!(l.pipe.is_idle());
+        let x = l.parts();
+        x.pipe.server_frame(f, x.ss, x.to_client);
+        assert!(l.pipe().is_idle());
         // Stray or async messages with nothing owed pass.
         for tag in *b"NASEZ1" {
-            assert_eq!(l.pipe.server_header(tag), Whole);
+            assert_eq!(l.pipe().server_header(tag), Whole);
             let mut f = BytesMut::new();
             msg(&mut f, tag, b"");
-            l.pipe.server_frame(f, &mut l.ss, &mut l.to_client);
+            let x = l.parts();
+            x.pipe.server_frame(f, x.ss, x.to_client);
         }
         assert_eq!(l.seen(), "ZNASEZ1");
-        assert!(l.pipe.is_idle());
+        assert!(l.pipe().is_idle());
     }
 
     #[test]
@@ -1446,16 +1537,11 @@ mod tests {
             b"D\0\0\0\x07Xa\0",
             b"C\0\0\0\x05S",
         ] {
-            let r = client_frame(
-                BytesMut::from(bad),
-                &mut l.cs,
-                &mut l.ss,
-                &mut l.pipe,
-                &mut l.to_server,
-            );
+            let x = l.parts();
+            let r = client_frame(BytesMut::from(bad), x.cs, x.ss, x.pipe, x.to_server);
             assert!(r.is_err(), "{bad:?}");
         }
-        assert!(l.to_server.is_empty() && l.pipe.is_idle());
+        assert!(l.parts().to_server.is_empty() && l.pipe().is_idle());
     }
 
     struct XorShift(u64);
@@ -1503,8 +1589,8 @@ mod tests {
                             let cut = rng.below(f.len() + 1);
                             f.truncate(cut);
                         }
-                        let _ =
-                            client_frame(f, &mut l.cs, &mut l.ss, &mut l.pipe, &mut l.to_server);
+                        let x = l.parts();
+                        let _ = client_frame(f, x.cs, x.ss, x.pipe, x.to_server);
                     }
                     // A well-formed client message.
                     1 => {
@@ -1526,21 +1612,22 @@ mod tests {
                     // the frame (a caller bug must not panic either).
                     _ => {
                         let tag = *b"123tTnCDIsEZNSAGHdc?".get(rng.below(20)).unwrap_or(&b'?');
-                        let d = l.pipe.server_header(tag);
+                        let d = l.pipe().server_header(tag);
                         if d == Disposition::Whole && rng.below(10) != 0 {
                             let mut f = BytesMut::new();
                             let n = rng.below(8);
                             msg(&mut f, tag, &vec![0; n]);
-                            l.pipe.server_frame(f, &mut l.ss, &mut l.to_client);
+                            let x = l.parts();
+                            x.pipe.server_frame(f, x.ss, x.to_client);
                         }
                         if rng.below(3) == 0 {
-                            l.pipe.drain_due(&mut l.to_client);
+                            let x = l.parts();
+                            x.pipe.drain_due(x.to_client);
                         }
                     }
                 }
-                assert!(l.ss.len() <= 1 + round % 3 || l.ss.len() <= 4);
-                l.to_server.clear();
-                l.to_client.clear();
+                assert!(l.ss().len() <= 1 + round % 3 || l.ss().len() <= 4);
+                l.clear();
             }
         }
     }

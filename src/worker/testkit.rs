@@ -21,7 +21,9 @@ use crate::worker::client::Client;
 use crate::worker::server::Server;
 
 use super::cx::{Cx, Evt};
-use super::link::{self, Next};
+use super::link;
+/// What `Pair::pump` returns, for tests outside the worker.
+pub(crate) use super::link::Next;
 
 /// A configuration with one route, d/u, in pool mode `mode`; `extra` is
 /// appended to the route's table (e.g. `pool_discard = true`).
@@ -122,6 +124,22 @@ impl Pair {
             evts: &mut self.evts,
         };
         link::begin(&mut self.c, &mut self.s, &mut cx);
+    }
+
+    /// A fresh logged-in server of the pair's route, idle.
+    pub(crate) fn fresh_server(&self) -> Server {
+        server(&self.cfg)
+    }
+
+    /// The client moves to `s` between transactions, as the worker
+    /// releases a clean pair's server and links the client to another
+    /// (`unlink`, then `link`); returns the server it had, idle.
+    pub(crate) fn relink(&mut self, s: Server) -> Server {
+        self.c.unlink();
+        let mut old = std::mem::replace(&mut self.s, s);
+        old.set_idle();
+        self.link();
+        old
     }
 
     /// The driver sends `bytes` to the pooler.
