@@ -113,16 +113,7 @@ impl Pair {
     pub(crate) fn link(&mut self) {
         self.c.link_to(Key::from_u64(2));
         self.s.link_to(self.c.key);
-        let mut cx = Cx {
-            now: Instant::now(),
-            started: Instant::now(),
-            cfg: &self.cfg,
-            tls: &self.tls,
-            routes: &mut self.routes,
-            draining: false,
-            panic_on: None,
-            evts: &mut self.evts,
-        };
+        let mut cx = test_cx(&self.cfg, &self.tls, &mut self.routes, &mut self.evts);
         link::begin(&mut self.c, &mut self.s, &mut cx);
     }
 
@@ -157,16 +148,7 @@ impl Pair {
     /// One round as the worker runs a linked client: read it, then pump.
     pub(crate) fn pump(&mut self) -> Next {
         self.c.io.fill(self.cfg.readahead);
-        let mut cx = Cx {
-            now: Instant::now(),
-            started: Instant::now(),
-            cfg: &self.cfg,
-            tls: &self.tls,
-            routes: &mut self.routes,
-            draining: false,
-            panic_on: None,
-            evts: &mut self.evts,
-        };
+        let mut cx = test_cx(&self.cfg, &self.tls, &mut self.routes, &mut self.evts);
         link::pump(&mut self.c, &mut self.s, &mut cx)
     }
 
@@ -248,4 +230,23 @@ pub(crate) fn copy_response(out: bool) -> BytesMut {
 /// CopyDone `c`, NoData `n`...).
 pub(crate) fn bare(tag: u8) -> [u8; 5] {
     [tag, 0, 0, 0, 4]
+}
+
+/// What a machine gets in a test: now, no failpoint, not draining.
+fn test_cx<'a>(
+    cfg: &'a Config,
+    tls: &'a TlsSet,
+    routes: &'a mut RouteCache,
+    evts: &'a mut Vec<Evt>,
+) -> Cx<'a> {
+    Cx {
+        now: Instant::now(),
+        started: Instant::now(),
+        cfg,
+        tls,
+        routes,
+        draining: false,
+        panic_on: None,
+        evts,
+    }
 }
