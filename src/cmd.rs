@@ -34,11 +34,13 @@ pub(crate) enum SysCmd {
     },
     /// A new server finished its login.
     ServerUp { pool: PoolKey },
-    /// A server is idle and clean on `worker`.
+    /// A server is idle and clean on `worker`: for `to`'s need if it has
+    /// one (`PoolShared::gives_way`), else for the first need queued.
     Release {
         pool: PoolKey,
         worker: WorkerId,
         server: Key,
+        to: Option<WorkerId>,
     },
     /// A server closed.
     ServerClosed {

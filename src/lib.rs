@@ -22,6 +22,7 @@ mod io;
 pub mod logging;
 mod metrics;
 mod params;
+mod pool_shared;
 mod prepared;
 mod ratelimit;
 mod relay;

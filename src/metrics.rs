@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use odissey_facade::{Inspection, RouteStats, StorageStats};
+use odissey_facade::{Inspection, RouteStats, StorageStats, ThreadStats};
 
 /// The Prometheus text format (version 0.0.4) of a snapshot.
 pub(crate) fn render(ins: &Inspection) -> String {
@@ -51,6 +51,23 @@ pub(crate) fn render(ins: &Inspection) -> String {
                 escape(&s.name),
                 value(s)
             );
+        }
+    }
+    for (name, help, value) in [
+        (
+            "odissey_thread_messages_total",
+            "Commands sent to a thread by the others (coordination between threads).",
+            (|t| t.messages) as fn(&ThreadStats) -> u64,
+        ),
+        (
+            "odissey_thread_wakeups_total",
+            "Times a thread woke up to take the commands sent to it.",
+            |t| t.wakeups,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for t in &ins.threads {
+            let _ = writeln!(out, "{name}{{thread=\"{}\"}} {}", escape(&t.name), value(t));
         }
     }
     type Value = fn(&RouteStats) -> String;
@@ -359,8 +376,21 @@ mod tests {
                 connections: 2,
                 routes_waiting: 0,
             }],
+            threads: vec![ThreadStats {
+                name: "odissey-system".into(),
+                messages: 7,
+                wakeups: 5,
+            }],
             ..Inspection::default()
         });
+        assert!(
+            text.contains("odissey_thread_messages_total{thread=\"odissey-system\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("odissey_thread_wakeups_total{thread=\"odissey-system\"} 5"),
+            "{text}"
+        );
         assert!(
             text.contains("odissey_storage_connections{storage=\"main\"} 2"),
             "{text}"

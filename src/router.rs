@@ -18,12 +18,13 @@
 //!   while another one keeps all the servers.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use odissey_reactor::Key;
 
 use crate::config::{Config, ResolvedRoute};
+pub(crate) use crate::pool_shared::{GiveUp, PoolShared, Registry};
 
 /// Index of a worker thread.
 pub(crate) type WorkerId = usize;
@@ -80,191 +81,6 @@ impl std::fmt::Debug for PoolKey {
 impl std::fmt::Display for PoolKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.database, self.user)
-    }
-}
-
-/// What the router and the workers share about one pool, as atomics so that
-/// the hot path needs neither a lock nor a message.
-///
-/// `keep` and the router's queueing form a handshake: a worker about to
-/// keep a released server increments its `idle` count *then* reads the
-/// other workers' `waiting`; the router about to queue a need increments
-/// `waiting` *then* reads the `idle` counts. With sequentially consistent
-/// atomics at least one of them sees the other, so a queued need is never
-/// left beside an idle server.
-#[derive(Debug)]
-pub(crate) struct PoolShared {
-    /// Needs queued at the router, per worker.
-    waiting: Box<[AtomicUsize]>,
-    /// Idle servers each worker keeps for itself.
-    idle: Box<[AtomicUsize]>,
-    /// Clients logged in on the pool (for inspect).
-    pub(crate) clients: AtomicUsize,
-    /// Clients queued in the workers for a server (for inspect).
-    pub(crate) clients_waiting: AtomicUsize,
-    /// The pool was retired by a reload: close its servers as they free up.
-    pub(crate) retired: AtomicBool,
-    /// Logins in the current second (client_rate): the second in the high
-    /// 32 bits, the count in the low 32.
-    logins: std::sync::atomic::AtomicU64,
-    /// Servers the pool should give up as they are released, because it
-    /// holds more than its share of a full storage (storage_max) while
-    /// another route waits. Read once per release; zero but for that.
-    shrink: AtomicUsize,
-    /// What logins are told (ParameterStatus), by startup settings.
-    pub(crate) greetings: crate::session::Greetings,
-    /// Servers the pool should give up because a reload lowered its
-    /// pool_size below what it holds. Whoever closes one for it (a worker
-    /// releasing or keeping it idle, the router holding it) takes one off
-    /// first, so each excess server closes once. Zero but after such a
-    /// reload.
-    oversize: AtomicUsize,
-}
-
-/// Why a released server is closed instead of reused (`give_up_one`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum GiveUp {
-    /// Its slot goes to another route of a full storage (storage_max).
-    StorageShare,
-    /// A reload lowered the pool's pool_size below what it holds.
-    PoolSize,
-}
-
-impl GiveUp {
-    /// Why, for the log.
-    pub(crate) fn reason(self) -> &'static str {
-        match self {
-            Self::StorageShare => "its storage_max slot goes to another route",
-            Self::PoolSize => "a reload lowered its pool_size",
-        }
-    }
-}
-
-/// Takes one off `n` unless it is zero; true when it did.
-fn take_one(n: &AtomicUsize) -> bool {
-    n.load(Ordering::Relaxed) > 0
-        && n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
-            .is_ok()
-}
-
-impl PoolShared {
-    fn new(workers: usize) -> Self {
-        let n = workers.max(1);
-        Self {
-            waiting: (0..n).map(|_| AtomicUsize::new(0)).collect(),
-            idle: (0..n).map(|_| AtomicUsize::new(0)).collect(),
-            clients: AtomicUsize::new(0),
-            clients_waiting: AtomicUsize::new(0),
-            retired: AtomicBool::new(false),
-            logins: std::sync::atomic::AtomicU64::new(0),
-            shrink: AtomicUsize::new(0),
-            greetings: crate::session::Greetings::default(),
-            oversize: AtomicUsize::new(0),
-        }
-    }
-
-    /// Idle servers kept by the workers, in total.
-    pub(crate) fn idle_total(&self) -> usize {
-        self.idle.iter().map(|a| a.load(Ordering::Relaxed)).sum()
-    }
-
-    /// True when a worker other than `worker` has a need queued.
-    pub(crate) fn others_waiting(&self, worker: WorkerId) -> bool {
-        self.waiting
-            .iter()
-            .enumerate()
-            .any(|(w, n)| w != worker && n.load(Ordering::SeqCst) > 0)
-    }
-
-    /// A worker keeps a released server idle: true when it may, false when
-    /// it must hand it to the router (another worker's need is queued).
-    pub(crate) fn keep(&self, worker: WorkerId) -> bool {
-        let Some(idle) = self.idle.get(worker) else {
-            return false;
-        };
-        idle.fetch_add(1, Ordering::SeqCst);
-        if self.others_waiting(worker) || self.retired.load(Ordering::SeqCst) {
-            idle.fetch_sub(1, Ordering::SeqCst);
-            return false;
-        }
-        true
-    }
-
-    /// Counts a login in second `now_s`; returns the logins of that second
-    /// so far, this one included (a fixed one-second window, lock-free).
-    pub(crate) fn count_login(&self, now_s: u32) -> u32 {
-        let mut cur = self.logins.load(Ordering::Relaxed);
-        loop {
-            let (sec, n) = ((cur >> 32) as u32, cur as u32);
-            let next_n = if sec == now_s { n.saturating_add(1) } else { 1 };
-            let next = (u64::from(now_s) << 32) | u64::from(next_n);
-            match self
-                .logins
-                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return next_n,
-                Err(seen) => cur = seen,
-            }
-        }
-    }
-
-    /// A worker about to reuse a released server: `Some` when it must close
-    /// it instead (two relaxed loads when nothing is to be given up).
-    pub(crate) fn give_up_one(&self) -> Option<GiveUp> {
-        if take_one(&self.oversize) {
-            Some(GiveUp::PoolSize)
-        } else if take_one(&self.shrink) {
-            Some(GiveUp::StorageShare)
-        } else {
-            None
-        }
-    }
-
-    /// A worker about to keep or hand out an idle server: true when it
-    /// must close it instead, the pool being above its pool_size.
-    pub(crate) fn give_up_oversize(&self) -> bool {
-        take_one(&self.oversize)
-    }
-
-    /// A worker takes one of its kept servers out of its idle list.
-    pub(crate) fn taken(&self, worker: WorkerId) {
-        if let Some(idle) = self.idle.get(worker) {
-            let _ = idle.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        }
-    }
-}
-
-/// Every pool's shared state, found by key. Locked only the first time a
-/// worker meets a pool (it keeps the `Arc`), never per message.
-#[derive(Debug, Default)]
-pub(crate) struct Registry {
-    workers: usize,
-    pools: Mutex<HashMap<PoolKey, Arc<PoolShared>>>,
-    /// CancelRequests in flight to servers, all workers together
-    /// (`cancel_max`).
-    pub(crate) cancels: Arc<AtomicUsize>,
-}
-
-impl Registry {
-    pub(crate) fn new(workers: usize) -> Self {
-        Self {
-            workers,
-            pools: Mutex::new(HashMap::new()),
-            cancels: Arc::default(),
-        }
-    }
-
-    /// The shared state of `key`, created on first use.
-    pub(crate) fn get(&self, key: &PoolKey) -> Arc<PoolShared> {
-        let mut pools = self
-            .pools
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Arc::clone(
-            pools
-                .entry(key.clone())
-                .or_insert_with(|| Arc::new(PoolShared::new(self.workers))),
-        )
     }
 }
 
@@ -351,6 +167,16 @@ struct Pool {
 impl Pool {
     fn has_room(&self) -> bool {
         self.route.route.pool_size == 0 || self.total < self.route.route.pool_size
+    }
+
+    /// The first need queued by worker `w`, if any.
+    fn pop_need_of(&mut self, w: WorkerId) -> Option<WorkerId> {
+        let i = self.needs.iter().position(|&x| x == w)?;
+        self.needs.remove(i)?;
+        if let Some(n) = self.shared.waiting.get(w) {
+            n.fetch_sub(1, Ordering::SeqCst);
+        }
+        Some(w)
     }
 
     fn pop_need(&mut self) -> Option<WorkerId> {
@@ -593,12 +419,14 @@ impl Router {
     }
 
     /// A server on `worker` is handed to the router: it goes to the first
-    /// queued need, or into the router's idle list.
+    /// queued need of `to` (the worker `PoolShared::gives_way` chose), else
+    /// to the first queued need, or into the router's idle list.
     pub(crate) fn release(
         &mut self,
         key: &PoolKey,
         worker: WorkerId,
         server: Key,
+        to: Option<WorkerId>,
     ) -> Option<Action> {
         let Some(p) = self.pools.get(key) else {
             return Some(Action::Close { worker, server });
@@ -617,7 +445,11 @@ impl Router {
         }
         let p = self.pools.get_mut(key)?;
         let storage = Arc::clone(&p.storage);
-        let action = match p.pop_need() {
+        let need = match to {
+            Some(w) => p.pop_need_of(w).or_else(|| p.pop_need()),
+            None => p.pop_need(),
+        };
+        let action = match need {
             Some(w) if w == worker => Some(Action::Grant {
                 worker,
                 lease: Lease::Local(server),
@@ -1012,7 +844,7 @@ mod tests {
         assert!(matches!(router.need(&a, &ra, 0), Action::Grant { .. }));
         router.server_up(&a);
         // Idle in the router's list: closed at once for b.
-        assert_eq!(router.release(&a, 0, s[0]), None);
+        assert_eq!(router.release(&a, 0, s[0], None), None);
         assert_eq!(router.need(&b, &rb, 1), Action::Wait { reclaim: vec![] });
         assert_eq!(
             router.take_actions(),
@@ -1051,7 +883,7 @@ mod tests {
         sb.taken(1);
         // (a waits, so a released b is closed, its slot going to a.)
         assert_eq!(
-            router.release(&b, 1, s[0]),
+            router.release(&b, 1, s[0], None),
             Some(Action::Close {
                 worker: 1,
                 server: s[0]
@@ -1059,7 +891,7 @@ mod tests {
         );
         // a gives up waiting: nobody starves, b's connections stay.
         router.cancel_need(&a, 0, 1);
-        assert_eq!(router.release(&b, 1, s[0]), None);
+        assert_eq!(router.release(&b, 1, s[0], None), None);
     }
 
     #[test]
@@ -1077,7 +909,7 @@ mod tests {
         assert_eq!(router.storage_stats()[0].routes_waiting, 2);
         // a's need is met by one of its own servers, released on worker 0.
         assert_eq!(
-            router.release(&a, 0, s[0]),
+            router.release(&a, 0, s[0], None),
             Some(Action::Ship {
                 from: 0,
                 server: s[0],
@@ -1117,7 +949,7 @@ mod tests {
         router.server_up(&k);
         router.server_up(&k);
         assert_eq!(
-            router.release(&k, 0, s[0]),
+            router.release(&k, 0, s[0], None),
             Some(Action::Ship {
                 from: 0,
                 server: s[0],
@@ -1125,7 +957,7 @@ mod tests {
             })
         );
         assert_eq!(
-            router.release(&k, 0, s[1]),
+            router.release(&k, 0, s[1], None),
             Some(Action::Grant {
                 worker: 0,
                 lease: Lease::Local(s[1])
@@ -1135,7 +967,7 @@ mod tests {
         assert!(shared.keep(0), "nobody waits: the worker keeps it");
         assert_eq!(router.stats()[0].servers_idle, 1);
         shared.taken(0);
-        assert_eq!(router.release(&k, 1, s[0]), None);
+        assert_eq!(router.release(&k, 1, s[0], None), None);
         // A server the router holds on the asking worker is preferred.
         assert_eq!(
             router.need(&k, &r, 1),
@@ -1157,7 +989,7 @@ mod tests {
             router.server_up(&k);
         }
         // One idle in the router's list, the other three busy or kept.
-        assert_eq!(router.release(&k, 0, s[0]), None);
+        assert_eq!(router.release(&k, 0, s[0], None), None);
         let cfg = Config::parse(&cfg_text(2)).unwrap();
         let actions = router.configure(&cfg);
         assert_eq!(
@@ -1177,7 +1009,7 @@ mod tests {
         let shared = registry.get(&k);
         // A busy one handed to the router is the other excess server.
         assert_eq!(
-            router.release(&k, 1, s[1]),
+            router.release(&k, 1, s[1], None),
             Some(Action::Close {
                 worker: 1,
                 server: s[1]
@@ -1230,7 +1062,7 @@ mod tests {
             .is_empty());
         assert_eq!(shared.give_up_one(), None, "unlimited: nothing to give up");
         assert_eq!(
-            router.release(&k, 0, s[2]),
+            router.release(&k, 0, s[2], None),
             None,
             "kept in the router's list"
         );

@@ -1073,8 +1073,9 @@ impl Handler for System {
                 pool,
                 worker,
                 server,
+                to,
             } => {
-                if let Some(a) = self.router.release(&pool, worker, server) {
+                if let Some(a) = self.router.release(&pool, worker, server, to) {
                     self.act(&pool, a);
                 }
                 self.act_extra();

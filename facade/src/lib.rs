@@ -118,6 +118,22 @@ pub struct Inspection {
     pub server_list: Vec<ServerInfo>,
     /// One entry per `[storage.<name>]` that pools have used.
     pub storages: Vec<StorageStats>,
+    /// The system thread's and each worker's command channel: what other
+    /// threads sent it. The cost of coordination, to be divided by the
+    /// transactions served in the same time.
+    pub threads: Vec<ThreadStats>,
+}
+
+/// What one thread's command channel has carried since it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ThreadStats {
+    /// The thread's name: `odissey-system` or `odissey-worker-<i>`.
+    pub name: String,
+    /// Commands other threads sent it (and a worker's resolver threads,
+    /// and the facade, for the system thread).
+    pub messages: u64,
+    /// Times it woke up to take commands (one wake-up takes all queued).
+    pub wakeups: u64,
 }
 
 /// The server connections of one storage, all its pools together.

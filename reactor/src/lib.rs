@@ -14,7 +14,7 @@ pub mod machines;
 pub mod reactor;
 pub mod timer;
 
-pub use channel::{Receiver, SendError, Sender};
+pub use channel::{ChannelStats, Receiver, SendError, Sender};
 pub use machines::{Key, Machines};
 pub use reactor::{Context, Handler, Reactor, Ready, TestLoop, WAKER_TOKEN};
 pub use timer::{TimerId, Timers};

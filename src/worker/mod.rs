@@ -461,6 +461,7 @@ impl Worker {
                             pool,
                             worker: id,
                             server: sk,
+                            to: None,
                         });
                     }
                 }

@@ -23,6 +23,7 @@ use crate::config::ResolvedRoute;
 use crate::credentials;
 use crate::ids::ConnId;
 use crate::io::Io;
+use crate::pool_shared::Mine;
 use crate::router::{Lease, PoolKey, PoolShared, ServerWas, WorkerId};
 use crate::stats::Counters;
 use crate::worker::client::ClientState;
@@ -37,14 +38,69 @@ pub(super) struct LocalPool {
     pub(super) shared: Arc<PoolShared>,
     /// Servers kept idle here, most recently used last.
     pub(super) idle: Vec<Key>,
-    /// Clients of this worker waiting for a server, FIFO.
-    pub(super) queue: VecDeque<Key>,
+    /// Clients of this worker waiting for a server, FIFO, with when each
+    /// began to wait (`PoolShared::clock`). Changed only through
+    /// `enqueue`/`pop_waiter`/`remove_waiter`, which publish it.
+    queue: VecDeque<(Key, u64)>,
+    /// Server connections of the pool on this worker (`Conn::Server`s in
+    /// the slab: opening, linked, idle, being reset), published.
+    held: usize,
     /// Servers asked of the router and not yet granted.
     asked: usize,
     /// The route as of the latest client, for new servers.
     route: Arc<ResolvedRoute>,
     /// What this worker's servers did for the pool (see `stats`).
     pub(super) totals: Counters,
+}
+
+impl LocalPool {
+    /// True when no client of this worker waits.
+    pub(super) fn nobody_waits(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// The clients waiting, first first.
+    pub(super) fn waiters(&self) -> impl Iterator<Item = Key> + '_ {
+        self.queue.iter().map(|&(k, _)| k)
+    }
+
+    /// `ck` queues, having begun to wait at `since`.
+    fn enqueue(&mut self, me: WorkerId, ck: Key, since: u64) {
+        self.queue.push_back((ck, since));
+        self.publish_queue(me);
+    }
+
+    /// The first waiting client leaves the queue (to be served).
+    fn pop_waiter(&mut self, me: WorkerId) -> Option<Key> {
+        let (ck, _) = self.queue.pop_front()?;
+        self.publish_queue(me);
+        Some(ck)
+    }
+
+    /// `ck` leaves the queue unserved; false when it was not in it.
+    fn remove_waiter(&mut self, me: WorkerId, ck: Key) -> bool {
+        let Some(i) = self.queue.iter().position(|&(k, _)| k == ck) else {
+            return false;
+        };
+        self.queue.remove(i);
+        self.publish_queue(me);
+        true
+    }
+
+    fn publish_queue(&self, me: WorkerId) {
+        let since = self.queue.front().map_or(0, |&(_, t)| t);
+        self.shared.publish_queue(me, self.queue.len(), since);
+    }
+
+    /// One server of the pool more (`true`) or less on this worker.
+    pub(super) fn count_held(&mut self, me: WorkerId, more: bool) {
+        self.held = if more {
+            self.held + 1
+        } else {
+            self.held.saturating_sub(1)
+        };
+        self.shared.publish_held(me, self.held);
+    }
 }
 
 impl Shared {
@@ -55,6 +111,7 @@ impl Shared {
             shared: registry.get(pool),
             idle: Vec::new(),
             queue: VecDeque::new(),
+            held: 0,
             asked: 0,
             route: Arc::clone(route),
             totals: Counters::default(),
@@ -130,7 +187,7 @@ impl Worker {
                 .w
                 .local
                 .get(&s.pool)
-                .is_none_or(|lp| lp.queue.is_empty())
+                .is_none_or(LocalPool::nobody_waits)
         {
             self.close_server(cx, sk, "shutdown");
             return;
@@ -172,8 +229,25 @@ impl Worker {
         // back), not handed to the next client.
         let paused = self.w.paused.holds(&pool.database);
         let lp = self.w.local(&pool, &route);
-        if granted || !lp.shared.others_waiting(id) {
-            while let Some(ck) = if paused { None } else { lp.queue.pop_front() } {
+        // Another worker's need waits at the router: the server still
+        // serves this worker's queue unless that worker should have it
+        // (`gives_way`: shares or age); then the router hands it over.
+        // Saturated and balanced, nothing leaves the worker.
+        let others = !granted && lp.shared.others_waiting(id);
+        let mut to = None;
+        if others && !paused && !lp.queue.is_empty() {
+            let since = lp.queue.front().map_or(0, |&(_, t)| t);
+            let mine = Mine {
+                worker: id,
+                held: lp.held,
+                queued: lp.queue.len(),
+                since,
+                now: lp.shared.clock(cx.now()),
+            };
+            to = lp.shared.gives_way(mine);
+        }
+        if granted || (to.is_none() && (!lp.queue.is_empty() || !others)) {
+            while let Some(ck) = if paused { None } else { lp.pop_waiter(id) } {
                 lp.shared
                     .clients_waiting
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -203,6 +277,7 @@ impl Worker {
             pool,
             worker: id,
             server: sk,
+            to,
         });
     }
 
@@ -263,7 +338,8 @@ impl Worker {
             self.close_client(cx, ck, Some(f));
             return;
         }
-        lp.queue.push_back(ck);
+        let since = lp.shared.clock(cx.now());
+        lp.enqueue(id, ck, since);
         let waiting = lp
             .shared
             .clients_waiting
@@ -293,8 +369,7 @@ impl Worker {
             }
         }
         if let Some(lp) = self.w.local.get_mut(pool) {
-            if let Some(i) = lp.queue.iter().position(|k| *k == ck) {
-                lp.queue.remove(i);
+            if lp.remove_waiter(self.w.id, ck) {
                 lp.shared
                     .clients_waiting
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -314,7 +389,7 @@ impl Worker {
         let lp = self.w.local(&pool, &route);
         lp.asked = lp.asked.saturating_sub(1);
         // A paused database opens nothing (its server may be restarting).
-        let queued = !lp.queue.is_empty() && !self.w.paused.holds(&pool.database);
+        let queued = !lp.nobody_waits() && !self.w.paused.holds(&pool.database);
         match lease {
             Lease::New if queued => self.open_server(cx, pool, route),
             Lease::New => {
@@ -412,6 +487,10 @@ impl Worker {
                 tls_retry,
             )))
         });
+        let me = self.w.id;
+        if let Some(lp) = self.w.local.get_mut(&pool) {
+            lp.count_held(me, true);
+        }
         debug!(
             "{id}: connecting to {}:{} for pool {pool}",
             route.storage.host, route.storage.port
@@ -442,6 +521,7 @@ impl Worker {
                 lp.idle.swap_remove(i);
                 lp.shared.taken(self.w.id);
             }
+            lp.count_held(self.w.id, false);
         }
         let Some(Conn::Server(mut s)) = self
             .conns
@@ -468,8 +548,10 @@ impl Worker {
 
     /// A server shipped here meets one of this worker's needs.
     pub(super) fn adopt(&mut self, cx: &mut Context<'_, WorkerTimer>, mut server: Box<Server>) {
+        let me = self.w.id;
         let lp = self.w.local(&server.pool, &server.route);
         lp.asked = lp.asked.saturating_sub(1);
+        lp.count_held(me, true);
         let registry = cx.registry();
         let mut failed = None;
         // Readiness is unknown after the move: assume both, the calls will

@@ -133,7 +133,7 @@ impl Worker {
             .local
             .get(pool)
             .filter(|_| !paused)
-            .and_then(|lp| lp.queue.front().copied());
+            .and_then(|lp| lp.waiters().next());
         match first {
             Some(ck) => self.close_client(cx, ck, Some(fatal)),
             None => self.w.balance_needs(pool),

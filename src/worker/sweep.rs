@@ -54,12 +54,12 @@ impl Worker {
             .w
             .local
             .iter()
-            .filter(|(k, lp)| !lp.queue.is_empty() && !self.w.paused.holds(&k.database))
+            .filter(|(k, lp)| !lp.nobody_waits() && !self.w.paused.holds(&k.database))
             .map(|(k, _)| k.clone())
             .collect();
         for pool in pools {
             let queued: Vec<Key> = match self.w.local.get(&pool) {
-                Some(lp) => lp.queue.iter().copied().collect(),
+                Some(lp) => lp.waiters().collect(),
                 None => continue,
             };
             for ck in queued {
@@ -399,6 +399,11 @@ impl Worker {
     /// must be deregistered.
     pub(super) fn kill(&mut self, k: Key) {
         if let Some(slot) = self.conns.get_mut(k) {
+            if let Conn::Server(s) = slot {
+                if let Some(lp) = self.w.local.get_mut(&s.pool) {
+                    lp.count_held(self.w.id, false);
+                }
+            }
             if !matches!(slot, Conn::Dead) {
                 *slot = Conn::Dead;
                 self.w.dead.push(k);

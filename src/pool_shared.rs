@@ -1,0 +1,456 @@
+//! What the router and the workers share about each pool, as atomics, so
+//! that the hot path needs neither a lock nor a message: `PoolShared`
+//! (found through the `Registry`), and how a worker that frees a server
+//! decides whether another worker should have it (`PoolShared::gives_way`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::router::{PoolKey, WorkerId};
+
+/// How much longer than the first client queued on the worker freeing a
+/// server another worker's first client may have waited before the server
+/// goes to it regardless of shares (see `gives_way`): the bound on how
+/// unfair the split between workers may be to a client, and what lets a
+/// worker whose share is a fraction of a server take turns with the others.
+pub(crate) const STARVE_US: u64 = 10_000;
+
+/// What one worker holds and wants of a pool, written only by that worker
+/// (plain stores, on a cache line of its own so the workers writing their
+/// loads do not slow each other) and read by the others when they free a
+/// server.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct WorkerLoad {
+    /// Its server connections of the pool: opening, linked, idle, being
+    /// reset.
+    held: AtomicUsize,
+    /// Its clients queued for one.
+    queued: AtomicUsize,
+    /// When its first queued client began to wait (`PoolShared::clock`),
+    /// 0 when none waits.
+    since: AtomicU64,
+}
+
+/// A worker's own view of its load, exact, as it frees a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Mine {
+    pub(crate) worker: WorkerId,
+    /// Servers it holds, the one being freed included.
+    pub(crate) held: usize,
+    /// Clients queued there (at least one, or nothing is to be given).
+    pub(crate) queued: usize,
+    /// When the first of them began to wait (`PoolShared::clock`).
+    pub(crate) since: u64,
+    /// Now, on the same clock.
+    pub(crate) now: u64,
+}
+
+/// What the router and the workers share about one pool, as atomics so that the router and the workers share about one pool, as atomics so that
+/// the hot path needs neither a lock nor a message.
+///
+/// `keep` and the router's queueing form a handshake: a worker about to
+/// keep a released server increments its `idle` count *then* reads the
+/// other workers' `waiting`; the router about to queue a need increments
+/// `waiting` *then* reads the `idle` counts. With sequentially consistent
+/// atomics at least one of them sees the other, so a queued need is never
+/// left beside an idle server.
+#[derive(Debug)]
+pub(crate) struct PoolShared {
+    /// Needs queued at the router, per worker.
+    pub(crate) waiting: Box<[AtomicUsize]>,
+    /// Idle servers each worker keeps for itself.
+    pub(crate) idle: Box<[AtomicUsize]>,
+    /// Clients logged in on the pool (for inspect).
+    pub(crate) clients: AtomicUsize,
+    /// Clients queued in the workers for a server (for inspect).
+    pub(crate) clients_waiting: AtomicUsize,
+    /// The pool was retired by a reload: close its servers as they free up.
+    pub(crate) retired: AtomicBool,
+    /// Logins in the current second (client_rate): the second in the high
+    /// 32 bits, the count in the low 32.
+    logins: std::sync::atomic::AtomicU64,
+    /// Servers the pool should give up as they are released, because it
+    /// holds more than its share of a full storage (storage_max) while
+    /// another route waits. Read once per release; zero but for that.
+    pub(crate) shrink: AtomicUsize,
+    /// What logins are told (ParameterStatus), by startup settings.
+    pub(crate) greetings: crate::session::Greetings,
+    /// Servers the pool should give up because a reload lowered its
+    /// pool_size below what it holds. Whoever closes one for it (a worker
+    /// releasing or keeping it idle, the router holding it) takes one off
+    /// first, so each excess server closes once. Zero but after such a
+    /// reload.
+    pub(crate) oversize: AtomicUsize,
+    /// Each worker's load (see `gives_way`).
+    load: Box<[WorkerLoad]>,
+    /// The origin of `clock`, the same for every worker.
+    epoch: Instant,
+}
+
+/// Why a released server is closed instead of reused (`give_up_one`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GiveUp {
+    /// Its slot goes to another route of a full storage (storage_max).
+    StorageShare,
+    /// A reload lowered the pool's pool_size below what it holds.
+    PoolSize,
+}
+
+impl GiveUp {
+    /// Why, for the log.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Self::StorageShare => "its storage_max slot goes to another route",
+            Self::PoolSize => "a reload lowered its pool_size",
+        }
+    }
+}
+
+/// Takes one off `n` unless it is zero; true when it did.
+fn take_one(n: &AtomicUsize) -> bool {
+    n.load(Ordering::Relaxed) > 0
+        && n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+            .is_ok()
+}
+
+impl PoolShared {
+    pub(crate) fn new(workers: usize) -> Self {
+        let n = workers.max(1);
+        Self {
+            waiting: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            idle: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            clients: AtomicUsize::new(0),
+            clients_waiting: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
+            logins: std::sync::atomic::AtomicU64::new(0),
+            shrink: AtomicUsize::new(0),
+            greetings: crate::session::Greetings::default(),
+            oversize: AtomicUsize::new(0),
+            load: (0..n).map(|_| WorkerLoad::default()).collect(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Microseconds since the pool was made, plus one (so 0 can mean
+    /// "nobody"): the clock `WorkerLoad::since` is kept on, comparable
+    /// between workers.
+    pub(crate) fn clock(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_micros() as u64 + 1
+    }
+
+    /// `worker` now holds `held` servers of the pool.
+    pub(crate) fn publish_held(&self, worker: WorkerId, held: usize) {
+        if let Some(l) = self.load.get(worker) {
+            l.held.store(held, Ordering::Relaxed);
+        }
+    }
+
+    /// `worker` now has `queued` clients waiting, the first since `since`
+    /// (0 when none).
+    pub(crate) fn publish_queue(&self, worker: WorkerId, queued: usize, since: u64) {
+        if let Some(l) = self.load.get(worker) {
+            l.queued.store(queued, Ordering::Relaxed);
+            l.since.store(since, Ordering::Relaxed);
+        }
+    }
+
+    /// A worker frees a server while clients of its own wait: the worker
+    /// that should have it instead, if any. Without this the freed server
+    /// serves the worker's own queue (no message: the saturated steady
+    /// state), which alone would let the worker that got the servers first
+    /// keep them.
+    ///
+    /// Only a worker whose needs wait at the router can be given one (the
+    /// router hands it over). It gets it when either
+    /// - **shares**: servers should be split in proportion to demand (the
+    ///   clients holding or waiting for a server on each worker), and this
+    ///   worker holds more than half a server above its share while the
+    ///   other holds more than half a server below its own; the move
+    ///   brings both closer, and no move can undo it while demand holds,
+    ///   so a steady split stays put; or
+    /// - **age**: its first queued client has waited more than `STARVE_US`
+    ///   longer than this worker's first, which bounds the unfairness and
+    ///   lets a worker whose share is a fraction of a server take turns.
+    ///
+    /// Relaxed loads: a stale value costs one move too many or too few,
+    /// corrected at a later release; `pool_size` is the router's and holds
+    /// whatever this decides.
+    pub(crate) fn gives_way(&self, mine: Mine) -> Option<WorkerId> {
+        if self.load.len() < 2 || mine.queued == 0 {
+            return None;
+        }
+        // Demand: busy servers (held but not kept idle) and queued clients.
+        // Here, the server being freed is no longer busy.
+        let demand_mine = mine.held.saturating_sub(1) + mine.queued;
+        let (mut servers, mut demand) = (mine.held as u128, demand_mine as u128);
+        // The candidates, on the stack (no allocation per release; past
+        // eight workers waiting at once, the first eight are considered).
+        let mut others: [(WorkerId, u128, u128, u64); 8] = [(0, 0, 0, 0); 8];
+        let mut n = 0;
+        for (w, l) in self.load.iter().enumerate() {
+            if w == mine.worker {
+                continue;
+            }
+            let held = l.held.load(Ordering::Relaxed);
+            let queued = l.queued.load(Ordering::Relaxed);
+            let idle = self.idle.get(w).map_or(0, |i| i.load(Ordering::Relaxed));
+            let d = held.saturating_sub(idle) + queued;
+            servers += held as u128;
+            demand += d as u128;
+            let asks = self
+                .waiting
+                .get(w)
+                .is_some_and(|x| x.load(Ordering::Relaxed) > 0);
+            if asks && queued > 0 && n < others.len() {
+                let since = l.since.load(Ordering::Relaxed);
+                others[n] = (w, held as u128, d as u128, since);
+                n += 1;
+            }
+        }
+        let others = &others[..n];
+        if others.is_empty() || demand == 0 {
+            return None;
+        }
+        // Scaled by `demand`: share_w * demand = servers * demand_w.
+        let over = (mine.held as u128 * demand).saturating_sub(servers * demand_mine as u128);
+        if 2 * over > demand {
+            let short = others
+                .iter()
+                .map(|&(w, held, d, _)| (w, (servers * d).saturating_sub(held * demand)))
+                .filter(|&(_, short)| 2 * short > demand)
+                .max_by_key(|&(_, short)| short);
+            if let Some((w, _)) = short {
+                return Some(w);
+            }
+        }
+        let waited = |since: u64| mine.now.saturating_sub(since);
+        let mine_waited = waited(mine.since);
+        others
+            .iter()
+            .filter(|&&(_, _, _, since)| since > 0 && waited(since) > mine_waited + STARVE_US)
+            .max_by_key(|&&(_, _, _, since)| waited(since))
+            .map(|&(w, ..)| w)
+    }
+
+    /// Idle servers kept by the workers, in total.
+    pub(crate) fn idle_total(&self) -> usize {
+        self.idle.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+
+    /// True when a worker other than `worker` has a need queued.
+    pub(crate) fn others_waiting(&self, worker: WorkerId) -> bool {
+        self.waiting
+            .iter()
+            .enumerate()
+            .any(|(w, n)| w != worker && n.load(Ordering::SeqCst) > 0)
+    }
+
+    /// A worker keeps a released server idle: true when it may, false when
+    /// it must hand it to the router (another worker's need is queued).
+    pub(crate) fn keep(&self, worker: WorkerId) -> bool {
+        let Some(idle) = self.idle.get(worker) else {
+            return false;
+        };
+        idle.fetch_add(1, Ordering::SeqCst);
+        if self.others_waiting(worker) || self.retired.load(Ordering::SeqCst) {
+            idle.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Counts a login in second `now_s`; returns the logins of that second
+    /// so far, this one included (a fixed one-second window, lock-free).
+    pub(crate) fn count_login(&self, now_s: u32) -> u32 {
+        let mut cur = self.logins.load(Ordering::Relaxed);
+        loop {
+            let (sec, n) = ((cur >> 32) as u32, cur as u32);
+            let next_n = if sec == now_s { n.saturating_add(1) } else { 1 };
+            let next = (u64::from(now_s) << 32) | u64::from(next_n);
+            match self
+                .logins
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return next_n,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// A worker about to reuse a released server: `Some` when it must close
+    /// it instead (two relaxed loads when nothing is to be given up).
+    pub(crate) fn give_up_one(&self) -> Option<GiveUp> {
+        if take_one(&self.oversize) {
+            Some(GiveUp::PoolSize)
+        } else if take_one(&self.shrink) {
+            Some(GiveUp::StorageShare)
+        } else {
+            None
+        }
+    }
+
+    /// A worker about to keep or hand out an idle server: true when it
+    /// must close it instead, the pool being above its pool_size.
+    pub(crate) fn give_up_oversize(&self) -> bool {
+        take_one(&self.oversize)
+    }
+
+    /// A worker takes one of its kept servers out of its idle list.
+    pub(crate) fn taken(&self, worker: WorkerId) {
+        if let Some(idle) = self.idle.get(worker) {
+            let _ = idle.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        }
+    }
+}
+
+/// Every pool's shared state, found by key. Locked only the first time a
+/// worker meets a pool (it keeps the `Arc`), never per message.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    workers: usize,
+    pools: Mutex<HashMap<PoolKey, Arc<PoolShared>>>,
+    /// CancelRequests in flight to servers, all workers together
+    /// (`cancel_max`).
+    pub(crate) cancels: Arc<AtomicUsize>,
+}
+
+impl Registry {
+    pub(crate) fn new(workers: usize) -> Self {
+        Self {
+            workers,
+            pools: Mutex::new(HashMap::new()),
+            cancels: Arc::default(),
+        }
+    }
+
+    /// The shared state of `key`, created on first use.
+    pub(crate) fn get(&self, key: &PoolKey) -> Arc<PoolShared> {
+        let mut pools = self
+            .pools
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(
+            pools
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(PoolShared::new(self.workers))),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Worker 1 holds `held` servers, has `queued` clients waiting since
+    /// `since` and as many needs at the router.
+    fn other(p: &PoolShared, held: usize, queued: usize, since: u64) {
+        p.publish_held(1, held);
+        p.publish_queue(1, queued, since);
+        p.waiting[1].store(queued, Ordering::SeqCst);
+    }
+
+    fn mine(held: usize, queued: usize, since: u64, now: u64) -> Mine {
+        Mine {
+            worker: 0,
+            held,
+            queued,
+            since,
+            now,
+        }
+    }
+
+    #[test]
+    fn a_balanced_split_stays_put() {
+        let p = PoolShared::new(2);
+        // 32 clients on each worker, 4 servers each: each release serves
+        // its own queue, whatever the ages (within STARVE_US).
+        other(&p, 4, 28, 1_000);
+        assert_eq!(p.gives_way(mine(4, 28, 1_000, 5_000)), None);
+        assert_eq!(p.gives_way(mine(4, 27, 1_500, 5_000)), None);
+        // One client more or less on either side changes nothing.
+        other(&p, 4, 29, 900);
+        assert_eq!(p.gives_way(mine(4, 26, 1_000, 5_000)), None);
+    }
+
+    #[test]
+    fn servers_follow_demand_until_shares_are_met_then_stop() {
+        let p = PoolShared::new(2);
+        // Worker 0 got all 8 servers first; worker 1's 32 clients wait.
+        let mut held = [8usize, 0];
+        let mut moves = 0;
+        for _ in 0..20 {
+            other(&p, held[1], 32 - held[1], 1_000);
+            match p.gives_way(mine(held[0], 32 - held[0], 1_000, 2_000)) {
+                Some(1) => {
+                    held[0] -= 1;
+                    held[1] += 1;
+                    moves += 1;
+                }
+                None => {}
+                w => panic!("gave to {w:?}"),
+            }
+        }
+        assert_eq!(held, [4, 4]);
+        assert_eq!(moves, 4);
+        // Demand 48 against 16: the split follows it (6 and 2).
+        other(&p, 4, 12, 1_000);
+        let mut h0 = 4;
+        assert_eq!(p.gives_way(mine(h0, 48 - h0, 1_000, 2_000)), None);
+        // Seen from worker 1 (roles swapped), which holds too many.
+        let q = PoolShared::new(2);
+        q.publish_held(1, h0);
+        q.publish_queue(1, 48 - h0, 1_000);
+        q.waiting[1].store(44, Ordering::SeqCst);
+        let mut h1 = 4;
+        while q.gives_way(mine(h1, 16 - h1, 1_000, 2_000)) == Some(1) {
+            h1 -= 1;
+            h0 += 1;
+            q.publish_held(1, h0);
+            q.publish_queue(1, 48 - h0, 1_000);
+        }
+        assert_eq!((h0, h1), (6, 2));
+    }
+
+    #[test]
+    fn a_fraction_of_a_server_is_had_by_waiting_longest() {
+        let p = PoolShared::new(2);
+        // 63 clients here on 8 servers, 1 on worker 1 with none: its
+        // share is an eighth of a server, never half of one.
+        other(&p, 0, 1, 1_000);
+        assert_eq!(
+            p.gives_way(mine(8, 55, 1_000 + STARVE_US, 1_000 + STARVE_US)),
+            None
+        );
+        // Its client (waiting since 1_000) waited more than STARVE_US
+        // longer than our first: it has it.
+        let now = 1_000 + 3 * STARVE_US;
+        let ours_since = |waited: u64| now - waited;
+        assert_eq!(
+            p.gives_way(mine(8, 55, ours_since(2 * STARVE_US), now)),
+            None
+        );
+        assert_eq!(
+            p.gives_way(mine(8, 55, ours_since(2 * STARVE_US - 1), now)),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn nothing_is_given_to_a_worker_not_asking() {
+        let p = PoolShared::new(2);
+        // Worker 1 has queued clients but no need at the router (its own
+        // servers will serve them, or its need was met already).
+        p.publish_held(1, 0);
+        p.publish_queue(1, 30, 1);
+        assert_eq!(p.gives_way(mine(8, 30, 50_000, 60_000)), None);
+        // Nor by a worker whose own queue is empty (it keeps or releases).
+        other(&p, 0, 30, 1);
+        assert_eq!(p.gives_way(mine(8, 0, 0, 60_000)), None);
+        // One worker: nobody to give to.
+        let one = PoolShared::new(1);
+        assert_eq!(one.gives_way(mine(8, 30, 1, 60_000)), None);
+    }
+}
