@@ -4,29 +4,33 @@
 //! the pools' books (see [`crate::router`]), and answers start, reload,
 //! inspect and shutdown.
 
+mod console;
+mod gather;
+mod http;
+
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
-use log::{debug, error, info, warn};
-use odissey_facade::{
-    Call, ClientInfo, ConfigSource, Error, Inspection, Reply, Request, ServerInfo, Started,
-};
+use log::{error, info, warn};
+use odissey_facade::{Call, ConfigSource, Error, Reply, Request, Started};
 use odissey_protocol::backend;
 use odissey_reactor::{Context, Handler, Key, Reactor, Ready, Sender, TimerId, Token};
-use odissey_transport::{Listener, ListenerAddr, SocketResult, Stream};
+use odissey_transport::{Listener, ListenerAddr};
 
 use crate::cmd::{SysCmd, WorkerCmd};
 use crate::config::{resolve, Config};
-use crate::console::{self, Command, Show};
 use crate::metrics;
 use crate::router::{Action, PoolKey, Registry, Router, WorkerId};
-use crate::stats::Counters;
 use crate::tls::TlsSet;
 use crate::worker::Worker;
+
+use console::{kill_answer, KillWait};
+use gather::{Gather, Purpose, GATHER_TIMEOUT};
+use http::{MetricsServer, METRICS_LISTENER};
 
 /// Deadlines of the system thread.
 #[derive(Debug)]
@@ -50,89 +54,6 @@ pub(crate) enum SysTimer {
 /// How often pools are topped up to `min_pool_size`.
 const WARM_EVERY: Duration = Duration::from_secs(1);
 
-/// The Prometheus endpoint: a listener and its HTTP connections, polled by
-/// this thread's reactor.
-struct MetricsServer {
-    listener: Listener,
-    conns: slab::Slab<HttpConn>,
-    next_serial: u64,
-    /// The armed `HttpSweep` and when it fires: never later than the
-    /// earliest deadline of an open connection.
-    sweep: Option<(TimerId, Instant)>,
-}
-
-/// One HTTP connection: a request head in, one response out, then closed.
-struct HttpConn {
-    stream: Stream,
-    rx: BytesMut,
-    out: BytesMut,
-    /// Tells a reused slot from the connection a gathering was started for.
-    serial: u64,
-    /// The metrics are being gathered for it.
-    gathering: bool,
-    /// Its response is in `out`: write it, then close.
-    replied: bool,
-    /// When it is closed if still open: [`HTTP_HEAD_TIMEOUT`] after the
-    /// accept, then [`HTTP_ANSWER_TIMEOUT`] once its request head is whole.
-    deadline: Instant,
-}
-
-impl HttpConn {
-    /// Still waiting for its request head: what an idle or slow peer
-    /// looks like, and what gives way first when the slots are full.
-    fn waiting(&self) -> bool {
-        !self.gathering && !self.replied
-    }
-}
-
-/// Tokens of the system thread's reactor: the metrics listener, then its
-/// connections by slab index (the waker has `usize::MAX`).
-const METRICS_LISTENER: Token = Token(usize::MAX - 1);
-
-/// HTTP connections served at once. A connection accepted when all are
-/// taken closes the oldest one still waiting for its request head (else
-/// the oldest), so idle or slow peers cannot lock scrapers out.
-const MAX_HTTP: usize = 64;
-
-/// How long a metrics connection has to send a whole request head after
-/// its accept (not reset by partial data, so a trickle doesn't extend it).
-const HTTP_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long it then has for its answer: the gathering (at most
-/// [`GATHER_TIMEOUT`]) and reading the response.
-const HTTP_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Connection lists being collected from the workers, and who asked.
-struct Gather {
-    /// Workers yet to answer.
-    left: usize,
-    clients: Vec<ClientInfo>,
-    servers: Vec<ServerInfo>,
-    /// Counters by (database, user), summed over workers.
-    counters: HashMap<(String, String), Counters>,
-    purpose: Purpose,
-    timer: Option<TimerId>,
-}
-
-/// Who a gathering is for.
-enum Purpose {
-    /// A facade `inspect`.
-    Inspect(Call),
-    /// A console client's `SHOW`.
-    Console {
-        worker: WorkerId,
-        client: Key,
-        show: Show,
-    },
-    /// A `GET /metrics` on HTTP connection `conn`.
-    Metrics { conn: usize, serial: u64 },
-    /// The `stats_interval` summary.
-    Log,
-}
-
-/// How long a gathering waits for the workers.
-const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
-
 struct Running {
     cfg: Arc<Config>,
     /// The TLS material the workers use.
@@ -145,19 +66,6 @@ struct Running {
 }
 
 /// The system thread's handler.
-/// A console KILL waiting for every worker to say how many connections
-/// it closed.
-struct KillWait {
-    left: usize,
-    closed: usize,
-    /// The target names a database of the config or of a pool: killing
-    /// nothing there is no error (it had no connections).
-    known: bool,
-    worker: WorkerId,
-    client: Key,
-    target: String,
-}
-
 pub(crate) struct System {
     me: Sender<SysCmd>,
     running: Option<Running>,
@@ -410,22 +318,6 @@ impl System {
         Ok(notes)
     }
 
-    fn inspect(&self) -> Inspection {
-        let mut i = Inspection {
-            clients: self.clients.load(std::sync::atomic::Ordering::Relaxed),
-            routes: self.router.stats(),
-            storages: self.router.storage_stats(),
-            ..Inspection::default()
-        };
-        if let Some(run) = &self.running {
-            i.tcp.clone_from(&run.started.tcp);
-            i.unix.clone_from(&run.started.unix);
-            i.workers = run.started.workers;
-            i.metrics = run.started.metrics;
-        }
-        i
-    }
-
     fn shutdown(&mut self, cx: &mut Context<'_, SysTimer>, call: Option<Call>, grace: Duration) {
         let Some(run) = &mut self.running else {
             if let Some(call) = call {
@@ -459,110 +351,6 @@ impl System {
         }
     }
 
-    /// Asks every worker for its connections; `purpose` is served when all
-    /// have answered (or after `GATHER_TIMEOUT`).
-    fn gather(&mut self, cx: &mut Context<'_, SysTimer>, purpose: Purpose) {
-        let id = self.next_gather;
-        self.next_gather += 1;
-        let mut left = 0;
-        if let Some(run) = &self.running {
-            for w in &run.workers {
-                if w.send(WorkerCmd::Snapshot { id }).is_ok() {
-                    left += 1;
-                }
-            }
-        }
-        let timer =
-            (left > 0).then(|| cx.set_timer(cx.now() + GATHER_TIMEOUT, SysTimer::Gather(id)));
-        self.gathers.insert(
-            id,
-            Gather {
-                left,
-                clients: Vec::new(),
-                servers: Vec::new(),
-                counters: HashMap::new(),
-                purpose,
-                timer,
-            },
-        );
-        if left == 0 {
-            self.complete_gather(cx, id);
-        }
-    }
-
-    fn complete_gather(&mut self, cx: &mut Context<'_, SysTimer>, id: u64) {
-        let Some(mut g) = self.gathers.remove(&id) else {
-            return;
-        };
-        if let Some(t) = g.timer.take() {
-            cx.cancel_timer(t);
-        }
-        let mut ins = self.inspect();
-        g.clients
-            .sort_by(|a, b| (&a.database, &a.user, &a.id).cmp(&(&b.database, &b.user, &b.id)));
-        g.servers
-            .sort_by(|a, b| (&a.database, &a.user, &a.id).cmp(&(&b.database, &b.user, &b.id)));
-        ins.client_list = g.clients;
-        ins.server_list = g.servers;
-        for r in &mut ins.routes {
-            r.clients_pinned = ins
-                .client_list
-                .iter()
-                .filter(|c| c.pinned.is_some() && c.database == r.database && c.user == r.user)
-                .count();
-            if let Some(c) = g.counters.get(&(r.database.clone(), r.user.clone())) {
-                r.xact_count = c.xacts;
-                r.query_count = c.queries;
-                r.bytes_received = c.bytes_in;
-                r.bytes_sent = c.bytes_out;
-                r.xact_time_us = c.xact_us;
-                r.query_time_us = c.query_us;
-                r.wait_count = c.waits;
-                r.wait_time_us = c.wait_us;
-                r.wait_p50_us = c.wait_hist.quantile(0.50);
-                r.wait_p95_us = c.wait_hist.quantile(0.95);
-                r.wait_p99_us = c.wait_hist.quantile(0.99);
-                r.errors = c
-                    .errors
-                    .iter()
-                    .map(|(class, n)| (String::from_utf8_lossy(class).into_owned(), *n))
-                    .collect();
-                r.errors.sort();
-            }
-        }
-        match g.purpose {
-            Purpose::Inspect(call) => call.answer(Reply::Inspected(ins)),
-            Purpose::Console {
-                worker,
-                client,
-                show,
-            } => {
-                let mut out = BytesMut::new();
-                if let Some(run) = &self.running {
-                    console::show(&mut out, show, &ins, &run.cfg);
-                }
-                self.console_reply(worker, client, out, false);
-            }
-            Purpose::Metrics { conn, serial } => {
-                let body = metrics::render(&ins);
-                let reply =
-                    metrics::response("200 OK", "text/plain; version=0.0.4; charset=utf-8", &body);
-                self.answer_http(cx, conn, serial, reply);
-            }
-            Purpose::Log => {
-                let now = std::time::Instant::now();
-                for line in metrics::summaries(&ins, &mut self.stats_prev, now - self.stats_at) {
-                    info!("{line}");
-                }
-                self.stats_at = now;
-                if let Some(run) = &self.running {
-                    let cfg = Arc::clone(&run.cfg);
-                    self.arm_stats(cx, &cfg);
-                }
-            }
-        }
-    }
-
     /// Opens what `min_pool_size` asks for.
     fn warm(&mut self) {
         let Some(run) = &self.running else {
@@ -592,338 +380,6 @@ impl System {
         if cfg.stats_interval > 0 && self.stats_timer.is_none() && self.stopping.is_none() {
             let at = cx.now() + Duration::from_secs(cfg.stats_interval);
             self.stats_timer = Some(cx.set_timer(at, SysTimer::Stats));
-        }
-    }
-
-    fn accept_http(&mut self, cx: &mut Context<'_, SysTimer>) {
-        let Some(m) = &mut self.metrics else {
-            return;
-        };
-        loop {
-            match m.listener.accept() {
-                Ok(Some((mut stream, _))) => {
-                    if m.conns.len() >= MAX_HTTP {
-                        // Serials grow with each accept: the smallest is
-                        // the oldest.
-                        let oldest = m
-                            .conns
-                            .iter()
-                            .min_by_key(|(_, c)| (!c.waiting(), c.serial))
-                            .map(|(i, c)| (i, c.waiting()));
-                        if let Some((i, waiting)) = oldest {
-                            debug!(
-                                "metrics: {MAX_HTTP} connections open; closing the oldest {}",
-                                if waiting {
-                                    "one still waiting for its request"
-                                } else {
-                                    "one being answered"
-                                }
-                            );
-                            m.conns.remove(i);
-                        }
-                    }
-                    let deadline = cx.now() + HTTP_HEAD_TIMEOUT;
-                    let entry = m.conns.vacant_entry();
-                    let token = Token(entry.key());
-                    if cx
-                        .registry()
-                        .register(
-                            &mut stream,
-                            token,
-                            mio::Interest::READABLE | mio::Interest::WRITABLE,
-                        )
-                        .is_err()
-                    {
-                        continue;
-                    }
-                    m.next_serial += 1;
-                    entry.insert(HttpConn {
-                        stream,
-                        rx: BytesMut::new(),
-                        out: BytesMut::new(),
-                        serial: m.next_serial,
-                        gathering: false,
-                        replied: false,
-                        deadline,
-                    });
-                    if !matches!(m.sweep, Some((_, at)) if at <= deadline) {
-                        if let Some((id, _)) = m.sweep.take() {
-                            cx.cancel_timer(id);
-                        }
-                        m.sweep = Some((cx.set_timer(deadline, SysTimer::HttpSweep), deadline));
-                    }
-                    // Its request may already be there.
-                    self.drive_http(cx, token.0, Ready::default());
-                    return self.accept_http(cx);
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    warn!("metrics: accept failed: {e}");
-                    return;
-                }
-            }
-        }
-    }
-
-    fn drive_http(&mut self, cx: &mut Context<'_, SysTimer>, i: usize, _ready: Ready) {
-        let Some(m) = &mut self.metrics else {
-            return;
-        };
-        let Some(conn) = m.conns.get_mut(i) else {
-            return;
-        };
-        if conn.replied {
-            let (_, r) = conn.stream.write_from(&mut conn.out);
-            if conn.out.is_empty() || matches!(r, SocketResult::Closed | SocketResult::Error(_)) {
-                m.conns.remove(i);
-            }
-            return;
-        }
-        if !conn.gathering {
-            let (_, r) = conn
-                .stream
-                .read_into(&mut conn.rx, metrics::MAX_REQUEST, false);
-            let request = metrics::parse_request(&conn.rx);
-            let closed = matches!(r, SocketResult::Closed | SocketResult::Error(_));
-            if request.is_some() {
-                // The sweep armed for the head timeout comes no later
-                // than this: it re-arms for the rest.
-                conn.deadline = cx.now() + HTTP_ANSWER_TIMEOUT;
-            }
-            let reply = match request {
-                Some(metrics::HttpRequest::Metrics) => {
-                    conn.gathering = true;
-                    let serial = conn.serial;
-                    self.gather(cx, Purpose::Metrics { conn: i, serial });
-                    return;
-                }
-                Some(metrics::HttpRequest::NotFound) => {
-                    metrics::response("404 Not Found", "text/plain", "try /metrics\n")
-                }
-                Some(metrics::HttpRequest::NotAllowed) => {
-                    metrics::response("405 Method Not Allowed", "text/plain", "GET only\n")
-                }
-                Some(metrics::HttpRequest::Bad) => {
-                    metrics::response("400 Bad Request", "text/plain", "bad request\n")
-                }
-                None if conn.rx.len() >= metrics::MAX_REQUEST => {
-                    metrics::response("431 Request Header Fields Too Large", "text/plain", "")
-                }
-                None if closed => {
-                    m.conns.remove(i);
-                    return;
-                }
-                None => return,
-            };
-            let serial = conn.serial;
-            self.answer_http(cx, i, serial, reply);
-        }
-    }
-
-    /// Closes the HTTP connections past their deadline (an idle or slow
-    /// peer, or one that does not read its answer) and arms the next sweep.
-    fn sweep_http(&mut self, cx: &mut Context<'_, SysTimer>) {
-        let Some(m) = &mut self.metrics else {
-            return;
-        };
-        m.sweep = None;
-        let now = cx.now();
-        let before = m.conns.len();
-        m.conns.retain(|_, c| c.deadline > now);
-        if m.conns.len() < before {
-            debug!(
-                "metrics: closed {} connection(s) past their deadline",
-                before - m.conns.len()
-            );
-        }
-        if let Some(at) = m.conns.iter().map(|(_, c)| c.deadline).min() {
-            m.sweep = Some((cx.set_timer(at, SysTimer::HttpSweep), at));
-        }
-    }
-
-    /// Sends connection `i` its response (if it is still the connection
-    /// `serial` names) and closes it once written.
-    fn answer_http(
-        &mut self,
-        _cx: &mut Context<'_, SysTimer>,
-        i: usize,
-        serial: u64,
-        reply: Vec<u8>,
-    ) {
-        let Some(m) = &mut self.metrics else {
-            return;
-        };
-        let Some(conn) = m.conns.get_mut(i).filter(|c| c.serial == serial) else {
-            return;
-        };
-        conn.replied = true;
-        conn.out.extend_from_slice(&reply);
-        let (_, r) = conn.stream.write_from(&mut conn.out);
-        if conn.out.is_empty() || matches!(r, SocketResult::Closed | SocketResult::Error(_)) {
-            m.conns.remove(i);
-        }
-    }
-
-    /// Carries out a console command; the answer goes back to the client's
-    /// worker.
-    fn console(
-        &mut self,
-        cx: &mut Context<'_, SysTimer>,
-        worker: WorkerId,
-        client: Key,
-        command: Command,
-    ) {
-        let mut out = BytesMut::new();
-        match command {
-            Command::Show(show) if show.needs_lists() => {
-                self.gather(
-                    cx,
-                    Purpose::Console {
-                        worker,
-                        client,
-                        show,
-                    },
-                );
-                return;
-            }
-            Command::Show(show) => {
-                if let Some(run) = &self.running {
-                    console::show(&mut out, show, &self.inspect(), &run.cfg);
-                }
-            }
-            Command::Reload => match self.reload(None) {
-                Ok((notes, _)) => {
-                    self.rearm_stats(cx);
-                    for n in notes {
-                        backend::notice_response(&mut out, "WARNING", "01000", &n);
-                    }
-                    backend::command_complete(&mut out, "RELOAD");
-                }
-                Err(e) => {
-                    warn!("reload from the console refused: {e}");
-                    backend::error_response(&mut out, "ERROR", "F0000", &e.to_string(), None);
-                }
-            },
-            Command::Kill(target) => {
-                let id = self.next_gather;
-                self.next_gather += 1;
-                let mut left = 0;
-                if let Some(run) = &self.running {
-                    for w in &run.workers {
-                        let target = target.clone();
-                        if w.send(WorkerCmd::Kill { id, target }).is_ok() {
-                            left += 1;
-                        }
-                    }
-                }
-                info!("console: KILL {target}");
-                let known = self.knows_database(&target);
-                if left > 0 {
-                    // Answered once every worker says what it closed.
-                    self.kills.insert(
-                        id,
-                        KillWait {
-                            left,
-                            closed: 0,
-                            known,
-                            worker,
-                            client,
-                            target,
-                        },
-                    );
-                    return;
-                }
-                kill_answer(&mut out, &target, known);
-            }
-            Command::Shutdown => {
-                info!("console: SHUTDOWN");
-                backend::command_complete(&mut out, "SHUTDOWN");
-                self.console_reply(worker, client, out, true);
-                let grace = self.running.as_ref().map_or(Duration::ZERO, |r| {
-                    Duration::from_millis(r.cfg.shutdown_timeout)
-                });
-                self.shutdown(cx, None, grace);
-                return;
-            }
-            Command::Pause(Some(db)) if !self.knows_database(&db) => {
-                // PgBouncer's words.
-                let message = format!("no such database: {db}");
-                backend::error_response(&mut out, "ERROR", "3D000", &message, None);
-            }
-            Command::Resume(Some(db)) if !self.paused_dbs.contains(&db) => {
-                let message = format!("database {db} is not paused");
-                backend::error_response(&mut out, "ERROR", "55000", &message, None);
-            }
-            Command::Resume(None) if !self.paused_all && self.paused_dbs.is_empty() => {
-                let message = "odissey is not paused";
-                backend::error_response(&mut out, "ERROR", "55000", message, None);
-            }
-            Command::Pause(database) => {
-                match &database {
-                    Some(db) => {
-                        self.paused_dbs.insert(db.clone());
-                    }
-                    None => self.paused_all = true,
-                }
-                let id = self.next_gather;
-                self.next_gather += 1;
-                let mut left = 0;
-                if let Some(run) = &self.running {
-                    for w in &run.workers {
-                        let database = database.clone();
-                        if w.send(WorkerCmd::Pause { id, database }).is_ok() {
-                            left += 1;
-                        }
-                    }
-                }
-                info!("console: PAUSE {}", database.as_deref().unwrap_or("(all)"));
-                if left > 0 {
-                    // Answered when every worker's transactions are done.
-                    self.pauses.insert(id, (left, worker, client));
-                    return;
-                }
-                backend::command_complete(&mut out, "PAUSE");
-            }
-            Command::Resume(database) => {
-                // As the workers do it: RESUME (all) lifts every pause.
-                match &database {
-                    Some(db) => {
-                        self.paused_dbs.remove(db);
-                    }
-                    None => {
-                        self.paused_all = false;
-                        self.paused_dbs.clear();
-                    }
-                }
-                if let Some(run) = &self.running {
-                    for w in &run.workers {
-                        let database = database.clone();
-                        let _ = w.send(WorkerCmd::Resume { database });
-                    }
-                }
-                info!("console: RESUME {}", database.as_deref().unwrap_or("(all)"));
-                backend::command_complete(&mut out, "RESUME");
-            }
-        }
-        self.console_reply(worker, client, out, false);
-    }
-
-    /// Whether `db` names a database: a route of the running config, or a
-    /// pool (a default route's, or one kept by clients of an older config).
-    fn knows_database(&self, db: &str) -> bool {
-        self.running
-            .as_ref()
-            .is_some_and(|r| r.cfg.database.contains_key(db))
-            || self.router.knows_database(db)
-    }
-
-    fn console_reply(&self, worker: WorkerId, client: Key, data: BytesMut, close: bool) {
-        if let Some(w) = self.running.as_ref().and_then(|r| r.workers.get(worker)) {
-            let _ = w.send(WorkerCmd::ConsoleReply {
-                client,
-                data,
-                close,
-            });
         }
     }
 
@@ -1269,15 +725,4 @@ pub(crate) fn spawn_system() -> std::io::Result<odissey_facade::Handle> {
         Box::new(move |call| tx.send(SysCmd::Facade(call)).is_ok()),
         thread,
     ))
-}
-
-/// The answer to a console KILL: done, or an error when the target named
-/// no connection and no database (PgBouncer's "no such database").
-fn kill_answer(out: &mut BytesMut, target: &str, matched: bool) {
-    if matched {
-        backend::command_complete(out, "KILL");
-    } else {
-        let message = format!("no such client or database: {target}");
-        backend::error_response(out, "ERROR", "42704", &message, None);
-    }
 }
