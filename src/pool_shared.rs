@@ -17,6 +17,19 @@ use crate::router::{PoolKey, WorkerId};
 /// worker whose share is a fraction of a server take turns with the others.
 pub(crate) const STARVE_US: u64 = 10_000;
 
+/// How long a worker keeps a server idle for its own clients while
+/// another worker's clients wait before it lends it (and how long its
+/// needs stay asked for after its queue empties). Demand comes in bursts
+/// shorter than this; moving a server costs three messages and an epoll
+/// registration, so a server is not moved for a gap between two of its
+/// own clients' transactions. The bound on how long a client waits while
+/// an idle server of its pool sits on another worker.
+pub(crate) const LEND_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// The time constant of each worker's smoothed demand: shares follow
+/// demand that holds for tens of milliseconds, not each transaction.
+const DEMAND_TAU_US: f64 = 50_000.0;
+
 /// What one worker holds and wants of a pool, written only by that worker
 /// (plain stores, on a cache line of its own so the workers writing their
 /// loads do not slow each other) and read by the others when they free a
@@ -32,14 +45,41 @@ pub(crate) struct WorkerLoad {
     /// When its first queued client began to wait (`PoolShared::clock`),
     /// 0 when none waits.
     since: AtomicU64,
+    /// Its smoothed demand (`Demand`), as `f64` bits.
+    demand: AtomicU64,
+}
+
+/// A worker's demand for a pool's servers: its busy servers plus its
+/// queued clients, smoothed over time (an exponential moving average
+/// weighted by how long each value held, time constant `DEMAND_TAU_US`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Demand {
+    avg: f64,
+    last: usize,
+    at: u64,
+}
+
+impl Demand {
+    /// The demand is `now_is` from `now` on (`PoolShared::clock`);
+    /// returns the smoothed value.
+    pub(crate) fn observe(&mut self, now: u64, now_is: usize) -> f64 {
+        let dt = now.saturating_sub(self.at) as f64;
+        let alpha = -(-dt / DEMAND_TAU_US).exp_m1();
+        self.avg += (self.last as f64 - self.avg) * alpha;
+        self.last = now_is;
+        self.at = now;
+        self.avg
+    }
 }
 
 /// A worker's own view of its load, exact, as it frees a server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Mine {
     pub(crate) worker: WorkerId,
     /// Servers it holds, the one being freed included.
     pub(crate) held: usize,
+    /// Its smoothed demand.
+    pub(crate) demand: f64,
     /// Clients queued there (at least one, or nothing is to be given).
     pub(crate) queued: usize,
     /// When the first of them began to wait (`PoolShared::clock`).
@@ -48,7 +88,7 @@ pub(crate) struct Mine {
     pub(crate) now: u64,
 }
 
-/// What the router and the workers share about one pool, as atomics so that the router and the workers share about one pool, as atomics so that
+/// What the router and the workers share about one pool, as atomics so that
 /// the hot path needs neither a lock nor a message.
 ///
 /// `keep` and the router's queueing form a handshake: a worker about to
@@ -56,7 +96,8 @@ pub(crate) struct Mine {
 /// other workers' `waiting`; the router about to queue a need increments
 /// `waiting` *then* reads the `idle` counts. With sequentially consistent
 /// atomics at least one of them sees the other, so a queued need is never
-/// left beside an idle server.
+/// left beside an idle server: the worker lends it (`wants_lend`, within
+/// `LEND_AFTER`), or the router asks for it (`Reclaim`).
 #[derive(Debug)]
 pub(crate) struct PoolShared {
     /// Needs queued at the router, per worker.
@@ -149,12 +190,53 @@ impl PoolShared {
     }
 
     /// `worker` now has `queued` clients waiting, the first since `since`
-    /// (0 when none).
-    pub(crate) fn publish_queue(&self, worker: WorkerId, queued: usize, since: u64) {
+    /// (0 when none), and a smoothed demand of `demand`.
+    pub(crate) fn publish_queue(&self, worker: WorkerId, queued: usize, since: u64, demand: f64) {
         if let Some(l) = self.load.get(worker) {
             l.queued.store(queued, Ordering::Relaxed);
             l.since.store(since, Ordering::Relaxed);
+            l.demand.store(demand.to_bits(), Ordering::Relaxed);
         }
+    }
+
+    /// Clients queued on the workers other than `worker` whose needs wait
+    /// at the router: how many servers lending could serve.
+    pub(crate) fn queued_elsewhere(&self, worker: WorkerId) -> usize {
+        self.load
+            .iter()
+            .enumerate()
+            .filter(|&(w, _)| {
+                w != worker
+                    && self
+                        .waiting
+                        .get(w)
+                        .is_some_and(|n| n.load(Ordering::SeqCst) > 0)
+            })
+            .map(|(_, l)| l.queued.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The worker (other than `worker`) whose needs wait at the router and
+    /// whose clients are queued now, the most of them: the one to lend an
+    /// idle server to. A need whose clients were served meanwhile (its
+    /// withdrawal waits `LEND_AFTER`) attracts nothing.
+    pub(crate) fn wants_lend(&self, worker: WorkerId) -> Option<WorkerId> {
+        let mut best: Option<(WorkerId, usize)> = None;
+        for (w, l) in self.load.iter().enumerate() {
+            if w == worker
+                || self
+                    .waiting
+                    .get(w)
+                    .is_none_or(|n| n.load(Ordering::SeqCst) == 0)
+            {
+                continue;
+            }
+            let q = l.queued.load(Ordering::Relaxed);
+            if q > 0 && best.is_none_or(|(_, b)| q > b) {
+                best = Some((w, q));
+            }
+        }
+        best.map(|(w, _)| w)
     }
 
     /// A worker frees a server while clients of its own wait: the worker
@@ -163,14 +245,14 @@ impl PoolShared {
     /// state), which alone would let the worker that got the servers first
     /// keep them.
     ///
-    /// Only a worker whose needs wait at the router can be given one (the
-    /// router hands it over). It gets it when either
-    /// - **shares**: servers should be split in proportion to demand (the
-    ///   clients holding or waiting for a server on each worker), and this
-    ///   worker holds more than half a server above its share while the
-    ///   other holds more than half a server below its own; the move
-    ///   brings both closer, and no move can undo it while demand holds,
-    ///   so a steady split stays put; or
+    /// Only a worker whose needs wait at the router and whose clients are
+    /// queued can be given one (the router hands it over). It gets it when
+    /// either
+    /// - **shares**: servers should be split in proportion to the workers'
+    ///   smoothed demand, and this worker holds more than half a server
+    ///   above its share while the other holds more than half a server
+    ///   below its own; the move brings both closer, and no move can undo
+    ///   it while demand holds, so a steady split stays put; or
     /// - **age**: its first queued client has waited more than `STARVE_US`
     ///   longer than this worker's first, which bounds the unfairness and
     ///   lets a worker whose share is a fraction of a server take turns.
@@ -182,46 +264,38 @@ impl PoolShared {
         if self.load.len() < 2 || mine.queued == 0 {
             return None;
         }
-        // Demand: busy servers (held but not kept idle) and queued clients.
-        // Here, the server being freed is no longer busy.
-        let demand_mine = mine.held.saturating_sub(1) + mine.queued;
-        let (mut servers, mut demand) = (mine.held as u128, demand_mine as u128);
+        let (mut servers, mut demand) = (mine.held as f64, mine.demand);
         // The candidates, on the stack (no allocation per release; past
         // eight workers waiting at once, the first eight are considered).
-        let mut others: [(WorkerId, u128, u128, u64); 8] = [(0, 0, 0, 0); 8];
+        let mut others: [(WorkerId, f64, f64, u64); 8] = [(0, 0.0, 0.0, 0); 8];
         let mut n = 0;
         for (w, l) in self.load.iter().enumerate() {
             if w == mine.worker {
                 continue;
             }
-            let held = l.held.load(Ordering::Relaxed);
-            let queued = l.queued.load(Ordering::Relaxed);
-            let idle = self.idle.get(w).map_or(0, |i| i.load(Ordering::Relaxed));
-            let d = held.saturating_sub(idle) + queued;
-            servers += held as u128;
-            demand += d as u128;
+            let held = l.held.load(Ordering::Relaxed) as f64;
+            let d = f64::from_bits(l.demand.load(Ordering::Relaxed));
+            servers += held;
+            demand += d;
             let asks = self
                 .waiting
                 .get(w)
                 .is_some_and(|x| x.load(Ordering::Relaxed) > 0);
-            if asks && queued > 0 && n < others.len() {
-                let since = l.since.load(Ordering::Relaxed);
-                others[n] = (w, held as u128, d as u128, since);
+            if asks && l.queued.load(Ordering::Relaxed) > 0 && n < others.len() {
+                others[n] = (w, held, d, l.since.load(Ordering::Relaxed));
                 n += 1;
             }
         }
         let others = &others[..n];
-        if others.is_empty() || demand == 0 {
+        if others.is_empty() {
             return None;
         }
-        // Scaled by `demand`: share_w * demand = servers * demand_w.
-        let over = (mine.held as u128 * demand).saturating_sub(servers * demand_mine as u128);
-        if 2 * over > demand {
+        if demand > 0.0 && mine.held as f64 - servers * mine.demand / demand > 0.5 {
             let short = others
                 .iter()
-                .map(|&(w, held, d, _)| (w, (servers * d).saturating_sub(held * demand)))
-                .filter(|&(_, short)| 2 * short > demand)
-                .max_by_key(|&(_, short)| short);
+                .map(|&(w, held, d, _)| (w, servers * d / demand - held))
+                .filter(|&(_, short)| short > 0.5)
+                .max_by(|a, b| a.1.total_cmp(&b.1));
             if let Some((w, _)) = short {
                 return Some(w);
             }
@@ -248,18 +322,18 @@ impl PoolShared {
             .any(|(w, n)| w != worker && n.load(Ordering::SeqCst) > 0)
     }
 
-    /// A worker keeps a released server idle: true when it may, false when
-    /// it must hand it to the router (another worker's need is queued).
-    pub(crate) fn keep(&self, worker: WorkerId) -> bool {
-        let Some(idle) = self.idle.get(worker) else {
-            return false;
-        };
+    /// A worker keeps a released server idle: `None` when it may not
+    /// (the pool was retired), else whether another worker's clients wait
+    /// for one (then it lends it if none of its own came within
+    /// `LEND_AFTER`).
+    pub(crate) fn keep(&self, worker: WorkerId) -> Option<bool> {
+        let idle = self.idle.get(worker)?;
         idle.fetch_add(1, Ordering::SeqCst);
-        if self.others_waiting(worker) || self.retired.load(Ordering::SeqCst) {
+        if self.retired.load(Ordering::SeqCst) {
             idle.fetch_sub(1, Ordering::SeqCst);
-            return false;
+            return None;
         }
-        true
+        Some(self.wants_lend(worker).is_some())
     }
 
     /// Counts a login in second `now_s`; returns the logins of that second
@@ -344,11 +418,12 @@ impl Registry {
 mod tests {
     use super::*;
 
-    /// Worker 1 holds `held` servers, has `queued` clients waiting since
-    /// `since` and as many needs at the router.
+    /// Worker 1 holds `held` servers, all busy, has `queued` clients
+    /// waiting since `since` and as many needs at the router; its demand
+    /// has been that for long.
     fn other(p: &PoolShared, held: usize, queued: usize, since: u64) {
         p.publish_held(1, held);
-        p.publish_queue(1, queued, since);
+        p.publish_queue(1, queued, since, (held + queued) as f64);
         p.waiting[1].store(queued, Ordering::SeqCst);
     }
 
@@ -356,6 +431,7 @@ mod tests {
         Mine {
             worker: 0,
             held,
+            demand: (held + queued) as f64,
             queued,
             since,
             now,
@@ -370,9 +446,9 @@ mod tests {
         other(&p, 4, 28, 1_000);
         assert_eq!(p.gives_way(mine(4, 28, 1_000, 5_000)), None);
         assert_eq!(p.gives_way(mine(4, 27, 1_500, 5_000)), None);
-        // One client more or less on either side changes nothing.
-        other(&p, 4, 29, 900);
-        assert_eq!(p.gives_way(mine(4, 26, 1_000, 5_000)), None);
+        // A few clients more or less on either side change nothing.
+        other(&p, 4, 30, 900);
+        assert_eq!(p.gives_way(mine(4, 25, 1_000, 5_000)), None);
     }
 
     #[test]
@@ -395,21 +471,19 @@ mod tests {
         }
         assert_eq!(held, [4, 4]);
         assert_eq!(moves, 4);
-        // Demand 48 against 16: the split follows it (6 and 2).
+        // Demand 48 against 16: worker 0, under its share, gives nothing;
+        // worker 1 (seen from itself) gives until the split is 6 and 2.
         other(&p, 4, 12, 1_000);
-        let mut h0 = 4;
-        assert_eq!(p.gives_way(mine(h0, 48 - h0, 1_000, 2_000)), None);
-        // Seen from worker 1 (roles swapped), which holds too many.
+        assert_eq!(p.gives_way(mine(4, 44, 1_000, 2_000)), None);
         let q = PoolShared::new(2);
-        q.publish_held(1, h0);
-        q.publish_queue(1, 48 - h0, 1_000);
-        q.waiting[1].store(44, Ordering::SeqCst);
-        let mut h1 = 4;
-        while q.gives_way(mine(h1, 16 - h1, 1_000, 2_000)) == Some(1) {
+        let (mut h0, mut h1) = (4, 4);
+        loop {
+            other(&q, h0, 48 - h0, 1_000);
+            if q.gives_way(mine(h1, 16 - h1, 1_000, 2_000)) != Some(1) {
+                break;
+            }
             h1 -= 1;
             h0 += 1;
-            q.publish_held(1, h0);
-            q.publish_queue(1, 48 - h0, 1_000);
         }
         assert_eq!((h0, h1), (6, 2));
     }
@@ -439,18 +513,46 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_given_to_a_worker_not_asking() {
+    fn nothing_is_given_or_lent_to_a_worker_not_asking() {
         let p = PoolShared::new(2);
         // Worker 1 has queued clients but no need at the router (its own
         // servers will serve them, or its need was met already).
         p.publish_held(1, 0);
-        p.publish_queue(1, 30, 1);
+        p.publish_queue(1, 30, 1, 30.0);
         assert_eq!(p.gives_way(mine(8, 30, 50_000, 60_000)), None);
-        // Nor by a worker whose own queue is empty (it keeps or releases).
+        assert_eq!(p.wants_lend(0), None);
+        assert_eq!(p.queued_elsewhere(0), 0);
+        // Needs at the router but nobody queued (served meanwhile; the
+        // needs are withdrawn LEND_AFTER later): nothing lent either.
+        p.waiting[1].store(3, Ordering::SeqCst);
+        p.publish_queue(1, 0, 0, 2.0);
+        assert_eq!(p.wants_lend(0), None);
+        // Asking and queued: lent to it, and counted.
         other(&p, 0, 30, 1);
+        assert_eq!(p.wants_lend(0), Some(1));
+        assert_eq!(p.queued_elsewhere(0), 30);
+        assert_eq!(p.wants_lend(1), None, "nobody else asks");
+        // Not by a worker whose own queue is empty (it keeps or lends).
         assert_eq!(p.gives_way(mine(8, 0, 0, 60_000)), None);
         // One worker: nobody to give to.
         let one = PoolShared::new(1);
         assert_eq!(one.gives_way(mine(8, 30, 1, 60_000)), None);
+    }
+
+    #[test]
+    fn demand_is_smoothed_over_time() {
+        let mut d = Demand::default();
+        // 10 for a long time, then a burst of 0 for 1 ms: still about 10.
+        d.observe(1, 10);
+        let settled = d.observe(1_000_000, 10);
+        assert!(settled > 9.99, "{settled}");
+        let after_gap = d.observe(1_001_000, 0);
+        assert!(after_gap > 9.99, "{after_gap}");
+        let burst = d.observe(1_002_000, 10);
+        assert!(burst > 9.7 && burst < 10.0, "{burst}");
+        // Demand that holds for a few time constants is followed.
+        d.observe(1_300_000, 2);
+        let moved = d.observe(1_600_000, 2);
+        assert!(moved > 2.0 && moved < 2.1, "{moved}");
     }
 }

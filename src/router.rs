@@ -13,9 +13,13 @@
 //!   server from its own idle list, a new connection within `pool_size`, or
 //!   queues the need (FIFO across workers) and asks the workers that keep
 //!   idle servers to hand one over (`reclaim`).
-//! - While another worker's need is queued, a worker gives every server it
-//!   releases to the router instead of its own queue, so no worker starves
-//!   while another one keeps all the servers.
+//! - A worker that frees a server while its own clients wait keeps serving
+//!   them unless another worker waiting at the router should have it
+//!   (`PoolShared::gives_way`: servers in proportion to demand, or that
+//!   worker's first client waited much longer); one with nobody waiting
+//!   keeps it idle and lends it after `LEND_AFTER` if another worker's
+//!   clients still wait. So no worker starves while another one keeps all
+//!   the servers, and a saturated pool's transactions send no message.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -874,7 +878,7 @@ mod tests {
         // hands back closes (b waits for the storage, a for nothing).
         router.server_up(&b);
         let sb = registry.get(&b);
-        assert!(sb.keep(1));
+        assert!(sb.keep(1).is_some());
         assert_eq!(router.need(&a, &ra, 0), Action::Wait { reclaim: vec![] });
         assert_eq!(
             router.take_actions(),
@@ -944,8 +948,12 @@ mod tests {
         assert_eq!(router.need(&k, &r, 0), Action::Wait { reclaim: vec![] });
         let shared = registry.get(&k);
         assert!(shared.others_waiting(0) && shared.others_waiting(1));
-        // Worker 0 can't keep what it releases while worker 1 waits.
-        assert!(!shared.keep(0));
+        // Worker 0 keeps what it releases while worker 1's clients wait,
+        // but is told to lend it (after LEND_AFTER, if none of its own
+        // came).
+        shared.publish_queue(1, 1, 1, 1.0);
+        assert_eq!(shared.keep(0), Some(true));
+        shared.taken(0);
         router.server_up(&k);
         router.server_up(&k);
         assert_eq!(
@@ -964,7 +972,11 @@ mod tests {
             })
         );
         assert!(!shared.others_waiting(0) && !shared.others_waiting(1));
-        assert!(shared.keep(0), "nobody waits: the worker keeps it");
+        assert_eq!(
+            shared.keep(0),
+            Some(false),
+            "nobody waits: the worker keeps it"
+        );
         assert_eq!(router.stats()[0].servers_idle, 1);
         shared.taken(0);
         assert_eq!(router.release(&k, 1, s[0], None), None);
@@ -1083,7 +1095,7 @@ mod tests {
         let mut router = Router::new(Arc::clone(&registry));
         let shared = registry.get(&k);
         assert!(matches!(router.need(&k, &r, 0), Action::Grant { .. }));
-        assert!(shared.keep(0));
+        assert!(shared.keep(0).is_some());
         assert_eq!(router.need(&k, &r, 1), Action::Wait { reclaim: vec![0] });
         assert_eq!(router.need(&k, &r, 1), Action::Wait { reclaim: vec![0] });
         router.cancel_need(&k, 1, 1);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use log::info;
-use odissey_facade::{Call, ClientInfo, Inspection, Reply, ServerInfo};
+use odissey_facade::{Call, ClientInfo, Inspection, Reply, ServerInfo, ThreadStats};
 use odissey_reactor::{Context, Key, TimerId};
 
 use crate::cmd::WorkerCmd;
@@ -62,6 +62,17 @@ impl System {
             i.unix.clone_from(&run.started.unix);
             i.workers = run.started.workers;
             i.metrics = run.started.metrics;
+            let thread = |name: String, c: &odissey_reactor::ChannelStats| ThreadStats {
+                name,
+                messages: c.received(),
+                wakeups: c.drains(),
+            };
+            i.threads
+                .push(thread("odissey-system".into(), &self.me.stats()));
+            for (w, tx) in run.workers.iter().enumerate() {
+                i.threads
+                    .push(thread(format!("odissey-worker-{w}"), &tx.stats()));
+            }
         }
         i
     }

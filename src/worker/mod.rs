@@ -51,6 +51,7 @@ use crate::backend_login::AskTls;
 use crate::cmd::{SysCmd, WorkerCmd};
 use crate::config::{Config, ResolvedRoute, RouteCache, StorageTls};
 use crate::io::Io;
+use crate::pool_shared::LEND_AFTER;
 use crate::resolver::{Dns, LOOKUP_TIMEOUT};
 use crate::router::{GiveUp, PoolKey, Registry, ServerWas, WorkerId};
 use crate::tls::TlsSet;
@@ -106,6 +107,8 @@ pub(crate) enum WorkerTimer {
     ProbeTimeout(Key),
     /// Once a second: pool_ttl, server_lifetime, client and query timeouts.
     Tick,
+    /// Withdraw needs and lend idle servers (`Worker::balance`).
+    Balance,
     /// A host name lookup took too long: what waits for it fails
     /// (`resolver::Dns::timed_out`).
     ResolveTimeout(u64),
@@ -183,6 +186,11 @@ pub(crate) struct Shared {
     logins_later: Vec<Key>,
     draining: bool,
     sweep_set: bool,
+    /// Some pool has needs to withdraw or idle servers to lend once
+    /// `LEND_AFTER` has passed (`Worker::balance`), and whether that
+    /// timer is set.
+    balance_wanted: bool,
+    balance_set: bool,
     /// Cancels dropped since the last summary line.
     cancel_drops: CancelDrops,
     /// What the machines raised during the event being handled (reused;
@@ -234,6 +242,8 @@ impl Worker {
                 logins_later: Vec::new(),
                 draining: false,
                 sweep_set: false,
+                balance_wanted: false,
+                balance_set: false,
                 cancel_drops: CancelDrops::default(),
                 evts: Vec::new(),
             },
@@ -452,20 +462,7 @@ impl Worker {
                     self.open_server(cx, pool, route);
                 }
             }
-            WorkerCmd::Reclaim { pool } => {
-                let id = self.w.id;
-                if let Some(lp) = self.w.local.get_mut(&pool) {
-                    if let Some(sk) = lp.idle.pop() {
-                        lp.shared.taken(id);
-                        self.w.send(SysCmd::Release {
-                            pool,
-                            worker: id,
-                            server: sk,
-                            to: None,
-                        });
-                    }
-                }
-            }
+            WorkerCmd::Reclaim { pool } => self.reclaim(cx, &pool),
             WorkerCmd::Retire { pool } => {
                 let idle = self
                     .w
@@ -645,6 +642,7 @@ impl Worker {
                     }
                 }
             }
+            WorkerTimer::Balance => self.balance(cx),
             WorkerTimer::Tick => {
                 self.tick(cx);
                 if !self.w.draining {
@@ -756,6 +754,10 @@ impl Worker {
         }
         for k in self.w.dead.drain(..) {
             self.conns.remove(k);
+        }
+        if self.w.balance_wanted && !self.w.balance_set {
+            self.w.balance_set = true;
+            cx.set_timer(cx.now() + LEND_AFTER, WorkerTimer::Balance);
         }
         if !self.w.pause_waits.is_empty() {
             self.check_pauses();

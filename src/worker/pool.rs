@@ -5,8 +5,10 @@
 //! `attach`/`dequeue` (a client asks for a server or stops waiting),
 //! `granted` (the router's answer), `offer`/`release_server`/
 //! `unlink_and_release` (a free server finds its next client), `ship`/
-//! `adopt` (a server moves between workers) and `open_server`/
-//! `open_server_asking` (a new server connection is started).
+//! `adopt` (a server moves between workers), `balance`/`reclaim`/`lend`
+//! (needs withdrawn and idle servers lent once `LEND_AFTER` has passed)
+//! and `open_server`/`open_server_asking` (a new server connection is
+//! started).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use crate::config::ResolvedRoute;
 use crate::credentials;
 use crate::ids::ConnId;
 use crate::io::Io;
-use crate::pool_shared::Mine;
+use crate::pool_shared::{Demand, Mine, LEND_AFTER};
 use crate::router::{Lease, PoolKey, PoolShared, ServerWas, WorkerId};
 use crate::stats::Counters;
 use crate::worker::client::ClientState;
@@ -47,6 +49,14 @@ pub(super) struct LocalPool {
     held: usize,
     /// Servers asked of the router and not yet granted.
     asked: usize,
+    /// Its demand (busy servers and queued clients), smoothed, published.
+    demand: Demand,
+    /// When the queue last became empty (`PoolShared::clock`): its needs
+    /// are withdrawn `LEND_AFTER` later if it stays empty.
+    empty_since: u64,
+    /// Reclaims the router sent while every idle server here was younger
+    /// than `LEND_AFTER`: given when they are old enough (`Worker::lend`).
+    owed: usize,
     /// The route as of the latest client, for new servers.
     route: Arc<ResolvedRoute>,
     /// What this worker's servers did for the pool (see `stats`).
@@ -64,32 +74,49 @@ impl LocalPool {
         self.queue.iter().map(|&(k, _)| k)
     }
 
-    /// `ck` queues, having begun to wait at `since`.
-    fn enqueue(&mut self, me: WorkerId, ck: Key, since: u64) {
-        self.queue.push_back((ck, since));
-        self.publish_queue(me);
+    /// `ck` queues; `now` on the pool's clock.
+    fn enqueue(&mut self, me: WorkerId, ck: Key, now: u64) {
+        self.queue.push_back((ck, now));
+        self.publish(me, now);
     }
 
     /// The first waiting client leaves the queue (to be served).
-    fn pop_waiter(&mut self, me: WorkerId) -> Option<Key> {
+    fn pop_waiter(&mut self, me: WorkerId, now: u64) -> Option<Key> {
         let (ck, _) = self.queue.pop_front()?;
-        self.publish_queue(me);
+        self.publish(me, now);
         Some(ck)
     }
 
     /// `ck` leaves the queue unserved; false when it was not in it.
-    fn remove_waiter(&mut self, me: WorkerId, ck: Key) -> bool {
+    fn remove_waiter(&mut self, me: WorkerId, ck: Key, now: u64) -> bool {
         let Some(i) = self.queue.iter().position(|&(k, _)| k == ck) else {
             return false;
         };
         self.queue.remove(i);
-        self.publish_queue(me);
+        self.publish(me, now);
         true
     }
 
-    fn publish_queue(&self, me: WorkerId) {
-        let since = self.queue.front().map_or(0, |&(_, t)| t);
-        self.shared.publish_queue(me, self.queue.len(), since);
+    /// Publishes the queue and the demand as they are now (after any
+    /// change of the queue or of the servers busy here).
+    fn publish(&mut self, me: WorkerId, now: u64) -> f64 {
+        let busy = self.held.saturating_sub(self.idle.len());
+        let demand = self.demand.observe(now, busy + self.queue.len());
+        let since = match self.queue.front() {
+            Some(&(_, t)) => t,
+            None => {
+                if self.empty_since == 0 {
+                    self.empty_since = now;
+                }
+                0
+            }
+        };
+        if since != 0 {
+            self.empty_since = 0;
+        }
+        self.shared
+            .publish_queue(me, self.queue.len(), since, demand);
+        demand
     }
 
     /// One server of the pool more (`true`) or less on this worker.
@@ -113,6 +140,9 @@ impl Shared {
             queue: VecDeque::new(),
             held: 0,
             asked: 0,
+            demand: Demand::default(),
+            empty_since: 0,
+            owed: 0,
             route: Arc::clone(route),
             totals: Counters::default(),
         })
@@ -128,7 +158,12 @@ impl Shared {
             return;
         };
         let mut msgs = Vec::new();
-        if (lp.queue.is_empty() || paused) && lp.asked > 0 {
+        // An emptied queue keeps its needs `LEND_AFTER` longer (withdrawn
+        // by `Worker::balance` if it stays empty): the next burst of its
+        // clients then costs no message. A paused one gives them back now.
+        if lp.queue.is_empty() && !paused && lp.asked > 0 {
+            self.balance_wanted = true;
+        } else if paused && lp.asked > 0 {
             msgs.push(SysCmd::CancelNeed {
                 pool: pool.clone(),
                 worker: id,
@@ -163,10 +198,11 @@ impl Worker {
         self.release_server(cx, sk);
     }
 
-    /// A server is idle and clean: hand it to the router if another
-    /// worker's need is queued there (fairness), else to the first client
-    /// queued here, else keep it idle here for the next one (no message to
-    /// anyone). Closed when draining or retired.
+    /// A server is idle and clean: to the first client queued here unless
+    /// another worker should have it (`PoolShared::gives_way`; then the
+    /// router hands it over), else kept idle here for the next one (lent
+    /// after `LEND_AFTER` if another worker's clients wait). No message to
+    /// anyone in the common case. Closed when draining or retired.
     pub(super) fn release_server(&mut self, cx: &mut Context<'_, WorkerTimer>, sk: Key) {
         self.offer(cx, sk, false);
     }
@@ -233,21 +269,22 @@ impl Worker {
         // serves this worker's queue unless that worker should have it
         // (`gives_way`: shares or age); then the router hands it over.
         // Saturated and balanced, nothing leaves the worker.
-        let others = !granted && lp.shared.others_waiting(id);
+        let now = lp.shared.clock(cx.now());
+        let demand = lp.publish(id, now);
         let mut to = None;
-        if others && !paused && !lp.queue.is_empty() {
-            let since = lp.queue.front().map_or(0, |&(_, t)| t);
+        if !granted && !paused && !lp.queue.is_empty() && lp.shared.others_waiting(id) {
             let mine = Mine {
                 worker: id,
                 held: lp.held,
+                demand,
                 queued: lp.queue.len(),
-                since,
-                now: lp.shared.clock(cx.now()),
+                since: lp.queue.front().map_or(0, |&(_, t)| t),
+                now,
             };
             to = lp.shared.gives_way(mine);
         }
-        if granted || (to.is_none() && (!lp.queue.is_empty() || !others)) {
-            while let Some(ck) = if paused { None } else { lp.pop_waiter(id) } {
+        if to.is_none() {
+            while let Some(ck) = if paused { None } else { lp.pop_waiter(id, now) } {
                 lp.shared
                     .clients_waiting
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -263,11 +300,19 @@ impl Worker {
                     return;
                 }
             }
+            // Kept idle for this worker's next client; lent after
+            // LEND_AFTER if another worker's clients wait meanwhile
+            // (`Worker::balance`). A retired pool's goes to the router,
+            // which closes it.
             let lp = self.w.local(&pool, &route);
-            if lp.shared.keep(id) {
+            if let Some(lend) = lp.shared.keep(id) {
                 lp.idle.push(sk);
+                lp.publish(id, now);
                 if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
-                    s.idle_since = Instant::now();
+                    s.idle_since = cx.now();
+                }
+                if lend {
+                    self.w.balance_wanted = true;
                 }
                 self.w.balance_needs(&pool);
                 return;
@@ -279,6 +324,101 @@ impl Worker {
             server: sk,
             to,
         });
+    }
+
+    /// `WorkerTimer::Balance`, `LEND_AFTER` after something asked for it:
+    /// for each pool, the needs of a queue that stayed empty are withdrawn,
+    /// and servers idle here that long are lent to other workers whose
+    /// clients wait (or given for the reclaims owed). Re-arms itself while
+    /// anything is left to do.
+    pub(super) fn balance(&mut self, cx: &mut Context<'_, WorkerTimer>) {
+        self.w.balance_set = false;
+        self.w.balance_wanted = false;
+        let id = self.w.id;
+        let pools: Vec<PoolKey> = self.w.local.keys().cloned().collect();
+        for pool in pools {
+            let Some(lp) = self.w.local.get_mut(&pool) else {
+                continue;
+            };
+            let now = lp.shared.clock(cx.now());
+            if lp.queue.is_empty() && lp.asked > 0 {
+                let after = LEND_AFTER.as_micros() as u64;
+                if now.saturating_sub(lp.empty_since) >= after {
+                    let n = std::mem::take(&mut lp.asked);
+                    self.w.send(SysCmd::CancelNeed {
+                        pool: pool.clone(),
+                        worker: id,
+                        n,
+                    });
+                } else {
+                    self.w.balance_wanted = true;
+                }
+            }
+            self.lend(cx, &pool, false);
+        }
+    }
+
+    /// The router asks for one of the idle servers kept here (another
+    /// worker's need waits, or another route needs the storage slot).
+    pub(super) fn reclaim(&mut self, cx: &mut Context<'_, WorkerTimer>, pool: &PoolKey) {
+        match self.w.local.get_mut(pool) {
+            Some(lp) if !lp.idle.is_empty() => lp.owed += 1,
+            _ => return,
+        }
+        self.lend(cx, pool, true);
+    }
+
+    /// Hands the router the idle servers of `pool` that have waited
+    /// `LEND_AFTER` here for a client of this worker: one for each reclaim
+    /// owed, and one for each client queued on the other workers whose
+    /// needs wait. Younger ones are looked at again later (`balance`).
+    /// `now_only`: a reclaim, answered at once if a server is old enough.
+    fn lend(&mut self, cx: &mut Context<'_, WorkerTimer>, pool: &PoolKey, now_only: bool) {
+        let id = self.w.id;
+        let Some(lp) = self.w.local.get_mut(pool) else {
+            return;
+        };
+        // A reclaim that found nothing idle (or whose servers this
+        // worker's clients took since) is owed nothing.
+        lp.owed = lp.owed.min(lp.idle.len());
+        let mut left = lp.owed + lp.shared.queued_elsewhere(id);
+        while left > 0 {
+            let Some(lp) = self.w.local.get_mut(pool) else {
+                return;
+            };
+            // The least recently used first (the list is MRU last).
+            let old = lp.idle.first().copied().filter(|&sk| {
+                matches!(self.conns.get(sk), Some(Conn::Server(s))
+                    if cx.now().saturating_duration_since(s.idle_since) >= LEND_AFTER)
+            });
+            let Some(sk) = old else {
+                if !lp.idle.is_empty() {
+                    self.w.balance_wanted = true;
+                }
+                return;
+            };
+            let to = lp.shared.wants_lend(id);
+            if lp.owed > 0 {
+                lp.owed -= 1;
+            } else if to.is_none() {
+                // Nobody waits any more: it stays.
+                return;
+            }
+            lp.idle.remove(0);
+            lp.shared.taken(id);
+            let now = lp.shared.clock(cx.now());
+            lp.publish(id, now);
+            self.w.send(SysCmd::Release {
+                pool: pool.clone(),
+                worker: id,
+                server: sk,
+                to,
+            });
+            left -= 1;
+            if now_only && self.w.local.get(pool).is_some_and(|lp| lp.owed == 0) {
+                return;
+            }
+        }
     }
 
     /// Finds `ck` a server: one this worker keeps idle for its pool (the
@@ -314,6 +454,9 @@ impl Worker {
                 lp = self.w.local(&pool, &route);
                 continue;
             }
+            let lp = self.w.local(&pool, &route);
+            let now = lp.shared.clock(cx.now());
+            lp.publish(id, now);
             self.link(cx, ck, sk);
             return;
         }
@@ -338,8 +481,8 @@ impl Worker {
             self.close_client(cx, ck, Some(f));
             return;
         }
-        let since = lp.shared.clock(cx.now());
-        lp.enqueue(id, ck, since);
+        let now = lp.shared.clock(cx.now());
+        lp.enqueue(id, ck, now);
         let waiting = lp
             .shared
             .clients_waiting
@@ -369,7 +512,8 @@ impl Worker {
             }
         }
         if let Some(lp) = self.w.local.get_mut(pool) {
-            if lp.remove_waiter(self.w.id, ck) {
+            let now = lp.shared.clock(cx.now());
+            if lp.remove_waiter(self.w.id, ck, now) {
                 lp.shared
                     .clients_waiting
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

@@ -24,6 +24,18 @@ fn worker(
     TestLoop<WorkerTimer>,
     odissey_reactor::Receiver<SysCmd>,
 ) {
+    worker_of(extra, 1)
+}
+
+/// `worker` as worker 0 of `workers`.
+fn worker_of(
+    extra: &str,
+    workers: usize,
+) -> (
+    Worker,
+    TestLoop<WorkerTimer>,
+    odissey_reactor::Receiver<SysCmd>,
+) {
     let tl = TestLoop::new().expect("a poll");
     let (sys, sys_rx) = channel(tl.registry(), Token(7)).expect("a channel");
     let cfg = Arc::new(testkit::config("transaction", extra));
@@ -33,7 +45,7 @@ fn worker(
         Vec::new(),
         cfg,
         Arc::new(TlsSet::default()),
-        Arc::new(Registry::new(1)),
+        Arc::new(Registry::new(workers)),
         Arc::new(AtomicUsize::new(1)),
     );
     (w, tl, sys_rx)
@@ -105,8 +117,14 @@ fn a_client_waiting_past_pool_timeout_is_refused_with_53300() {
         text.contains("53300") && text.contains("pool_timeout 250 ms"),
         "{text}"
     );
+    // Its need is kept LEND_AFTER longer (another client may come), then
+    // withdrawn.
+    assert!(!sys.drain().any(|c| matches!(c, SysCmd::CancelNeed { .. })));
+    tl.advance(crate::pool_shared::LEND_AFTER);
+    assert_eq!(tl.fire(&mut w), 1, "the balance pass");
     assert!(
-        sys.drain().any(|c| matches!(c, SysCmd::CancelNeed { .. })),
+        sys.drain()
+            .any(|c| matches!(c, SysCmd::CancelNeed { n: 1, .. })),
         "the need it left is withdrawn"
     );
 }
@@ -188,4 +206,70 @@ fn a_cancel_goes_to_the_server_running_its_clients_request() {
         CancelTarget::NotHere,
         "a forged key"
     );
+}
+
+#[test]
+fn an_idle_server_is_lent_to_another_workers_waiting_clients_after_lend_after() {
+    use crate::pool_shared::LEND_AFTER;
+    let (mut w, mut tl, sys) = worker_of("pool_size = 1", 2);
+    let cfg = Arc::clone(&w.w.cfg);
+    let sk = w
+        .conns
+        .insert_with(|_| Conn::Server(Box::new(testkit::server(&cfg))));
+    let (pool, route) = match w.conns.get(sk) {
+        Some(Conn::Server(s)) => (s.pool.clone(), Arc::clone(&s.route)),
+        _ => unreachable!(),
+    };
+    let shared = Arc::clone(&w.w.local(&pool, &route).shared);
+    w.w.local(&pool, &route).count_held(0, true);
+    // Worker 1 has a client queued and its need waits at the router.
+    shared.waiting[1].store(1, std::sync::atomic::Ordering::SeqCst);
+    shared.publish_queue(1, 1, shared.clock(tl.now()), 1.0);
+    // The server frees up here with nobody of this worker waiting: kept
+    // idle (one of this worker's clients may come), nothing sent yet.
+    w.offer(&mut tl.context(), sk, false);
+    assert_eq!(tl.fire(&mut w), 0);
+    assert_eq!(w.w.local(&pool, &route).idle, vec![sk]);
+    assert_eq!(sys.drain().count(), 0, "no message before LEND_AFTER");
+    tl.advance(LEND_AFTER / 2);
+    assert_eq!(tl.fire(&mut w), 0);
+    // Still idle LEND_AFTER later, with worker 1's client still queued:
+    // lent, through the router, for worker 1's need.
+    tl.advance(LEND_AFTER / 2);
+    assert_eq!(tl.fire(&mut w), 1, "the balance pass");
+    let sent: Vec<SysCmd> = sys.drain().collect();
+    assert!(
+        matches!(sent[..], [SysCmd::Release { server, to: Some(1), .. }] if server == sk),
+        "{} messages",
+        sent.len()
+    );
+    assert!(w.w.local(&pool, &route).idle.is_empty());
+    assert_eq!(shared.idle_total(), 0);
+}
+
+#[test]
+fn an_idle_server_stays_when_the_other_workers_clients_were_served_meanwhile() {
+    use crate::pool_shared::LEND_AFTER;
+    let (mut w, mut tl, sys) = worker_of("pool_size = 1", 2);
+    let cfg = Arc::clone(&w.w.cfg);
+    let sk = w
+        .conns
+        .insert_with(|_| Conn::Server(Box::new(testkit::server(&cfg))));
+    let (pool, route) = match w.conns.get(sk) {
+        Some(Conn::Server(s)) => (s.pool.clone(), Arc::clone(&s.route)),
+        _ => unreachable!(),
+    };
+    let shared = Arc::clone(&w.w.local(&pool, &route).shared);
+    shared.waiting[1].store(1, std::sync::atomic::Ordering::SeqCst);
+    shared.publish_queue(1, 1, shared.clock(tl.now()), 1.0);
+    w.offer(&mut tl.context(), sk, false);
+    tl.fire(&mut w);
+    // Worker 1's own server served its client; its need is not yet
+    // withdrawn (that waits LEND_AFTER too).
+    shared.publish_queue(1, 0, 0, 1.0);
+    tl.advance(LEND_AFTER);
+    assert_eq!(tl.fire(&mut w), 1, "the balance pass");
+    assert_eq!(sys.drain().count(), 0, "nothing lent to nobody");
+    assert_eq!(w.w.local(&pool, &route).idle, vec![sk]);
+    assert_eq!(shared.idle_total(), 1);
 }
