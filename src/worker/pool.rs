@@ -12,7 +12,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
 
 use log::{debug, warn};
 use odissey_protocol::scram::ScramCredential;
