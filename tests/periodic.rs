@@ -259,6 +259,27 @@ fn statistics_in_the_console_and_the_metrics_endpoint() {
         sample(&body, "odissey_servers", &["state=\"idle\""]),
         Some(1.0)
     );
+    // The threads' channels: the facade's requests and the workers'
+    // reports reached the system thread; every worker has its line.
+    assert!(
+        sample(
+            &body,
+            "odissey_thread_messages_total",
+            &["thread=\"odissey-system\""]
+        )
+        .unwrap()
+            >= 1.0,
+        "{body}"
+    );
+    assert!(
+        sample(
+            &body,
+            "odissey_thread_wakeups_total",
+            &["thread=\"odissey-worker-0\""]
+        )
+        .is_some(),
+        "{body}"
+    );
     // Other paths and methods get HTTP errors, and the endpoint lives on.
     let mut s = std::net::TcpStream::connect(metrics).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
