@@ -208,9 +208,17 @@ fn a_cancel_goes_to_the_server_running_its_clients_request() {
     );
 }
 
-#[test]
-fn an_idle_server_is_lent_to_another_workers_waiting_clients_after_lend_after() {
-    use crate::pool_shared::LEND_AFTER;
+/// Worker 0 of 2 with one server of the pool, just freed with nobody of
+/// its own waiting, while worker 1 has a client queued and its need waits
+/// at the router. Returns the worker, its loop, the system thread's end,
+/// the server and the pool's shared state.
+fn freed_beside_a_waiting_worker() -> (
+    Worker,
+    TestLoop<WorkerTimer>,
+    odissey_reactor::Receiver<SysCmd>,
+    Key,
+    Arc<crate::pool_shared::PoolShared>,
+) {
     let (mut w, mut tl, sys) = worker_of("pool_size = 1", 2);
     let cfg = Arc::clone(&w.w.cfg);
     let sk = w
@@ -220,17 +228,34 @@ fn an_idle_server_is_lent_to_another_workers_waiting_clients_after_lend_after() 
         Some(Conn::Server(s)) => (s.pool.clone(), Arc::clone(&s.route)),
         _ => unreachable!(),
     };
-    let shared = Arc::clone(&w.w.local(&pool, &route).shared);
-    w.w.local(&pool, &route).count_held(0, true);
-    // Worker 1 has a client queued and its need waits at the router.
+    let lp = w.w.local(&pool, &route);
+    lp.count_held(0, true);
+    let shared = Arc::clone(&lp.shared);
     shared.waiting[1].store(1, std::sync::atomic::Ordering::SeqCst);
     shared.publish_queue(1, 1, shared.clock(tl.now()), 1.0);
-    // The server frees up here with nobody of this worker waiting: kept
-    // idle (one of this worker's clients may come), nothing sent yet.
+    // Kept idle (one of this worker's clients may come), nothing sent yet.
     w.offer(&mut tl.context(), sk, false);
     assert_eq!(tl.fire(&mut w), 0);
-    assert_eq!(w.w.local(&pool, &route).idle, vec![sk]);
+    assert_eq!(idle_of(&w, sk), vec![sk]);
     assert_eq!(sys.drain().count(), 0, "no message before LEND_AFTER");
+    (w, tl, sys, sk, shared)
+}
+
+/// The idle list of `sk`'s pool on the worker.
+fn idle_of(w: &Worker, sk: Key) -> Vec<Key> {
+    let Some(Conn::Server(s)) = w.conns.get(sk) else {
+        return Vec::new();
+    };
+    w.w.local
+        .get(&s.pool)
+        .map(|lp| lp.idle.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_idle_server_is_lent_to_another_workers_waiting_clients_after_lend_after() {
+    use crate::pool_shared::LEND_AFTER;
+    let (mut w, mut tl, sys, sk, shared) = freed_beside_a_waiting_worker();
     tl.advance(LEND_AFTER / 2);
     assert_eq!(tl.fire(&mut w), 0);
     // Still idle LEND_AFTER later, with worker 1's client still queued:
@@ -243,33 +268,20 @@ fn an_idle_server_is_lent_to_another_workers_waiting_clients_after_lend_after() 
         "{} messages",
         sent.len()
     );
-    assert!(w.w.local(&pool, &route).idle.is_empty());
+    assert!(idle_of(&w, sk).is_empty());
     assert_eq!(shared.idle_total(), 0);
 }
 
 #[test]
 fn an_idle_server_stays_when_the_other_workers_clients_were_served_meanwhile() {
     use crate::pool_shared::LEND_AFTER;
-    let (mut w, mut tl, sys) = worker_of("pool_size = 1", 2);
-    let cfg = Arc::clone(&w.w.cfg);
-    let sk = w
-        .conns
-        .insert_with(|_| Conn::Server(Box::new(testkit::server(&cfg))));
-    let (pool, route) = match w.conns.get(sk) {
-        Some(Conn::Server(s)) => (s.pool.clone(), Arc::clone(&s.route)),
-        _ => unreachable!(),
-    };
-    let shared = Arc::clone(&w.w.local(&pool, &route).shared);
-    shared.waiting[1].store(1, std::sync::atomic::Ordering::SeqCst);
-    shared.publish_queue(1, 1, shared.clock(tl.now()), 1.0);
-    w.offer(&mut tl.context(), sk, false);
-    tl.fire(&mut w);
+    let (mut w, mut tl, sys, sk, shared) = freed_beside_a_waiting_worker();
     // Worker 1's own server served its client; its need is not yet
     // withdrawn (that waits LEND_AFTER too).
     shared.publish_queue(1, 0, 0, 1.0);
     tl.advance(LEND_AFTER);
     assert_eq!(tl.fire(&mut w), 1, "the balance pass");
     assert_eq!(sys.drain().count(), 0, "nothing lent to nobody");
-    assert_eq!(w.w.local(&pool, &route).idle, vec![sk]);
+    assert_eq!(idle_of(&w, sk), vec![sk]);
     assert_eq!(shared.idle_total(), 1);
 }
