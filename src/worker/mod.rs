@@ -320,6 +320,12 @@ fn since_start_us(started: Instant) -> u32 {
     started.elapsed().as_micros() as u32
 }
 
+/// `since_start_us` at `at` (a batch's clock): a wait timed from it is
+/// never shorter than a deadline set from the same clock.
+fn us_since_start_at(started: Instant, at: Instant) -> u32 {
+    at.saturating_duration_since(started).as_micros() as u32
+}
+
 impl Handler for Worker {
     type Cmd = WorkerCmd;
     type Timer = WorkerTimer;

@@ -32,7 +32,7 @@ use crate::worker::server::{Server, ServerState};
 
 use super::failure::ServerFailure;
 use super::opening::{Opened, Resume};
-use super::{insert_registered, since_start_us, Conn, Shared, Worker, WorkerTimer};
+use super::{insert_registered, us_since_start_at, Conn, Shared, Worker, WorkerTimer};
 
 /// A pool as one worker sees it.
 pub(super) struct LocalPool {
@@ -432,7 +432,8 @@ impl Worker {
         };
         let route = Arc::clone(route);
         let cid = c.id;
-        c.wait(since_start_us(self.w.started));
+        // Timed from the batch's clock, as the pool_timeout deadline is.
+        c.wait(us_since_start_at(self.w.started, cx.now()));
         let id = self.w.id;
         let paused = self.w.paused.holds(&pool.database);
         let readahead = self.w.cfg.readahead;
