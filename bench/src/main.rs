@@ -3,9 +3,12 @@
 //! README's "Benchmarks" section and `--help`.
 
 mod flood;
+mod perf;
 mod pgbench;
 mod procs;
 mod report;
+mod saturation;
+mod scrape;
 mod wire;
 
 use std::fs;
@@ -42,7 +45,7 @@ usage: bench/run [options]      (or: cargo run --release -p odissey-bench -- [op
   --out DIR           where <UTC timestamp>.md and .csv go (default bench/results)
   --only LIST         workloads to run: select-simple, select-extended, select-prepared,
                       tpcb, churn, idle, large-result (or `select` for all three selects),
-                      flood
+                      flood, saturation (the last not in the default set)
   --flood-clients C   flood: admitted clients, the route's client_max and queue_max
                       (default 2 x --pool-size)
   --flooders F        flood: clients of the flood, each retrying once refused
@@ -51,8 +54,16 @@ usage: bench/run [options]      (or: cargo run --release -p odissey-bench -- [op
                       (default 1000; 0 = no cap)
   --flood-tps N       flood: SELECT 1 per second of all admitted clients together
                       (default 2000; 0 = back to back)
+  --sat-clients LIST  saturation: pgbench -S clients (default 64,512)
+  --sat-pools LIST    saturation: pool sizes, both poolers (default 8,32)
+  --sat-workers LIST  saturation: odissey worker counts, one odissey each (default 1,2,4)
+  --no-perf           no `perf stat` syscall counts (the syscalls/tx columns read absent)
+  --perf-inline       count syscalls during the measured runs (perf then slows them: its
+                      cost is in their CPU and tps) instead of in one more run of
+                      min(3, --duration) s per pooler cell after its rounds (smoke: inline)
   --smoke             CI mode: 1 round of 2 s, 8 clients, 200 idle clients, 5 MB result,
-                      scale 1; exits non-zero only when something is broken
+                      scale 1, one small saturation row; exits non-zero only when something
+                      is broken
   -h, --help          this text
 
 PostgreSQL binaries come from $PG_BINDIR, then pg_ctl on $PATH, then
@@ -61,6 +72,10 @@ PostgreSQL binaries come from $PG_BINDIR, then pg_ctl on $PATH, then
 /// The flood workload's name for `--only`. It runs after the others, on an
 /// odissey of its own, and has its own report section (see `flood`).
 const FLOOD: &str = "flood";
+/// The saturation workload's name for `--only`: only run when named there
+/// (or, small, in smoke mode). Its own odisseys and PgBouncers, its own
+/// report section (see `saturation`).
+const SATURATION: &str = "saturation";
 
 /// Every workload of the main table, in the order they run.
 const WORKLOADS: [Workload; 7] = [
@@ -164,6 +179,11 @@ struct Options {
     flooders: Option<usize>,
     flood_rate: u32,
     flood_tps: u32,
+    sat_clients: Vec<usize>,
+    sat_pools: Vec<usize>,
+    sat_workers: Vec<usize>,
+    no_perf: bool,
+    perf_inline: bool,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -186,9 +206,15 @@ fn parse_options() -> Result<Options, String> {
         flooders: None,
         flood_rate: 1000,
         flood_tps: 2000,
+        sat_clients: vec![64, 512],
+        sat_pools: vec![8, 32],
+        sat_workers: vec![1, 2, 4],
+        no_perf: false,
+        perf_inline: false,
     };
     let (mut clients, mut duration, mut rounds, mut scale, mut idle, mut large) =
         (None, None, None, None, None, None);
+    let (mut sat_clients, mut sat_pools, mut sat_workers) = (None, None, None);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (key, inline) = match arg.split_once('=') {
@@ -205,6 +231,19 @@ fn parse_options() -> Result<Options, String> {
             v.trim()
                 .parse()
                 .map_err(|_| format!("{key}: not a number: {v}"))
+        }
+        fn list(key: &str, v: String) -> Result<Vec<usize>, String> {
+            let v: Vec<usize> = v
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| n(key, s.to_owned()))
+                .collect::<Result<_, _>>()?;
+            if v.is_empty() || v.contains(&0) {
+                return Err(format!(
+                    "{key} needs a list of positive numbers, e.g. 1,2,4"
+                ));
+            }
+            Ok(v)
         }
         match key.as_str() {
             "-h" | "--help" => {
@@ -245,6 +284,11 @@ fn parse_options() -> Result<Options, String> {
             "--flooders" => o.flooders = Some(n(&key, value()?)?),
             "--flood-rate" => o.flood_rate = n(&key, value()?)?,
             "--flood-tps" => o.flood_tps = n(&key, value()?)?,
+            "--sat-clients" => sat_clients = Some(list(&key, value()?)?),
+            "--sat-pools" => sat_pools = Some(list(&key, value()?)?),
+            "--sat-workers" => sat_workers = Some(list(&key, value()?)?),
+            "--no-perf" => o.no_perf = true,
+            "--perf-inline" => o.perf_inline = true,
             _ => return Err(format!("unknown option {arg}\n\n{USAGE}")),
         }
     }
@@ -257,7 +301,12 @@ fn parse_options() -> Result<Options, String> {
             o.idle,
             o.large_rows,
         ) = (vec![8], 2, 1, 1, 200, 5_000);
+        (o.sat_clients, o.sat_pools, o.sat_workers) = (vec![8], vec![4], vec![2]);
+        o.perf_inline = true;
     }
+    o.sat_clients = sat_clients.unwrap_or(o.sat_clients);
+    o.sat_pools = sat_pools.unwrap_or(o.sat_pools);
+    o.sat_workers = sat_workers.unwrap_or(o.sat_workers);
     o.clients = clients.unwrap_or(o.clients);
     o.duration = duration.unwrap_or(o.duration);
     o.rounds = rounds.unwrap_or(o.rounds);
@@ -276,9 +325,9 @@ fn parse_options() -> Result<Options, String> {
     if let Some(only) = &o.only {
         let known: Vec<String> = WORKLOADS.iter().map(|w| w.name()).collect();
         for w in only {
-            if w != "select" && w != FLOOD && !known.contains(w) {
+            if w != "select" && w != FLOOD && w != SATURATION && !known.contains(w) {
                 return Err(format!(
-                    "--only: unknown workload {w} (known: select, {}, {FLOOD})",
+                    "--only: unknown workload {w} (known: select, {}, {FLOOD}, {SATURATION})",
                     known.join(", ")
                 ));
             }
@@ -292,6 +341,8 @@ struct Target {
     kind: Kind,
     port: u16,
     process: Option<ChildGuard>,
+    /// odissey's metrics endpoint (127.0.0.1), where the config enabled it.
+    metrics: Option<u16>,
 }
 
 impl Target {
@@ -314,7 +365,7 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("cannot pick a free port: {e}"))
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+pub(crate) fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
@@ -342,18 +393,29 @@ fn startup_error(name: &str, bin: &Path, e: &str, guard: &ChildGuard) -> String 
     }
 }
 
+/// How an odissey is configured.
+pub(crate) struct OdisseySetup<'a> {
+    /// `workers`.
+    pub(crate) workers: usize,
+    /// The route's `pool_size`.
+    pub(crate) pool_size: usize,
+    /// TOML lines added to its one route.
+    pub(crate) route_extra: &'a str,
+    /// Whether to serve `[metrics]` on a free port of 127.0.0.1.
+    pub(crate) metrics: bool,
+}
+
 /// Starts odissey as `name` (its config `<name>.toml` and log `<name>.log`
-/// in `dir`), with `route_extra` (TOML lines) added to its one route.
-fn start_odissey(
+/// in `dir`).
+pub(crate) fn start_odissey(
     bin: &Path,
     dir: &Path,
     pg_port: u16,
-    o: &Options,
     name: &str,
-    route_extra: &str,
+    setup: &OdisseySetup,
 ) -> Result<Target, String> {
     let port = free_port()?;
-    let config = format!(
+    let mut config = format!(
         "# Written by odissey-bench.\n\
          workers = {workers}\n\n\
          [[listen]]\nhost = \"127.0.0.1\"\nport = {port}\n\n\
@@ -361,9 +423,17 @@ fn start_odissey(
          [database.{DB}.user.{USER}]\n\
          authentication = \"none\"\nstorage = \"pg\"\npool = \"transaction\"\n\
          pool_size = {pool}\npool_timeout = 120000\n{route_extra}",
-        workers = o.workers,
-        pool = o.pool_size,
+        workers = setup.workers,
+        pool = setup.pool_size,
+        route_extra = setup.route_extra,
     );
+    let metrics = if setup.metrics {
+        let m = free_port()?;
+        config.push_str(&format!("\n[metrics]\nlisten = \"127.0.0.1:{m}\"\n"));
+        Some(m)
+    } else {
+        None
+    };
     let path = dir.join(format!("{name}.toml"));
     fs::write(&path, config).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     let mut cmd = Command::new(bin);
@@ -375,14 +445,17 @@ fn start_odissey(
         kind: Kind::Odissey,
         port,
         process: Some(guard),
+        metrics,
     })
 }
 
-fn start_pgbouncer(
+/// Starts PgBouncer (its files in `dir`) with `default_pool_size` =
+/// `pool_size`.
+pub(crate) fn start_pgbouncer(
     bin: &Path,
     dir: &Path,
     pg_port: u16,
-    o: &Options,
+    pool_size: usize,
     prepared: bool,
     max_client_conn: usize,
 ) -> Result<Target, String> {
@@ -406,7 +479,7 @@ fn start_pgbouncer(
          server_reset_query =\n\
          ignore_startup_parameters = extra_float_digits,options\n",
         userlist = userlist.display(),
-        pool = o.pool_size,
+        pool = pool_size,
     );
     if prepared {
         ini.push_str("max_prepared_statements = 256\n");
@@ -430,46 +503,152 @@ fn start_pgbouncer(
         kind: Kind::PgBouncer,
         port,
         process: Some(guard),
+        metrics: None,
     })
 }
 
-struct Ctx {
-    logs: PathBuf,
-    cores: usize,
-    duration: u64,
-    idle: usize,
+#[derive(Clone)]
+pub(crate) struct Ctx {
+    pub(crate) logs: PathBuf,
+    pub(crate) cores: usize,
+    pub(crate) duration: u64,
+    pub(crate) idle: usize,
     /// pgbench clients for TPC-B, churn and the idle workload's load.
-    fixed_clients: usize,
+    pub(crate) fixed_clients: usize,
+    /// perf, where it can count system calls here.
+    pub(crate) perf: Option<PathBuf>,
+    /// Count them during the measured runs themselves, instead of in one
+    /// more run per cell ([`syscall_pass`]).
+    pub(crate) perf_inline: bool,
+}
+
+/// Length of the extra run under perf, at most.
+const PERF_PASS_SECS: u64 = 3;
+
+/// The syscalls/tx of `cell`, from one more run (`run`, at most
+/// [`PERF_PASS_SECS`]) with perf counting alongside, after its rounds.
+/// perf's tracepoint costs the pooler CPU on every system call (about a µs
+/// each on the development machine: 13 % more CPU per select-only
+/// transaction, and as much less tps),
+/// so the measured rounds run without it and only the count is kept from
+/// this run. Nothing to do without perf, with `perf_inline` (the rounds
+/// counted), or for a cell that did not run.
+pub(crate) fn syscall_pass(
+    ctx: &Ctx,
+    cell: &mut Cell,
+    head: &str,
+    run: impl FnOnce(&Ctx) -> Result<Sample, String>,
+) -> Result<(), String> {
+    if ctx.perf.is_none() || ctx.perf_inline || cell.skipped.is_some() || cell.samples.is_empty() {
+        return Ok(());
+    }
+    check_interrupted()?;
+    let pass = Ctx {
+        duration: ctx.duration.min(PERF_PASS_SECS),
+        perf_inline: true,
+        ..ctx.clone()
+    };
+    let t = Instant::now();
+    let result = run(&pass);
+    check_interrupted()?;
+    match result {
+        Ok(s) => {
+            eprintln!(
+                "{head}: {} syscalls/tx ({:.1} s)",
+                s.syscalls_tx
+                    .map_or_else(|| "–".into(), |v| format!("{v:.2}")),
+                t.elapsed().as_secs_f64()
+            );
+            cell.syscalls_tx = s.syscalls_tx;
+        }
+        Err(e) => {
+            eprintln!("{head}: FAILED\n{e}");
+            cell.errors
+                .push(format!("the extra run under perf (syscalls/tx): {e}"));
+        }
+    }
+    Ok(())
 }
 
 /// pgbench `-j`: at most 2·cores threads; for `-M prepared` one thread per
 /// client up to 64, because pgbench prepares synchronously per client and a
 /// thread blocked there can wait on servers held by its own clients (a
 /// transaction pooler then deadlocks).
-fn jobs(clients: usize, mode: &str, cores: usize) -> usize {
+pub(crate) fn jobs(clients: usize, mode: &str, cores: usize) -> usize {
     let cap = if mode == "prepared" { 64 } else { 2 * cores };
     clients.min(cap.max(1))
 }
 
-/// Runs pgbench, with the pooler's CPU and RSS measured around it.
-fn measured_pgbench(
+/// Runs pgbench, with the pooler's CPU, RSS and (where perf can count
+/// them) system calls measured around it; for odissey also its system
+/// thread's CPU and, where the target serves metrics, its cross-thread
+/// counters.
+pub(crate) fn measured_pgbench(
     target: &mut Target,
     spec: &pgbench::Spec,
     ctx: &Ctx,
 ) -> Result<Sample, String> {
+    let odissey = target.kind == Kind::Odissey;
     let pid = target.pid()?;
+    let scrape = |port: Option<u16>| {
+        port.and_then(|p| match scrape::thread_counters(p) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("    metrics: {e}");
+                None
+            }
+        })
+    };
+    let metrics0 = scrape(target.metrics);
+    let threads0 = pid.filter(|_| odissey).map(procs::thread_cpu).transpose()?;
     let cpu0 = pid.map(procs::cpu_seconds).transpose()?;
-    let m = pgbench::run(target.port, spec, &ctx.logs)?;
+    let counting = pid
+        .zip(ctx.perf.as_deref().filter(|_| ctx.perf_inline))
+        .map(|(pid, bin)| perf::start(bin, pid, spec.duration));
+    let m = pgbench::run(target.port, spec, &ctx.logs);
+    let count = counting.map(perf::Counting::finish);
+    let m = m?;
     let pid = target.pid()?;
     let cpu1 = pid.map(procs::cpu_seconds).transpose()?;
+    let threads1 = pid.filter(|_| odissey).map(procs::thread_cpu).transpose()?;
+    let metrics1 = scrape(target.metrics);
     let rss = pid.map(procs::rss_kb).transpose()?;
+    let tx = m.transactions as f64;
+    let cpu = cpu0.zip(cpu1).map(|(a, b)| b - a);
+    let syscalls_tx = match count {
+        Some(Ok(c)) => match m.ended_between(c.from, c.to) {
+            0 => None,
+            n => Some(c.syscalls as f64 / n as f64),
+        },
+        Some(Err(e)) => {
+            eprintln!(
+                "    syscalls not counted: {}",
+                e.lines().next().unwrap_or("")
+            );
+            None
+        }
+        None => None,
+    };
+    let system_cpu_pct = threads0
+        .zip(threads1)
+        .and_then(|(a, b)| procs::thread_cpu_delta(&a, &b, scrape::SYSTEM_THREAD))
+        .zip(cpu)
+        .and_then(|(sys, all)| (all > 0.0).then(|| 100.0 * sys / all));
+    let per_tx = |f: fn(&scrape::ThreadCounters) -> Option<f64>| {
+        let (a, b) = (metrics0.as_ref()?, metrics1.as_ref()?);
+        scrape::delta(f(a), f(b)).map(|d| d / tx)
+    };
     Ok(Sample {
         tps: Some(m.tps),
         lat_ms: Some(m.lat_avg_ms),
+        p50_ms: m.p50_ms,
         p99_ms: m.p99_ms,
-        cpu_us_tx: cpu0
-            .zip(cpu1)
-            .map(|(a, b)| (b - a) * 1e6 / m.transactions as f64),
+        cpu_us_tx: cpu.map(|c| c * 1e6 / tx),
+        syscalls_tx,
+        system_cpu_pct,
+        messages_tx: per_tx(|c| c.messages),
+        wakeups_tx: per_tx(|c| c.wakeups),
+        system_messages_tx: per_tx(|c| c.system_messages),
         rss_mb: rss.map(|kb| kb as f64 / 1024.0),
         ..Sample::default()
     })
@@ -608,7 +787,7 @@ fn run_one(row: &Row, target: &mut Target, ctx: &Ctx) -> Result<Sample, String> 
     }
 }
 
-fn summary(s: &Sample) -> String {
+pub(crate) fn summary(s: &Sample) -> String {
     let mut parts = Vec::new();
     if let Some(v) = s.tps {
         parts.push(format!("{v:.0} tps"));
@@ -621,6 +800,15 @@ fn summary(s: &Sample) -> String {
     }
     if let Some(v) = s.cpu_us_tx {
         parts.push(format!("{v:.1} CPU µs/tx"));
+    }
+    if let Some(v) = s.system_cpu_pct {
+        parts.push(format!("system thread {v:.1} % of it"));
+    }
+    if let Some(v) = s.messages_tx {
+        parts.push(format!("{v:.3} messages/tx"));
+    }
+    if let Some(v) = s.syscalls_tx {
+        parts.push(format!("{v:.2} syscalls/tx"));
     }
     if let Some(v) = s.idle_bytes {
         parts.push(format!("{v:.0} B/idle client"));
@@ -725,9 +913,21 @@ fn real_main() -> Result<ExitCode, String> {
             rounds: o.rounds,
         }
     });
-    if rows.is_empty() && flood_spec.is_none() {
+    // Saturation: only when named in --only, or small in smoke mode.
+    let sat_wanted = match &o.only {
+        None => o.smoke,
+        Some(list) => list.iter().any(|x| x == SATURATION),
+    };
+    let sat_spec = sat_wanted.then(|| saturation::Spec {
+        clients: o.sat_clients.clone(),
+        pools: o.sat_pools.clone(),
+        workers: o.sat_workers.clone(),
+        rounds: o.rounds,
+    });
+    if rows.is_empty() && flood_spec.is_none() && sat_spec.is_none() {
         return Err("no workload selected".into());
     }
+    let perf = perf::probe(o.no_perf);
 
     let (stamp, when) = report::utc_now();
     let pg_bindir = odissey_harness::bindir().to_path_buf();
@@ -802,6 +1002,33 @@ fn real_main() -> Result<ExitCode, String> {
                 ),
                 None => "flood: not run".into(),
             },
+            match &sat_spec {
+                Some(s) => format!(
+                    "saturation: pgbench -S -M simple, clients {:?} × pool size {:?}; odissey \
+                     workers {:?} (an odissey each, metrics endpoint on) and PgBouncer, started \
+                     per pool size",
+                    s.clients, s.pools, s.workers
+                ),
+                None => "saturation: not run".into(),
+            },
+            match &perf {
+                Ok(p) => format!(
+                    "syscalls: `{} stat -e raw_syscalls:sys_enter -p PID`, from 0.5 s after \
+                     pgbench starts to 0.5 s before it ends, over the transactions that ended \
+                     in that window; {}",
+                    p.display(),
+                    if o.perf_inline {
+                        "inline: during the measured runs (perf's cost is in their CPU and tps)".to_owned()
+                    } else {
+                        format!(
+                            "in one more run of {} s per pooler cell after its rounds (the \
+                             measured rounds run without perf)",
+                            o.duration.min(PERF_PASS_SECS)
+                        )
+                    }
+                ),
+                Err(e) => format!("syscalls: not counted ({e})"),
+            },
             format!(
                 "command: bench/run {}",
                 std::env::args().skip(1).collect::<Vec<_>>().join(" ")
@@ -816,17 +1043,26 @@ fn real_main() -> Result<ExitCode, String> {
     let started = Instant::now();
     eprintln!("starting PostgreSQL...");
     let cluster = PgCluster::start();
-    let max_clients = o
-        .clients
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .max(fixed_clients);
+    // (Direct PostgreSQL runs only in the main table's rows.)
+    let max_clients = if rows.is_empty() {
+        0
+    } else {
+        o.clients
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(fixed_clients)
+    };
     let poolers = 2 + usize::from(flood_spec.is_some());
-    let needed = max_clients + poolers * o.pool_size + 20;
+    let needed = (max_clients + poolers * o.pool_size)
+        .max(sat_spec.as_ref().map_or(0, |s| s.server_connections()))
+        + 20;
     if needed > 297 {
-        eprintln!("raising max_connections to {needed} for {max_clients} direct clients...");
+        eprintln!(
+            "raising max_connections to {needed} for {max_clients} direct clients and the \
+             poolers' servers..."
+        );
         cluster.sql(
             "postgres",
             &format!("ALTER SYSTEM SET max_connections = {needed}"),
@@ -834,7 +1070,7 @@ fn real_main() -> Result<ExitCode, String> {
         cluster.stop();
         cluster.restart();
     }
-    if !rows.is_empty() {
+    if !rows.is_empty() || sat_spec.is_some() {
         eprintln!("pgbench -i -s {}...", o.scale);
         pgbench::init(cluster.port(), o.scale)?;
         check_interrupted()?;
@@ -857,15 +1093,20 @@ fn real_main() -> Result<ExitCode, String> {
             kind: Kind::Direct,
             port: cluster.port(),
             process: None,
+            metrics: None,
         }));
         eprintln!("starting odissey...");
         targets.push(Some(start_odissey(
             &odissey,
             scratch.path(),
             cluster.port(),
-            &o,
             "odissey",
-            "",
+            &OdisseySetup {
+                workers: o.workers,
+                pool_size: o.pool_size,
+                route_extra: "",
+                metrics: false,
+            },
         )?));
         match &pgbouncer {
             Some(bin) => {
@@ -874,7 +1115,7 @@ fn real_main() -> Result<ExitCode, String> {
                     bin,
                     scratch.path(),
                     cluster.port(),
-                    &o,
+                    o.pool_size,
                     pgbouncer_prepared,
                     30_000,
                 )?));
@@ -890,6 +1131,8 @@ fn real_main() -> Result<ExitCode, String> {
         duration: o.duration,
         idle: o.idle,
         fixed_clients,
+        perf: perf.as_ref().ok().cloned(),
+        perf_inline: o.perf_inline,
     };
     let mut results: Vec<(Row, [Cell; 3])> = Vec::new();
     for row in &rows {
@@ -942,10 +1185,39 @@ fn real_main() -> Result<ExitCode, String> {
                 }
             }
         }
+        if row.workload != Workload::Large {
+            for (i, cell) in cells.iter_mut().enumerate() {
+                let Some(target) = targets[i].as_mut().filter(|t| t.process.is_some()) else {
+                    continue;
+                };
+                let head = format!(
+                    "[syscalls] {} c={} {}",
+                    row.label(),
+                    row.clients_label(),
+                    target.kind.label()
+                );
+                syscall_pass(&ctx, cell, &head, |c| run_one(row, target, c))?;
+            }
+        }
         results.push((*row, cells));
     }
-    // The flood, on an odissey of its own, with the other poolers stopped.
     drop(targets);
+    // Saturation, on odisseys and PgBouncers of its own.
+    let sat = match &sat_spec {
+        Some(spec) => Some(saturation::run(
+            spec,
+            &saturation::Env {
+                odissey: &odissey,
+                pgbouncer: pgbouncer.as_deref(),
+                pgbouncer_prepared,
+                scratch: scratch.path(),
+                pg_port: cluster.port(),
+                ctx: &ctx,
+            },
+        )?),
+        None => None,
+    };
+    // The flood, on an odissey of its own, with the other poolers stopped.
     let flood = match &flood_spec {
         Some(spec) => {
             eprintln!(
@@ -957,9 +1229,13 @@ fn real_main() -> Result<ExitCode, String> {
                 &odissey,
                 scratch.path(),
                 cluster.port(),
-                &o,
                 "odissey-flood",
-                &limits,
+                &OdisseySetup {
+                    workers: o.workers,
+                    pool_size: o.pool_size,
+                    route_extra: &limits,
+                    metrics: false,
+                },
             ) {
                 Ok(mut target) => flood::run(&mut target, spec),
                 Err(e) => flood::Outcome {
@@ -985,7 +1261,7 @@ fn real_main() -> Result<ExitCode, String> {
                                 bin,
                                 &dir,
                                 cluster.port(),
-                                &o,
+                                o.pool_size,
                                 pgbouncer_prepared,
                                 spec.admitted,
                             )
@@ -1009,7 +1285,11 @@ fn real_main() -> Result<ExitCode, String> {
     eprintln!("runs done in {:.1} s", started.elapsed().as_secs_f64());
 
     let mut md = report::markdown(&header, &results, o.idle);
-    let mut csv = report::csv(&results);
+    let mut csv = report::csv(&results, o.pool_size, o.workers);
+    if let (Some(spec), Some(groups)) = (&sat_spec, &sat) {
+        md.push_str(&report::saturation_markdown(spec, groups, o.duration));
+        csv.push_str(&report::saturation_csv(groups));
+    }
     if let Some((spec, outcome, bouncer)) = &flood {
         md.push_str(&report::flood_markdown(
             spec,
@@ -1050,6 +1330,11 @@ fn real_main() -> Result<ExitCode, String> {
     let failed = results
         .iter()
         .any(|(_, cells)| cells.iter().any(Cell::failed))
+        || sat.as_ref().is_some_and(|groups| {
+            groups
+                .iter()
+                .any(|g| g.cells.iter().any(|(_, c)| c.failed()))
+        })
         // (PgBouncer's flood run is a reference: only odissey's fails it.)
         || flood.is_some_and(|(_, outcome, _)| !outcome.errors.is_empty());
     if failed {

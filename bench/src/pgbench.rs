@@ -76,8 +76,20 @@ pub(crate) struct Spec {
 pub(crate) struct Measured {
     pub(crate) tps: f64,
     pub(crate) lat_avg_ms: f64,
+    pub(crate) p50_ms: Option<f64>,
     pub(crate) p99_ms: Option<f64>,
     pub(crate) transactions: u64,
+    /// When each logged transaction ended (Unix time, s), sorted.
+    pub(crate) ends: Vec<f64>,
+}
+
+impl Measured {
+    /// Logged transactions that ended within `[from, to]` (Unix time, s).
+    pub(crate) fn ended_between(&self, from: f64, to: f64) -> u64 {
+        let a = self.ends.partition_point(|&t| t < from);
+        let b = self.ends.partition_point(|&t| t <= to);
+        b.saturating_sub(a) as u64
+    }
 }
 
 /// Runs `spec` against 127.0.0.1:`port`, with per-transaction logs in a
@@ -166,32 +178,100 @@ pub(crate) fn run(port: u16, spec: &Spec, logs: &Path) -> Result<Measured, Strin
         .or(tps_lines.first())
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
         .ok_or_else(|| format!("no tps in pgbench's output\n{}", report()))?;
-    let p99_ms = p99_from_logs(dir.path())?;
+    let logs = read_logs(dir.path())?;
     Ok(Measured {
         tps,
         lat_avg_ms,
-        p99_ms,
+        p50_ms: logs.percentile_ms(0.50),
+        p99_ms: logs.percentile_ms(0.99),
         transactions,
+        ends: logs.ends,
     })
 }
 
-/// p99 of the latency column (third, µs) of every per-transaction log in
-/// `dir`, in ms; `None` when the logs hold no transaction.
-fn p99_from_logs(dir: &Path) -> Result<Option<f64>, String> {
-    let mut lat: Vec<u64> = Vec::new();
+/// What the per-transaction logs hold.
+struct Logs {
+    /// Latency of each transaction, µs.
+    lat_us: Vec<u64>,
+    /// When each ended (Unix time, s), sorted.
+    ends: Vec<f64>,
+}
+
+impl Logs {
+    /// The `q` quantile (nearest rank) of the latencies, in ms; `None` when
+    /// the logs hold no transaction.
+    fn percentile_ms(&self, q: f64) -> Option<f64> {
+        let n = self.lat_us.len();
+        if n == 0 {
+            return None;
+        }
+        let idx = ((n as f64 * q).ceil() as usize).clamp(1, n) - 1;
+        let mut lat = self.lat_us.clone();
+        let (_, v, _) = lat.select_nth_unstable(idx);
+        Some(*v as f64 / 1000.0)
+    }
+}
+
+/// Every per-transaction log in `dir`. A line is `client_id transaction_no
+/// time script_no time_epoch time_us [...]`: the latency (µs) is the third
+/// field, the end of the transaction the fifth (s) and sixth (µs).
+fn read_logs(dir: &Path) -> Result<Logs, String> {
+    let mut logs = Logs {
+        lat_us: Vec::new(),
+        ends: Vec::new(),
+    };
     let entries = fs::read_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
     for entry in entries.flatten() {
         let text = fs::read_to_string(entry.path())
             .map_err(|e| format!("reading {}: {e}", entry.path().display()))?;
-        lat.extend(
-            text.lines()
-                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok()),
-        );
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let Some(lat) = f.get(2).and_then(|v| v.parse::<u64>().ok()) else {
+                continue;
+            };
+            logs.lat_us.push(lat);
+            let end = f
+                .get(4)
+                .and_then(|v| v.parse::<u64>().ok())
+                .zip(f.get(5).and_then(|v| v.parse::<u64>().ok()));
+            if let Some((s, us)) = end {
+                logs.ends.push(s as f64 + us as f64 / 1e6);
+            }
+        }
     }
-    if lat.is_empty() {
-        return Ok(None);
+    logs.ends.sort_by(f64::total_cmp);
+    Ok(logs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_give_percentiles_and_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("tx.1"),
+            "0 0 100 0 1700000000 500000\n0 1 300 0 1700000001 0\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("tx.2"),
+            "1 0 200 0 1700000000 900000\n1 1 failed 0 1700000001 100\n",
+        )
+        .unwrap();
+        let logs = read_logs(dir.path()).unwrap();
+        assert_eq!(logs.percentile_ms(0.5), Some(0.2));
+        assert_eq!(logs.percentile_ms(0.99), Some(0.3));
+        let m = Measured {
+            tps: 0.0,
+            lat_avg_ms: 0.0,
+            p50_ms: None,
+            p99_ms: None,
+            transactions: 3,
+            ends: logs.ends,
+        };
+        assert_eq!(m.ended_between(1_700_000_000.6, 1_700_000_001.0), 2);
+        assert_eq!(m.ended_between(1_699_999_999.0, 1_700_000_000.5), 1);
     }
-    let idx = ((lat.len() as f64 * 0.99).ceil() as usize).clamp(1, lat.len()) - 1;
-    let (_, p99, _) = lat.select_nth_unstable(idx);
-    Ok(Some(*p99 as f64 / 1000.0))
 }

@@ -251,8 +251,12 @@ fn clk_tck() -> f64 {
 
 /// CPU seconds (user + system, all threads) used so far by process `pid`.
 pub(crate) fn cpu_seconds(pid: u32) -> Result<f64, String> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// utime + stime of a `/proc/.../stat` file, in seconds.
+fn stat_cpu_seconds(path: &str) -> Result<f64, String> {
+    let stat = fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
     // "pid (comm) state ppid ..." — comm may contain spaces and parentheses.
     let rest = stat
         .rsplit_once(')')
@@ -267,6 +271,63 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<f64, String> {
             .ok_or_else(|| format!("unexpected {path}: {stat}"))
     };
     Ok((ticks(11)? + ticks(12)?) / clk_tck())
+}
+
+/// One thread of a process and the CPU it has used so far.
+#[derive(Clone, Debug)]
+pub(crate) struct ThreadCpu {
+    pub(crate) tid: u32,
+    /// Its name (`/proc/PID/task/TID/comm`: at most 15 bytes, so
+    /// `odissey-worker-<i>` reads `odissey-worker-`).
+    pub(crate) comm: String,
+    /// utime + stime, seconds.
+    pub(crate) seconds: f64,
+}
+
+/// Every thread of process `pid` now, with its CPU seconds. A thread that
+/// ends while it is read is left out.
+pub(crate) fn thread_cpu(pid: u32) -> Result<Vec<ThreadCpu>, String> {
+    let dir = format!("/proc/{pid}/task");
+    let entries = fs::read_dir(&dir).map_err(|e| format!("cannot read {dir}: {e}"))?;
+    let mut threads = Vec::new();
+    for entry in entries.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let (Ok(comm), Ok(seconds)) = (
+            fs::read_to_string(format!("{dir}/{tid}/comm")),
+            stat_cpu_seconds(&format!("{dir}/{tid}/stat")),
+        ) else {
+            continue;
+        };
+        threads.push(ThreadCpu {
+            tid,
+            comm: comm.trim_end().to_owned(),
+            seconds,
+        });
+    }
+    Ok(threads)
+}
+
+/// CPU seconds the threads named `comm` used between two readings of
+/// [`thread_cpu`] (a thread only in `after` counts from zero); `None` when
+/// no such thread was there after.
+pub(crate) fn thread_cpu_delta(
+    before: &[ThreadCpu],
+    after: &[ThreadCpu],
+    comm: &str,
+) -> Option<f64> {
+    let mut found = false;
+    let mut sum = 0.0;
+    for t in after.iter().filter(|t| t.comm == comm) {
+        found = true;
+        let was = before
+            .iter()
+            .find(|b| b.tid == t.tid)
+            .map_or(0.0, |b| b.seconds);
+        sum += (t.seconds - was).max(0.0);
+    }
+    found.then_some(sum)
 }
 
 /// A `VmXxx:` value of /proc/PID/status, in KiB.

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::flood::{self, Phase};
+use crate::saturation::{self, Group, SatTarget};
 use crate::{Kind, Row, Workload, KINDS};
 
 /// What one run measured; `None` where a metric does not apply.
@@ -14,8 +15,20 @@ use crate::{Kind, Row, Workload, KINDS};
 pub(crate) struct Sample {
     pub(crate) tps: Option<f64>,
     pub(crate) lat_ms: Option<f64>,
+    pub(crate) p50_ms: Option<f64>,
     pub(crate) p99_ms: Option<f64>,
     pub(crate) cpu_us_tx: Option<f64>,
+    /// System calls of the pooler per transaction (perf, a window inside
+    /// the run).
+    pub(crate) syscalls_tx: Option<f64>,
+    /// The system thread's share of the process's CPU over the run, %.
+    pub(crate) system_cpu_pct: Option<f64>,
+    /// Cross-thread messages per transaction, all threads (metrics).
+    pub(crate) messages_tx: Option<f64>,
+    /// Wake-ups per transaction, all threads (metrics).
+    pub(crate) wakeups_tx: Option<f64>,
+    /// Messages to the system thread per transaction (metrics).
+    pub(crate) system_messages_tx: Option<f64>,
     pub(crate) rss_mb: Option<f64>,
     /// idle: RSS growth per idle client, bytes.
     pub(crate) idle_bytes: Option<f64>,
@@ -33,6 +46,9 @@ pub(crate) struct Cell {
     pub(crate) skipped: Option<String>,
     pub(crate) samples: Vec<Sample>,
     pub(crate) errors: Vec<String>,
+    /// Syscalls per transaction from the extra run under perf, where one
+    /// ran (else the samples' own, when they were counted inline).
+    pub(crate) syscalls_tx: Option<f64>,
 }
 
 impl Cell {
@@ -46,8 +62,14 @@ impl Cell {
         Sample {
             tps: m(|s| s.tps),
             lat_ms: m(|s| s.lat_ms),
+            p50_ms: m(|s| s.p50_ms),
             p99_ms: m(|s| s.p99_ms),
             cpu_us_tx: m(|s| s.cpu_us_tx),
+            syscalls_tx: self.syscalls_tx.or_else(|| m(|s| s.syscalls_tx)),
+            system_cpu_pct: m(|s| s.system_cpu_pct),
+            messages_tx: m(|s| s.messages_tx),
+            wakeups_tx: m(|s| s.wakeups_tx),
+            system_messages_tx: m(|s| s.system_messages_tx),
             rss_mb: m(|s| s.rss_mb),
             // Memory: the largest round. After the first round the
             // allocator keeps what the idle clients used, so later rounds
@@ -89,7 +111,7 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 
 /// The cells of one target in the main table.
 fn target_cells(kind: Kind, cell: &Cell, notes: &mut Vec<String>) -> Vec<String> {
-    let width = if kind == Kind::Direct { 3 } else { 5 };
+    let width = if kind == Kind::Direct { 3 } else { 6 };
     if cell.failed() && cell.samples.is_empty() {
         return vec!["FAIL".to_owned(); width];
     }
@@ -114,6 +136,7 @@ fn target_cells(kind: Kind, cell: &Cell, notes: &mut Vec<String>) -> Vec<String>
     ];
     if kind != Kind::Direct {
         v.push(num(m.cpu_us_tx, 1));
+        v.push(num(m.syscalls_tx, 2));
         v.push(match m.peak_mb {
             Some(p) => format!("+{p:.1} peak"),
             None => num(m.rss_mb, 1),
@@ -148,7 +171,11 @@ pub(crate) fn markdown(header: &Header, rows: &[(Row, [Cell; 3])], idle_k: usize
             format!("{l} p99 ms"),
         ]);
         if kind != Kind::Direct {
-            head.extend([format!("{l} CPU µs/tx"), format!("{l} RSS MB")]);
+            head.extend([
+                format!("{l} CPU µs/tx"),
+                format!("{l} syscalls/tx"),
+                format!("{l} RSS MB"),
+            ]);
         }
     }
     head.extend(["tps o/B".to_owned(), "CPU o/B".to_owned()]);
@@ -182,6 +209,10 @@ pub(crate) fn markdown(header: &Header, rows: &[(Row, [Cell; 3])], idle_k: usize
         "Medians over the successful rounds (memory growth: the largest round, since \
          the allocator keeps memory between rounds); `!` = some rounds failed (see below). \
          CPU µs/tx = pooler CPU (user+system, all threads) over the run / transactions. \
+         syscalls/tx = the pooler's system calls (`perf stat -e raw_syscalls:sys_enter`) \
+         from 0.5 s after pgbench starts to 0.5 s before it ends / the transactions that \
+         ended in that window, in one more run after the rounds unless the header says \
+         inline (– where perf could not count). \
          RSS MB = pooler RSS after the run"
     );
     if has(Workload::Large) {
@@ -265,44 +296,267 @@ pub(crate) fn markdown(header: &Header, rows: &[(Row, [Cell; 3])], idle_k: usize
     out
 }
 
-/// One CSV line per workload row × target, with medians.
-pub(crate) fn csv(rows: &[(Row, [Cell; 3])]) -> String {
-    let mut out = String::from(
-        "workload,clients,target,rounds_ok,rounds_failed,tps,lat_avg_ms,p99_ms,cpu_us_per_tx,rss_mb,idle_bytes_per_client,peak_rss_growth_mb,note\n",
-    );
+const CSV_HEAD: &str = "workload,clients,target,rounds_ok,rounds_failed,tps,lat_avg_ms,p99_ms,\
+cpu_us_per_tx,rss_mb,idle_bytes_per_client,peak_rss_growth_mb,p50_ms,syscalls_per_tx,pool_size,\
+workers,system_cpu_pct,messages_per_tx,wakeups_per_tx,system_messages_per_tx,note\n";
+
+/// The identity of one CSV line.
+struct CsvKey<'a> {
+    workload: &'a str,
+    clients: usize,
+    target: &'a str,
+    rounds_ok: usize,
+    rounds_failed: usize,
+    pool_size: Option<usize>,
+    workers: Option<usize>,
+}
+
+/// One CSV line in the columns of [`CSV_HEAD`].
+fn csv_line(out: &mut String, k: &CsvKey, m: &Sample, note: &str) {
     let f = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
+    let n = |v: Option<usize>| v.map(|v| v.to_string()).unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"",
+        k.workload,
+        k.clients,
+        k.target,
+        k.rounds_ok,
+        k.rounds_failed,
+        f(m.tps),
+        f(m.lat_ms),
+        f(m.p99_ms),
+        f(m.cpu_us_tx),
+        f(m.rss_mb),
+        f(m.idle_bytes),
+        f(m.peak_mb),
+        f(m.p50_ms),
+        f(m.syscalls_tx),
+        n(k.pool_size),
+        n(k.workers),
+        f(m.system_cpu_pct),
+        f(m.messages_tx),
+        f(m.wakeups_tx),
+        f(m.system_messages_tx),
+        note.replace('"', "'"),
+    );
+}
+
+/// Why a cell was skipped, else its first error's first line.
+fn cell_note(cell: &Cell) -> String {
+    cell.skipped
+        .clone()
+        .or_else(|| {
+            cell.errors
+                .first()
+                .and_then(|e| e.lines().next().map(str::to_owned))
+        })
+        .unwrap_or_default()
+}
+
+/// One CSV line per workload row × target, with medians (`pool_size`:
+/// the poolers' pool size, `workers`: odissey's workers).
+pub(crate) fn csv(rows: &[(Row, [Cell; 3])], pool_size: usize, workers: usize) -> String {
+    let mut out = String::from(CSV_HEAD);
     for (row, cells) in rows {
         for (kind, cell) in KINDS.iter().zip(cells) {
-            let m = cell.median();
-            let note = cell
-                .skipped
-                .clone()
-                .or_else(|| {
-                    cell.errors
-                        .first()
-                        .and_then(|e| e.lines().next().map(str::to_owned))
-                })
-                .unwrap_or_default()
-                .replace('"', "'");
-            let _ = writeln!(
-                out,
-                "{},{},{},{},{},{},{},{},{},{},{},{},\"{note}\"",
-                row.workload.name(),
-                row.clients,
-                kind.label(),
-                cell.samples.len(),
-                cell.errors.len(),
-                f(m.tps),
-                f(m.lat_ms),
-                f(m.p99_ms),
-                f(m.cpu_us_tx),
-                f(m.rss_mb),
-                f(m.idle_bytes),
-                f(m.peak_mb),
+            csv_line(
+                &mut out,
+                &CsvKey {
+                    workload: &row.workload.name(),
+                    clients: row.clients,
+                    target: kind.label(),
+                    rounds_ok: cell.samples.len(),
+                    rounds_failed: cell.errors.len(),
+                    pool_size: (*kind != Kind::Direct).then_some(pool_size),
+                    workers: (*kind == Kind::Odissey).then_some(workers),
+                },
+                &cell.median(),
+                &cell_note(cell),
             );
         }
     }
     out
+}
+
+/// The saturation workload's CSV lines (workload `saturation`), in the
+/// columns of [`csv`].
+pub(crate) fn saturation_csv(groups: &[Group]) -> String {
+    let mut out = String::new();
+    for g in groups {
+        for (t, cell) in &g.cells {
+            let (target, workers) = match t {
+                SatTarget::Odissey(w) => (Kind::Odissey.label(), Some(*w)),
+                SatTarget::PgBouncer => (Kind::PgBouncer.label(), None),
+            };
+            csv_line(
+                &mut out,
+                &CsvKey {
+                    workload: "saturation",
+                    clients: g.clients,
+                    target,
+                    rounds_ok: cell.samples.len(),
+                    rounds_failed: cell.errors.len(),
+                    pool_size: Some(g.pool),
+                    workers,
+                },
+                &cell.median(),
+                &cell_note(cell),
+            );
+        }
+    }
+    out
+}
+
+/// The saturation section of the markdown report: a table per (clients,
+/// pool size), the ratios the targets are stated in under each, then the
+/// failures.
+pub(crate) fn saturation_markdown(
+    spec: &saturation::Spec,
+    groups: &[Group],
+    duration: u64,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n## Saturation: workers against a saturated pool\n\n\
+         `pgbench -S -M simple` for {duration} s per run, {} round(s) (medians), through \
+         odissey in transaction pooling at workers {} (an odissey process each, its \
+         metrics endpoint on) and through PgBouncer, the single-threaded reference, both \
+         with the table's pool size. Rounds alternate between the targets.\n",
+        spec.rounds,
+        spec.workers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let head = [
+        "target",
+        "tps",
+        "CPU µs/tx",
+        "system thread CPU %",
+        "messages/tx",
+        "system messages/tx",
+        "wake-ups/tx",
+        "syscalls/tx",
+        "p50 ms",
+        "p99 ms",
+    ];
+    let mut notes = Vec::new();
+    for g in groups {
+        let _ = writeln!(s, "### {} clients, pool size {}\n", g.clients, g.pool);
+        let _ = writeln!(s, "| {} |", head.join(" | "));
+        let _ = writeln!(s, "|---|{}", "---:|".repeat(head.len() - 1));
+        for (t, cell) in &g.cells {
+            let mut v = vec![t.label()];
+            if cell.failed() && cell.samples.is_empty() {
+                v.resize(head.len(), "FAIL".into());
+            } else if let Some(why) = &cell.skipped {
+                let mark = match notes.iter().position(|n| n == why) {
+                    Some(i) => i + 1,
+                    None => {
+                        notes.push(why.clone());
+                        notes.len()
+                    }
+                };
+                v.push(format!("n/a[{mark}]"));
+                v.resize(head.len(), "–".into());
+            } else {
+                let m = cell.median();
+                let partial = if cell.failed() { "!" } else { "" };
+                v.extend([
+                    format!("{}{partial}", num(m.tps, 0)),
+                    num(m.cpu_us_tx, 1),
+                    num(m.system_cpu_pct, 1),
+                    num(m.messages_tx, 3),
+                    num(m.system_messages_tx, 3),
+                    num(m.wakeups_tx, 3),
+                    num(m.syscalls_tx, 2),
+                    num(m.p50_ms, 2),
+                    num(m.p99_ms, 2),
+                ]);
+            }
+            let _ = writeln!(s, "| {} |", v.join(" | "));
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(s, "{}", saturation_ratios(g));
+    }
+    for (i, n) in notes.iter().enumerate() {
+        let _ = writeln!(s, "[{}] {n}  ", i + 1);
+    }
+    let _ = writeln!(
+        s,
+        "CPU µs/tx: the pooler's utime + stime (all threads, /proc/PID/stat) over the run / \
+         transactions. System thread CPU %: the `odissey-system` thread's utime + stime \
+         (/proc/PID/task/*/stat) over the run, as a share of the whole process's. \
+         messages/tx and wake-ups/tx: the growth of `odissey_thread_messages_total` and \
+         `odissey_thread_wakeups_total`, summed over all threads, between scrapes of \
+         `GET /metrics` before and after the run, / transactions; system messages/tx: \
+         the same for `thread=\"odissey-system\"` alone. syscalls/tx: `perf stat -e \
+         raw_syscalls:sys_enter -p PID` from 0.5 s after pgbench starts to 0.5 s before it \
+         ends / the transactions that ended in that window, in one more run after the \
+         rounds unless the header says inline (perf slows the pooler, so the other columns \
+         come from runs without it). p50/p99: from pgbench's \
+         per-transaction logs. – = not measured (no such metric from this odissey, perf \
+         absent, or PgBouncer: one thread, no metrics endpoint); `!` = some rounds failed."
+    );
+    let failures: Vec<String> = groups
+        .iter()
+        .flat_map(|g| {
+            g.cells.iter().flat_map(move |(t, cell)| {
+                cell.errors.iter().map(move |e| {
+                    format!(
+                        "### saturation / {} clients / pool {} / {}\n```\n{e}\n```",
+                        g.clients,
+                        g.pool,
+                        t.label()
+                    )
+                })
+            })
+        })
+        .collect();
+    if !failures.is_empty() {
+        let _ = writeln!(s, "\n### Saturation failures\n");
+        for f in failures {
+            let _ = writeln!(s, "{f}\n");
+        }
+    }
+    s
+}
+
+/// The ratios the saturation targets are stated in, for one group; with
+/// the verdicts at 64 clients on pool size 8, where the targets are set.
+fn saturation_ratios(g: &Group) -> String {
+    let median = |w: usize| {
+        g.cell(SatTarget::Odissey(w))
+            .filter(|c| c.skipped.is_none() && !c.samples.is_empty())
+            .map(Cell::median)
+    };
+    let (one, two) = (median(1), median(2));
+    let judged = g.clients == 64 && g.pool == 8;
+    let target = |ok: Option<bool>, what: &str| match ok {
+        Some(ok) if judged => format!(" (target {what}: {})", verdict(ok)),
+        _ if judged => format!(" (target {what})"),
+        _ => String::new(),
+    };
+    let cpu = ratio(
+        two.as_ref().and_then(|m| m.cpu_us_tx),
+        one.as_ref().and_then(|m| m.cpu_us_tx),
+    );
+    let share = two.as_ref().and_then(|m| m.system_cpu_pct);
+    let msgs = two.as_ref().and_then(|m| m.messages_tx);
+    format!(
+        "- CPU µs/tx workers=2 / workers=1: **{}**{}\n\
+         - system thread share at workers=2: **{}**{}\n\
+         - messages/tx at workers=2: **{}**{}\n",
+        cpu.map_or_else(|| "–".into(), |r| format!("{r:.2}×")),
+        target(cpu.map(|r| r <= 1.10), "≤ 1.10×"),
+        share.map_or_else(|| "–".into(), |p| format!("{p:.2} %")),
+        target(share.map(|p| p <= 2.0), "≤ 2 %"),
+        num(msgs, 3),
+        target(msgs.map(|m| m <= 0.05), "≤ 0.05"),
+    )
 }
 
 /// `YYYY-MM-DDTHH-MM-SSZ` (file-name safe) and `YYYY-MM-DD HH:MM:SS UTC`.
@@ -679,7 +933,6 @@ pub(crate) fn flood_csv(spec: &flood::Spec, out: &flood::Outcome, kind: Kind) ->
         let a = flood_agg(&ps);
         let ok = ps.iter().filter(|p| !p.broken()).count();
         let mut note = vec![
-            format!("lat_p50_ms={}", f(a.lat_p50)),
             format!("lat_max_ms={}", f(a.lat_max)),
             format!("admitted_errors={}", a.admitted_errors),
             format!("pooler_cpu_pct={}", f(a.cpu_pct)),
@@ -707,21 +960,33 @@ pub(crate) fn flood_csv(spec: &flood::Spec, out: &flood::Outcome, kind: Kind) ->
             None => None,
         };
         if let Some(e) = error.and_then(|e| e.lines().next()) {
-            note.push(format!("error={}", e.replace('"', "'")));
+            note.push(format!("error={e}"));
         }
-        let _ = writeln!(
-            s,
-            "flood-{},{},{},{ok},{},{},{},{},{},{},,,\"{}\"",
-            if flooded { "flooded" } else { "unloaded" },
-            spec.admitted,
-            kind.label(),
-            spec.rounds.saturating_sub(ok),
-            f(a.tps),
-            f(a.lat_mean),
-            f(a.lat_p99),
-            f(a.cpu_us_tx),
-            f(a.rss_mb),
-            note.join(";")
+        csv_line(
+            &mut s,
+            &CsvKey {
+                workload: if flooded {
+                    "flood-flooded"
+                } else {
+                    "flood-unloaded"
+                },
+                clients: spec.admitted,
+                target: kind.label(),
+                rounds_ok: ok,
+                rounds_failed: spec.rounds.saturating_sub(ok),
+                pool_size: None,
+                workers: None,
+            },
+            &Sample {
+                tps: a.tps,
+                lat_ms: a.lat_mean,
+                p50_ms: a.lat_p50,
+                p99_ms: a.lat_p99,
+                cpu_us_tx: a.cpu_us_tx,
+                rss_mb: a.rss_mb,
+                ..Sample::default()
+            },
+            &note.join(";"),
         );
     }
     s
