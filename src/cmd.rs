@@ -75,6 +75,45 @@ pub(crate) enum SysCmd {
     },
 }
 
+impl SysCmd {
+    /// The kinds, as `kind` numbers them (metrics label values).
+    pub(crate) const KINDS: [&'static str; 13] = [
+        "facade",
+        "need",
+        "cancel_need",
+        "server_up",
+        "release",
+        "server_closed",
+        "ship_failed",
+        "drained",
+        "console",
+        "paused",
+        "killed",
+        "configured",
+        "snapshot",
+    ];
+
+    /// Which of `KINDS` this is (counted by the system thread: what the
+    /// workers ask of it, and how often).
+    pub(crate) fn kind(&self) -> usize {
+        match self {
+            Self::Facade(_) => 0,
+            Self::Need { .. } => 1,
+            Self::CancelNeed { .. } => 2,
+            Self::ServerUp { .. } => 3,
+            Self::Release { .. } => 4,
+            Self::ServerClosed { .. } => 5,
+            Self::ShipFailed { .. } => 6,
+            Self::Drained { .. } => 7,
+            Self::Console { .. } => 8,
+            Self::Paused { .. } => 9,
+            Self::Killed { .. } => 10,
+            Self::Configured { .. } => 11,
+            Self::Snapshot { .. } => 12,
+        }
+    }
+}
+
 /// To a worker.
 pub(crate) enum WorkerCmd {
     /// Listening sockets to accept clients from (clones of the system

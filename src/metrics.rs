@@ -70,6 +70,17 @@ pub(crate) fn render(ins: &Inspection) -> String {
             let _ = writeln!(out, "{name}{{thread=\"{}\"}} {}", escape(&t.name), value(t));
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP odissey_system_commands_total Commands the system thread was sent, by kind.\n# TYPE odissey_system_commands_total counter"
+    );
+    for (kind, n) in &ins.system_commands {
+        let _ = writeln!(
+            out,
+            "odissey_system_commands_total{{kind=\"{}\"}} {n}",
+            escape(kind)
+        );
+    }
     type Value = fn(&RouteStats) -> String;
     let per_pool: &[(&str, &str, &str, Value)] = &[
         (
@@ -381,6 +392,7 @@ mod tests {
                 messages: 7,
                 wakeups: 5,
             }],
+            system_commands: vec![("need".into(), 3)],
             ..Inspection::default()
         });
         assert!(
@@ -389,6 +401,10 @@ mod tests {
         );
         assert!(
             text.contains("odissey_thread_wakeups_total{thread=\"odissey-system\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("odissey_system_commands_total{kind=\"need\"} 3"),
             "{text}"
         );
         assert!(

@@ -26,6 +26,15 @@ pub(crate) const STARVE_US: u64 = 10_000;
 /// an idle server of its pool sits on another worker.
 pub(crate) const LEND_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
 
+/// How far (in servers) a worker must be above its share, and another
+/// below its own, before a server moves between them (`gives_way`). A move
+/// shifts both by one; with more than half a server each way the move can
+/// only be undone after demand itself shifted by half a server, so noise
+/// in the smoothed demand around a share of n.5 does not send a server
+/// back and forth (at exactly 0.5 it did: about a message per
+/// transaction in some runs).
+const SHARE_SLACK: f64 = 0.75;
+
 /// The time constant of each worker's smoothed demand: shares follow
 /// demand that holds for tens of milliseconds, not each transaction.
 const DEMAND_TAU_US: f64 = 50_000.0;
@@ -249,10 +258,10 @@ impl PoolShared {
     /// queued can be given one (the router hands it over). It gets it when
     /// either
     /// - **shares**: servers should be split in proportion to the workers'
-    ///   smoothed demand, and this worker holds more than half a server
-    ///   above its share while the other holds more than half a server
-    ///   below its own; the move brings both closer, and no move can undo
-    ///   it while demand holds, so a steady split stays put; or
+    ///   smoothed demand, and this worker holds more than `SHARE_SLACK`
+    ///   above its share while the other holds more than that below its
+    ///   own; the move brings both closer, and no move can undo it until
+    ///   demand shifts by half a server, so a steady split stays put; or
     /// - **age**: its first queued client has waited more than `STARVE_US`
     ///   longer than this worker's first, which bounds the unfairness and
     ///   lets a worker whose share is a fraction of a server take turns.
@@ -290,11 +299,11 @@ impl PoolShared {
         if others.is_empty() {
             return None;
         }
-        if demand > 0.0 && mine.held as f64 - servers * mine.demand / demand > 0.5 {
+        if demand > 0.0 && mine.held as f64 - servers * mine.demand / demand > SHARE_SLACK {
             let short = others
                 .iter()
                 .map(|&(w, held, d, _)| (w, servers * d / demand - held))
-                .filter(|&(_, short)| short > 0.5)
+                .filter(|&(_, short)| short > SHARE_SLACK)
                 .max_by(|a, b| a.1.total_cmp(&b.1));
             if let Some((w, _)) = short {
                 return Some(w);

@@ -27,6 +27,11 @@ fn messages(handle: &odissey_facade::Handle) -> (u64, u64) {
     (all, system)
 }
 
+/// What the system thread was sent, by kind.
+fn commands(handle: &odissey_facade::Handle) -> Vec<(String, u64)> {
+    handle.inspect().expect("inspect").system_commands
+}
+
 fn transactions(handle: &odissey_facade::Handle) -> u64 {
     let i = handle.inspect().expect("inspect");
     i.route("test", "trust_user").map_or(0, |r| r.xact_count)
@@ -113,7 +118,7 @@ fn saturated_workers_share_the_pool_without_asking_the_system_thread() {
             w.dedup();
             w.len()
         };
-        let before = (messages(&handle), transactions(&handle));
+        let before = (messages(&handle), transactions(&handle), commands(&handle));
         measured.wait();
         let start = Instant::now();
         while start.elapsed() < RUN {
@@ -124,7 +129,7 @@ fn saturated_workers_share_the_pool_without_asking_the_system_thread() {
             .into_iter()
             .map(|c| c.join().expect("client"))
             .collect();
-        let after = (messages(&handle), transactions(&handle));
+        let after = (messages(&handle), transactions(&handle), commands(&handle));
         monitor.stop();
         mon.join().expect("monitor");
         (counts, before, after, workers_used)
@@ -139,13 +144,21 @@ fn saturated_workers_share_the_pool_without_asking_the_system_thread() {
         counts.iter().copied().max().unwrap_or(0),
     );
     let mean = total / CLIENTS as u64;
+    let kinds: Vec<String> = after
+        .2
+        .iter()
+        .zip(&before.2)
+        .filter(|((_, a), (_, b))| a > b)
+        .map(|((k, a), (_, b))| format!("{k} {}", a - b))
+        .collect();
     println!(
         "{CLIENTS} clients on pool {POOL}, 2 workers ({workers_used} with clients): \
          {total} transactions by the clients ({xacts} counted by odissey), per client \
          min {min} mean {mean} max {max}; {sent} cross-thread messages ({:.4}/tx), \
-         {to_system} to the system thread ({:.4}/tx)",
+         {to_system} to the system thread ({:.4}/tx: {})",
         sent as f64 / xacts.max(1) as f64,
         to_system as f64 / xacts.max(1) as f64,
+        kinds.join(", "),
     );
     assert_eq!(workers_used, 2);
     assert!(total > 1000, "too few transactions to judge: {total}");

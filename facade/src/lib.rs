@@ -122,6 +122,10 @@ pub struct Inspection {
     /// threads sent it. The cost of coordination, to be divided by the
     /// transactions served in the same time.
     pub threads: Vec<ThreadStats>,
+    /// What the system thread was sent, by kind (`need`, `cancel_need`,
+    /// `release`, `server_closed`, `facade`, ...), since it started: which
+    /// coordination the workers ask for.
+    pub system_commands: Vec<(String, u64)>,
 }
 
 /// What one thread's command channel has carried since it started.

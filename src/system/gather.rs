@@ -10,7 +10,7 @@ use log::info;
 use odissey_facade::{Call, ClientInfo, Inspection, Reply, ServerInfo, ThreadStats};
 use odissey_reactor::{Context, Key, TimerId};
 
-use crate::cmd::WorkerCmd;
+use crate::cmd::{SysCmd, WorkerCmd};
 use crate::console::{self, Show};
 use crate::metrics;
 use crate::router::WorkerId;
@@ -69,6 +69,11 @@ impl System {
             };
             i.threads
                 .push(thread("odissey-system".into(), &self.me.stats()));
+            i.system_commands = SysCmd::KINDS
+                .iter()
+                .zip(self.commands)
+                .map(|(k, n)| ((*k).to_string(), n))
+                .collect();
             for (w, tx) in run.workers.iter().enumerate() {
                 i.threads
                     .push(thread(format!("odissey-worker-{w}"), &tx.stats()));

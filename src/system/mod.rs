@@ -96,6 +96,8 @@ pub(crate) struct System {
     stats_prev: HashMap<(String, String), metrics::Totals>,
     stats_at: std::time::Instant,
     stats_timer: Option<TimerId>,
+    /// Commands received, by `SysCmd::kind`.
+    commands: [u64; SysCmd::KINDS.len()],
     next_gather: u64,
 }
 
@@ -116,6 +118,7 @@ impl System {
             stats_prev: HashMap::new(),
             stats_at: std::time::Instant::now(),
             stats_timer: None,
+            commands: [0; SysCmd::KINDS.len()],
             next_gather: 1,
 
             stopping: None,
@@ -478,6 +481,7 @@ impl Handler for System {
     }
 
     fn command(&mut self, cx: &mut Context<'_, SysTimer>, cmd: SysCmd) {
+        self.commands[cmd.kind()] += 1;
         match cmd {
             SysCmd::Facade(call) => match call.request.clone() {
                 Request::Start(source) => {
