@@ -10,11 +10,14 @@ use std::time::Instant;
 
 use crate::router::{PoolKey, WorkerId};
 
-/// How much longer than the first client queued on the worker freeing a
-/// server another worker's first client may have waited before the server
-/// goes to it regardless of shares (see `gives_way`): the bound on how
+/// Another worker's first queued client gets the server a worker frees,
+/// regardless of shares, once it has waited more than twice as long as
+/// this worker's first plus this (see `gives_way`): the bound on how
 /// unfair the split between workers may be to a client, and what lets a
 /// worker whose share is a fraction of a server take turns with the others.
+/// Relative, because under a long queue the first clients' waits differ
+/// between workers by more than any fixed margin (at 512 clients on 32
+/// servers they wait ~40 ms, give or take tens of ms).
 pub(crate) const STARVE_US: u64 = 10_000;
 
 /// How long a worker keeps a server idle for its own clients while
@@ -95,7 +98,16 @@ pub(crate) struct Mine {
     pub(crate) since: u64,
     /// Now, on the same clock.
     pub(crate) now: u64,
+    /// It gave a server within the last `IN_FLIGHT_US` (which the other
+    /// worker may not have yet).
+    pub(crate) gave_recently: bool,
 }
+
+/// How long a server given to another worker is taken to be on its way
+/// (three messages between threads, on a loaded machine): a worker gives
+/// no other meanwhile (at 512 clients on 32 servers, giving while the
+/// last one was in flight moved a server every other transaction).
+pub(crate) const IN_FLIGHT_US: u64 = 2_000;
 
 /// What the router and the workers share about one pool, as atomics so that
 /// the hot path needs neither a lock nor a message.
@@ -262,15 +274,23 @@ impl PoolShared {
     ///   above its share while the other holds more than that below its
     ///   own; the move brings both closer, and no move can undo it until
     ///   demand shifts by half a server, so a steady split stays put; or
-    /// - **age**: its first queued client has waited more than `STARVE_US`
-    ///   longer than this worker's first, which bounds the unfairness and
-    ///   lets a worker whose share is a fraction of a server take turns.
+    /// - **age**: its first queued client has waited more than twice as
+    ///   long as this worker's first plus `STARVE_US`, which bounds the
+    ///   unfairness and lets a worker whose share is a fraction of a server
+    ///   take turns.
+    ///
+    /// Neither, within `IN_FLIGHT_US` of the last server this worker gave
+    /// (`Mine::gave_recently`): one move at a time, each judged on counts
+    /// that include the one before.
     ///
     /// Relaxed loads: a stale value costs one move too many or too few,
     /// corrected at a later release; `pool_size` is the router's and holds
     /// whatever this decides.
     pub(crate) fn gives_way(&self, mine: Mine) -> Option<WorkerId> {
-        if self.load.len() < 2 || mine.queued == 0 {
+        // Not while a server this worker gave may still be on its way:
+        // neither side counts it meanwhile, so shares and the other's
+        // first client would ask for another one.
+        if self.load.len() < 2 || mine.queued == 0 || mine.gave_recently {
             return None;
         }
         let (mut servers, mut demand) = (mine.held as f64, mine.demand);
@@ -310,10 +330,10 @@ impl PoolShared {
             }
         }
         let waited = |since: u64| mine.now.saturating_sub(since);
-        let mine_waited = waited(mine.since);
+        let bar = 2 * waited(mine.since) + STARVE_US;
         others
             .iter()
-            .filter(|&&(_, _, _, since)| since > 0 && waited(since) > mine_waited + STARVE_US)
+            .filter(|&&(_, _, _, since)| since > 0 && waited(since) > bar)
             .max_by_key(|&&(_, _, _, since)| waited(since))
             .map(|&(w, ..)| w)
     }
@@ -444,6 +464,7 @@ mod tests {
             queued,
             since,
             now,
+            gave_recently: false,
         }
     }
 
@@ -507,18 +528,22 @@ mod tests {
             p.gives_way(mine(8, 55, 1_000 + STARVE_US, 1_000 + STARVE_US)),
             None
         );
-        // Its client (waiting since 1_000) waited more than STARVE_US
-        // longer than our first: it has it.
+        // Its client (waiting since 1_000) waited more than twice as long
+        // as our first plus STARVE_US: it has it, once.
         let now = 1_000 + 3 * STARVE_US;
         let ours_since = |waited: u64| now - waited;
-        assert_eq!(
-            p.gives_way(mine(8, 55, ours_since(2 * STARVE_US), now)),
-            None
-        );
-        assert_eq!(
-            p.gives_way(mine(8, 55, ours_since(2 * STARVE_US - 1), now)),
-            Some(1)
-        );
+        assert_eq!(p.gives_way(mine(8, 55, ours_since(STARVE_US), now)), None);
+        let m = mine(8, 55, ours_since(STARVE_US - 1), now);
+        assert_eq!(p.gives_way(m), Some(1));
+        let again = Mine {
+            gave_recently: true,
+            ..m
+        };
+        assert_eq!(p.gives_way(again), None, "the first is on its way");
+        // Long queues on both sides: waits of 40 and 70 ms are no reason.
+        let now = 100_000;
+        other(&p, 0, 1, now - 70_000);
+        assert_eq!(p.gives_way(mine(8, 55, now - 40_000, now)), None);
     }
 
     #[test]

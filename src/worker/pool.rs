@@ -24,7 +24,7 @@ use crate::config::ResolvedRoute;
 use crate::credentials;
 use crate::ids::ConnId;
 use crate::io::Io;
-use crate::pool_shared::{Demand, Mine, LEND_AFTER};
+use crate::pool_shared::{Demand, Mine, IN_FLIGHT_US, LEND_AFTER};
 use crate::router::{Lease, PoolKey, PoolShared, ServerWas, WorkerId};
 use crate::stats::Counters;
 use crate::worker::client::ClientState;
@@ -53,6 +53,9 @@ pub(super) struct LocalPool {
     /// When the queue last became empty (`PoolShared::clock`): its needs
     /// are withdrawn `LEND_AFTER` later if it stays empty.
     empty_since: u64,
+    /// When it last gave a server to another worker (`PoolShared::clock`;
+    /// see `Mine::gave_recently`).
+    gave_at: u64,
     /// Reclaims the router sent while every idle server here was younger
     /// than `LEND_AFTER`: given when they are old enough (`Worker::lend`).
     owed: usize,
@@ -141,6 +144,7 @@ impl Shared {
             asked: 0,
             demand: Demand::default(),
             empty_since: 0,
+            gave_at: 0,
             owed: 0,
             route: Arc::clone(route),
             totals: Counters::default(),
@@ -279,6 +283,7 @@ impl Worker {
                 queued: lp.queue.len(),
                 since: lp.queue.front().map_or(0, |&(_, t)| t),
                 now,
+                gave_recently: now.saturating_sub(lp.gave_at) < IN_FLIGHT_US,
             };
             to = lp.shared.gives_way(mine);
         }
@@ -315,6 +320,33 @@ impl Worker {
                 }
                 self.w.balance_needs(&pool);
                 return;
+            }
+        }
+        self.hand_to_router(cx, sk, pool, to);
+    }
+
+    /// Hands idle server `sk` to the router (`Release`), for worker `to`'s
+    /// need if it names one. From then on the server is not this worker's
+    /// (`Server::lent`): it leaves the published `held` at once, so the
+    /// next release here judges shares without it, though it sits in this
+    /// slab until the router's `Ship` (or its grant back) arrives.
+    fn hand_to_router(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        sk: Key,
+        pool: PoolKey,
+        to: Option<WorkerId>,
+    ) {
+        let id = self.w.id;
+        if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
+            if !s.lent {
+                s.lent = true;
+                if let Some(lp) = self.w.local.get_mut(&pool) {
+                    lp.count_held(id, false);
+                    if to.is_some() {
+                        lp.gave_at = lp.shared.clock(cx.now());
+                    }
+                }
             }
         }
         self.w.send(SysCmd::Release {
@@ -407,12 +439,7 @@ impl Worker {
             lp.shared.taken(id);
             let now = lp.shared.clock(cx.now());
             lp.publish(id, now);
-            self.w.send(SysCmd::Release {
-                pool: pool.clone(),
-                worker: id,
-                server: sk,
-                to,
-            });
+            self.hand_to_router(cx, sk, pool.clone(), to);
             left -= 1;
             if now_only && self.w.local.get(pool).is_some_and(|lp| lp.owed == 0) {
                 return;
@@ -548,6 +575,14 @@ impl Worker {
             }
             Lease::Local(sk) => {
                 let idle = matches!(self.conns.get(sk), Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle));
+                // Handed to the router earlier, it is this worker's again.
+                if let Some(Conn::Server(s)) = self.conns.get_mut(sk) {
+                    if std::mem::take(&mut s.lent) {
+                        if let Some(lp) = self.w.local.get_mut(&pool) {
+                            lp.count_held(self.w.id, true);
+                        }
+                    }
+                }
                 if idle {
                     self.offer(cx, sk, true);
                 } else {
@@ -665,7 +700,10 @@ impl Worker {
                 lp.idle.swap_remove(i);
                 lp.shared.taken(self.w.id);
             }
-            lp.count_held(self.w.id, false);
+            let lent = matches!(self.conns.get(sk), Some(Conn::Server(s)) if s.lent);
+            if !lent {
+                lp.count_held(self.w.id, false);
+            }
         }
         let Some(Conn::Server(mut s)) = self
             .conns
@@ -677,6 +715,8 @@ impl Worker {
         self.w.dead.push(sk);
         let _ = cx.registry().deregister(&mut s.io.stream);
         s.client = None;
+        // The worker adopting it counts it.
+        s.lent = false;
         debug!("{}: moving to worker {to}", s.id);
         if let Err(e) = self.w.peers[to].send(WorkerCmd::Adopt { server: s }) {
             if let WorkerCmd::Adopt { server, .. } = e.0 {

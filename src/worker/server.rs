@@ -130,6 +130,9 @@ pub(crate) struct Server {
     /// (and no second cancel is sent) until the postmaster has taken it,
     /// or the signal could hit another client's query.
     pub(crate) cancel_inflight: bool,
+    /// Handed to the router (`Release`) and not given back: no longer
+    /// counted among the servers its worker holds (`LocalPool::held`).
+    pub(crate) lent: bool,
     /// Named statements odissey prepared on it.
     pub(crate) stmts: ServerStatements,
 }
@@ -173,6 +176,7 @@ impl Server {
             owner: None,
             check: None,
             cancel_inflight: false,
+            lent: false,
             stmts,
         }
     }

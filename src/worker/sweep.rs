@@ -400,7 +400,8 @@ impl Worker {
     pub(super) fn kill(&mut self, k: Key) {
         if let Some(slot) = self.conns.get_mut(k) {
             if let Conn::Server(s) = slot {
-                if let Some(lp) = self.w.local.get_mut(&s.pool) {
+                // (One handed to the router left the count already.)
+                if let (false, Some(lp)) = (s.lent, self.w.local.get_mut(&s.pool)) {
                     lp.count_held(self.w.id, false);
                 }
             }
