@@ -220,21 +220,23 @@ impl PoolShared {
         }
     }
 
+    /// The workers other than `worker` whose needs wait at the router,
+    /// with how many of their clients are queued now.
+    fn asking(&self, worker: WorkerId) -> impl Iterator<Item = (WorkerId, usize)> + '_ {
+        self.load.iter().enumerate().filter_map(move |(w, l)| {
+            let asks = w != worker
+                && self
+                    .waiting
+                    .get(w)
+                    .is_some_and(|n| n.load(Ordering::SeqCst) > 0);
+            asks.then(|| (w, l.queued.load(Ordering::Relaxed)))
+        })
+    }
+
     /// Clients queued on the workers other than `worker` whose needs wait
     /// at the router: how many servers lending could serve.
     pub(crate) fn queued_elsewhere(&self, worker: WorkerId) -> usize {
-        self.load
-            .iter()
-            .enumerate()
-            .filter(|&(w, _)| {
-                w != worker
-                    && self
-                        .waiting
-                        .get(w)
-                        .is_some_and(|n| n.load(Ordering::SeqCst) > 0)
-            })
-            .map(|(_, l)| l.queued.load(Ordering::Relaxed))
-            .sum()
+        self.asking(worker).map(|(_, q)| q).sum()
     }
 
     /// The worker (other than `worker`) whose needs wait at the router and
@@ -242,22 +244,10 @@ impl PoolShared {
     /// idle server to. A need whose clients were served meanwhile (its
     /// withdrawal waits `LEND_AFTER`) attracts nothing.
     pub(crate) fn wants_lend(&self, worker: WorkerId) -> Option<WorkerId> {
-        let mut best: Option<(WorkerId, usize)> = None;
-        for (w, l) in self.load.iter().enumerate() {
-            if w == worker
-                || self
-                    .waiting
-                    .get(w)
-                    .is_none_or(|n| n.load(Ordering::SeqCst) == 0)
-            {
-                continue;
-            }
-            let q = l.queued.load(Ordering::Relaxed);
-            if q > 0 && best.is_none_or(|(_, b)| q > b) {
-                best = Some((w, q));
-            }
-        }
-        best.map(|(w, _)| w)
+        self.asking(worker)
+            .filter(|&(_, q)| q > 0)
+            .max_by_key(|&(w, q)| (q, std::cmp::Reverse(w)))
+            .map(|(w, _)| w)
     }
 
     /// A worker frees a server while clients of its own wait: the worker

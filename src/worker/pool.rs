@@ -273,9 +273,11 @@ impl Worker {
         // (`gives_way`: shares or age); then the router hands it over.
         // Saturated and balanced, nothing leaves the worker.
         let now = lp.shared.clock(cx.now());
-        let demand = lp.publish(id, now);
         let mut to = None;
         if !granted && !paused && !lp.queue.is_empty() && lp.shared.others_waiting(id) {
+            // (Only here is the demand needed before the queue's own
+            // publication below.)
+            let demand = lp.publish(id, now);
             let mine = Mine {
                 worker: id,
                 held: lp.held,
