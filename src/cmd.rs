@@ -189,6 +189,9 @@ pub(crate) enum WorkerCmd {
     Pause { id: u64, database: Option<String> },
     /// Serve `database` (all when None) again.
     Resume { database: Option<String> },
+    /// A host changed role or was banned or unbanned (`hosts::Hosts`):
+    /// close what its change made stale, re-route waiting clients.
+    HostsMoved,
     /// A lookup this worker started ended (`resolver::Dns`): the
     /// addresses of `host`, or why there are none.
     Resolved {

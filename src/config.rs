@@ -205,6 +205,9 @@ pub struct Listen {
     /// TLS versions offered: "tlsv1.2", "tlsv1.3" or both, comma-separated
     /// (default both).
     pub tls_protocols: Option<String>,
+    /// Which hosts serve the clients of this listener, over what their
+    /// route and storage say (e.g. a read-only port).
+    pub target_session_attrs: Option<TargetSessionAttrs>,
 }
 
 /// Client-facing TLS of a listener, weakest first.
@@ -274,6 +277,48 @@ pub struct Storage {
     /// Connect through this Unix-socket directory instead of TCP
     /// (the socket is `<dir>/.s.PGSQL.<port>`).
     pub unix_socket_dir: Option<String>,
+    /// Several servers of one cluster (a primary and its standbys), instead
+    /// of `host`: each `"host:port"`, `"[v6addr]:port"`, `"host"` (on
+    /// `port`), or a Unix-socket directory `"/dir"` or `"/dir:port"`. Each
+    /// host has its own pools (`pool_size` is per host); which one serves
+    /// a transaction follows `target_session_attrs` and `load_balance`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Which hosts may serve a route of this storage (libpq's values; a
+    /// route or a `[[listen]]` may say otherwise): `any`, `read-write`,
+    /// `primary`, `read-only`, `standby`, `prefer-standby`. A host's role is
+    /// found by the health check (`pg_is_in_recovery()`), never declared.
+    #[serde(default)]
+    pub target_session_attrs: TargetSessionAttrs,
+    /// How a transaction picks among the hosts that qualify.
+    #[serde(default)]
+    pub load_balance: LoadBalance,
+    /// How often each host is checked, in ms (role, lag, health), when the
+    /// storage has several hosts or a `target_session_attrs` other than
+    /// `any` (0 = never; then the role is what server logins report).
+    #[serde(default = "default_health_interval")]
+    pub health_check_interval: u64,
+    /// A check not answered within this many ms fails (a hung host).
+    #[serde(default = "default_health_timeout")]
+    pub health_check_timeout: u64,
+    /// A host whose check or server login failed takes no new work for
+    /// this many ms, then comes back at its first good check.
+    #[serde(default = "default_ban_time")]
+    pub ban_time: u64,
+    /// A standby whose replay is more than this many bytes of WAL behind
+    /// the primary takes no new work until it is back within (0 = no limit).
+    #[serde(default)]
+    pub max_replica_lag_bytes: u64,
+    /// Likewise in ms of replay delay (0 = no limit).
+    #[serde(default)]
+    pub max_replica_lag_ms: u64,
+    /// Who the health check logs in as; default the `storage_user` (or
+    /// user) of the first route to this storage with a known password.
+    pub health_check_user: Option<String>,
+    /// Its database; default that route's.
+    pub health_check_database: Option<String>,
+    /// Its password; default that route's server password.
+    pub health_check_password: Option<String>,
     /// TLS towards the server.
     #[serde(default)]
     pub tls: StorageTls,
@@ -294,6 +339,150 @@ pub struct Storage {
 
 fn default_host() -> String {
     "127.0.0.1".into()
+}
+fn default_health_interval() -> u64 {
+    1_000
+}
+fn default_health_timeout() -> u64 {
+    1_000
+}
+fn default_ban_time() -> u64 {
+    5_000
+}
+
+/// Which hosts of a storage may serve a route, as libpq's
+/// `target_session_attrs`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetSessionAttrs {
+    /// Any host that is up.
+    #[default]
+    Any,
+    /// The primary (the newest one, should two claim it).
+    #[serde(alias = "read_write")]
+    ReadWrite,
+    /// As `read-write`.
+    Primary,
+    /// A standby within `max_replica_lag`.
+    #[serde(alias = "read_only")]
+    ReadOnly,
+    /// As `read-only`.
+    Standby,
+    /// A standby within `max_replica_lag`, else the primary.
+    #[serde(alias = "prefer_standby")]
+    PreferStandby,
+}
+
+impl TargetSessionAttrs {
+    /// The name as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Any => "any",
+            Self::ReadWrite => "read-write",
+            Self::Primary => "primary",
+            Self::ReadOnly => "read-only",
+            Self::Standby => "standby",
+            Self::PreferStandby => "prefer-standby",
+        }
+    }
+}
+
+/// How a transaction picks among the hosts that qualify.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalance {
+    /// In turn.
+    #[default]
+    RoundRobin,
+    /// The one with the fewest server connections open.
+    LeastConnections,
+    /// At random.
+    Random,
+}
+
+/// One server of a storage: a TCP host and port, or a Unix-socket
+/// directory and port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// Host name or address (the directory, for a Unix socket).
+    pub host: String,
+    /// Port (for a Unix socket, the number in `.s.PGSQL.<port>`).
+    pub port: u16,
+    /// Connect through `<dir>/.s.PGSQL.<port>`.
+    pub unix_socket_dir: Option<String>,
+}
+
+impl Endpoint {
+    /// Parses one entry of `hosts`; `port` is the storage's, for entries
+    /// without one.
+    pub fn parse(s: &str, port: u16) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("an empty host".into());
+        }
+        let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+        let port_of = |p: &str| {
+            p.parse::<u16>()
+                .map_err(|_| format!("{s:?}: port {p:?} is not a number from 0 to 65535"))
+        };
+        if let Some(rest) = s.strip_prefix('[') {
+            let Some((addr, tail)) = rest.split_once(']') else {
+                return Err(format!("{s:?}: no closing ']'"));
+            };
+            let port = match tail.strip_prefix(':') {
+                Some(p) => port_of(p)?,
+                None if tail.is_empty() => port,
+                None => return Err(format!("{s:?}: expected ':port' after ']'")),
+            };
+            return Ok(Self {
+                host: addr.to_string(),
+                port,
+                unix_socket_dir: None,
+            });
+        }
+        let (host, port) = match s.rsplit_once(':') {
+            // A bare IPv6 address has colons but no port.
+            Some((h, p)) if digits(p) && (s.starts_with('/') || !h.contains(':')) => {
+                (h, port_of(p)?)
+            }
+            _ => (s, port),
+        };
+        let unix_socket_dir = host.starts_with('/').then(|| host.to_string());
+        Ok(Self {
+            host: host.to_string(),
+            port,
+            unix_socket_dir,
+        })
+    }
+
+    /// How it is named in logs, the console and metrics.
+    pub fn label(&self) -> String {
+        match (&self.unix_socket_dir, self.host.contains(':')) {
+            (Some(dir), _) => format!("{dir}:{}", self.port),
+            (None, true) => format!("[{}]:{}", self.host, self.port),
+            (None, false) => format!("{}:{}", self.host, self.port),
+        }
+    }
+}
+
+impl Storage {
+    /// Its servers, in the order given.
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>, String> {
+        if self.hosts.is_empty() {
+            return Ok(vec![Endpoint {
+                host: match &self.unix_socket_dir {
+                    Some(dir) => dir.clone(),
+                    None => self.host.clone(),
+                },
+                port: self.port,
+                unix_socket_dir: self.unix_socket_dir.clone(),
+            }]);
+        }
+        self.hosts
+            .iter()
+            .map(|h| Endpoint::parse(h, self.port))
+            .collect()
+    }
 }
 fn default_pg_port() -> u16 {
     5432
@@ -480,6 +669,8 @@ pub struct Route {
     /// limit).
     #[serde(default)]
     pub queue_max: usize,
+    /// Which hosts of its storage serve it (default the storage's).
+    pub target_session_attrs: Option<TargetSessionAttrs>,
 }
 
 fn yes() -> bool {
@@ -517,6 +708,28 @@ pub struct ResolvedRoute {
     pub server_user: String,
     /// Password to log in with, if any.
     pub server_password: Option<String>,
+    /// Its storage's servers (one, unless the storage lists `hosts`).
+    pub endpoints: Arc<[Endpoint]>,
+    /// Which of them serve it: the route's, else the storage's (a
+    /// `[[listen]]` may override it for its clients).
+    pub target_session_attrs: TargetSessionAttrs,
+}
+
+impl ResolvedRoute {
+    /// True when the host serving a transaction must be chosen (several
+    /// hosts, or a role asked for): a single host with `any` is served
+    /// as it always was, with no checks and no bans.
+    /// The server of host `host` (its first, should the index be stale).
+    pub fn endpoint(&self, host: u16) -> &Endpoint {
+        // Never empty: a storage has one server or the `hosts` it lists.
+        let last = self.endpoints.len().saturating_sub(1);
+        &self.endpoints[usize::from(host).min(last)]
+    }
+
+    pub fn is_routed(&self, listener: Option<TargetSessionAttrs>) -> bool {
+        self.endpoints.len() > 1
+            || listener.unwrap_or(self.target_session_attrs) != TargetSessionAttrs::Any
+    }
 }
 
 impl Config {
@@ -630,12 +843,11 @@ impl Config {
             })?;
         }
         for (name, st) in &self.storage {
-            crate::tls::storage_tls(st).map_err(|e| {
-                ConfigError(format!(
-                    "storage.{name}: {e}{}",
-                    at(&format!("storage.{name}]"))
-                ))
-            })?;
+            let line = at(&format!("storage.{name}]"));
+            crate::tls::storage_tls(st)
+                .map_err(|e| ConfigError(format!("storage.{name}: {e}{line}")))?;
+            self.validate_hosts(name, st)
+                .map_err(|e| ConfigError(format!("storage.{name}.{e}{line}")))?;
         }
         let client_certs = self
             .listen
@@ -670,6 +882,44 @@ impl Config {
                 }
                 self.validate_auth(&key, r, client_certs)
                     .map_err(|e| ConfigError(format!("{e}{line}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a storage's hosts and routing settings that cannot work.
+    fn validate_hosts(&self, name: &str, st: &Storage) -> Result<(), String> {
+        let not_any =
+            |t: Option<TargetSessionAttrs>| t.is_some_and(|t| t != TargetSessionAttrs::Any);
+        let routed = st.kind == StorageType::Remote
+            && (st.hosts.len() > 1
+                || not_any(Some(st.target_session_attrs))
+                || self.listen.iter().any(|l| not_any(l.target_session_attrs))
+                || self.database.values().any(|d| {
+                    d.user
+                        .values()
+                        .any(|r| r.storage == name && not_any(r.target_session_attrs))
+                }));
+        if routed && st.health_check_interval == 0 {
+            return Err("health_check_interval: must be above 0 for several hosts or a target_session_attrs other than \"any\" (roles and health are found by the check)".into());
+        }
+        if st.health_check_timeout == 0 {
+            return Err("health_check_timeout: must be above 0".into());
+        }
+        if st.hosts.is_empty() {
+            return Ok(());
+        }
+        if st.kind == StorageType::Local {
+            return Err("hosts: a console storage (type \"local\") has no servers".into());
+        }
+        if st.host != default_host() || st.unix_socket_dir.is_some() {
+            return Err("hosts: set either `hosts` or `host`/`unix_socket_dir`, not both".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for h in &st.hosts {
+            let e = Endpoint::parse(h, st.port).map_err(|e| format!("hosts: {e}"))?;
+            if !seen.insert(e.label()) {
+                return Err(format!("hosts: {} is listed twice", e.label()));
             }
         }
         Ok(())
@@ -755,6 +1005,11 @@ impl Config {
                         route.storage_user.is_none() && !is_md5_hash(p) && !is_scram_verifier(p)
                     })
                 });
+                // (Validated at load: a storage's hosts parse.)
+                let endpoints: Arc<[Endpoint]> = storage.endpoints().ok()?.into();
+                let target_session_attrs = route
+                    .target_session_attrs
+                    .unwrap_or(storage.target_session_attrs);
                 return Some(Arc::new(ResolvedRoute {
                     rule_db: db.to_string(),
                     rule_user: u.to_string(),
@@ -763,6 +1018,8 @@ impl Config {
                     server_db: route.storage_db.clone().unwrap_or_else(|| database.into()),
                     server_user: route.storage_user.clone().unwrap_or_else(|| user.into()),
                     server_password,
+                    endpoints,
+                    target_session_attrs,
                 }));
             }
         }

@@ -37,6 +37,7 @@ pub(crate) enum Show {
     Servers,
     Databases,
     Storages,
+    Hosts,
     Config,
     Lists,
     Version,
@@ -76,6 +77,7 @@ pub(crate) fn parse(sql: &str) -> Result<Command, String> {
             "servers" => Show::Servers,
             "databases" => Show::Databases,
             "storages" => Show::Storages,
+            "hosts" => Show::Hosts,
             "config" => Show::Config,
             "lists" => Show::Lists,
             "version" => Show::Version,
@@ -123,6 +125,7 @@ pub(crate) fn show(out: &mut BytesMut, what: Show, ins: &Inspection, cfg: &Confi
         Show::Servers => servers(out, &ins.server_list),
         Show::Databases => databases(out, cfg),
         Show::Storages => storages(out, ins),
+        Show::Hosts => hosts(out, ins),
         Show::Config => config(out, cfg),
         Show::Lists => lists(out, ins, cfg),
         Show::Version => result_set(
@@ -157,6 +160,10 @@ const HELP: &[(&str, &str)] = &[
     (
         "SHOW STORAGES",
         "per storage: storage_max, connections, routes waiting",
+    ),
+    (
+        "SHOW HOSTS",
+        "each host of a routed storage: role, ban, lag, connections",
     ),
     ("SHOW CONFIG", "every setting (secrets hidden)"),
     ("SHOW LISTS", "counts of routes, pools, clients, servers"),
@@ -206,6 +213,7 @@ fn pools(out: &mut BytesMut, ins: &Inspection) {
                 n(maxwait_us % 1_000_000),
                 r.pool_mode.clone(),
                 n(r.pool_size),
+                r.host.clone(),
             ]
         })
         .collect();
@@ -225,6 +233,7 @@ fn pools(out: &mut BytesMut, ins: &Inspection) {
             "maxwait_us",
             "pool_mode",
             "pool_size",
+            "host",
         ],
         &rows,
     );
@@ -510,6 +519,58 @@ fn storages(out: &mut BytesMut, ins: &Inspection) {
     result_set(
         out,
         &["storage", "storage_max", "connections", "routes_waiting"],
+        &rows,
+    );
+}
+
+fn hosts(out: &mut BytesMut, ins: &Inspection) {
+    let time = |ms: u64| {
+        if ms == 0 {
+            String::new()
+        } else {
+            crate::logging::rfc3339_ms(ms)
+        }
+    };
+    let rows: Vec<Vec<String>> = ins
+        .hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.storage.clone(),
+                h.host.clone(),
+                h.role.clone(),
+                if h.banned {
+                    format!("banned {} ms", h.banned_for_ms)
+                } else if h.lagging {
+                    "lagging".into()
+                } else {
+                    "up".into()
+                },
+                h.why.clone(),
+                h.bans.to_string(),
+                h.lag_bytes.to_string(),
+                h.lag_ms.to_string(),
+                n(h.connections),
+                time(h.role_changed_at_ms),
+                time(h.checked_at_ms),
+            ]
+        })
+        .collect();
+    result_set(
+        out,
+        &[
+            "storage",
+            "host",
+            "role",
+            "state",
+            "why",
+            "bans",
+            "lag_bytes",
+            "lag_ms",
+            "connections",
+            "role_changed",
+            "checked",
+        ],
         &rows,
     );
 }

@@ -17,6 +17,7 @@ mod cmd;
 pub mod config;
 mod console;
 mod credentials;
+mod hosts;
 mod ids;
 mod io;
 pub mod logging;

@@ -425,6 +425,13 @@ fn format_line(
     }
 }
 
+/// Unix time `ms` as [`push_rfc3339`] writes it (the console).
+pub(crate) fn rfc3339_ms(ms: u64) -> String {
+    let mut s = String::new();
+    push_rfc3339(&mut s, UNIX_EPOCH + std::time::Duration::from_millis(ms));
+    s
+}
+
 /// `2024-02-29T23:59:59.123Z`: RFC 3339, UTC, milliseconds.
 fn push_rfc3339(out: &mut String, t: SystemTime) {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();

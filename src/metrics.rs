@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use odissey_facade::{Inspection, RouteStats, StorageStats, ThreadStats};
+use odissey_facade::{HostStats, Inspection, RouteStats, StorageStats, ThreadStats};
 
 /// The Prometheus text format (version 0.0.4) of a snapshot.
 pub(crate) fn render(ins: &Inspection) -> String {
@@ -50,6 +50,68 @@ pub(crate) fn render(ins: &Inspection) -> String {
                 "{name}{{storage=\"{}\"}} {}",
                 escape(&s.name),
                 value(s)
+            );
+        }
+    }
+    for (name, kind, help, value) in [
+        (
+            "odissey_host_up",
+            "gauge",
+            "1 while a host is in rotation (not banned).",
+            (|h| u64::from(!h.banned)) as fn(&HostStats) -> u64,
+        ),
+        (
+            "odissey_host_primary",
+            "gauge",
+            "1 while a host is the primary its storage writes to.",
+            |h| u64::from(h.role == "primary"),
+        ),
+        (
+            "odissey_host_lag_bytes",
+            "gauge",
+            "A standby's replay lag in bytes of WAL behind the primary.",
+            |h| h.lag_bytes,
+        ),
+        (
+            "odissey_host_lag_ms",
+            "gauge",
+            "A standby's replay delay in ms.",
+            |h| h.lag_ms,
+        ),
+        (
+            "odissey_host_lagging",
+            "gauge",
+            "1 while a standby is past max_replica_lag (no new work).",
+            |h| u64::from(h.lagging),
+        ),
+        (
+            "odissey_host_connections",
+            "gauge",
+            "Server connections open to a host.",
+            |h| h.connections as u64,
+        ),
+        (
+            "odissey_host_bans_total",
+            "counter",
+            "Times a host was banned (failed check, connection or login).",
+            |h| h.bans,
+        ),
+        (
+            "odissey_host_role_changed_at_ms",
+            "gauge",
+            "Unix time in ms of a host's last role change (0: none).",
+            |h| h.role_changed_at_ms,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for h in &ins.hosts {
+            let _ = writeln!(
+                out,
+                "{name}{{storage=\"{}\",host=\"{}\",role=\"{}\"}} {}",
+                escape(&h.storage),
+                escape(&h.host),
+                escape(&h.role),
+                value(h)
             );
         }
     }
@@ -216,11 +278,14 @@ pub(crate) fn render(ins: &Inspection) -> String {
 }
 
 fn pool_labels(r: &RouteStats) -> String {
+    // A storage with several hosts has a pool per host: the host tells
+    // their series apart.
     format!(
-        "database=\"{}\",user=\"{}\",pool_mode=\"{}\"",
+        "database=\"{}\",user=\"{}\",pool_mode=\"{}\",host=\"{}\"",
         escape(&r.database),
         escape(&r.user),
-        escape(&r.pool_mode)
+        escape(&r.pool_mode),
+        escape(&r.host)
     )
 }
 
@@ -434,7 +499,7 @@ mod tests {
             text.contains("odissey_transactions_total{database=\"app\""),
             "{text}"
         );
-        assert!(text.contains("odissey_transaction_seconds_total{database=\"app\",user=\"we\\\"ird\\\\\",pool_mode=\"transaction\"} 1.500000"), "{text}");
+        assert!(text.contains("odissey_transaction_seconds_total{database=\"app\",user=\"we\\\"ird\\\\\",pool_mode=\"transaction\",host=\"\"} 1.500000"), "{text}");
         assert!(text.contains("quantile=\"0.99\"} 0.000020"), "{text}");
         assert!(text.contains("class=\"23\"} 3"), "{text}");
         assert!(text.contains("odissey_workers 2"), "{text}");

@@ -408,6 +408,8 @@ pub(crate) struct Registry {
     /// CancelRequests in flight to servers, all workers together
     /// (`cancel_max`).
     pub(crate) cancels: Arc<AtomicUsize>,
+    /// The storages' hosts: roles, bans, lag (`hosts`).
+    pub(crate) hosts: crate::hosts::Hosts,
 }
 
 impl Registry {
@@ -416,6 +418,7 @@ impl Registry {
             workers,
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::default(),
+            hosts: crate::hosts::Hosts::default(),
         }
     }
 

@@ -47,6 +47,9 @@ pub(crate) type WorkerId = usize;
 pub(crate) struct PoolKey {
     pub(crate) database: Arc<str>,
     pub(crate) user: Arc<str>,
+    /// Which of the route's `endpoints` its servers connect to (each host
+    /// of a storage is a pool of its own: `pool_size` is per host).
+    pub(crate) host: u16,
     server: Arc<str>,
     hash: u64,
 }
@@ -55,6 +58,7 @@ impl PartialEq for PoolKey {
     fn eq(&self, other: &Self) -> bool {
         let same = |a: &Arc<str>, b: &Arc<str>| Arc::ptr_eq(a, b) || a == b;
         self.hash == other.hash
+            && self.host == other.host
             && same(&self.server, &other.server)
             && same(&self.database, &other.database)
             && same(&self.user, &other.user)
@@ -70,18 +74,21 @@ impl std::hash::Hash for PoolKey {
 }
 
 impl PoolKey {
-    pub(crate) fn new(database: &str, user: &str, route: &ResolvedRoute) -> Self {
+    /// The pool of `database` and `user` on host `host` of `route`.
+    pub(crate) fn new(database: &str, user: &str, route: &ResolvedRoute, host: usize) -> Self {
         let s = &route.storage;
+        let endpoint = route.endpoints.get(host);
         let mut key = Self {
             database: database.into(),
             user: user.into(),
+            host: u16::try_from(host).unwrap_or(u16::MAX),
             // How its connections are made, TLS included: a reload that
             // changes any of it retires the pool's connections.
             server: Arc::from(format!(
                 "{}:{}:{:?}:{}:{}:{:?}:{:?}",
-                s.host,
-                s.port,
-                s.unix_socket_dir,
+                endpoint.map_or("(gone)", |e| e.host.as_str()),
+                endpoint.map_or(0, |e| e.port),
+                endpoint.and_then(|e| e.unix_socket_dir.as_deref()),
                 route.server_db,
                 route.server_user,
                 route.server_password,
@@ -100,7 +107,10 @@ impl PoolKey {
         static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
             std::sync::OnceLock::new();
         let keys = KEYS.get_or_init(Default::default);
-        key.hash = std::hash::BuildHasher::hash_one(keys, (&key.database, &key.user, &key.server));
+        key.hash = std::hash::BuildHasher::hash_one(
+            keys,
+            (&key.database, &key.user, key.host, &key.server),
+        );
         key
     }
 }
@@ -618,7 +628,7 @@ impl Router {
         }
         for (key, pool) in &mut self.pools {
             match cfg.route(&key.database, &key.user) {
-                Some(r) if PoolKey::new(&key.database, &key.user, &r) == *key => {
+                Some(r) if PoolKey::new(&key.database, &key.user, &r, key.host.into()) == *key => {
                     // Renamed storage, same server: its connections count
                     // against the new name from now on.
                     if *pool.storage != *r.route.storage {
@@ -713,8 +723,11 @@ impl Router {
                     continue;
                 }
                 if let Some(route) = cfg.route(db, user) {
-                    let key = PoolKey::new(db, user, &route);
-                    self.pool(&key, &route);
+                    // min_pool_size holds on every host.
+                    for host in 0..route.endpoints.len() {
+                        let key = PoolKey::new(db, user, &route, host);
+                        self.pool(&key, &route);
+                    }
                 }
             }
         }
@@ -756,6 +769,11 @@ impl Router {
         v
     }
 
+    /// The hosts of routed storages (`hosts::Hosts::stats`).
+    pub(crate) fn host_stats(&self) -> Vec<odissey_facade::HostStats> {
+        self.registry.hosts.stats(std::time::Instant::now())
+    }
+
     /// Whether some pool (current or retired) serves database `db`.
     pub(crate) fn knows_database(&self, db: &str) -> bool {
         self.pools.keys().any(|k| &*k.database == db)
@@ -778,6 +796,7 @@ impl Router {
                 odissey_facade::RouteStats {
                     database: k.database.to_string(),
                     user: k.user.to_string(),
+                    host: p.route.endpoint(k.host).label(),
                     pool_mode: p.route.route.pool.as_str().to_string(),
                     clients_active: clients - waiting,
                     clients_waiting: waiting,
@@ -808,7 +827,7 @@ mod tests {
         ))
         .unwrap();
         let r = cfg.route("d", "u").unwrap();
-        (PoolKey::new("d", "u", &r), r)
+        (PoolKey::new("d", "u", &r, 0), r)
     }
 
     /// Two routes (users a and b) on one storage capped at `max`.
@@ -823,7 +842,7 @@ mod tests {
         .unwrap();
         ["a", "b"].map(|u| {
             let r = cfg.route("d", u).unwrap();
-            (PoolKey::new("d", u, &r), r)
+            (PoolKey::new("d", u, &r, 0), r)
         })
     }
 

@@ -118,6 +118,9 @@ pub struct Inspection {
     pub server_list: Vec<ServerInfo>,
     /// One entry per `[storage.<name>]` that pools have used.
     pub storages: Vec<StorageStats>,
+    /// Each host of the storages that choose among hosts (several
+    /// `hosts`, or a `target_session_attrs`), by storage and host.
+    pub hosts: Vec<HostStats>,
     /// The system thread's and each worker's command channel: what other
     /// threads sent it. The cost of coordination, to be divided by the
     /// transactions served in the same time.
@@ -138,6 +141,37 @@ pub struct ThreadStats {
     pub messages: u64,
     /// Times it woke up to take commands (one wake-up takes all queued).
     pub wakeups: u64,
+}
+
+/// One host of a storage, as its health checks and server logins found it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostStats {
+    /// The `[storage.<name>]` name.
+    pub storage: String,
+    /// `host:port` (or `/socket/dir:port`).
+    pub host: String,
+    /// "primary", "standby", or "unknown" (not checked yet).
+    pub role: String,
+    /// Taken out of rotation (a failed check, connection or login).
+    pub banned: bool,
+    /// For how much longer, in ms (0 when not banned).
+    pub banned_for_ms: u64,
+    /// Why it was last banned, or how its last check failed.
+    pub why: String,
+    /// Bans since start.
+    pub bans: u64,
+    /// Replay lag of a standby, in bytes of WAL behind the primary...
+    pub lag_bytes: u64,
+    /// ...and in ms of replay delay.
+    pub lag_ms: u64,
+    /// Further behind than `max_replica_lag_*`: it takes no new work.
+    pub lagging: bool,
+    /// Server connections open to it (pooled; not its health check).
+    pub connections: usize,
+    /// Unix time in ms of its last role change (0: none yet).
+    pub role_changed_at_ms: u64,
+    /// Unix time in ms of its last good check (0: none yet).
+    pub checked_at_ms: u64,
 }
 
 /// The server connections of one storage, all its pools together.
@@ -227,6 +261,9 @@ pub struct RouteStats {
     pub database: String,
     /// The clients' user name.
     pub user: String,
+    /// The server host of this pool (`host:port`): a storage with several
+    /// `hosts` has a pool per host.
+    pub host: String,
     /// "session" or "transaction".
     pub pool_mode: String,
     /// Clients of this route that are not waiting for a server.

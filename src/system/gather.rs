@@ -55,6 +55,7 @@ impl System {
             clients: self.clients.load(std::sync::atomic::Ordering::Relaxed),
             routes: self.router.stats(),
             storages: self.router.storage_stats(),
+            hosts: self.router.host_stats(),
             ..Inspection::default()
         };
         if let Some(run) = &self.running {

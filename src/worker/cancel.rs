@@ -140,7 +140,9 @@ impl Worker {
             return;
         }
         let (id, route, request) = (s.id, Arc::clone(&s.route), s.query_start);
-        let stream = match self.open_storage(cx, &route.storage) {
+        // The host that runs the query: each host is a pool of its own.
+        let endpoint = route.endpoint(s.pool.host).clone();
+        let stream = match self.open_storage(cx, &endpoint) {
             Opened::Stream(x) => x,
             Opened::Failed(why) => {
                 self.w.cancel_drops.failed += 1;
@@ -170,7 +172,7 @@ impl Worker {
                     recovering,
                     request,
                 };
-                self.park(cx, &route.storage.host, r);
+                self.park(cx, &endpoint.host, r);
                 return;
             }
         };

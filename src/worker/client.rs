@@ -91,6 +91,9 @@ pub(crate) struct Client {
     /// The route it logged in by (its names live on in `pool`).
     pub(crate) route: Option<Arc<ResolvedRoute>>,
     pub(crate) pool: Option<PoolKey>,
+    /// Its route's pools by host, when the host is chosen per transaction
+    /// (`hosting`); `pool` is then the one it was last placed on.
+    pub(crate) family: Option<Arc<super::hosting::Family>>,
     pub(crate) server: Option<Key>,
     /// Walks the client's input to count requests and spot Terminate.
     pub(crate) relay: Relay,
@@ -500,6 +503,7 @@ impl Client {
             waiting_us: 0,
             route: None,
             pool: None,
+            family: None,
             server: None,
             relay: Relay::for_client(),
             conv: Conversation::default(),

@@ -170,12 +170,34 @@ impl Worker {
             c.enter_console();
             return;
         }
-        let pool = PoolKey::new(&who.database, &who.user, &who.route);
-        // Every client of a pool shares the key's strings, not a copy each.
-        self.w.local(&pool, &who.route);
-        let pool = match self.w.local.get_key_value(&pool) {
-            Some((shared, _)) => shared.clone(),
-            None => pool,
+        // A route with several hosts (or a role to ask for) chooses the
+        // host per transaction; the client starts on the one it would get
+        // now (its greeting comes from that pool).
+        let listener_tsa = self
+            .w
+            .cfg
+            .listen
+            .get(usize::from(c.listener))
+            .and_then(|l| l.target_session_attrs);
+        let family = who.route.is_routed(listener_tsa).then(|| {
+            let tsa = listener_tsa.unwrap_or(who.route.target_session_attrs);
+            self.w.family(&who.database, &who.user, &who.route, tsa)
+        });
+        let pool = match &family {
+            Some(f) => {
+                let i = self.w.choose_host(f, cx.now()).unwrap_or(0);
+                f.keys[i].clone()
+            }
+            None => {
+                let pool = PoolKey::new(&who.database, &who.user, &who.route, 0);
+                // Every client of a pool shares the key's strings, not a
+                // copy each.
+                self.w.local(&pool, &who.route);
+                match self.w.local.get_key_value(&pool) {
+                    Some((shared, _)) => shared.clone(),
+                    None => pool,
+                }
+            }
         };
         if self.w.cfg.log_session {
             info!(
@@ -208,12 +230,25 @@ impl Worker {
             }
         }
         let max = who.route.route.client_max;
-        let n = self
+        let mut n = self
             .w
             .local(&pool, &who.route)
             .shared
             .clients
             .fetch_add(1, AtomicOrdering::Relaxed);
+        // client_max counts the route's clients on all its hosts.
+        for k in family
+            .iter()
+            .flat_map(|f| f.keys.iter())
+            .filter(|&k| *k != pool)
+        {
+            n += self
+                .w
+                .local(k, &who.route)
+                .shared
+                .clients
+                .load(AtomicOrdering::Relaxed);
+        }
         if max > 0 && n >= max {
             self.w
                 .local(&pool, &who.route)
@@ -231,6 +266,7 @@ impl Worker {
             return;
         }
         c.pool = Some(pool.clone());
+        c.family = family;
         // Every startup parameter is part of the session, `-c` options
         // first and the packet's own parameters over them, as PostgreSQL
         // applies them. A value the pool's servers start with anyway is

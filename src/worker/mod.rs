@@ -24,6 +24,8 @@ mod clients;
 mod cx;
 mod failure;
 mod follow;
+mod health;
+mod hosting;
 mod link;
 mod opening;
 mod pool;
@@ -81,6 +83,8 @@ pub(crate) enum Conn {
     Cancel(Box<Canceller>),
     /// A login on a client's behalf (passthrough check, auth_query).
     Probe(Box<Probe>),
+    /// A host's health check connection (`health`).
+    Check(Box<health::Check>),
     /// Closed during this batch; freed after it so the slot is not reused
     /// while events for the old socket may still be queued.
     Dead,
@@ -112,6 +116,10 @@ pub(crate) enum WorkerTimer {
     /// A host name lookup took too long: what waits for it fails
     /// (`resolver::Dns::timed_out`).
     ResolveTimeout(u64),
+    /// Health check `.0` of `health::Checks` (under epoch `.1`) is due.
+    HealthDue(usize, u64),
+    /// A health check connection did not answer in time.
+    HealthTimeout(Key),
 }
 
 /// What the console's PAUSE holds: every database, or some.
@@ -196,6 +204,18 @@ pub(crate) struct Shared {
     /// What the machines raised during the event being handled (reused;
     /// applied before the event returns: `Worker::apply`).
     evts: Vec<Evt>,
+    /// Routed routes as their clients see them (`hosting::Family`), by
+    /// their first host's pool and the role asked for.
+    families: HashMap<(PoolKey, crate::config::TargetSessionAttrs), Arc<hosting::Family>>,
+    /// Clients waiting for a host of their route to qualify.
+    homeless: Vec<Key>,
+    /// `Hosts::generation` as last acted on (`hosting::hosts_moved`).
+    hosts_seen: u64,
+    /// Round-robin turn, and the random state of `load_balance = "random"`.
+    turn: usize,
+    rng: u64,
+    /// The health checks this worker runs (worker 0 runs them all).
+    checks: health::Checks,
 }
 
 /// The worker's handler.
@@ -246,6 +266,12 @@ impl Worker {
                 balance_set: false,
                 cancel_drops: CancelDrops::default(),
                 evts: Vec::new(),
+                families: HashMap::new(),
+                homeless: Vec::new(),
+                hosts_seen: 0,
+                turn: id,
+                rng: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
+                checks: health::Checks::default(),
             },
         }
     }
@@ -398,6 +424,7 @@ impl Worker {
                     }
                     Some(Conn::Server(_)) => self.close_server(cx, k, "internal error"),
                     Some(Conn::Cancel(_) | Conn::Probe(_)) => self.kill(k),
+                    Some(Conn::Check(_)) => self.drop_check(cx, k),
                     Some(Conn::Dead) | None => {}
                 }
             }));
@@ -432,6 +459,10 @@ impl Worker {
                 p.io.on_ready(ready);
                 self.drive_probe(cx, key);
             }
+            Some(Conn::Check(c)) => {
+                c.io.on_ready(ready);
+                self.drive_check(cx, key);
+            }
             Some(Conn::Dead) | None => {}
         }
     }
@@ -453,6 +484,7 @@ impl Worker {
                 self.w.listeners = listeners;
                 self.w.listen_keepalive = Some(keepalive);
                 cx.set_timer(cx.now() + TICK, WorkerTimer::Tick);
+                self.configure_checks(cx);
             }
             WorkerCmd::Granted { lease, pool, route } => self.granted(cx, lease, pool, route),
             WorkerCmd::Warm { pool, route } => {
@@ -515,6 +547,8 @@ impl Worker {
                 self.w.cfg = cfg;
                 self.w.tls = tls;
                 self.w.routes.clear();
+                self.w.families.clear();
+                self.configure_checks(cx);
                 self.w.send(SysCmd::Configured { id });
             }
             WorkerCmd::Cancel { pid, key } => {
@@ -577,6 +611,7 @@ impl Worker {
                 }
                 self.serve_resumed(cx);
             }
+            WorkerCmd::HostsMoved => self.hosts_moved(cx),
             WorkerCmd::Resolved { host, answer } => {
                 if let Err(why) = &answer {
                     warn!(
@@ -621,6 +656,19 @@ impl Worker {
                 if !matches!(c.state, ClientState::Waiting) {
                     return;
                 }
+                if self.leave_homeless(ck) {
+                    let f = self.no_host_fatal(ck, cx.now());
+                    if let Some(Conn::Client(c)) = self.conns.get(ck) {
+                        if let Some(f) = &f {
+                            warn!("{}: {} (08006)", c.id, f.message);
+                        }
+                    }
+                    self.close_client(cx, ck, f);
+                    return;
+                }
+                let Some(Conn::Client(c)) = self.conns.get(ck) else {
+                    return;
+                };
                 let (pool, timeout) = match (&c.pool, &c.route) {
                     (Some(p), Some(r)) => (p.to_string(), r.route.pool_timeout),
                     _ => (String::new(), 0),
@@ -649,6 +697,8 @@ impl Worker {
                 }
             }
             WorkerTimer::Balance => self.balance(cx),
+            WorkerTimer::HealthDue(i, epoch) => self.check_due(cx, i, epoch),
+            WorkerTimer::HealthTimeout(k) => self.check_timed_out(cx, k),
             WorkerTimer::Tick => {
                 self.tick(cx);
                 if !self.w.draining {
@@ -715,6 +765,7 @@ impl Worker {
                             let failure = failure::ServerFailure::ShuttingDown;
                             self.finish_probe(cx, k, Err(failure));
                         }
+                        Some(Conn::Check(_)) => self.drop_check(cx, k),
                         _ => {}
                     }
                 }

@@ -41,7 +41,7 @@ impl Worker {
     pub(super) fn open_storage(
         &mut self,
         cx: &mut Context<'_, WorkerTimer>,
-        st: &crate::config::Storage,
+        st: &crate::config::Endpoint,
     ) -> Opened {
         let cannot = |e: &dyn std::fmt::Display| ServerFailure::Connect {
             host: st.host.clone(),

@@ -63,6 +63,8 @@ pub(super) struct LocalPool {
     route: Arc<ResolvedRoute>,
     /// What this worker's servers did for the pool (see `stats`).
     pub(super) totals: Counters,
+    /// Its host, when its route chooses among hosts (`hosting`).
+    pub(super) host: Option<Arc<crate::hosts::HostState>>,
 }
 
 impl LocalPool {
@@ -136,7 +138,16 @@ impl Shared {
     /// This worker's view of `pool`, created on first use.
     pub(super) fn local(&mut self, pool: &PoolKey, route: &Arc<ResolvedRoute>) -> &mut LocalPool {
         let registry = &self.registry;
+        let routed = || {
+            let listeners = self.cfg.listen.iter().map(|l| l.target_session_attrs);
+            route.is_routed(None) || listeners.into_iter().any(|t| route.is_routed(t))
+        };
         self.local.entry(pool.clone()).or_insert_with(|| LocalPool {
+            host: routed().then(|| {
+                let hosts = registry.hosts.of(&route.route.storage, &route.endpoints);
+                let i = usize::from(pool.host).min(hosts.len().saturating_sub(1));
+                Arc::clone(&hosts[i])
+            }),
             shared: registry.get(pool),
             idle: Vec::new(),
             queue: VecDeque::new(),
@@ -463,6 +474,18 @@ impl Worker {
         let cid = c.id;
         // Timed from the batch's clock, as the pool_timeout deadline is.
         c.wait(us_since_start_at(self.w.started, cx.now()));
+        let pool = if c.family.is_some() {
+            // The host for this transaction (or it waits for one).
+            if !self.place(cx, ck) {
+                return;
+            }
+            match self.conns.get(ck) {
+                Some(Conn::Client(c)) => c.pool.clone().unwrap_or(pool),
+                _ => return,
+            }
+        } else {
+            pool
+        };
         let id = self.w.id;
         let paused = self.w.paused.holds(&pool.database);
         let readahead = self.w.cfg.readahead;
@@ -521,7 +544,9 @@ impl Worker {
         // log_debug.)
         debug!("{cid}: waiting for a server of {pool} ({waiting} waiting)");
         let timeout = route.route.pool_timeout;
-        if timeout > 0 {
+        // A client re-routed while waiting keeps its first deadline.
+        let waiting = matches!(self.conns.get(ck), Some(Conn::Client(c)) if c.deadline.is_some());
+        if timeout > 0 && !waiting {
             let t = cx.set_timer(
                 cx.now() + std::time::Duration::from_millis(timeout),
                 WorkerTimer::PoolTimeout(ck),
@@ -540,6 +565,20 @@ impl Worker {
                 cx.cancel_timer(t);
             }
         }
+        if self.leave_homeless(ck) {
+            return;
+        }
+        self.leave_queue(cx, ck, pool);
+    }
+
+    /// `ck` leaves `pool`'s queue here, its deadline kept (it is re-routed,
+    /// or `dequeue` took care of it).
+    pub(super) fn leave_queue(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        ck: Key,
+        pool: &PoolKey,
+    ) {
         if let Some(lp) = self.w.local.get_mut(pool) {
             let now = lp.shared.clock(cx.now());
             if lp.remove_waiter(self.w.id, ck, now) {
@@ -615,7 +654,7 @@ impl Worker {
         ask: AskTls,
         tls_retry: bool,
     ) {
-        let st = &route.storage;
+        let st = route.endpoint(pool.host);
         let stream = match self.open_storage(cx, st) {
             Opened::Stream(s) => s,
             Opened::Failed(failure) => {
@@ -626,7 +665,9 @@ impl Worker {
                     server: None,
                     was: ServerWas::Opening,
                 });
-                self.fail_first_waiter(cx, &pool, failure.fatal());
+                if !self.host_failed(cx, &pool, &failure.to_string()) {
+                    self.fail_first_waiter(cx, &pool, failure.fatal());
+                }
                 return;
             }
             Opened::Wait => {
@@ -658,23 +699,24 @@ impl Worker {
             credential,
             ask,
         );
+        let host = self
+            .w
+            .local
+            .get(&pool)
+            .and_then(|lp| lp.host.clone())
+            .map(crate::hosts::HostSlot::new);
         let (sk, failed) = insert_registered(&mut self.conns, cx.registry(), io, |_, io| {
-            Conn::Server(Box::new(Server::new(
-                id,
-                io,
-                pool.clone(),
-                Arc::clone(&route),
-                login,
-                tls_retry,
-            )))
+            let mut s = Server::new(id, io, pool.clone(), Arc::clone(&route), login, tls_retry);
+            s.host = host;
+            Conn::Server(Box::new(s))
         });
         let me = self.w.id;
         if let Some(lp) = self.w.local.get_mut(&pool) {
             lp.count_held(me, true);
         }
         debug!(
-            "{id}: connecting to {}:{} for pool {pool}",
-            route.storage.host, route.storage.port
+            "{id}: connecting to {} for pool {pool}",
+            route.endpoint(pool.host).label()
         );
         if let Some(e) = failed {
             let failure = ServerFailure::Register {

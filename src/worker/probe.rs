@@ -42,6 +42,8 @@ pub(crate) struct Probe {
     /// Where and as whom it logs in, to try again over TLS under
     /// `tls = "allow"` (then set).
     retry: Option<(Arc<ResolvedRoute>, Option<ScramCredential>)>,
+    /// The server it logs in to (a host that is up, of several).
+    endpoint: crate::config::Endpoint,
 }
 
 /// What a probe is for.
@@ -191,7 +193,8 @@ impl Worker {
         let retry = (ask.is_none() && self.w.retries_with_tls(&route))
             .then(|| (Arc::clone(&route), credential.clone()));
         let ask = ask.unwrap_or_else(|| self.w.ask_tls(&route));
-        let st = &route.storage;
+        let endpoint = self.w.any_host(&route, cx.now()).clone();
+        let st = &endpoint;
         let stream = match self.open_storage(cx, st) {
             Opened::Stream(s) => s,
             Opened::Failed(failure) => {
@@ -231,6 +234,7 @@ impl Worker {
                 timer: None,
                 job,
                 retry,
+                endpoint,
             }))
         });
         if let Some(e) = failed {
@@ -261,7 +265,7 @@ impl Worker {
                     }
                     Ok(None) if !p.io.eof => return,
                     Ok(Some(e)) | Err(e) => {
-                        let st = &p.who.route.storage;
+                        let st = &p.endpoint;
                         let failure = ServerFailure::Connect {
                             host: st.host.clone(),
                             port: st.port,
@@ -271,7 +275,7 @@ impl Worker {
                         return;
                     }
                     Ok(None) => {
-                        let failure = unconnected(&p.io, &p.who.route.storage);
+                        let failure = unconnected(&p.io, &p.endpoint);
                         self.finish_probe(cx, k, Err(failure));
                         return;
                     }
@@ -317,7 +321,7 @@ impl Worker {
                 continue;
             }
             let tls = self.w.tls.storage.get(&p.who.route.route.storage);
-            let host = &p.who.route.storage.host;
+            let host = &p.endpoint.host;
             let (more, step) = step_login(&mut p.io, &mut p.login, tls, host, readahead);
             match step {
                 LoginStep::Pending if moved || more => {}

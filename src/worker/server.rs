@@ -135,6 +135,8 @@ pub(crate) struct Server {
     pub(crate) lent: bool,
     /// Named statements odissey prepared on it.
     pub(crate) stmts: ServerStatements,
+    /// Its host, when the route chooses among hosts (`hosts`).
+    pub(crate) host: Option<crate::hosts::HostSlot>,
 }
 
 /// How long a server must have sat idle before it is handed out only
@@ -154,6 +156,7 @@ impl Server {
         let now = std::time::Instant::now();
         let stmts = ServerStatements::new(route.route.prepared_statements_max);
         Self {
+            host: None,
             id,
             io,
             pool,
@@ -322,15 +325,16 @@ impl Server {
                 (ServerState::Connecting(login), ServerNext::Stay(progress))
             }
             Ok(Some(e)) | Err(e) => {
+                let e_ = self.route.endpoint(self.pool.host);
                 let failure = ServerFailure::Connect {
-                    host: self.route.storage.host.clone(),
-                    port: self.route.storage.port,
+                    host: e_.host.clone(),
+                    port: e_.port,
                     error: e.to_string(),
                 };
                 (ServerState::Connecting(login), ServerNext::Failed(failure))
             }
             Ok(None) => {
-                let failure = unconnected(&self.io, &self.route.storage);
+                let failure = unconnected(&self.io, self.route.endpoint(self.pool.host));
                 (ServerState::Connecting(login), ServerNext::Failed(failure))
             }
         }
@@ -345,7 +349,7 @@ impl Server {
         cfg: &Config,
         progress: bool,
     ) -> (ServerState, ServerNext) {
-        let host = &self.route.storage.host;
+        let host = &self.route.endpoint(self.pool.host).host;
         let (moved, step) = step_login(&mut self.io, &mut login, tls, host, cfg.readahead);
         match step {
             LoginStep::Pending => (
@@ -584,7 +588,7 @@ pub(crate) fn step_login(
 /// Why a connect that had not completed ended: the socket error a write or
 /// read met (ECONNREFUSED shows there once the startup message is sent),
 /// named with the host and port.
-pub(crate) fn unconnected(io: &Io, st: &crate::config::Storage) -> ServerFailure {
+pub(crate) fn unconnected(io: &Io, st: &crate::config::Endpoint) -> ServerFailure {
     let (host, port) = (st.host.clone(), st.port);
     match io.error {
         Some(kind) => ServerFailure::Connect {

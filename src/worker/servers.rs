@@ -77,6 +77,8 @@ impl Worker {
         let route = Arc::clone(&s.route);
         let lp = self.w.local(&pool, &route);
         lp.shared.greetings.put(Default::default(), defaults);
+        // What the server says of its host may re-route the queue first.
+        self.login_reported(cx, sk);
         self.offer(cx, sk, true);
     }
 
@@ -113,7 +115,10 @@ impl Worker {
             server: Some(sk),
             was: ServerWas::Opening,
         });
-        self.fail_first_waiter(cx, &pool, failure.fatal());
+        // A host of a routed route is banned and its clients go elsewhere.
+        if !self.host_failed(cx, &pool, &format!("{failure} ({code})")) {
+            self.fail_first_waiter(cx, &pool, failure.fatal());
+        }
     }
 
     /// A server opened for this worker's queue failed: the first client in

@@ -149,7 +149,7 @@ impl Worker {
                         remote_pid: s.key.map(|(pid, _)| pid),
                     });
                 }
-                Conn::Cancel(_) | Conn::Probe(_) | Conn::Dead => {}
+                Conn::Cancel(_) | Conn::Probe(_) | Conn::Check(_) | Conn::Dead => {}
             }
         }
         (clients, servers)
@@ -196,7 +196,7 @@ impl Worker {
                     ) && connect_timeout > 0
                         && s.born.elapsed().as_millis() >= connect_timeout.into() =>
                 {
-                    let st = &s.route.storage;
+                    let st = s.route.endpoint(s.pool.host);
                     let (host, port) = (st.host.clone(), st.port);
                     let after_ms = connect_timeout;
                     let failure = if matches!(s.state, ServerState::Connecting(_)) {
@@ -450,6 +450,8 @@ impl Worker {
                 Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle) => {
                     self.close_server(cx, k, "shutdown")
                 }
+                // Health checks end with the worker.
+                Some(Conn::Check(_)) => self.drop_check(cx, k),
                 _ => {}
             }
         }

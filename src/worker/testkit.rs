@@ -38,7 +38,7 @@ pub(crate) fn config(mode: &str, extra: &str) -> Config {
 
 fn route(cfg: &Config) -> (PoolKey, Arc<ResolvedRoute>) {
     let r = cfg.route("d", "u").expect("the test route");
-    (PoolKey::new("d", "u", &r), r)
+    (PoolKey::new("d", "u", &r, 0), r)
 }
 
 /// A logged-in server connection of the route, idle, over a memory stream.

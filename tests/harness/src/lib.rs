@@ -22,6 +22,20 @@
 //! connections (`sql`, `backends`, creating the roles) go through its Unix
 //! socket, so they work whatever `pg_hba.conf` asks of TCP clients.
 //!
+//! Streaming replication, for tests of routing to a primary and its
+//! standbys and of failover: `postgres` may open replication connections
+//! (locally and from `127.0.0.1`, trust), and
+//! [`PgCluster::start_standby`] makes a hot standby of a running cluster
+//! (`pg_basebackup -R`, its own port and temporary directory, the same
+//! settings, roles and databases). A standby can be
+//! [promoted](PgCluster::promote), its replay
+//! [paused](PgCluster::pause_replay) and [waited for](PgCluster::wait_caught_up);
+//! any cluster can be [crashed](PgCluster::stop_immediate),
+//! [frozen](PgCluster::freeze) (every server process stopped by `SIGSTOP`,
+//! as a hung host would be) and, once its standby took over,
+//! [rebuilt as a standby](PgCluster::rebuild_as_standby_of) of that one on
+//! its old port.
+//!
 //! PostgreSQL refuses to run as root: when the effective uid is 0 the server
 //! binaries are run as the `postgres` OS user through `runuser`.
 //!
@@ -35,6 +49,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -74,6 +89,9 @@ or set PG_BINDIR to a directory that contains initdb, pg_ctl and postgres.";
 const START_ATTEMPTS: usize = 8;
 /// Seconds `pg_ctl` waits for the server to start or stop.
 const PG_CTL_TIMEOUT: &str = "60";
+/// How long a started standby or a promoted one may take to report the
+/// expected `pg_is_in_recovery()`.
+const RECOVERY_STATE_TIMEOUT: Duration = Duration::from_secs(60);
 
 const PG_HBA: &str = "\
 # Written by odissey-harness.
@@ -85,6 +103,9 @@ host    all       md5_user    127.0.0.1/32  md5
 host    all       scram_user  127.0.0.1/32  scram-sha-256
 host    all       app         127.0.0.1/32  scram-sha-256
 host    all       all         127.0.0.1/32  scram-sha-256
+# `all` in the DATABASE column does not match replication connections.
+local   replication  all                    trust
+host    replication  postgres  127.0.0.1/32  trust
 ";
 
 /// TLS served by a cluster: PEM texts, written into the data directory
@@ -108,6 +129,8 @@ pub struct Options {
     pub tls: Option<PgTls>,
     /// Every TCP line of `pg_hba.conf` is `hostssl`: PostgreSQL refuses
     /// plaintext TCP logins ("no pg_hba.conf entry ... no encryption").
+    /// Replication connections too: a standby's `pg_basebackup` and
+    /// walreceiver use TLS then (libpq's default `sslmode=prefer`).
     /// Needs `tls`.
     pub hostssl_only: bool,
     /// Roles that log in over TCP by TLS client certificate only
@@ -121,14 +144,15 @@ impl Options {
     /// The `pg_hba.conf` these options ask for.
     fn pg_hba(&self) -> String {
         let mut out = String::new();
+        let mut cert_lines_written = false;
         for line in PG_HBA.lines() {
-            if line.starts_with("local") {
-                out.push_str(line);
-                out.push('\n');
+            // The cert lines go ahead of every TCP line, so that nothing
+            // else admits those roles over TCP.
+            if line.starts_with("host") && !cert_lines_written {
                 for user in &self.cert_users {
                     out.push_str(&format!("hostssl all       {user}  127.0.0.1/32  cert\n"));
                 }
-                continue;
+                cert_lines_written = true;
             }
             match line.strip_prefix("host    ") {
                 Some(rest) if self.hostssl_only => {
@@ -171,6 +195,9 @@ pub struct PgCluster {
     settings: String,
     /// The harness's own connections go through the Unix socket.
     admin_socket: bool,
+    /// Set by `freeze` (before the first `SIGSTOP`), cleared by `thaw`:
+    /// a stopped server cannot act on `pg_ctl stop`, so Drop thaws it first.
+    frozen: AtomicBool,
     // Declared last so it is removed after everything else is dropped.
     _tempdir: tempfile::TempDir,
 }
@@ -201,26 +228,12 @@ impl PgCluster {
         let bindir = bindir().to_path_buf();
         let as_root = running_as_root();
 
-        let parent = if Path::new("/tmp").is_dir() {
-            PathBuf::from("/tmp")
-        } else {
-            std::env::temp_dir()
-        };
-        let tempdir = tempfile::Builder::new()
-            .prefix("odissey-pg-")
-            .tempdir_in(&parent)
-            .unwrap_or_else(|e| panic!("cannot create a temp dir in {}: {e}", parent.display()));
+        let tempdir = new_tempdir();
         let datadir = tempdir.path().join("data");
-
         if as_root {
-            // The `postgres` OS user must be able to reach and own the data dir.
-            fs::set_permissions(tempdir.path(), fs::Permissions::from_mode(0o755))
-                .unwrap_or_else(|e| panic!("chmod {}: {e}", tempdir.path().display()));
-            fs::create_dir(&datadir).unwrap_or_else(|e| panic!("mkdir {}: {e}", datadir.display()));
-            let mut chown = Command::new("chown");
-            chown.arg("postgres:").arg(&datadir);
-            run_checked(&mut chown, "chown of the data dir to the postgres OS user")
-                .unwrap_or_else(|e| panic!("{e}"));
+            // The `postgres` OS user must own the data dir; initdb could not
+            // create it in our root-owned temp dir.
+            make_datadir(&datadir);
         }
 
         let mut initdb = pg_command(&bindir, "initdb");
@@ -268,34 +281,96 @@ impl PgCluster {
             bindir,
             settings: options.ssl_settings(),
             admin_socket: options.tls.is_some(),
+            frozen: AtomicBool::new(false),
             _tempdir: tempdir,
         };
 
         // From here on `cluster`'s Drop stops the server should we panic.
-        for attempt in 1..=START_ATTEMPTS {
-            cluster.port = pick_port();
-            cluster.write_settings();
-            let log_offset = fs::metadata(cluster.log_path()).map_or(0, |m| m.len());
-            match cluster.pg_ctl_start() {
-                Ok(()) => break,
-                Err(err) => {
-                    let new_log = read_log_from(&cluster.log_path(), log_offset);
-                    if attempt < START_ATTEMPTS && is_port_conflict(&new_log) {
-                        continue;
-                    }
-                    panic!(
-                        "failed to start PostgreSQL (attempt {attempt}, port {}): {err}\n\
-                         --- server log tail ({}) ---\n{}",
-                        cluster.port,
-                        cluster.log_path().display(),
-                        cluster.log_tail(40)
-                    );
-                }
-            }
-        }
-
+        cluster.start_on_free_port();
         cluster.create_roles_and_databases();
         cluster
+    }
+
+    /// Makes, starts and returns a hot standby of this cluster, which must
+    /// be running and accept connections: `pg_basebackup -R` into a new
+    /// temporary directory, served on its own free port. It has the same
+    /// settings (TLS included), `pg_hba.conf`, roles and databases, and
+    /// streams from this cluster's TCP port. Returns once it accepts
+    /// connections and `pg_is_in_recovery()` is true.
+    ///
+    /// Panics with a descriptive message (including the tail of the
+    /// standby's server log) when anything fails.
+    pub fn start_standby(&self) -> Self {
+        let tempdir = new_tempdir();
+        let datadir = tempdir.path().join("data");
+        make_datadir(&datadir);
+        let mut standby = Self {
+            datadir,
+            port: 0,
+            bindir: self.bindir.clone(),
+            settings: self.settings.clone(),
+            admin_socket: self.admin_socket,
+            frozen: AtomicBool::new(false),
+            _tempdir: tempdir,
+        };
+        standby.base_backup_from(self);
+        // From here on `standby`'s Drop stops the server should we panic.
+        standby.start_on_free_port();
+        standby.wait_for_recovery_state(true, "a started standby");
+        standby
+    }
+
+    /// Turns this cluster into a hot standby of `primary`, on the same port:
+    /// stops it (if it runs; `pg_ctl stop -m immediate`, failure ignored),
+    /// deletes its data directory, takes a `pg_basebackup -R` of `primary`
+    /// into it, starts it and waits until `pg_is_in_recovery()` is true.
+    /// This is how a test brings an old primary back after failing over to
+    /// its standby (`promote`). It takes `primary`'s data, `pg_hba.conf`
+    /// and settings (TLS included).
+    ///
+    /// Panics on failure, as [`start_standby`](Self::start_standby) does.
+    pub fn rebuild_as_standby_of(&mut self, primary: &Self) {
+        assert!(
+            primary.port != self.port,
+            "rebuild_as_standby_of: a cluster cannot be a standby of itself (port {})",
+            self.port
+        );
+        if self.frozen.load(Ordering::SeqCst) {
+            self.thaw();
+        }
+        let mut stop = pg_command(&self.bindir, "pg_ctl");
+        stop.arg("stop").arg("-D").arg(&self.datadir).args([
+            "-m",
+            "immediate",
+            "-w",
+            "-t",
+            PG_CTL_TIMEOUT,
+        ]);
+        // Fails when the server is not running, which is what we want; a
+        // server that is still running must not lose its data dir under it.
+        if let (Err(e), Ok(pid)) = (
+            run_checked(&mut stop, "pg_ctl stop"),
+            self.try_postmaster_pid(),
+        ) {
+            panic!("rebuild_as_standby_of: the server (pid {pid}) did not stop: {e}");
+        }
+        fs::remove_dir_all(&self.datadir)
+            .unwrap_or_else(|e| panic!("cannot delete {}: {e}", self.datadir.display()));
+        make_datadir(&self.datadir);
+        self.settings = primary.settings.clone();
+        self.admin_socket = primary.admin_socket;
+        self.base_backup_from(primary);
+        self.write_settings();
+        if let Err(e) = self.pg_ctl_start() {
+            panic!(
+                "failed to start the rebuilt standby on port {}: {e}\n\
+                 --- server log tail ({}) ---\n{}",
+                self.port,
+                self.log_path().display(),
+                self.log_tail(40)
+            );
+        }
+        self.wait_for_recovery_state(true, "a rebuilt standby");
     }
 
     /// Host the cluster listens on (`"127.0.0.1"`).
@@ -404,6 +479,15 @@ impl PgCluster {
         simple_query(&mut client, sql)
     }
 
+    /// As [`sql`](Self::sql), returning the error instead of panicking.
+    fn try_sql(&self, db: &str, sql: &str) -> Result<Vec<Vec<Option<String>>>, postgres::Error> {
+        let mut client = self
+            .admin_config(db)
+            .application_name(HARNESS_APP)
+            .connect(postgres::NoTls)?;
+        Ok(rows_of(client.simple_query(sql)?))
+    }
+
     /// Number of client backends in `pg_stat_activity` logged in as `user`,
     /// not counting the connection used to ask.
     pub fn backends(&self, user: &str) -> usize {
@@ -439,16 +523,35 @@ impl PgCluster {
         }
     }
 
-    /// Stops the server (`pg_ctl stop -m fast`). Panics on failure.
+    /// Stops the server (`pg_ctl stop -m fast`), thawing it first if it is
+    /// [frozen](Self::freeze). Panics on failure.
     pub fn stop(&self) {
+        self.pg_ctl_stop("fast");
+    }
+
+    /// Crashes the server: `pg_ctl stop -m immediate`, every server process
+    /// quits at once, without a checkpoint; the next start runs crash
+    /// recovery. Commits are asynchronous here (`synchronous_commit =
+    /// off`), so those of the last moments (up to `wal_writer_delay`,
+    /// 200 ms) are lost, as on a real crash with that setting; a test that
+    /// needs a commit to survive makes it with `SET synchronous_commit =
+    /// on`, or waits for a standby to replay it
+    /// ([`wait_caught_up`](Self::wait_caught_up) flushes the primary's
+    /// WAL). Thaws a [frozen](Self::freeze) server first. Panics on
+    /// failure.
+    pub fn stop_immediate(&self) {
+        self.pg_ctl_stop("immediate");
+    }
+
+    fn pg_ctl_stop(&self, mode: &str) {
+        if self.frozen.load(Ordering::SeqCst) {
+            self.thaw();
+        }
         let mut cmd = pg_command(&self.bindir, "pg_ctl");
-        cmd.arg("stop").arg("-D").arg(&self.datadir).args([
-            "-m",
-            "fast",
-            "-w",
-            "-t",
-            PG_CTL_TIMEOUT,
-        ]);
+        cmd.arg("stop")
+            .arg("-D")
+            .arg(&self.datadir)
+            .args(["-m", mode, "-w", "-t", PG_CTL_TIMEOUT]);
         if let Err(e) = run_checked(&mut cmd, "pg_ctl stop") {
             panic!(
                 "{e}\n--- server log tail ({}) ---\n{}",
@@ -456,6 +559,138 @@ impl PgCluster {
                 self.log_tail(40)
             );
         }
+    }
+
+    /// Promotes a standby (`pg_ctl promote -w`) and returns once
+    /// `pg_is_in_recovery()` is false: it accepts writes. Panics on failure
+    /// (e.g. when this cluster is not a standby).
+    pub fn promote(&self) {
+        let mut cmd = pg_command(&self.bindir, "pg_ctl");
+        cmd.arg("promote")
+            .arg("-D")
+            .arg(&self.datadir)
+            .args(["-w", "-t", PG_CTL_TIMEOUT]);
+        if let Err(e) = run_checked(&mut cmd, "pg_ctl promote") {
+            panic!(
+                "{e}\n--- server log tail ({}) ---\n{}",
+                self.log_path().display(),
+                self.log_tail(40)
+            );
+        }
+        self.wait_for_recovery_state(false, "a promoted standby");
+    }
+
+    /// Whether the server is a standby (`pg_is_in_recovery()`). Panics when
+    /// it cannot be asked.
+    pub fn is_in_recovery(&self) -> bool {
+        let rows = self.sql("postgres", "SELECT pg_is_in_recovery()");
+        parse_bool(&rows)
+    }
+
+    /// Pauses WAL replay on a standby (`pg_wal_replay_pause()`): from now
+    /// on no further record is applied, so what the primary commits next
+    /// stays invisible here until [`resume_replay`](Self::resume_replay).
+    /// WAL is still received. Panics on failure.
+    pub fn pause_replay(&self) {
+        self.sql("postgres", "SELECT pg_wal_replay_pause()");
+    }
+
+    /// Resumes WAL replay paused by [`pause_replay`](Self::pause_replay)
+    /// (`pg_wal_replay_resume()`). Panics on failure.
+    pub fn resume_replay(&self) {
+        self.sql("postgres", "SELECT pg_wal_replay_resume()");
+    }
+
+    /// Waits until this standby has replayed everything `primary` had
+    /// committed when this was called (its `pg_last_wal_replay_lsn()`
+    /// reaches that WAL position), so that what was written there is
+    /// visible here. Panics, with both positions and the log tail, when
+    /// `timeout` elapses first (e.g. replay is paused).
+    pub fn wait_caught_up(&self, primary: &Self, timeout: Duration) {
+        let target = primary.wal_position_flushed();
+        let deadline = Instant::now() + timeout;
+        let query = format!(
+            "SELECT coalesce(pg_last_wal_replay_lsn() >= {}::pg_lsn, false), \
+                    pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text",
+            quote_literal(&target)
+        );
+        loop {
+            let rows = self.try_sql("postgres", &query);
+            if let Ok(rows) = &rows {
+                if matches!(rows.first().and_then(|r| r.first()), Some(Some(v)) if v == "t") {
+                    return;
+                }
+            }
+            if Instant::now() >= deadline {
+                let seen = match &rows {
+                    Ok(rows) => format!("received, replayed: {:?}", rows.first().map(|r| &r[1..])),
+                    Err(e) => format!("cannot ask it: {}", describe(e)),
+                };
+                panic!(
+                    "standby on port {} did not replay primary (port {})'s WAL up to {target} \
+                     within {timeout:?}; {seen}\n--- standby log tail ({}) ---\n{}",
+                    self.port,
+                    primary.port,
+                    self.log_path().display(),
+                    self.log_tail(40)
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Hangs the whole server, as a host that stopped answering would:
+    /// `SIGSTOP` to the postmaster and every process under it, so new
+    /// connections get no answer (the kernel still completes their TCP
+    /// handshake) and existing ones get no reply; [`sql`](Self::sql) and
+    /// the other helpers that ask the server hang too (`connect_timeout`
+    /// bounds the TCP connect only). Undone by
+    /// [`thaw`](Self::thaw); [`stop`](Self::stop), `stop_immediate` and
+    /// Drop thaw a frozen server first. Panics when the server is not
+    /// running.
+    pub fn freeze(&self) {
+        let postmaster = self.postmaster_pid();
+        // Set first, so that Drop thaws whatever got stopped should we panic.
+        self.frozen.store(true, Ordering::SeqCst);
+        // The postmaster first: once it is stopped it forks no child that
+        // the list below would miss.
+        signal(&[postmaster], "STOP").unwrap_or_else(|e| panic!("freeze: {e}"));
+        // A child may exit before it is signalled; what remains is stopped.
+        let _ = signal(&descendants(postmaster), "STOP");
+    }
+
+    /// Resumes a server hung by [`freeze`](Self::freeze) (`SIGCONT` to the
+    /// postmaster and every process under it). Panics on failure.
+    pub fn thaw(&self) {
+        self.try_thaw().unwrap_or_else(|e| panic!("thaw: {e}"));
+    }
+
+    fn try_thaw(&self) -> Result<(), String> {
+        let postmaster = self.try_postmaster_pid()?;
+        let _ = signal(&descendants(postmaster), "CONT");
+        signal(&[postmaster], "CONT")?;
+        self.frozen.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The postmaster's pid, the first line of `postmaster.pid`. Panics when
+    /// the server is not running.
+    fn postmaster_pid(&self) -> u32 {
+        self.try_postmaster_pid().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_postmaster_pid(&self) -> Result<u32, String> {
+        let path = self.datadir.join("postmaster.pid");
+        let text = fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "cannot read {} (is the server running?): {e}",
+                path.display()
+            )
+        })?;
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .ok_or_else(|| format!("no pid on the first line of {}: {text:?}", path.display()))
     }
 
     /// Starts the server again (after [`stop`](Self::stop)) on the same port.
@@ -469,6 +704,136 @@ impl PgCluster {
                 self.log_tail(40)
             );
         }
+    }
+
+    /// Picks a free port and starts the server on it, picking another when
+    /// the port got taken meanwhile. Panics with the log tail on failure.
+    fn start_on_free_port(&mut self) {
+        for attempt in 1..=START_ATTEMPTS {
+            self.port = pick_port();
+            self.write_settings();
+            let log_offset = fs::metadata(self.log_path()).map_or(0, |m| m.len());
+            match self.pg_ctl_start() {
+                Ok(()) => return,
+                Err(err) => {
+                    let new_log = read_log_from(&self.log_path(), log_offset);
+                    if attempt < START_ATTEMPTS && is_port_conflict(&new_log) {
+                        continue;
+                    }
+                    panic!(
+                        "failed to start PostgreSQL (attempt {attempt}, port {}): {err}\n\
+                         --- server log tail ({}) ---\n{}",
+                        self.port,
+                        self.log_path().display(),
+                        self.log_tail(40)
+                    );
+                }
+            }
+        }
+    }
+
+    /// `pg_basebackup -R` of `primary` into this cluster's (empty) data
+    /// directory: a standby that streams from `primary`'s TCP port.
+    fn base_backup_from(&self, primary: &Self) {
+        let mut cmd = pg_command(&self.bindir, "pg_basebackup");
+        cmd.arg("-D")
+            .arg(&self.datadir)
+            .args(["-R", "-c", "fast", "-X", "stream", "--no-sync", "-h", HOST])
+            .args(["-p", &primary.port.to_string(), "-U", SUPERUSER]);
+        if let Err(e) = run_checked(&mut cmd, "pg_basebackup") {
+            panic!(
+                "{e}\n--- primary's server log tail ({}) ---\n{}",
+                primary.log_path().display(),
+                primary.log_tail(40)
+            );
+        }
+        // The copy holds files of the primary's that are not the standby's:
+        // its server log (the standby's starts afresh, so that its tail is
+        // about the standby alone) and the lock files of its Unix sockets,
+        // which live in its data dir. A stale lock for this cluster's own
+        // port would stop it starting when its old postmaster's pid is
+        // still taken (a zombie nobody reaped, a new process).
+        let mut copied = vec![self.log_path()];
+        let entries = fs::read_dir(&self.datadir)
+            .unwrap_or_else(|e| panic!("cannot list {}: {e}", self.datadir.display()));
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".s.PGSQL.") {
+                copied.push(entry.path());
+            }
+        }
+        for path in copied {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("cannot delete {}: {e}", path.display()),
+            }
+        }
+    }
+
+    /// Polls `pg_is_in_recovery()` until it is `expected`; panics with the
+    /// log tail after [`RECOVERY_STATE_TIMEOUT`]. `what` names the cluster
+    /// in that message.
+    fn wait_for_recovery_state(&self, expected: bool, what: &str) {
+        let deadline = Instant::now() + RECOVERY_STATE_TIMEOUT;
+        loop {
+            // Connections may be refused for a moment ("the database system
+            // is starting up"), hence try_sql.
+            let seen = self
+                .try_sql("postgres", "SELECT pg_is_in_recovery()")
+                .map(|rows| parse_bool(&rows));
+            if matches!(seen, Ok(v) if v == expected) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let seen = match seen {
+                    Ok(v) => format!("pg_is_in_recovery() is still {v}"),
+                    Err(e) => format!("cannot ask it: {}", describe(&e)),
+                };
+                panic!(
+                    "{what} on port {}: expected pg_is_in_recovery() = {expected} within \
+                     {RECOVERY_STATE_TIMEOUT:?}; {seen}\n--- server log tail ({}) ---\n{}",
+                    self.port,
+                    self.log_path().display(),
+                    self.log_tail(40)
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A position in this (primary) cluster's WAL that a standby replays
+    /// only after everything committed here before this call, and that is
+    /// already flushed, so it reaches the standby without further activity.
+    ///
+    /// `pg_current_wal_lsn()` would not do: commits here are asynchronous
+    /// (`synchronous_commit = off`), so what a test has just committed may
+    /// not be written yet, and walsenders only send flushed WAL. Instead a
+    /// transactional WAL message is logged and committed synchronously;
+    /// its end position (what `pg_logical_emit_message` returns) is a
+    /// record boundary after every earlier commit, flushed before the
+    /// commit returns.
+    fn wal_position_flushed(&self) -> String {
+        let mut client = self
+            .admin_config("postgres")
+            .application_name(HARNESS_APP)
+            .options("-c synchronous_commit=on")
+            .connect(postgres::NoTls)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot connect to the primary on port {} as {SUPERUSER}: {}",
+                    self.port,
+                    describe(&e)
+                )
+            });
+        let rows = simple_query(
+            &mut client,
+            "SELECT pg_logical_emit_message(true, 'odissey-harness', 'caught up?')::text",
+        );
+        rows.first()
+            .and_then(|r| r.first())
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| panic!("unexpected pg_logical_emit_message result: {rows:?}"))
     }
 
     fn pg_ctl_start(&self) -> Result<(), String> {
@@ -528,6 +893,10 @@ impl PgCluster {
 impl Drop for PgCluster {
     fn drop(&mut self) {
         // Best effort, never panics: the server may already be stopped.
+        if self.frozen.load(Ordering::SeqCst) {
+            // A stopped postmaster would not act on `pg_ctl stop`.
+            let _ = self.try_thaw();
+        }
         let mut cmd = pg_command(&self.bindir, "pg_ctl");
         cmd.arg("stop")
             .arg("-D")
@@ -626,6 +995,91 @@ fn find_bindir() -> Option<PathBuf> {
     best.map(|(_, bin)| bin)
 }
 
+/// A new temporary directory under `/tmp` (or the system's temp dir),
+/// reachable by the `postgres` OS user when we are root.
+fn new_tempdir() -> tempfile::TempDir {
+    let parent = if Path::new("/tmp").is_dir() {
+        PathBuf::from("/tmp")
+    } else {
+        std::env::temp_dir()
+    };
+    let tempdir = tempfile::Builder::new()
+        .prefix("odissey-pg-")
+        .tempdir_in(&parent)
+        .unwrap_or_else(|e| panic!("cannot create a temp dir in {}: {e}", parent.display()));
+    if running_as_root() {
+        fs::set_permissions(tempdir.path(), fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", tempdir.path().display()));
+    }
+    tempdir
+}
+
+/// Creates an empty data directory, mode 0700, owned by the `postgres` OS
+/// user when we are root (the server refuses a data dir open to others).
+fn make_datadir(datadir: &Path) {
+    fs::create_dir(datadir).unwrap_or_else(|e| panic!("mkdir {}: {e}", datadir.display()));
+    fs::set_permissions(datadir, fs::Permissions::from_mode(0o700))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", datadir.display()));
+    if running_as_root() {
+        let mut chown = Command::new("chown");
+        chown.arg("postgres:").arg(datadir);
+        run_checked(&mut chown, "chown of the data dir to the postgres OS user")
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Every process under `root` (children, their children, ...), from
+/// `/proc/<pid>/stat`.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue; // exited meanwhile
+        };
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parent_of.push((pid, ppid));
+        }
+    }
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parent_of
+                .iter()
+                .filter(|&&(_, ppid)| ppid == parent)
+                .map(|&(pid, _)| pid),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// Sends `SIG<sig>` (e.g. `"STOP"`) to `pids` with kill(1).
+fn signal(pids: &[u32], sig: &str) -> Result<(), String> {
+    if pids.is_empty() {
+        return Ok(());
+    }
+    let mut kill = Command::new("kill");
+    kill.arg(format!("-{sig}"))
+        .args(pids.iter().map(u32::to_string))
+        .stdin(Stdio::null());
+    run_checked(&mut kill, &format!("kill -{sig}")).map(drop)
+}
+
 fn running_as_root() -> bool {
     static ROOT: OnceLock<bool> = OnceLock::new();
     *ROOT.get_or_init(|| {
@@ -671,6 +1125,9 @@ fn pg_command(bindir: &Path, bin: &str) -> Command {
         "PGUSER",
         "PGDATABASE",
         "PGOPTIONS",
+        // pg_basebackup and a standby's walreceiver connect with libpq.
+        "PGSSLMODE",
+        "PGSERVICE",
     ] {
         cmd.env_remove(var);
     }
@@ -739,6 +1196,11 @@ fn simple_query(client: &mut postgres::Client, sql: &str) -> Vec<Vec<Option<Stri
     let messages = client
         .simple_query(sql)
         .unwrap_or_else(|e| panic!("query failed: {sql}\n{}", describe(&e)));
+    rows_of(messages)
+}
+
+/// The rows of a simple query's result, as text.
+fn rows_of(messages: Vec<postgres::SimpleQueryMessage>) -> Vec<Vec<Option<String>>> {
     messages
         .into_iter()
         .filter_map(|m| match m {
@@ -750,6 +1212,19 @@ fn simple_query(client: &mut postgres::Client, sql: &str) -> Vec<Vec<Option<Stri
             _ => None,
         })
         .collect()
+}
+
+/// The single boolean of a one-row, one-column result.
+fn parse_bool(rows: &[Vec<Option<String>>]) -> bool {
+    match rows
+        .first()
+        .and_then(|r| r.first())
+        .and_then(|v| v.as_deref())
+    {
+        Some("t") => true,
+        Some("f") => false,
+        _ => panic!("expected one boolean, got {rows:?}"),
+    }
 }
 
 fn describe(e: &postgres::Error) -> String {
