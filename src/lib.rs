@@ -37,7 +37,7 @@ mod worker;
 
 pub use odissey_facade as facade;
 pub use odissey_facade::{
-    ConfigSource, Error, Handle, Inspection, Reply, Request, RouteStats, Started,
+    ConfigSource, Error, Handle, HostStats, Inspection, Reply, Request, RouteStats, Started,
 };
 
 /// Spawns the system thread, idle until [`Handle::start`].

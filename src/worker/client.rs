@@ -94,6 +94,8 @@ pub(crate) struct Client {
     /// Its route's pools by host, when the host is chosen per transaction
     /// (`hosting`); `pool` is then the one it was last placed on.
     pub(crate) family: Option<Arc<super::hosting::Family>>,
+    /// Its round-robin turn among its route's hosts (`hosting`).
+    pub(crate) turn: u16,
     pub(crate) server: Option<Key>,
     /// Walks the client's input to count requests and spot Terminate.
     pub(crate) relay: Relay,
@@ -504,6 +506,7 @@ impl Client {
             route: None,
             pool: None,
             family: None,
+            turn: 0,
             server: None,
             relay: Relay::for_client(),
             conv: Conversation::default(),

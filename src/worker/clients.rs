@@ -185,7 +185,10 @@ impl Worker {
         });
         let pool = match &family {
             Some(f) => {
-                let i = self.w.choose_host(f, cx.now()).unwrap_or(0);
+                // Each client's round robin starts one further.
+                self.w.turn = self.w.turn.wrapping_add(1);
+                c.turn = self.w.turn;
+                let i = self.w.choose_host(f, cx.now(), c.turn).unwrap_or(0);
                 f.keys[i].clone()
             }
             None => {

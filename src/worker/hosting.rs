@@ -99,14 +99,19 @@ impl Shared {
     }
 
     /// The host for a transaction of `f`'s route now.
+    ///
+    /// Round robin goes by the client's own turn (`Client::turn`, which
+    /// starts where the worker's count of logins is): a shared counter
+    /// would move by the same steps for every client that does the same
+    /// (log in, prepare, execute) and could land them all on one host.
     pub(super) fn choose_host(
         &mut self,
         f: &Family,
         now: std::time::Instant,
+        turn: u16,
     ) -> Result<usize, NoHost> {
         let now_ms = self.registry.hosts.now_ms(now);
         let views: Vec<_> = f.hosts.iter().map(|h| h.view(now_ms)).collect();
-        self.turn = self.turn.wrapping_add(1);
         let turn = match f.lb {
             LoadBalance::Random => {
                 // xorshift: cheap, and good enough to spread load.
@@ -115,9 +120,9 @@ impl Shared {
                 x ^= x >> 7;
                 x ^= x << 17;
                 self.rng = x;
-                usize::try_from(x >> 1).unwrap_or(self.turn)
+                usize::try_from(x >> 1).unwrap_or(usize::from(turn))
             }
-            _ => self.turn,
+            _ => usize::from(turn),
         };
         hosts::choose(&views, f.tsa, f.lb, turn)
     }
@@ -186,9 +191,19 @@ impl Worker {
         else {
             return true;
         };
-        match self.w.choose_host(&f, cx.now()) {
+        let turn = c.turn;
+        if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+            c.turn = c.turn.wrapping_add(1);
+        }
+        match self.w.choose_host(&f, cx.now(), turn) {
             Ok(i) => {
                 let new = &f.keys[i];
+                if let Some(Conn::Client(c)) = self.conns.get(ck) {
+                    debug!(
+                        "{}: on host {} for this transaction",
+                        c.id, f.hosts[i].label
+                    );
+                }
                 if *new != old {
                     self.w
                         .local(&old, &route)

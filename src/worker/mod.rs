@@ -211,8 +211,9 @@ pub(crate) struct Shared {
     homeless: Vec<Key>,
     /// `Hosts::generation` as last acted on (`hosting::hosts_moved`).
     hosts_seen: u64,
-    /// Round-robin turn, and the random state of `load_balance = "random"`.
-    turn: usize,
+    /// Logins of routed clients (where each one's round robin starts), and
+    /// the random state of `load_balance = "random"`.
+    turn: u16,
     rng: u64,
     /// The health checks this worker runs (worker 0 runs them all).
     checks: health::Checks,
@@ -269,7 +270,7 @@ impl Worker {
                 families: HashMap::new(),
                 homeless: Vec::new(),
                 hosts_seen: 0,
-                turn: id,
+                turn: u16::try_from(id).unwrap_or(0),
                 rng: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
                 checks: health::Checks::default(),
             },
