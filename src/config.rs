@@ -445,6 +445,14 @@ impl Endpoint {
             Some((h, p)) if digits(p) && (s.starts_with('/') || !h.contains(':')) => {
                 (h, port_of(p)?)
             }
+            _ if !s.starts_with('/')
+                && s.contains(':')
+                && s.parse::<std::net::Ipv6Addr>().is_err() =>
+            {
+                return Err(format!(
+                    "{s:?}: not \"host:port\", \"[v6addr]:port\" or a socket directory"
+                ));
+            }
             _ => (s, port),
         };
         let unix_socket_dir = host.starts_with('/').then(|| host.to_string());
@@ -671,6 +679,24 @@ pub struct Route {
     pub queue_max: usize,
     /// Which hosts of its storage serve it (default the storage's).
     pub target_session_attrs: Option<TargetSessionAttrs>,
+    /// Where a read-write route sends a transaction the client declared
+    /// read-only (`BEGIN READ ONLY`, `START TRANSACTION READ ONLY`, `SET
+    /// TRANSACTION READ ONLY` first, or `default_transaction_read_only`
+    /// on), in transaction pooling: `"primary"` (default) or `"standby"`
+    /// (one within lag, else the primary).
+    #[serde(default)]
+    pub read_only_transactions: ReadOnlyTransactions,
+}
+
+/// See `Route::read_only_transactions`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadOnlyTransactions {
+    /// With the rest of the route's work.
+    #[default]
+    Primary,
+    /// To a standby within lag, else the primary.
+    Standby,
 }
 
 fn yes() -> bool {
@@ -1143,6 +1169,67 @@ pool_timeout = 4000
 authentication = "none"
 storage = "main"
 "#;
+
+    #[test]
+    fn hosts_parse_as_libpq_writes_them() {
+        let e = |s: &str| Endpoint::parse(s, 5432);
+        assert_eq!(e("10.0.0.1:6000").unwrap().label(), "10.0.0.1:6000");
+        assert_eq!(e("db.example").unwrap().label(), "db.example:5432");
+        assert_eq!(e("[::1]:5433").unwrap().label(), "[::1]:5433");
+        assert_eq!(e("::1").unwrap().label(), "[::1]:5432");
+        let unix = e("/run/postgresql:5433").unwrap();
+        assert_eq!(unix.unix_socket_dir.as_deref(), Some("/run/postgresql"));
+        assert_eq!(unix.port, 5433);
+        assert_eq!(e("/tmp").unwrap().label(), "/tmp:5432");
+        assert!(e("host:99999").unwrap_err().contains("port"));
+        assert!(e("[::1").is_err());
+        assert!(e(" ").is_err());
+    }
+
+    #[test]
+    fn routed_storages_are_checked_at_load() {
+        let base = |storage: &str, route: &str| {
+            format!(
+                "[[listen]]\nport = 1\n[storage.main]\ntype = \"remote\"\n{storage}\n\
+                 [database.app.user.app]\nauthentication = \"none\"\nstorage = \"main\"\n{route}\n"
+            )
+        };
+        let ok = Config::parse(&base(
+            "hosts = [\"a:1\", \"b:2\"]\ntarget_session_attrs = \"read-write\"\nload_balance = \"least_connections\"",
+            "target_session_attrs = \"prefer-standby\"",
+        ))
+        .unwrap();
+        let r = ok.route("app", "app").unwrap();
+        assert_eq!(r.endpoints.len(), 2);
+        assert_eq!(r.target_session_attrs, TargetSessionAttrs::PreferStandby);
+        assert!(r.is_routed(None));
+        // One host and `any`: served as ever, no checks.
+        let plain = Config::parse(&base("host = \"a\"", "")).unwrap();
+        assert!(!plain.route("app", "app").unwrap().is_routed(None));
+        assert!(plain
+            .route("app", "app")
+            .unwrap()
+            .is_routed(Some(TargetSessionAttrs::ReadOnly)));
+        for (storage, route, says) in [
+            ("hosts = [\"a:1\", \"a:1\"]", "", "listed twice"),
+            ("hosts = [\"a:x1\"]", "", "hosts"),
+            ("hosts = [\"a:1\"]\nhost = \"b\"", "", "not both"),
+            (
+                "hosts = [\"a:1\", \"b:1\"]\nhealth_check_interval = 0",
+                "",
+                "health_check_interval",
+            ),
+            (
+                "health_check_interval = 0",
+                "target_session_attrs = \"read-only\"",
+                "health_check_interval",
+            ),
+            ("target_session_attrs = \"writable\"", "", "unknown variant"),
+        ] {
+            let err = Config::parse(&base(storage, route)).unwrap_err().0;
+            assert!(err.contains(says), "{storage} / {route}: {err}");
+        }
+    }
 
     #[test]
     fn the_documented_example_parses() {

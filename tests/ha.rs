@@ -124,6 +124,11 @@ fn routes_by_role_and_spreads_reads() {
             ("ro", "read-only", &[]),
             ("pref", "prefer-standby", &[]),
             ("anyhost", "any", &[]),
+            (
+                "rwro",
+                "read-write",
+                &["read_only_transactions = \"standby\""],
+            ),
         ],
     );
     let (handle, port) = start_pooler_from(ConfigSource::Toml(toml));
@@ -191,6 +196,56 @@ fn routes_by_role_and_spreads_reads() {
         rows.contains(&(format!("127.0.0.1:{}", primary.port()), "primary".into())),
         "{rows:?}"
     );
+
+    // read_only_transactions = "standby": a transaction the client
+    // declared read-only goes to a standby, the rest to the primary.
+    let mut c = connect(port, "rwro", TRUST_USER, None);
+    for _ in 0..3 {
+        let rows = c
+            .simple_query("BEGIN READ ONLY; SELECT pg_is_in_recovery()::text; COMMIT")
+            .unwrap();
+        let ro = rows.iter().find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        });
+        assert_eq!(ro.as_deref(), Some("true"), "BEGIN READ ONLY on a standby");
+        assert_eq!(
+            row_of(&mut c, "select pg_is_in_recovery()").unwrap()[0],
+            "f"
+        );
+    }
+    c.batch_execute("SET default_transaction_read_only = on")
+        .unwrap();
+    // (A request sent while odissey still reads the session back after the
+    // SET follows on the same server; the next one is routed anew.)
+    row_of(&mut c, "select 1").unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            row_of(&mut c, "select pg_is_in_recovery()").unwrap()[0],
+            "t"
+        );
+    }
+    drop(c);
+    // A cancel reaches the host that runs the query (here a standby).
+    let mut c = connect(port, "ro", TRUST_USER, None);
+    let token = c.cancel_token();
+    let canceller = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(500));
+        token.cancel_query(NoTls)
+    });
+    let started = Instant::now();
+    let err = c
+        .simple_query("select pg_sleep(20)")
+        .expect_err("the cancel did not arrive");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::QUERY_CANCELED),
+        "{}",
+        describe(&err)
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    canceller.join().unwrap().expect("cancel sent");
+    drop(c);
 
     // prefer-standby reads a standby; with both standbys down, the primary.
     assert!(where_am_i(port, "pref").unwrap().0);

@@ -26,7 +26,9 @@ use odissey_reactor::{Context, Key};
 
 use crate::auth::Fatal;
 use crate::cmd::WorkerCmd;
-use crate::config::{LoadBalance, ResolvedRoute, TargetSessionAttrs};
+use crate::config::{
+    LoadBalance, PoolMode, ReadOnlyTransactions, ResolvedRoute, TargetSessionAttrs,
+};
 use crate::hosts::{self, Change, HostState, NoHost, Role};
 use crate::router::PoolKey;
 use crate::worker::client::ClientState;
@@ -110,6 +112,17 @@ impl Shared {
         now: std::time::Instant,
         turn: u16,
     ) -> Result<usize, NoHost> {
+        self.choose_host_as(f, f.tsa, now, turn)
+    }
+
+    /// As `choose_host`, asking for `tsa`.
+    pub(super) fn choose_host_as(
+        &mut self,
+        f: &Family,
+        tsa: TargetSessionAttrs,
+        now: std::time::Instant,
+        turn: u16,
+    ) -> Result<usize, NoHost> {
         let now_ms = self.registry.hosts.now_ms(now);
         let views: Vec<_> = f.hosts.iter().map(|h| h.view(now_ms)).collect();
         let turn = match f.lb {
@@ -124,7 +137,7 @@ impl Shared {
             }
             _ => usize::from(turn),
         };
-        hosts::choose(&views, f.tsa, f.lb, turn)
+        hosts::choose(&views, tsa, f.lb, turn)
     }
 
     /// A host of `route` to log in to on a client's behalf (passthrough,
@@ -192,10 +205,24 @@ impl Worker {
             return true;
         };
         let turn = c.turn;
+        // A read-only transaction of a read-write route may go to a
+        // standby (`read_only_transactions`), when the client said so.
+        let tsa = if route.route.read_only_transactions == ReadOnlyTransactions::Standby
+            && matches!(
+                f.tsa,
+                TargetSessionAttrs::ReadWrite | TargetSessionAttrs::Primary
+            )
+            && route.route.pool != PoolMode::Session
+            && declares_read_only(&c.io.rx, session_read_only(&c.session))
+        {
+            TargetSessionAttrs::PreferStandby
+        } else {
+            f.tsa
+        };
         if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
             c.turn = c.turn.wrapping_add(1);
         }
-        match self.w.choose_host(&f, cx.now(), turn) {
+        match self.w.choose_host_as(&f, tsa, cx.now(), turn) {
             Ok(i) => {
                 let new = &f.keys[i];
                 if let Some(Conn::Client(c)) = self.conns.get(ck) {
@@ -451,5 +478,112 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// Whether the session's transactions are read-only by default.
+fn session_read_only(session: &crate::session::Settings) -> bool {
+    session
+        .get("default_transaction_read_only")
+        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "on" | "true" | "yes" | "1"))
+}
+
+/// Whether the request at the head of `rx` opens a transaction its client
+/// declared read-only: a Query or Parse whose first statement is `BEGIN`
+/// or `START TRANSACTION` with `READ ONLY`, or `SET TRANSACTION READ
+/// ONLY`; or any other when `default_ro` and it does not say `READ WRITE`.
+/// Nothing else of the SQL is guessed at.
+pub(crate) fn declares_read_only(rx: &[u8], default_ro: bool) -> bool {
+    let Some(sql) = first_sql(rx) else {
+        return default_ro;
+    };
+    match read_only_start(sql) {
+        Some(ro) => ro,
+        None => default_ro,
+    }
+}
+
+/// The SQL text of a complete Query or Parse at the head of `rx`.
+fn first_sql(rx: &[u8]) -> Option<&str> {
+    let (&tag, rest) = rx.split_first()?;
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let body = rest.get(4..len.checked_sub(4)? + 4)?;
+    let text = match tag {
+        b'Q' => body,
+        // Parse: statement name, then the query.
+        b'P' => {
+            let name_end = body.iter().position(|&b| b == 0)?;
+            body.get(name_end + 1..)?
+        }
+        _ => return None,
+    };
+    let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+    std::str::from_utf8(&text[..end]).ok()
+}
+
+/// Some(true) when the first statement of `sql` opens a read-only
+/// transaction, Some(false) when it opens a read-write one, None when it
+/// is something else.
+fn read_only_start(sql: &str) -> Option<bool> {
+    let first = sql.split(';').next()?;
+    let words: Vec<String> = first
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_uppercase)
+        .collect();
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    let modes = match w.as_slice() {
+        ["BEGIN", "WORK" | "TRANSACTION", rest @ ..] | ["BEGIN", rest @ ..] => rest,
+        ["START", "TRANSACTION", rest @ ..] => rest,
+        ["SET", "TRANSACTION", rest @ ..] => rest,
+        _ => return None,
+    };
+    modes.windows(2).find_map(|p| match p {
+        ["READ", "ONLY"] => Some(true),
+        ["READ", "WRITE"] => Some(false),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(sql: &str) -> Vec<u8> {
+        let mut b = bytes::BytesMut::new();
+        odissey_protocol::frontend::query(&mut b, sql);
+        b.to_vec()
+    }
+
+    #[test]
+    fn only_declared_read_only_transactions_count() {
+        for sql in [
+            "BEGIN READ ONLY",
+            "begin transaction isolation level repeatable read, read only",
+            "START TRANSACTION READ ONLY; SELECT 1",
+            "  set transaction read only; select 2",
+        ] {
+            assert!(declares_read_only(&query(sql), false), "{sql}");
+        }
+        for sql in [
+            "BEGIN",
+            "SELECT 1",
+            "BEGIN READ WRITE",
+            "select 'BEGIN READ ONLY'",
+            "START TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        ] {
+            assert!(!declares_read_only(&query(sql), false), "{sql}");
+        }
+        // default_transaction_read_only: every transaction, unless it says
+        // READ WRITE.
+        assert!(declares_read_only(&query("SELECT 1"), true));
+        assert!(!declares_read_only(&query("BEGIN READ WRITE"), true));
+        // The extended protocol's Parse.
+        let mut b = bytes::BytesMut::new();
+        odissey_protocol::frontend::parse(&mut b, "s1", "BEGIN READ ONLY", &[]);
+        assert!(declares_read_only(&b, false));
+        // A message not in whole yet is not guessed at.
+        let q = query("BEGIN READ ONLY");
+        assert!(!declares_read_only(&q[..q.len() - 3], false));
     }
 }
