@@ -509,6 +509,12 @@ impl Worker {
             let lp = self.w.local(&pool, &route);
             let now = lp.shared.clock(cx.now());
             lp.publish(id, now);
+            // A client re-routed after waiting for a host has a deadline.
+            if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+                if let Some(t) = c.deadline.take() {
+                    cx.cancel_timer(t);
+                }
+            }
             self.link(cx, ck, sk);
             return;
         }
@@ -545,7 +551,7 @@ impl Worker {
         debug!("{cid}: waiting for a server of {pool} ({waiting} waiting)");
         let timeout = route.route.pool_timeout;
         // A client re-routed while waiting keeps its first deadline.
-        let waiting = matches!(self.conns.get(ck), Some(Conn::Client(c)) if c.deadline.is_some());
+        let waiting = matches!(self.conns.get(ck), Some(Conn::Client(c)) if c.family.is_some() && c.deadline.is_some());
         if timeout > 0 && !waiting {
             let t = cx.set_timer(
                 cx.now() + std::time::Duration::from_millis(timeout),
