@@ -282,6 +282,7 @@ fn stats(out: &mut BytesMut, ins: &Inspection) {
                 n(r.wait_p95_us),
                 n(r.wait_p99_us),
                 n(r.errors.iter().map(|(_, k)| k).sum::<u64>()),
+                r.host.clone(),
             ]
         })
         .collect();
@@ -304,6 +305,7 @@ fn stats(out: &mut BytesMut, ins: &Inspection) {
             "wait_p95_us",
             "wait_p99_us",
             "total_errors",
+            "host",
         ],
         &rows,
     );

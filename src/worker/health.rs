@@ -236,6 +236,11 @@ impl Worker {
         match c.conn {
             Some(k) => {
                 let Some(Conn::Check(check)) = self.conns.get_mut(k) else {
+                    // Its connection went without telling: start anew.
+                    if let Some(c) = self.w.checks.hosts.get_mut(i) {
+                        c.conn = None;
+                    }
+                    self.open_check(cx, i);
                     return;
                 };
                 if !matches!(check.phase, Phase::Idle) {
