@@ -189,6 +189,34 @@ pub(crate) enum WorkerCmd {
     Pause { id: u64, database: Option<String> },
     /// Serve `database` (all when None) again.
     Resume { database: Option<String> },
+    /// Worker 0: LISTEN upstream to the channels of `hub` some client
+    /// wants (`worker::listen`), logging in as `route` if it must connect.
+    Subscribe {
+        hub: Arc<crate::notify::Hub>,
+        route: Arc<ResolvedRoute>,
+    },
+    /// Worker 0: the last listener of `channel` (as far as a worker saw)
+    /// left.
+    Unsubscribe {
+        channel: Arc<crate::notify::Channel>,
+    },
+    /// New notifications on `channel`: deliver to its listeners here.
+    Notified {
+        channel: Arc<crate::notify::Channel>,
+    },
+    /// The upstream LISTENs to `channel` now: its waiting clients go on.
+    Listening {
+        channel: Arc<crate::notify::Channel>,
+    },
+    /// The upstream of `channel` could not be opened: its waiting clients
+    /// hear `why`.
+    ListenFailed {
+        channel: Arc<crate::notify::Channel>,
+        why: String,
+    },
+    /// The upstream of `hub` was lost and is back: its listeners hear that
+    /// notifications may have been missed.
+    Relistened { hub: Arc<crate::notify::Hub> },
     /// A host changed role or was banned or unbanned (`hosts::Hosts`):
     /// close what its change made stale, re-route waiting clients.
     HostsMoved,

@@ -118,6 +118,13 @@ pub struct Config {
     /// Seconds between one-line summaries per pool in the log (0 = none).
     #[serde(default)]
     pub stats_interval: u64,
+    /// Notifications kept per channel for transaction-pooled listeners (a
+    /// client further behind is told what it lost).
+    #[serde(default = "default_notify_buffer")]
+    pub notify_buffer: usize,
+    /// The same bound in bytes.
+    #[serde(default = "default_notify_buffer_bytes")]
+    pub notify_buffer_bytes: usize,
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: Metrics,
@@ -143,6 +150,12 @@ fn default_readahead() -> usize {
 }
 fn default_max_message() -> usize {
     64 * 1024 * 1024
+}
+fn default_notify_buffer() -> usize {
+    1024
+}
+fn default_notify_buffer_bytes() -> usize {
+    1 << 20
 }
 fn default_cancel_max() -> usize {
     64

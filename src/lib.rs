@@ -22,6 +22,7 @@ mod ids;
 mod io;
 pub mod logging;
 mod metrics;
+mod notify;
 mod params;
 mod pool_shared;
 mod prepared;

@@ -410,6 +410,8 @@ pub(crate) struct Registry {
     pub(crate) cancels: Arc<AtomicUsize>,
     /// The storages' hosts: roles, bans, lag (`hosts`).
     pub(crate) hosts: crate::hosts::Hosts,
+    /// LISTEN/NOTIFY hubs of transaction-pooled listeners (`notify`).
+    pub(crate) notes: crate::notify::Notes,
 }
 
 impl Registry {
@@ -419,6 +421,7 @@ impl Registry {
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::default(),
             hosts: crate::hosts::Hosts::default(),
+            notes: crate::notify::Notes::default(),
         }
     }
 

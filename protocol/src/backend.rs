@@ -459,6 +459,21 @@ pub fn command_complete(buf: &mut BytesMut, tag: &str) {
     message(buf, b'C', |b| put_cstr(b, tag.as_bytes()));
 }
 
+/// Appends ParseComplete.
+pub fn parse_complete(buf: &mut BytesMut) {
+    message(buf, b'1', |_| {});
+}
+
+/// Appends BindComplete.
+pub fn bind_complete(buf: &mut BytesMut) {
+    message(buf, b'2', |_| {});
+}
+
+/// Appends NoData.
+pub fn no_data(buf: &mut BytesMut) {
+    message(buf, b'n', |_| {});
+}
+
 /// Appends EmptyQueryResponse.
 pub fn empty_query_response(buf: &mut BytesMut) {
     message(buf, b'I', |_| {});

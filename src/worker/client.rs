@@ -96,6 +96,8 @@ pub(crate) struct Client {
     pub(crate) family: Option<Arc<super::hosting::Family>>,
     /// Its round-robin turn among its route's hosts (`hosting`).
     pub(crate) turn: u16,
+    /// The channels it LISTENs to in transaction pooling (`listen`).
+    pub(crate) listens: Option<Box<super::listen::Listens>>,
     pub(crate) server: Option<Key>,
     /// Walks the client's input to count requests and spot Terminate.
     pub(crate) relay: Relay,
@@ -507,6 +509,7 @@ impl Client {
             pool: None,
             family: None,
             turn: 0,
+            listens: None,
             server: None,
             relay: Relay::for_client(),
             conv: Conversation::default(),

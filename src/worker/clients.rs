@@ -398,6 +398,7 @@ impl Worker {
                 self.dequeue(cx, ck, &pool);
             }
         }
+        self.stop_listening(cx, ck);
         let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
             return;
         };

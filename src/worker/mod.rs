@@ -27,6 +27,7 @@ mod follow;
 mod health;
 mod hosting;
 mod link;
+mod listen;
 mod opening;
 mod pool;
 mod probe;
@@ -85,6 +86,8 @@ pub(crate) enum Conn {
     Probe(Box<Probe>),
     /// A host's health check connection (`health`).
     Check(Box<health::Check>),
+    /// Worker 0's LISTEN connection of a hub (`listen`).
+    Upstream(Box<listen::Upstream>),
     /// Closed during this batch; freed after it so the slot is not reused
     /// while events for the old socket may still be queued.
     Dead,
@@ -120,6 +123,8 @@ pub(crate) enum WorkerTimer {
     HealthDue(usize, u64),
     /// A health check connection did not answer in time.
     HealthTimeout(Key),
+    /// Open a lost LISTEN connection again.
+    UpstreamRetry(Arc<crate::notify::Hub>, Arc<ResolvedRoute>),
 }
 
 /// What the console's PAUSE holds: every database, or some.
@@ -217,6 +222,12 @@ pub(crate) struct Shared {
     rng: u64,
     /// The health checks this worker runs (worker 0 runs them all).
     checks: health::Checks,
+    /// Transaction-pooled listeners here, by channel (`listen`).
+    listening: HashMap<usize, (Arc<crate::notify::Channel>, Vec<Key>)>,
+    /// Clients whose LISTEN waits for the upstream's.
+    listen_waits: Vec<(Arc<crate::notify::Channel>, Key)>,
+    /// Worker 0: the LISTEN connection of each hub.
+    upstreams: HashMap<crate::notify::HubKey, Key>,
 }
 
 /// The worker's handler.
@@ -273,6 +284,9 @@ impl Worker {
                 turn: u16::try_from(id).unwrap_or(0),
                 rng: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
                 checks: health::Checks::default(),
+                listening: HashMap::new(),
+                listen_waits: Vec::new(),
+                upstreams: HashMap::new(),
             },
         }
     }
@@ -426,6 +440,7 @@ impl Worker {
                     Some(Conn::Server(_)) => self.close_server(cx, k, "internal error"),
                     Some(Conn::Cancel(_) | Conn::Probe(_)) => self.kill(k),
                     Some(Conn::Check(_)) => self.drop_check(cx, k),
+                    Some(Conn::Upstream(_)) => self.drop_upstream(cx, k, "internal error"),
                     Some(Conn::Dead) | None => {}
                 }
             }));
@@ -443,6 +458,16 @@ impl Worker {
                     self.w.logins_later.push(key);
                 } else {
                     self.drive_client(cx, key);
+                    // A listener whose output drained: the rest of what
+                    // was notified.
+                    if let Some(Conn::Client(c)) = self.conns.get(key) {
+                        if c.listens.is_some()
+                            && c.io.out.is_empty()
+                            && matches!(c.state, ClientState::Idle)
+                        {
+                            self.deliver(cx, key);
+                        }
+                    }
                 }
             }
             Some(Conn::Server(s)) => {
@@ -463,6 +488,10 @@ impl Worker {
             Some(Conn::Check(c)) => {
                 c.io.on_ready(ready);
                 self.drive_check(cx, key);
+            }
+            Some(Conn::Upstream(u)) => {
+                u.io.on_ready(ready);
+                self.drive_upstream(cx, key);
             }
             Some(Conn::Dead) | None => {}
         }
@@ -613,6 +642,12 @@ impl Worker {
                 self.serve_resumed(cx);
             }
             WorkerCmd::HostsMoved => self.hosts_moved(cx),
+            WorkerCmd::Subscribe { hub, route } => self.upstream_wants(cx, hub, route),
+            WorkerCmd::Unsubscribe { channel } => self.upstream_unwanted(cx, &channel),
+            WorkerCmd::Notified { channel } => self.notified(cx, &channel),
+            WorkerCmd::Listening { channel } => self.listening(cx, &channel),
+            WorkerCmd::ListenFailed { channel, why } => self.listen_failed(cx, &channel, &why),
+            WorkerCmd::Relistened { hub } => self.relistened(cx, &hub),
             WorkerCmd::Resolved { host, answer } => {
                 if let Err(why) = &answer {
                     warn!(
@@ -700,6 +735,7 @@ impl Worker {
             WorkerTimer::Balance => self.balance(cx),
             WorkerTimer::HealthDue(i, epoch) => self.check_due(cx, i, epoch),
             WorkerTimer::HealthTimeout(k) => self.check_timed_out(cx, k),
+            WorkerTimer::UpstreamRetry(hub, route) => self.upstream_retry(cx, hub, route),
             WorkerTimer::Tick => {
                 self.tick(cx);
                 if !self.w.draining {
@@ -767,6 +803,7 @@ impl Worker {
                             self.finish_probe(cx, k, Err(failure));
                         }
                         Some(Conn::Check(_)) => self.drop_check(cx, k),
+                        Some(Conn::Upstream(_)) => self.drop_upstream(cx, k, "shutdown"),
                         _ => {}
                     }
                 }
@@ -876,10 +913,14 @@ impl Worker {
                     self.logged_in(cx, ck, *who);
                     true
                 }
-                ClientNext::Attach => {
-                    self.attach(cx, ck);
-                    true
-                }
+                ClientNext::Attach => match self.try_listen(cx, ck) {
+                    listen::Listened::No => {
+                        self.attach(cx, ck);
+                        true
+                    }
+                    listen::Listened::Answered => true,
+                    listen::Listened::Waiting => return,
+                },
                 ClientNext::Relay => match self.relay_pair(cx, ck) {
                     Some(progress) => progress,
                     None => return,

@@ -206,10 +206,18 @@ impl Worker {
         ck: Key,
         sk: Key,
     ) {
-        if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
-            c.unlink();
-        }
+        let listens = match self.conns.get_mut(ck) {
+            Some(Conn::Client(c)) => {
+                c.unlink();
+                c.listens.is_some()
+            }
+            _ => false,
+        };
         self.release_server(cx, sk);
+        // Between transactions: what was notified meanwhile.
+        if listens {
+            self.deliver(cx, ck);
+        }
     }
 
     /// A server is idle and clean: to the first client queued here unless

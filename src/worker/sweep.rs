@@ -149,7 +149,11 @@ impl Worker {
                         remote_pid: s.key.map(|(pid, _)| pid),
                     });
                 }
-                Conn::Cancel(_) | Conn::Probe(_) | Conn::Check(_) | Conn::Dead => {}
+                Conn::Cancel(_)
+                | Conn::Probe(_)
+                | Conn::Check(_)
+                | Conn::Upstream(_)
+                | Conn::Dead => {}
             }
         }
         (clients, servers)
@@ -450,8 +454,9 @@ impl Worker {
                 Some(Conn::Server(s)) if matches!(s.state, ServerState::Idle) => {
                     self.close_server(cx, k, "shutdown")
                 }
-                // Health checks end with the worker.
+                // Health checks and LISTEN connections end with the worker.
                 Some(Conn::Check(_)) => self.drop_check(cx, k),
+                Some(Conn::Upstream(_)) => self.drop_upstream(cx, k, "shutdown"),
                 _ => {}
             }
         }

@@ -1,0 +1,892 @@
+//! LISTEN/NOTIFY in transaction pooling, the worker's part (see `notify`
+//! for the shared hubs, channels and rings).
+//!
+//! - A client between transactions whose request is a simple query made
+//!   only of LISTEN/UNLISTEN statements is answered here (`try_listen`):
+//!   CommandComplete per statement and ReadyForQuery, no server. A LISTEN
+//!   of a channel not yet heard upstream asks worker 0 for it
+//!   (`WorkerCmd::Subscribe`) and the client waits until the upstream's
+//!   LISTEN is in effect (`WorkerCmd::Listening`), so that nothing
+//!   notified after its LISTEN is answered can be missed.
+//! - Notifications are written to a client only between transactions
+//!   (`deliver`): at once when it is idle, else when its transaction ends
+//!   (`unlink_and_release`); at most `DELIVER_LIMIT` bytes at a time, the
+//!   rest when its socket has room again. A client that falls out of a
+//!   channel's ring gets a WARNING notice saying how many it lost.
+//! - Worker 0 keeps one upstream connection per hub (`Conn::Upstream`):
+//!   LISTEN/UNLISTEN as clients come and go, NotificationResponses into
+//!   the rings, the workers with listeners woken (`WorkerCmd::Notified`).
+//!   When it fails it is opened again a second later, every channel is
+//!   LISTENed again and the listeners are told that notifications may have
+//!   been missed meanwhile.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use log::{debug, info, warn};
+use odissey_protocol::backend::{self, TransactionStatus};
+use odissey_protocol::scram::ScramCredential;
+use odissey_protocol::{codec, frontend};
+use odissey_reactor::{Context, Key};
+
+use crate::backend_login::BackendLogin;
+use crate::cmd::WorkerCmd;
+use crate::config::{PoolMode, ResolvedRoute, StorageType};
+use crate::credentials;
+use crate::io::Io;
+use crate::notify::{self, Channel, Hub, HubKey, ListenStmt};
+use crate::worker::client::ClientState;
+
+use super::opening::Opened;
+use super::server::{step_login, LoginStep};
+use super::{insert_registered, Conn, Worker, WorkerTimer, MAX_ROUNDS};
+
+/// Bytes of notifications written to a client per turn.
+const DELIVER_LIMIT: usize = 256 * 1024;
+
+/// How long a lost upstream waits before it is opened again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// A client's channels and where it is in each.
+#[derive(Debug)]
+pub(crate) struct Listens {
+    hub: Arc<Hub>,
+    channels: Vec<(Arc<Channel>, u64)>,
+    /// The upstream was lost since: tell it notifications may be missing.
+    missed: bool,
+}
+
+/// What `try_listen` did.
+pub(super) enum Listened {
+    /// Not a LISTEN/UNLISTEN query: it needs a server.
+    No,
+    /// Answered.
+    Answered,
+    /// Waits for the upstream's LISTEN.
+    Waiting,
+}
+
+/// The upstream connection of a hub, on worker 0.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    pub(super) io: Io,
+    phase: Phase,
+    hub: Arc<Hub>,
+    route: Arc<ResolvedRoute>,
+    /// Channels LISTENed (confirmed).
+    heard: Vec<Arc<str>>,
+    /// Statements sent and not yet answered: (channel, LISTEN?).
+    sent: VecDeque<(Arc<str>, bool)>,
+    /// Reconnected after a loss: tell the listeners once LISTENing again.
+    reconnected: bool,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Connecting(BackendLogin),
+    LoggingIn(BackendLogin),
+    Ready,
+}
+
+/// A request at the head of `rx` that may be LISTEN/UNLISTEN: its SQL,
+/// its length, and for the extended protocol whether the portal was
+/// described (its answer then has a NoData).
+struct Head<'a> {
+    sql: &'a str,
+    len: usize,
+    extended: Option<bool>,
+}
+
+/// One complete frame at `rx[at..]`: (tag, body, next offset).
+fn frame_at(rx: &[u8], at: usize) -> Option<(u8, &[u8], usize)> {
+    let tag = *rx.get(at)?;
+    let len = u32::from_be_bytes(rx.get(at + 1..at + 5)?.try_into().ok()?) as usize;
+    let body = rx.get(at + 5..at + 1 + len.max(4))?;
+    Some((tag, body, at + 1 + len.max(4)))
+}
+
+fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
+    let end = b.iter().position(|&c| c == 0)?;
+    Some((std::str::from_utf8(&b[..end]).ok()?, &b[end + 1..]))
+}
+
+/// A complete simple Query, or an unnamed Parse/Bind/[Describe]/Execute/
+/// Sync with no parameters (how psycopg and JDBC send a plain statement),
+/// at the head of `rx`.
+fn head_query(rx: &[u8]) -> Option<Head<'_>> {
+    let (tag, body, next) = frame_at(rx, 0)?;
+    match tag {
+        b'Q' => Some(Head {
+            sql: cstr(body)?.0,
+            len: next,
+            extended: None,
+        }),
+        b'P' => {
+            let (name, rest) = cstr(body)?;
+            let (sql, rest) = cstr(rest)?;
+            if !name.is_empty() || rest.get(..2)? != [0, 0] {
+                return None;
+            }
+            let (tag, body, next) = frame_at(rx, next)?;
+            if tag != b'B' {
+                return None;
+            }
+            let (portal, rest) = cstr(body)?;
+            let (stmt, rest) = cstr(rest)?;
+            // No parameter formats, no parameters (result formats may be
+            // given: there is no result).
+            if !portal.is_empty() || !stmt.is_empty() || rest.get(..4)? != [0, 0, 0, 0] {
+                return None;
+            }
+            let (mut tag, mut body, mut next) = frame_at(rx, next)?;
+            let described = tag == b'D';
+            if described {
+                if body.first() != Some(&b'P') {
+                    return None;
+                }
+                (tag, body, next) = frame_at(rx, next)?;
+            }
+            if tag != b'E' || !cstr(body)?.0.is_empty() {
+                return None;
+            }
+            let (tag, _, next) = frame_at(rx, next)?;
+            (tag == b'S').then_some(Head {
+                sql,
+                len: next,
+                extended: Some(described),
+            })
+        }
+        _ => None,
+    }
+}
+
+impl Worker {
+    /// A request of an idle client: answered here when it is only LISTEN
+    /// and UNLISTEN statements (transaction and statement pooling).
+    pub(super) fn try_listen(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) -> Listened {
+        let Some(Conn::Client(c)) = self.conns.get(ck) else {
+            return Listened::No;
+        };
+        let (Some(route), Some(pool)) = (&c.route, &c.pool) else {
+            return Listened::No;
+        };
+        if route.route.pool == PoolMode::Session || route.storage.kind == StorageType::Local {
+            return Listened::No;
+        }
+        let Some(head) = head_query(&c.io.rx) else {
+            return Listened::No;
+        };
+        let (len, extended) = (head.len, head.extended);
+        let Some(stmts) = notify::parse_listen(head.sql) else {
+            return Listened::No;
+        };
+        // One statement only through the extended protocol, as PostgreSQL.
+        if extended.is_some() && stmts.len() != 1 {
+            return Listened::No;
+        }
+        let route = Arc::clone(route);
+        let key = HubKey {
+            storage: route.route.storage.as_str().into(),
+            host: route.endpoint(pool.host).label().into(),
+            database: route.server_db.as_str().into(),
+        };
+        let hub = match &c.listens {
+            Some(l) if l.hub.key == key => Arc::clone(&l.hub),
+            _ => {
+                let cfg = &self.w.cfg;
+                self.w.registry.notes.hub(
+                    key,
+                    self.w.peers.len().max(1),
+                    cfg.notify_buffer,
+                    cfg.notify_buffer_bytes,
+                )
+            }
+        };
+        // Every channel it LISTENs to must be heard upstream first.
+        let mut missing = None;
+        for s in &stmts {
+            if let ListenStmt::Listen(name) = s {
+                let ch = hub.channel(name);
+                if !ch.active.load(std::sync::atomic::Ordering::Acquire) {
+                    if !ch.requested.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        self.subscribe_upstream(cx, &hub, &route);
+                    }
+                    missing = Some(ch);
+                }
+            }
+        }
+        if let Some(ch) = missing {
+            debug!("waiting for LISTEN {} upstream", ch.name);
+            self.w.listen_waits.push((ch, ck));
+            return Listened::Waiting;
+        }
+        let me = self.w.id;
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return Listened::No;
+        };
+        let listens = c.listens.get_or_insert_with(|| {
+            Box::new(Listens {
+                hub: Arc::clone(&hub),
+                channels: Vec::new(),
+                missed: false,
+            })
+        });
+        let mut left = Vec::new();
+        for s in &stmts {
+            match s {
+                ListenStmt::Listen(name) => {
+                    if listens.channels.iter().any(|(ch, _)| &*ch.name == name) {
+                        continue;
+                    }
+                    let ch = hub.channel(name);
+                    ch.count(me, true);
+                    // Worker 0 forgets a channel whose count it saw at 0
+                    // under the hub's lock: counted first, then looked up
+                    // again, this LISTEN either kept it or sees it gone
+                    // (and waits for a fresh one, as on a first LISTEN).
+                    let kept = hub.find(name).is_some_and(|c| Arc::ptr_eq(&c, &ch))
+                        && ch.active.load(std::sync::atomic::Ordering::Acquire);
+                    if !kept {
+                        ch.count(me, false);
+                        let fresh = hub.channel(name);
+                        if !fresh
+                            .requested
+                            .swap(true, std::sync::atomic::Ordering::AcqRel)
+                        {
+                            self.subscribe_upstream(cx, &hub, &route);
+                        }
+                        self.w.listen_waits.push((fresh, ck));
+                        for ch in left {
+                            self.leave_channel(cx, ck, &ch);
+                        }
+                        return Listened::Waiting;
+                    }
+                    let at = ch.cursor_now();
+                    self.w
+                        .listening
+                        .entry(Arc::as_ptr(&ch) as usize)
+                        .or_insert_with(|| (Arc::clone(&ch), Vec::new()))
+                        .1
+                        .push(ck);
+                    listens.channels.push((ch, at));
+                }
+                ListenStmt::Unlisten(name) => {
+                    if let Some(i) = listens
+                        .channels
+                        .iter()
+                        .position(|(ch, _)| &*ch.name == name)
+                    {
+                        left.push(listens.channels.swap_remove(i).0);
+                    }
+                }
+                ListenStmt::UnlistenAll => {
+                    left.extend(listens.channels.drain(..).map(|(ch, _)| ch))
+                }
+            }
+        }
+        let _ = c.io.rx.split_to(len.min(c.io.rx.len()));
+        if let Some(described) = extended {
+            backend::parse_complete(&mut c.io.out);
+            backend::bind_complete(&mut c.io.out);
+            if described {
+                backend::no_data(&mut c.io.out);
+            }
+        }
+        for s in &stmts {
+            let tag = if matches!(s, ListenStmt::Listen(_)) {
+                "LISTEN"
+            } else {
+                "UNLISTEN"
+            };
+            backend::command_complete(&mut c.io.out, tag);
+        }
+        backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
+        c.io.flush();
+        for ch in left {
+            self.leave_channel(cx, ck, &ch);
+        }
+        self.deliver(cx, ck);
+        Listened::Answered
+    }
+
+    /// Asks worker 0 to LISTEN upstream to the channels of `hub` it does
+    /// not yet.
+    fn subscribe_upstream(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        hub: &Arc<Hub>,
+        route: &Arc<ResolvedRoute>,
+    ) {
+        if self.w.id == 0 {
+            self.upstream_wants(cx, Arc::clone(hub), Arc::clone(route));
+        } else if let Some(zero) = self.w.peers.first() {
+            let _ = zero.send(WorkerCmd::Subscribe {
+                hub: Arc::clone(hub),
+                route: Arc::clone(route),
+            });
+        }
+    }
+
+    /// `ck` stops listening to `ch` (UNLISTEN, or it left).
+    fn leave_channel(&mut self, _cx: &mut Context<'_, WorkerTimer>, ck: Key, ch: &Arc<Channel>) {
+        ch.count(self.w.id, false);
+        let ptr = Arc::as_ptr(ch) as usize;
+        if let Some((_, keys)) = self.w.listening.get_mut(&ptr) {
+            keys.retain(|&k| k != ck);
+            if keys.is_empty() {
+                self.w.listening.remove(&ptr);
+            }
+        }
+        if ch.listening() == 0 {
+            // Worker 0 UNLISTENs upstream if nobody listens by then.
+            if let Some(zero) = self.w.peers.first() {
+                let _ = zero.send(WorkerCmd::Unsubscribe {
+                    channel: Arc::clone(ch),
+                });
+            }
+        }
+    }
+
+    /// A client closes: its channels go.
+    pub(super) fn stop_listening(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) {
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return;
+        };
+        let Some(l) = c.listens.take() else {
+            self.w.listen_waits.retain(|(_, k)| *k != ck);
+            return;
+        };
+        self.w.listen_waits.retain(|(_, k)| *k != ck);
+        for (ch, _) in l.channels {
+            self.leave_channel(cx, ck, &ch);
+        }
+    }
+
+    /// Writes what `ck`'s channels hold for it, if it is between
+    /// transactions and its output has room.
+    pub(super) fn deliver(&mut self, _cx: &mut Context<'_, WorkerTimer>, ck: Key) {
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return;
+        };
+        if !matches!(c.state, ClientState::Idle) || c.io.out.len() >= DELIVER_LIMIT {
+            return;
+        }
+        let Some(l) = c.listens.as_mut() else {
+            return;
+        };
+        if std::mem::take(&mut l.missed) {
+            backend::notice_response(
+                &mut c.io.out,
+                "WARNING",
+                "01000",
+                "notifications may have been missed: odissey lost its connection to the server that listens for them and listens again now",
+            );
+        }
+        for (ch, cursor) in &mut l.channels {
+            let (at, missed) = ch.read(*cursor, &mut c.io.out, DELIVER_LIMIT);
+            *cursor = at;
+            if missed > 0 {
+                backend::notice_response(
+                    &mut c.io.out,
+                    "WARNING",
+                    "54000",
+                    &format!(
+                        "{missed} notification(s) on channel \"{}\" were dropped: this client did not read them in time (notify_buffer)",
+                        ch.name
+                    ),
+                );
+            }
+        }
+        c.io.flush();
+    }
+
+    /// New notifications on `ch`: its listeners here get them.
+    pub(super) fn notified(&mut self, cx: &mut Context<'_, WorkerTimer>, ch: &Channel) {
+        let ptr = ch as *const Channel as usize;
+        let keys = match self.w.listening.get(&ptr) {
+            Some((_, keys)) => keys.clone(),
+            None => return,
+        };
+        for ck in keys {
+            self.deliver(cx, ck);
+        }
+    }
+
+    /// The upstream LISTENs to `ch` now: the clients waiting for it go on.
+    pub(super) fn listening(&mut self, cx: &mut Context<'_, WorkerTimer>, ch: &Channel) {
+        let ptr = ch as *const Channel as usize;
+        let (go, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut self.w.listen_waits)
+            .into_iter()
+            .partition(|(c, _)| Arc::as_ptr(c) as usize == ptr);
+        self.w.listen_waits = stay;
+        for (_, ck) in go {
+            self.drive_client(cx, ck);
+        }
+    }
+
+    /// The upstream of `hub` was lost and is back: its listeners here hear
+    /// that notifications may have been missed.
+    pub(super) fn relistened(&mut self, cx: &mut Context<'_, WorkerTimer>, hub: &Hub) {
+        let keys: Vec<Key> = self
+            .w
+            .listening
+            .values()
+            .filter(|(ch, _)| hub.find(&ch.name).is_some_and(|c| Arc::ptr_eq(&c, ch)))
+            .flat_map(|(_, keys)| keys.iter().copied())
+            .collect();
+        for ck in keys {
+            if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+                if let Some(l) = c.listens.as_mut() {
+                    l.missed = true;
+                }
+            }
+            self.deliver(cx, ck);
+        }
+    }
+
+    /// Worker 0: `hub` needs its channels heard; opens its upstream if it
+    /// has none, and LISTENs to what it does not hear yet.
+    pub(super) fn upstream_wants(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        hub: Arc<Hub>,
+        route: Arc<ResolvedRoute>,
+    ) {
+        match self.w.upstreams.get(&hub.key) {
+            Some(&k) => {
+                self.send_listens(k);
+                self.drive_upstream(cx, k);
+            }
+            None => self.open_upstream(cx, hub, route, false),
+        }
+    }
+
+    fn open_upstream(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        hub: Arc<Hub>,
+        route: Arc<ResolvedRoute>,
+        reconnected: bool,
+    ) {
+        let Some(endpoint) = route
+            .endpoints
+            .iter()
+            .find(|e| *e.label() == *hub.key.host)
+            .cloned()
+        else {
+            return;
+        };
+        let stream = match self.open_storage(cx, &endpoint) {
+            Opened::Stream(s) => s,
+            Opened::Failed(f) => {
+                warn!("LISTEN connection to {}: {f}", hub.key.host);
+                self.upstream_failed(cx, &hub, &route, &f.to_string());
+                return;
+            }
+            Opened::Wait => {
+                // Tried again once the name is resolved.
+                cx.set_timer(
+                    cx.now() + RETRY,
+                    WorkerTimer::UpstreamRetry(Arc::clone(&hub), route),
+                );
+                return;
+            }
+        };
+        let mut io = Io::new(stream, false);
+        let credential = route
+            .server_password
+            .clone()
+            .map(ScramCredential::Password)
+            .or_else(|| credentials::credential(&route.route.storage, &route.server_user));
+        let ask = self.w.ask_tls(&route);
+        let login = BackendLogin::start(
+            &mut io.out,
+            &route.server_db,
+            &route.server_user,
+            credential,
+            ask,
+        );
+        let key = hub.key.clone();
+        let (k, failed) = insert_registered(&mut self.conns, cx.registry(), io, |_, io| {
+            Conn::Upstream(Box::new(Upstream {
+                io,
+                phase: Phase::Connecting(login),
+                hub,
+                route,
+                heard: Vec::new(),
+                sent: VecDeque::new(),
+                reconnected,
+            }))
+        });
+        info!(
+            "LISTEN connection to {} (database {}) opened for transaction-pooled listeners",
+            key.host, key.database
+        );
+        self.w.upstreams.insert(key, k);
+        if failed.is_some() {
+            self.drop_upstream(cx, k, "cannot poll the connection");
+        }
+    }
+
+    /// LISTEN/UNLISTEN what the hub's channels ask and the upstream does
+    /// not have (once logged in).
+    fn send_listens(&mut self, k: Key) {
+        let Some(Conn::Upstream(u)) = self.conns.get_mut(k) else {
+            return;
+        };
+        if !matches!(u.phase, Phase::Ready) {
+            return;
+        }
+        for ch in u.hub.channels() {
+            let heard = u.heard.iter().any(|n| *n == ch.name)
+                || u.sent.iter().any(|(n, l)| *n == ch.name && *l);
+            if !heard
+                && ch.listening()
+                    + usize::from(ch.requested.load(std::sync::atomic::Ordering::Acquire))
+                    > 0
+            {
+                frontend::query(&mut u.io.out, &notify::statement("LISTEN", &ch.name));
+                u.sent.push_back((Arc::clone(&ch.name), true));
+            }
+        }
+        u.io.writable = true;
+        u.io.flush();
+    }
+
+    /// Worker 0: nobody listens to `ch` any more (as far as a worker saw):
+    /// UNLISTEN it upstream, and close the upstream when no channel is left.
+    pub(super) fn upstream_unwanted(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        ch: &Arc<Channel>,
+    ) {
+        let hubs: Vec<(HubKey, Key)> = self
+            .w
+            .upstreams
+            .iter()
+            .map(|(h, k)| (h.clone(), *k))
+            .collect();
+        for (key, k) in hubs {
+            let Some(Conn::Upstream(u)) = self.conns.get_mut(k) else {
+                continue;
+            };
+            if !u.hub.find(&ch.name).is_some_and(|c| Arc::ptr_eq(&c, ch)) {
+                continue;
+            }
+            if !u.hub.forget_if_unheard(&ch.name) {
+                return;
+            }
+            ch.active.store(false, std::sync::atomic::Ordering::Release);
+            ch.requested
+                .store(false, std::sync::atomic::Ordering::Release);
+            u.heard.retain(|n| *n != ch.name);
+            if matches!(u.phase, Phase::Ready) {
+                frontend::query(&mut u.io.out, &notify::statement("UNLISTEN", &ch.name));
+                u.sent.push_back((Arc::clone(&ch.name), false));
+                u.io.writable = true;
+                u.io.flush();
+            }
+            if u.hub.is_empty() {
+                self.w.registry.notes.drop_if_empty(&key);
+                self.drop_upstream(cx, k, "no client listens any more");
+            }
+            return;
+        }
+    }
+
+    /// Moves an upstream on: login, LISTEN answers, notifications.
+    pub(super) fn drive_upstream(&mut self, cx: &mut Context<'_, WorkerTimer>, k: Key) {
+        let readahead = self.w.cfg.readahead;
+        for _ in 0..MAX_ROUNDS {
+            let Some(Conn::Upstream(u)) = self.conns.get_mut(k) else {
+                return;
+            };
+            let phase = std::mem::replace(&mut u.phase, Phase::Ready);
+            match phase {
+                Phase::Connecting(login) => match u.io.stream.take_error() {
+                    Ok(None) if u.io.stream.is_connected() => {
+                        u.io.writable = true;
+                        u.phase = Phase::LoggingIn(login);
+                    }
+                    Ok(None) if !u.io.eof => {
+                        u.phase = Phase::Connecting(login);
+                        u.io.flush();
+                        return;
+                    }
+                    Ok(Some(e)) | Err(e) => {
+                        let why = format!("cannot connect: {e}");
+                        self.drop_upstream(cx, k, &why);
+                        return;
+                    }
+                    Ok(None) => {
+                        self.drop_upstream(cx, k, "the connection closed while connecting");
+                        return;
+                    }
+                },
+                Phase::LoggingIn(mut login) => {
+                    let moved = u.io.flush();
+                    let tls = self.w.tls.storage.get(&u.route.route.storage);
+                    let host = u.route.endpoint(0).host.clone();
+                    let (more, step) = step_login(&mut u.io, &mut login, tls, &host, readahead);
+                    match step {
+                        LoginStep::Pending => {
+                            u.phase = Phase::LoggingIn(login);
+                            if !(moved || more) {
+                                return;
+                            }
+                        }
+                        LoginStep::Ready => {
+                            u.phase = Phase::Ready;
+                            self.send_listens(k);
+                        }
+                        LoginStep::Failed(f) => {
+                            let why = format!("{f} ({})", f.code());
+                            self.drop_upstream(cx, k, &why);
+                            return;
+                        }
+                    }
+                }
+                Phase::Ready => {
+                    let mut moved = u.io.flush();
+                    moved |= u.io.fill(readahead);
+                    let mut touched: Vec<Arc<Channel>> = Vec::new();
+                    let mut confirmed: Vec<Arc<Channel>> = Vec::new();
+                    while let Ok(Some(f)) = codec::read_frame(&mut u.io.rx, 1 << 30) {
+                        match f.tag {
+                            b'A' => {
+                                let Some(ch) =
+                                    notify::channel_of(&f.body).and_then(|n| u.hub.find(n))
+                                else {
+                                    continue;
+                                };
+                                let mut frame = bytes::BytesMut::with_capacity(f.body.len() + 5);
+                                frame.extend_from_slice(b"A");
+                                frame.extend_from_slice(&((f.body.len() + 4) as u32).to_be_bytes());
+                                frame.extend_from_slice(&f.body);
+                                ch.push(Bytes::from(frame));
+                                if !touched.iter().any(|c| Arc::ptr_eq(c, &ch)) {
+                                    touched.push(ch);
+                                }
+                            }
+                            b'E' => {
+                                let why = backend::parse_error_fields(&f.body)
+                                    .map_or_else(|e| e.to_string(), |e| e.message);
+                                warn!("LISTEN connection to {}: {why}", u.hub.key.host);
+                            }
+                            b'Z' => {
+                                if let Some((name, listen)) = u.sent.pop_front() {
+                                    if listen {
+                                        u.heard.push(Arc::clone(&name));
+                                        if let Some(ch) = u.hub.find(&name) {
+                                            ch.active
+                                                .store(true, std::sync::atomic::Ordering::Release);
+                                            confirmed.push(ch);
+                                        }
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    let eof = u.io.eof;
+                    let reconnected = u.sent.is_empty() && std::mem::take(&mut u.reconnected);
+                    let hub = Arc::clone(&u.hub);
+                    for ch in &confirmed {
+                        for (i, peer) in self.w.peers.iter().enumerate() {
+                            if i != self.w.id {
+                                let _ = peer.send(WorkerCmd::Listening {
+                                    channel: Arc::clone(ch),
+                                });
+                            }
+                        }
+                        self.listening(cx, ch);
+                    }
+                    for ch in &touched {
+                        for w in ch.workers() {
+                            if w == self.w.id {
+                                continue;
+                            }
+                            if let Some(peer) = self.w.peers.get(w) {
+                                let _ = peer.send(WorkerCmd::Notified {
+                                    channel: Arc::clone(ch),
+                                });
+                            }
+                        }
+                        self.notified(cx, ch);
+                    }
+                    if reconnected {
+                        for (i, peer) in self.w.peers.iter().enumerate() {
+                            if i != self.w.id {
+                                let _ = peer.send(WorkerCmd::Relistened {
+                                    hub: Arc::clone(&hub),
+                                });
+                            }
+                        }
+                        self.relistened(cx, &hub);
+                    }
+                    if eof {
+                        self.drop_upstream(cx, k, "the server closed the connection");
+                        return;
+                    }
+                    if !moved {
+                        return;
+                    }
+                }
+            }
+        }
+        self.w.again.push(k);
+        cx.again();
+    }
+
+    /// An upstream is gone: opened again in a second while its hub has
+    /// listeners (every channel LISTENed anew), else forgotten.
+    pub(super) fn drop_upstream(&mut self, cx: &mut Context<'_, WorkerTimer>, k: Key, why: &str) {
+        let Some(Conn::Upstream(u)) = self.conns.get_mut(k) else {
+            return;
+        };
+        if !u.io.eof {
+            frontend::terminate(&mut u.io.out);
+            u.io.writable = true;
+            u.io.flush();
+        }
+        let (hub, route) = (Arc::clone(&u.hub), Arc::clone(&u.route));
+        let was_ready = u.heard.iter().len() > 0;
+        self.kill(k);
+        if self.w.upstreams.get(&hub.key) == Some(&k) {
+            self.w.upstreams.remove(&hub.key);
+        }
+        for ch in hub.channels() {
+            ch.active.store(false, std::sync::atomic::Ordering::Release);
+        }
+        if hub.is_empty() || self.w.draining {
+            info!("LISTEN connection to {} closed: {why}", hub.key.host);
+            return;
+        }
+        warn!(
+            "LISTEN connection to {} lost: {why}; opening it again in {} ms",
+            hub.key.host,
+            RETRY.as_millis()
+        );
+        if !was_ready {
+            // Never listened: the clients waiting for it hear why.
+            self.upstream_failed(cx, &hub, &route, why);
+        }
+        cx.set_timer(cx.now() + RETRY, WorkerTimer::UpstreamRetry(hub, route));
+    }
+
+    /// Worker 0, a second after a loss: the upstream again.
+    pub(super) fn upstream_retry(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        hub: Arc<Hub>,
+        route: Arc<ResolvedRoute>,
+    ) {
+        if self.w.upstreams.contains_key(&hub.key) || hub.is_empty() || self.w.draining {
+            return;
+        }
+        self.open_upstream(cx, hub, route, true);
+    }
+
+    /// The upstream could not be opened: every client waiting for one of
+    /// its channels gets an ErrorResponse (its connection stays).
+    fn upstream_failed(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        hub: &Arc<Hub>,
+        _route: &Arc<ResolvedRoute>,
+        why: &str,
+    ) {
+        for ch in hub.channels() {
+            ch.requested
+                .store(false, std::sync::atomic::Ordering::Release);
+            for (i, peer) in self.w.peers.iter().enumerate() {
+                if i != self.w.id {
+                    let _ = peer.send(WorkerCmd::ListenFailed {
+                        channel: Arc::clone(&ch),
+                        why: why.to_string(),
+                    });
+                }
+            }
+            self.listen_failed(cx, &ch, why);
+        }
+    }
+
+    /// The clients waiting for `ch` to be heard hear why it is not.
+    pub(super) fn listen_failed(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        ch: &Channel,
+        why: &str,
+    ) {
+        let ptr = ch as *const Channel as usize;
+        let (go, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut self.w.listen_waits)
+            .into_iter()
+            .partition(|(c, _)| Arc::as_ptr(c) as usize == ptr);
+        self.w.listen_waits = stay;
+        for (_, ck) in go {
+            let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+                continue;
+            };
+            if let Some(head) = head_query(&c.io.rx) {
+                let len = head.len;
+                let _ = c.io.rx.split_to(len.min(c.io.rx.len()));
+            }
+            backend::error_response(
+                &mut c.io.out,
+                "ERROR",
+                "08006",
+                &format!(
+                    "odissey could not LISTEN to channel \"{}\" on the server: {why}",
+                    ch.name
+                ),
+                None,
+            );
+            backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
+            c.io.flush();
+            self.drive_client(cx, ck);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use odissey_protocol::frontend;
+
+    #[test]
+    fn listen_requests_are_found_in_both_protocols() {
+        let mut b = BytesMut::new();
+        frontend::query(&mut b, "LISTEN a");
+        let h = head_query(&b).unwrap();
+        assert_eq!((h.sql, h.len, h.extended), ("LISTEN a", b.len(), None));
+        // psycopg's execute(): Parse, Bind, Describe portal, Execute, Sync.
+        let mut b = BytesMut::new();
+        frontend::parse(&mut b, "", "LISTEN a", &[]);
+        frontend::bind(&mut b, "", "", &[]);
+        frontend::describe(&mut b, b'P', "");
+        frontend::execute(&mut b, "", 0);
+        frontend::sync(&mut b);
+        let h = head_query(&b).unwrap();
+        assert_eq!(
+            (h.sql, h.len, h.extended),
+            ("LISTEN a", b.len(), Some(true))
+        );
+        // Not yet all in, named, or with parameters: not ours.
+        assert!(head_query(&b[..b.len() - 1]).is_none());
+        let mut b = BytesMut::new();
+        frontend::parse(&mut b, "s1", "LISTEN a", &[]);
+        frontend::bind(&mut b, "", "s1", &[]);
+        frontend::execute(&mut b, "", 0);
+        frontend::sync(&mut b);
+        assert!(head_query(&b).is_none());
+        let mut b = BytesMut::new();
+        frontend::parse(&mut b, "", "LISTEN a", &[]);
+        frontend::bind(&mut b, "", "", &[Some(b"x")]);
+        frontend::execute(&mut b, "", 0);
+        frontend::sync(&mut b);
+        assert!(head_query(&b).is_none());
+    }
+}
