@@ -639,6 +639,8 @@ mod tests {
     #[test]
     fn an_idle_client_stays_small() {
         let size = std::mem::size_of::<super::Client>();
-        assert!(size <= 384, "Client is {size} bytes");
+        // 392: 384, plus the pointer to a transaction-pooled listener's
+        // channels (`listens`, boxed and None for every other client).
+        assert!(size <= 392, "Client is {size} bytes");
     }
 }
