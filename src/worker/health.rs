@@ -31,7 +31,7 @@ use crate::hosts::{self, Change, HostState, Role};
 use crate::io::Io;
 
 use super::opening::Opened;
-use super::server::{step_login, unconnected, LoginStep};
+use super::server::{connect_step, step_login, Connect, LoginStep};
 use super::{insert_registered, Conn, Worker, WorkerTimer, MAX_ROUNDS};
 
 /// What a check asks. One row: in recovery, the WAL position (current on
@@ -336,23 +336,13 @@ impl Worker {
             let endpoint = endpoint_of(checked);
             let phase = std::mem::replace(&mut c.phase, Phase::Idle);
             match phase {
-                Phase::Connecting(login) => match c.io.stream.take_error() {
-                    Ok(None) if c.io.stream.is_connected() => {
-                        c.io.writable = true;
-                        c.phase = Phase::LoggingIn(login);
-                    }
-                    Ok(None) if !c.io.eof => {
+                Phase::Connecting(login) => match connect_step(&mut c.io, endpoint) {
+                    Connect::Done => c.phase = Phase::LoggingIn(login),
+                    Connect::Pending => {
                         c.phase = Phase::Connecting(login);
-                        c.io.flush();
                         return;
                     }
-                    Ok(Some(e)) | Err(e) => {
-                        let why = format!("cannot connect: {e}");
-                        self.check_failed(cx, i, &why);
-                        return;
-                    }
-                    Ok(None) => {
-                        let why = unconnected(&c.io, endpoint).to_string();
+                    Connect::Failed(why) => {
                         self.check_failed(cx, i, &why);
                         return;
                     }

@@ -225,11 +225,13 @@ impl Worker {
         match self.w.choose_host_as(&f, tsa, cx.now(), turn) {
             Ok(i) => {
                 let new = &f.keys[i];
-                if let Some(Conn::Client(c)) = self.conns.get(ck) {
-                    debug!(
-                        "{}: on host {} for this transaction",
-                        c.id, f.hosts[i].label
-                    );
+                if log::log_enabled!(log::Level::Debug) {
+                    if let Some(Conn::Client(c)) = self.conns.get(ck) {
+                        debug!(
+                            "{}: on host {} for this transaction",
+                            c.id, f.hosts[i].label
+                        );
+                    }
                 }
                 if *new != old {
                     self.w

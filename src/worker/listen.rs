@@ -40,7 +40,7 @@ use crate::notify::{self, Channel, Hub, HubKey, ListenStmt};
 use crate::worker::client::ClientState;
 
 use super::opening::Opened;
-use super::server::{step_login, LoginStep};
+use super::server::{connect_step, step_login, Connect, LoginStep};
 use super::{insert_registered, Conn, Worker, WorkerTimer, MAX_ROUNDS};
 
 /// Bytes of notifications written to a client per turn.
@@ -116,6 +116,22 @@ fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
 /// Sync with no parameters (how psycopg and JDBC send a plain statement),
 /// at the head of `rx`.
 fn head_query(rx: &[u8]) -> Option<Head<'_>> {
+    // Every transaction's first message comes here: anything whose text
+    // cannot start with LISTEN or UNLISTEN is let go before it is read.
+    let text_at = match rx.first()? {
+        b'Q' => 5,
+        // Parse: an unnamed statement (one NUL), then the query.
+        b'P' => 6,
+        _ => return None,
+    };
+    let first = rx
+        .get(text_at..)?
+        .iter()
+        .take(64)
+        .find(|b| !b.is_ascii_whitespace())?;
+    if !matches!(first, b'l' | b'L' | b'u' | b'U') {
+        return None;
+    }
     let (tag, body, next) = frame_at(rx, 0)?;
     match tag {
         b'Q' => Some(Head {
@@ -414,14 +430,18 @@ impl Worker {
         }
     }
 
-    /// The upstream LISTENs to `ch` now: the clients waiting for it go on.
-    pub(super) fn listening(&mut self, cx: &mut Context<'_, WorkerTimer>, ch: &Channel) {
-        let ptr = ch as *const Channel as usize;
+    /// The clients waiting for `ch` to be heard upstream, out of the list.
+    fn take_waits(&mut self, ch: &Channel) -> Vec<Key> {
         let (go, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut self.w.listen_waits)
             .into_iter()
-            .partition(|(c, _)| Arc::as_ptr(c) as usize == ptr);
+            .partition(|(c, _)| std::ptr::eq(Arc::as_ptr(c), ch));
         self.w.listen_waits = stay;
-        for (_, ck) in go {
+        go.into_iter().map(|(_, ck)| ck).collect()
+    }
+
+    /// The upstream LISTENs to `ch` now: the clients waiting for it go on.
+    pub(super) fn listening(&mut self, cx: &mut Context<'_, WorkerTimer>, ch: &Channel) {
+        for ck in self.take_waits(ch) {
             self.drive_client(cx, ck);
         }
     }
@@ -482,7 +502,7 @@ impl Worker {
             Opened::Stream(s) => s,
             Opened::Failed(f) => {
                 warn!("LISTEN connection to {}: {f}", hub.key.host);
-                self.upstream_failed(cx, &hub, &route, &f.to_string());
+                self.upstream_failed(cx, &hub, &f.to_string());
                 return;
             }
             Opened::Wait => {
@@ -605,26 +625,20 @@ impl Worker {
             };
             let phase = std::mem::replace(&mut u.phase, Phase::Ready);
             match phase {
-                Phase::Connecting(login) => match u.io.stream.take_error() {
-                    Ok(None) if u.io.stream.is_connected() => {
-                        u.io.writable = true;
-                        u.phase = Phase::LoggingIn(login);
+                Phase::Connecting(login) => {
+                    let endpoint = u.route.endpoint(0).clone();
+                    match connect_step(&mut u.io, &endpoint) {
+                        Connect::Done => u.phase = Phase::LoggingIn(login),
+                        Connect::Pending => {
+                            u.phase = Phase::Connecting(login);
+                            return;
+                        }
+                        Connect::Failed(why) => {
+                            self.drop_upstream(cx, k, &why);
+                            return;
+                        }
                     }
-                    Ok(None) if !u.io.eof => {
-                        u.phase = Phase::Connecting(login);
-                        u.io.flush();
-                        return;
-                    }
-                    Ok(Some(e)) | Err(e) => {
-                        let why = format!("cannot connect: {e}");
-                        self.drop_upstream(cx, k, &why);
-                        return;
-                    }
-                    Ok(None) => {
-                        self.drop_upstream(cx, k, "the connection closed while connecting");
-                        return;
-                    }
-                },
+                }
                 Phase::LoggingIn(mut login) => {
                     let moved = u.io.flush();
                     let tls = self.w.tls.storage.get(&u.route.route.storage);
@@ -752,7 +766,7 @@ impl Worker {
             u.io.flush();
         }
         let (hub, route) = (Arc::clone(&u.hub), Arc::clone(&u.route));
-        let was_ready = u.heard.iter().len() > 0;
+        let was_ready = !u.heard.is_empty();
         self.kill(k);
         if self.w.upstreams.get(&hub.key) == Some(&k) {
             self.w.upstreams.remove(&hub.key);
@@ -771,7 +785,7 @@ impl Worker {
         );
         if !was_ready {
             // Never listened: the clients waiting for it hear why.
-            self.upstream_failed(cx, &hub, &route, why);
+            self.upstream_failed(cx, &hub, why);
         }
         cx.set_timer(cx.now() + RETRY, WorkerTimer::UpstreamRetry(hub, route));
     }
@@ -791,13 +805,7 @@ impl Worker {
 
     /// The upstream could not be opened: every client waiting for one of
     /// its channels gets an ErrorResponse (its connection stays).
-    fn upstream_failed(
-        &mut self,
-        cx: &mut Context<'_, WorkerTimer>,
-        hub: &Arc<Hub>,
-        _route: &Arc<ResolvedRoute>,
-        why: &str,
-    ) {
+    fn upstream_failed(&mut self, cx: &mut Context<'_, WorkerTimer>, hub: &Arc<Hub>, why: &str) {
         for ch in hub.channels() {
             ch.requested
                 .store(false, std::sync::atomic::Ordering::Release);
@@ -820,12 +828,7 @@ impl Worker {
         ch: &Channel,
         why: &str,
     ) {
-        let ptr = ch as *const Channel as usize;
-        let (go, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut self.w.listen_waits)
-            .into_iter()
-            .partition(|(c, _)| Arc::as_ptr(c) as usize == ptr);
-        self.w.listen_waits = stay;
-        for (_, ck) in go {
+        for ck in self.take_waits(ch) {
             let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
                 continue;
             };

@@ -585,6 +585,34 @@ pub(crate) fn step_login(
     (progress, LoginStep::Pending)
 }
 
+/// How a non-blocking connect stands, for the machines that open their
+/// own connections (health checks, LISTEN connections).
+pub(crate) enum Connect {
+    /// Connected: go on to the login.
+    Done,
+    /// Still connecting.
+    Pending,
+    /// It failed; why, named with the host.
+    Failed(String),
+}
+
+/// Where `io`'s connect to `endpoint` stands (as `Server::connecting`
+/// reads it).
+pub(crate) fn connect_step(io: &mut Io, endpoint: &crate::config::Endpoint) -> Connect {
+    match io.stream.take_error() {
+        Ok(None) if io.stream.is_connected() => {
+            io.writable = true;
+            Connect::Done
+        }
+        Ok(None) if !io.eof => {
+            io.flush();
+            Connect::Pending
+        }
+        Ok(Some(e)) | Err(e) => Connect::Failed(format!("cannot connect: {e}")),
+        Ok(None) => Connect::Failed(unconnected(io, endpoint).to_string()),
+    }
+}
+
 /// Why a connect that had not completed ended: the socket error a write or
 /// read met (ECONNREFUSED shows there once the startup message is sent),
 /// named with the host and port.
