@@ -619,6 +619,13 @@ fn own_reply(
     f: &BytesMut,
     refused: &mut Option<Fatal>,
 ) {
+    // A notification is the client's whenever it comes (a listening
+    // server sends it when it likes, also while it answers odissey's own
+    // session check): it goes on to the client, never swallowed.
+    if tag == b'A' {
+        c.io.out.extend_from_slice(f);
+        return;
+    }
     if tag == b'D' {
         if let Some(check) = s.check.as_deref_mut() {
             match backend::parse_data_row(f.get(5..).unwrap_or(&[])) {
@@ -985,6 +992,31 @@ mod tests {
         assert_eq!(p.c.session.get("search_path"), Some("app"));
         assert_eq!(p.s.session.get("search_path"), Some("app"));
         assert_eq!(settle(&mut p.c, &mut p.s), Settle::Release);
+    }
+
+    #[test]
+    fn a_notification_during_a_session_check_reaches_the_client() {
+        let mut p = Pair::new("transaction", "");
+        p.client_sends(&frontend_msgs(|b| frontend::query(b, "LISTEN jobs")));
+        p.pump();
+        p.server_got();
+        p.server_sends(&done("LISTEN", Idle));
+        assert!(clean(&p.pump()));
+        assert_eq!(tags(&p.client_got()), "CZ");
+        assert_eq!(settle(&mut p.c, &mut p.s), Settle::Checking);
+        p.server_got();
+        // The server notifies in the middle of the check's answer.
+        let mut reply = BytesMut::new();
+        reply.extend_from_slice(b"A\0\0\0\x10\0\0\0\x07jobs\0hi\0");
+        reply.extend_from_slice(&check_rows(&[("p", "listen", None)]));
+        p.server_sends(&reply);
+        assert!(clean(&p.pump()));
+        assert_eq!(
+            tags(&p.client_got()),
+            "A",
+            "the notification is the client's"
+        );
+        assert_eq!(settle(&mut p.c, &mut p.s), Settle::Keep);
     }
 
     #[test]
