@@ -80,6 +80,10 @@ pub(crate) struct Scan {
     /// It calls `set_config($n, ...)`: the name is the statement's n-th
     /// parameter (1-based), read from each Bind ([`bind_param`]).
     pub(crate) name_param: Option<u16>,
+    /// It may open a savepoint (`SAVEPOINT name`): odissey then leaves a
+    /// later LISTEN of the transaction to the server, which alone knows
+    /// what a `ROLLBACK TO` undoes (`worker::listen`).
+    pub(crate) savepoint: bool,
 }
 
 impl Scan {
@@ -168,6 +172,7 @@ pub(crate) fn scan(sql: &[u8], names: &mut Vec<String>) -> Scan {
             let inner = scan(&sql[i + 2..end], &mut ignored);
             out.marks |= inner.marks;
             out.unpins |= inner.unpins;
+            out.savepoint |= inner.savepoint;
             i = end;
             continue;
         } else if b == b'/' && sql.get(i + 1) == Some(&b'*') {
@@ -232,6 +237,10 @@ fn classify(
     }
     if at_start && (is("drop") || is("close")) {
         out.unpins = true;
+        return;
+    }
+    if at_start && is("savepoint") {
+        out.savepoint = true;
         return;
     }
     if ANYWHERE_WORDS.iter().any(|w| is(w)) {
@@ -766,6 +775,25 @@ mod tests {
             "select 1;set work_mem='1MB'",
         ] {
             assert!(marks(sql).marks, "not marked: {sql}");
+        }
+    }
+
+    #[test]
+    fn savepoints_are_seen_without_marking_the_session() {
+        for sql in [
+            "SAVEPOINT a",
+            "  savepoint \"x y\"",
+            "select 1; SAVEPOINT s1",
+        ] {
+            let sc = marks(sql);
+            assert!(sc.savepoint && !sc.marks, "{sql}: {sc:?}");
+        }
+        for sql in [
+            "RELEASE SAVEPOINT a",
+            "ROLLBACK TO SAVEPOINT a",
+            "ROLLBACK TO a",
+        ] {
+            assert!(!marks(sql).savepoint, "{sql}");
         }
     }
 

@@ -469,6 +469,16 @@ pub fn bind_complete(buf: &mut BytesMut) {
     message(buf, b'2', |_| {});
 }
 
+/// Appends ParameterDescription with the given parameter type OIDs.
+pub fn parameter_description(buf: &mut BytesMut, types: &[u32]) {
+    message(buf, b't', |b| {
+        b.put_u16(u16::try_from(types.len()).unwrap_or(u16::MAX));
+        for t in types {
+            b.put_u32(*t);
+        }
+    });
+}
+
 /// Appends NoData.
 pub fn no_data(buf: &mut BytesMut) {
     message(buf, b'n', |_| {});

@@ -121,6 +121,10 @@ pub(crate) struct Client {
     /// A request that may have changed its session went to its server
     /// since the last check: the server is checked before it is released.
     pub(crate) check_due: bool,
+    /// Its transaction may have opened a savepoint (`session::Scan`): a
+    /// LISTEN then goes to the server (`listen`). Cleared when the server
+    /// is idle again.
+    pub(crate) savepoint: bool,
     /// It keeps its server (state that cannot be replayed elsewhere), and
     /// why; logged once when it begins.
     pub(crate) pinned: Option<Pin>,
@@ -517,6 +521,7 @@ impl Client {
             reject,
             session: Settings::default(),
             check_due: false,
+            savepoint: false,
             pinned: None,
             custom: None,
             deadline: None,

@@ -77,7 +77,11 @@ impl Worker {
             // Session pooling: the client keeps its server.
             Next::Clean(progress) => After::Stay(progress),
         };
+        let listen_ended = c.listens.as_ref().is_some_and(|l| l.outcome.is_some());
         self.apply();
+        if listen_ended {
+            self.listen_block_ended(cx, ck);
+        }
         match after {
             After::Stay(progress) => Some(progress),
             After::Close(fatal) => {

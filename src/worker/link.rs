@@ -347,6 +347,7 @@ fn forward(
         let (qstart, xstart) = (&mut s.query_start, &mut s.xact_start);
         let conv = &mut c.conv;
         let check_due = &mut c.check_due;
+        let savepoint = &mut c.savepoint;
         let mut prepared = c.prepared.as_deref_mut();
         let step = c.relay.step(&mut c.io.rx, max_len, |tag, len| {
             if scanning {
@@ -356,6 +357,8 @@ fn forward(
                 if long || tag == b'F' || (always && matches!(tag, b'Q' | b'S')) {
                     *check_due = true;
                 }
+                // Unread, it may open a savepoint.
+                *savepoint |= long;
             }
             let sent = conv.client_message(tag);
             if sent == Sent::Request {
@@ -400,6 +403,7 @@ fn forward(
                     match f.first() {
                         Some(b'P') => {
                             let sc = scan_into(&mut c.custom, crate::session::parse_text(&f));
+                            c.savepoint |= sc.savepoint;
                             note_scan(&mut c.check_due, &mut c.pinned, c.id, sc, discard);
                             // A named statement keeps its own (`Statement`).
                             if crate::session::statement_name(&f).is_empty() {
@@ -447,6 +451,7 @@ fn forward(
                     // Without statement tracking the Binds go by unread: a
                     // name given as a parameter stays unknown.
                     sc.opaque |= sc.name_param.is_some();
+                    c.savepoint |= sc.savepoint;
                     note_scan(&mut c.check_due, &mut c.pinned, c.id, sc, discard);
                 }
                 s.io.out.unsplit(f);
@@ -457,6 +462,7 @@ fn forward(
                 if scanning {
                     // Bytes, whatever the client's encoding.
                     let sc = scan_into(&mut c.custom, raw);
+                    c.savepoint |= sc.savepoint;
                     note_scan(&mut c.check_due, &mut c.pinned, c.id, sc, discard);
                 }
                 let sql = std::str::from_utf8(raw).unwrap_or("");
@@ -502,6 +508,9 @@ fn backward(
     let out_before = c.io.out.len();
     let mut progress = false;
     let mut refused: Option<Fatal> = None;
+    // LISTEN/UNLISTEN odissey answered inside this transaction take effect
+    // as it ends: its closing command's tag says how.
+    let pending = c.listens.as_ref().is_some_and(|l| l.pending());
     loop {
         let conv = &mut c.conv;
         let mut prepared = c.prepared.as_deref_mut().map(|p| &mut p.pipeline);
@@ -521,7 +530,10 @@ fn backward(
             };
             // ErrorResponses are counted by SQLSTATE class (one longer than
             // max_message_size passes uncounted, not held whole).
-            whole || matches!(tag, b'Z' | b'S') || (tag == b'E' && total <= max_len + 1)
+            whole
+                || matches!(tag, b'Z' | b'S')
+                || (tag == b'E' && total <= max_len + 1)
+                || (tag == b'C' && pending)
         });
         match step {
             Ok(Step::NeedMore) => break,
@@ -546,10 +558,23 @@ fn backward(
                             s.counters.error(code);
                         }
                     }
+                    b'C' => {
+                        if let Some(l) = c.listens.as_deref_mut() {
+                            l.command_done(f.get(5..).unwrap_or(&[]));
+                        }
+                    }
                     b'Z' => {
                         if let Ok(st) = TransactionStatus::from_byte(f.get(5).copied().unwrap_or(0))
                         {
                             s.status = st;
+                        }
+                        if s.status == TransactionStatus::Idle {
+                            c.savepoint = false;
+                        }
+                        if pending {
+                            if let Some(l) = c.listens.as_deref_mut() {
+                                l.ready(s.status, c.savepoint);
+                            }
                         }
                         s.counters.queries += 1;
                         if let Some(t) = s.query_start.take() {

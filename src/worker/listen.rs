@@ -21,6 +21,7 @@
 //!   been missed meanwhile.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +57,83 @@ pub(crate) struct Listens {
     channels: Vec<(Arc<Channel>, u64)>,
     /// The upstream was lost since: tell it notifications may be missing.
     missed: bool,
+    /// LISTEN/UNLISTEN answered inside the transaction now open, applied
+    /// when it commits.
+    pending: Vec<ListenStmt>,
+    /// LISTEN/UNLISTEN statements the client prepared (asyncpg prepares
+    /// each statement, then binds it), by name: answered here when bound.
+    statements: Vec<(Box<str>, Vec<ListenStmt>)>,
+    /// The transaction's last closing tag: COMMIT (true) or ROLLBACK.
+    end: Option<bool>,
+    /// The transaction ended: committed (true) or not; for the worker to
+    /// apply `pending` (`listen_block_ended`).
+    pub(super) outcome: Option<bool>,
+    /// The upstream failed a LISTEN of this transaction: its LISTENs go
+    /// to the server instead (which then pins the client, as in session
+    /// pooling). Cleared when the transaction ends.
+    pub(super) direct: bool,
+}
+
+impl Listens {
+    fn new(hub: &Arc<Hub>) -> Self {
+        Self {
+            hub: Arc::clone(hub),
+            channels: Vec::new(),
+            missed: false,
+            pending: Vec::new(),
+            statements: Vec::new(),
+            end: None,
+            outcome: None,
+            direct: false,
+        }
+    }
+
+    fn statement(&self, name: &str) -> Option<&[ListenStmt]> {
+        self.statements
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, s)| s.as_slice())
+    }
+
+    fn prepare(&mut self, name: &str, stmts: &[ListenStmt]) {
+        self.statements.retain(|(n, _)| &**n != name);
+        self.statements.push((name.into(), stmts.to_vec()));
+    }
+
+    /// Statements wait for their transaction's end.
+    pub(super) fn pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// A CommandComplete of the transaction (its body): COMMIT or ROLLBACK
+    /// (also a COMMIT of a failed transaction, and ROLLBACK TO).
+    pub(super) fn command_done(&mut self, body: &[u8]) {
+        let tag = body.split(|&b| b == 0).next().unwrap_or(&[]);
+        if tag == b"COMMIT" {
+            self.end = Some(true);
+        } else if tag == b"ROLLBACK" {
+            self.end = Some(false);
+        }
+    }
+
+    /// A ReadyForQuery with the server's `status`: did the transaction
+    /// end, and how? Idle: committed only after a COMMIT (a ROLLBACK, a
+    /// failed transaction's COMMIT, PREPARE TRANSACTION forget them).
+    /// Still in a transaction: `COMMIT AND CHAIN` commits, `ROLLBACK AND
+    /// CHAIN` does not, unless a savepoint was opened since (then the
+    /// ROLLBACK was `ROLLBACK TO`, which does not reach back before it).
+    pub(super) fn ready(&mut self, status: TransactionStatus, savepoint: bool) {
+        let end = self.end.take();
+        match status {
+            TransactionStatus::Idle => self.outcome = Some(end == Some(true)),
+            TransactionStatus::InTransaction => match end {
+                Some(true) => self.outcome = Some(true),
+                Some(false) if !savepoint => self.outcome = Some(false),
+                _ => {}
+            },
+            TransactionStatus::Failed => {}
+        }
+    }
 }
 
 /// What `try_listen` did.
@@ -90,13 +168,34 @@ enum Phase {
     Ready,
 }
 
-/// A request at the head of `rx` that may be LISTEN/UNLISTEN: its SQL,
-/// its length, and for the extended protocol whether the portal was
-/// described (its answer then has a NoData).
+/// A request at the head of `rx` that may be LISTEN/UNLISTEN, whole (up
+/// to its Sync in the extended protocol), and its length.
+#[derive(Debug, PartialEq, Eq)]
 struct Head<'a> {
-    sql: &'a str,
+    /// A Query's text, or its Parse's.
+    sql: Option<&'a str>,
     len: usize,
-    extended: Option<bool>,
+    /// The extended protocol's messages; None for a simple Query.
+    ext: Option<Ext<'a>>,
+}
+
+/// What an extended-protocol LISTEN request is made of, in this order:
+/// Parse, Describe statement, Bind, Describe portal, Execute, Sync (or
+/// Flush).
+/// psycopg sends the unnamed Parse/Bind/Describe/Execute/Sync at once;
+/// asyncpg prepares a named statement (Parse/Describe/Flush), then binds
+/// and executes it (Bind/Execute/Sync).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Ext<'a> {
+    /// The statement named by its Parse.
+    parse: Option<&'a str>,
+    describe_statement: bool,
+    /// The statement its Bind binds (to the unnamed portal).
+    bind: Option<&'a str>,
+    describe_portal: bool,
+    execute: bool,
+    /// It ends with a Flush, not a Sync.
+    flush: bool,
 }
 
 /// One complete frame at `rx[at..]`: (tag, body, next offset).
@@ -112,76 +211,160 @@ fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
     Some((std::str::from_utf8(&b[..end]).ok()?, &b[end + 1..]))
 }
 
-/// A complete simple Query, or an unnamed Parse/Bind/[Describe]/Execute/
-/// Sync with no parameters (how psycopg and JDBC send a plain statement),
-/// at the head of `rx`.
-fn head_query(rx: &[u8]) -> Option<Head<'_>> {
-    // Every transaction's first message comes here: anything whose text
+fn u16_at(b: &[u8], at: usize) -> Option<usize> {
+    Some(usize::from(u16::from_be_bytes(
+        b.get(at..at + 2)?.try_into().ok()?,
+    )))
+}
+
+/// A request at the head of `rx` that may be LISTEN/UNLISTEN: a Query, or
+/// extended-protocol messages up to a Sync with no parameters. `binds`:
+/// the client has LISTEN statements prepared, so a request that starts
+/// with a Bind may be one.
+fn head_query(rx: &[u8], binds: bool) -> Option<Head<'_>> {
+    // Every request's first message comes here: anything whose text
     // cannot start with LISTEN or UNLISTEN is let go before it is read.
     let text_at = match rx.first()? {
         b'Q' => 5,
-        // Parse: an unnamed statement (one NUL), then the query.
-        b'P' => 6,
+        // Parse: the statement's name, then the query.
+        b'P' => 6 + rx.get(5..)?.iter().take(256).position(|&b| b == 0)?,
+        b'B' if binds => 0,
         _ => return None,
     };
-    let first = rx
-        .get(text_at..)?
-        .iter()
-        .take(64)
-        .find(|b| !b.is_ascii_whitespace())?;
-    if !matches!(first, b'l' | b'L' | b'u' | b'U') {
-        return None;
-    }
-    let (tag, body, next) = frame_at(rx, 0)?;
-    match tag {
-        b'Q' => Some(Head {
-            sql: cstr(body)?.0,
-            len: next,
-            extended: None,
-        }),
-        b'P' => {
-            let (name, rest) = cstr(body)?;
-            let (sql, rest) = cstr(rest)?;
-            if !name.is_empty() || rest.get(..2)? != [0, 0] {
-                return None;
-            }
-            let (tag, body, next) = frame_at(rx, next)?;
-            if tag != b'B' {
-                return None;
-            }
-            let (portal, rest) = cstr(body)?;
-            let (stmt, rest) = cstr(rest)?;
-            // No parameter formats, no parameters (result formats may be
-            // given: there is no result).
-            if !portal.is_empty() || !stmt.is_empty() || rest.get(..4)? != [0, 0, 0, 0] {
-                return None;
-            }
-            let (mut tag, mut body, mut next) = frame_at(rx, next)?;
-            let described = tag == b'D';
-            if described {
-                if body.first() != Some(&b'P') {
-                    return None;
-                }
-                (tag, body, next) = frame_at(rx, next)?;
-            }
-            if tag != b'E' || !cstr(body)?.0.is_empty() {
-                return None;
-            }
-            let (tag, _, next) = frame_at(rx, next)?;
-            (tag == b'S').then_some(Head {
-                sql,
-                len: next,
-                extended: Some(described),
-            })
+    if text_at > 0 {
+        let first = rx
+            .get(text_at..)?
+            .iter()
+            .take(64)
+            .find(|b| !b.is_ascii_whitespace())?;
+        if !matches!(first, b'l' | b'L' | b'u' | b'U') {
+            return None;
         }
-        _ => None,
     }
+    let (mut tag, mut body, mut next) = frame_at(rx, 0)?;
+    if tag == b'Q' {
+        return Some(Head {
+            sql: Some(cstr(body)?.0),
+            len: next,
+            ext: None,
+        });
+    }
+    let mut ext = Ext::default();
+    let mut sql = None;
+    if tag == b'P' {
+        let (name, rest) = cstr(body)?;
+        let (text, rest) = cstr(rest)?;
+        // No parameter types: LISTEN has no parameters.
+        if u16_at(rest, 0)? != 0 {
+            return None;
+        }
+        ext.parse = Some(name);
+        sql = Some(text);
+        (tag, body, next) = frame_at(rx, next)?;
+        if tag == b'D' && body.first() == Some(&b'S') {
+            if cstr(&body[1..])?.0 != name {
+                return None;
+            }
+            ext.describe_statement = true;
+            (tag, body, next) = frame_at(rx, next)?;
+        }
+    }
+    if tag == b'B' {
+        let (portal, rest) = cstr(body)?;
+        let (stmt, rest) = cstr(rest)?;
+        // Parameter formats may be given; no parameters may (result
+        // formats do not matter: there is no result).
+        let formats = u16_at(rest, 0)?;
+        if !portal.is_empty()
+            || ext.parse.is_some_and(|p| p != stmt)
+            || u16_at(rest, 2 + 2 * formats)? != 0
+        {
+            return None;
+        }
+        ext.bind = Some(stmt);
+        (tag, body, next) = frame_at(rx, next)?;
+        if tag == b'D' {
+            if body.first() != Some(&b'P') || !cstr(&body[1..])?.0.is_empty() {
+                return None;
+            }
+            ext.describe_portal = true;
+            (tag, body, next) = frame_at(rx, next)?;
+        }
+        if tag != b'E' || !cstr(body)?.0.is_empty() {
+            return None;
+        }
+        ext.execute = true;
+        (tag, _, next) = frame_at(rx, next)?;
+    }
+    // A Sync, or (asyncpg's prepare) a Flush after a Parse that nothing
+    // executes: answered without a ReadyForQuery.
+    ext.flush = tag == b'H' && !ext.execute;
+    (tag == b'S' || ext.flush).then_some(Head {
+        sql,
+        len: next,
+        ext: Some(ext),
+    })
+}
+
+/// The client has LISTEN statements prepared: a Bind may be of one.
+fn binds(c: &super::client::Client) -> bool {
+    c.listens.as_ref().is_some_and(|l| !l.statements.is_empty())
 }
 
 impl Worker {
     /// A request of an idle client: answered here when it is only LISTEN
     /// and UNLISTEN statements (transaction and statement pooling).
     pub(super) fn try_listen(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) -> Listened {
+        self.listen_request(cx, ck, false)
+    }
+
+    /// The same for a client inside a transaction on its server: answered
+    /// here (its ReadyForQuery says "in transaction"), and the statements
+    /// take effect when the transaction commits (`listen_block_ended`),
+    /// as in PostgreSQL. Left to the server when it cannot be done so: a
+    /// request of the client's still in flight, a failed transaction (the
+    /// server's error is the right answer), a savepoint that a `ROLLBACK
+    /// TO` could undo, or a channel the upstream could not LISTEN to.
+    pub(super) fn try_listen_linked(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        ck: Key,
+    ) -> Listened {
+        let Some(Conn::Client(c)) = self.conns.get(ck) else {
+            return Listened::No;
+        };
+        // Cheap tests first: this runs before every linked pump.
+        if !c.io.rx.is_empty() && head_query(&c.io.rx, binds(c)).is_none() {
+            self.forget_unnamed(ck);
+            return Listened::No;
+        }
+        if c.io.rx.is_empty()
+            || c.savepoint
+            || c.listens.as_ref().is_some_and(|l| l.direct)
+            || !c.conv.settled()
+            || !c.relay.at_boundary()
+            || c.prepared.as_ref().is_some_and(|p| !p.pipeline.is_idle())
+        {
+            return Listened::No;
+        }
+        let Some(Conn::Server(s)) = c.server.and_then(|sk| self.conns.get(sk)) else {
+            return Listened::No;
+        };
+        if s.status != TransactionStatus::InTransaction
+            || !s.relay.at_boundary()
+            || !s.io.rx.is_empty()
+        {
+            return Listened::No;
+        }
+        self.listen_request(cx, ck, true)
+    }
+
+    fn listen_request(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        ck: Key,
+        in_block: bool,
+    ) -> Listened {
         let Some(Conn::Client(c)) = self.conns.get(ck) else {
             return Listened::No;
         };
@@ -191,17 +374,45 @@ impl Worker {
         if route.route.pool == PoolMode::Session || route.storage.kind == StorageType::Local {
             return Listened::No;
         }
-        let Some(head) = head_query(&c.io.rx) else {
+        let Some(head) = head_query(&c.io.rx, binds(c)) else {
+            self.forget_unnamed(ck);
             return Listened::No;
         };
-        let (len, extended) = (head.len, head.extended);
-        let Some(stmts) = notify::parse_listen(head.sql) else {
+        let Some(stmts) = (match (head.sql, &head.ext) {
+            (Some(sql), _) => notify::parse_listen(sql),
+            // A Bind of a statement prepared earlier.
+            (
+                None,
+                Some(Ext {
+                    bind: Some(name), ..
+                }),
+            ) => c
+                .listens
+                .as_ref()
+                .and_then(|l| l.statement(name))
+                .map(<[ListenStmt]>::to_vec),
+            _ => None,
+        }) else {
+            self.forget_unnamed(ck);
             return Listened::No;
         };
         // One statement only through the extended protocol, as PostgreSQL.
-        if extended.is_some() && stmts.len() != 1 {
+        if head.ext.is_some() && stmts.len() != 1 {
             return Listened::No;
         }
+        let len = head.len;
+        let flush = head.ext.as_ref().is_some_and(|e| e.flush);
+        let ext = head.ext.map(|e| {
+            (
+                e.parse.map(str::to_string),
+                e.describe_statement,
+                e.bind.is_some(),
+                e.describe_portal,
+                e.execute,
+            )
+        });
+        // Only an executed statement takes effect (a Parse alone prepares it).
+        let executes = ext.as_ref().is_none_or(|e| e.4);
         let route = Arc::clone(route);
         let key = HubKey {
             storage: route.route.storage.as_str().into(),
@@ -222,63 +433,151 @@ impl Worker {
         };
         // Every channel it LISTENs to must be heard upstream first.
         let mut missing = None;
-        for s in &stmts {
+        for s in stmts.iter().filter(|_| executes) {
             if let ListenStmt::Listen(name) = s {
                 let ch = hub.channel(name);
-                if !ch.active.load(std::sync::atomic::Ordering::Acquire) {
-                    if !ch.requested.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                if !ch.active.load(Ordering::Acquire) {
+                    if !ch.requested.swap(true, Ordering::AcqRel) {
                         self.subscribe_upstream(cx, &hub, &route);
                     }
                     missing = Some(ch);
                 }
             }
         }
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return Listened::No;
+        };
+        let listens = c
+            .listens
+            .get_or_insert_with(|| Box::new(Listens::new(&hub)));
         if let Some(ch) = missing {
             debug!("waiting for LISTEN {} upstream", ch.name);
             self.w.listen_waits.push((ch, ck));
             return Listened::Waiting;
         }
-        let me = self.w.id;
+        if let Some((Some(name), ..)) = &ext {
+            listens.prepare(name, &stmts);
+        }
+        if executes {
+            if in_block {
+                listens.pending.extend(stmts.iter().cloned());
+            } else if !self.register(cx, ck, &hub, &route, &stmts, true) {
+                return Listened::Waiting;
+            }
+        }
         let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
             return Listened::No;
         };
-        let listens = c.listens.get_or_insert_with(|| {
-            Box::new(Listens {
-                hub: Arc::clone(&hub),
-                channels: Vec::new(),
-                missed: false,
-            })
-        });
+        let _ = c.io.rx.split_to(len.min(c.io.rx.len()));
+        let out = &mut c.io.out;
+        let (parse, describe_statement, bind, describe_portal, execute) =
+            ext.map_or((None, false, false, false, true), |e| e);
+        if parse.is_some() {
+            backend::parse_complete(out);
+        }
+        if describe_statement {
+            backend::parameter_description(out, &[]);
+            backend::no_data(out);
+        }
+        if bind {
+            backend::bind_complete(out);
+        }
+        if describe_portal {
+            backend::no_data(out);
+        }
+        for s in stmts.iter().filter(|_| execute) {
+            let tag = if matches!(s, ListenStmt::Listen(_)) {
+                "LISTEN"
+            } else {
+                "UNLISTEN"
+            };
+            backend::command_complete(out, tag);
+        }
+        let status = if in_block {
+            TransactionStatus::InTransaction
+        } else {
+            TransactionStatus::Idle
+        };
+        if !flush {
+            backend::ready_for_query(out, status);
+        }
+        c.io.flush();
+        // Notifications wait for a ReadyForQuery, as PostgreSQL's do.
+        if !in_block && !flush {
+            self.deliver(cx, ck);
+        }
+        Listened::Answered
+    }
+
+    /// A request that is not a LISTEN of odissey's replaces the client's
+    /// unnamed statement (a Parse) or drops it (a Query), as PostgreSQL's
+    /// would: a LISTEN prepared unnamed is forgotten.
+    fn forget_unnamed(&mut self, ck: Key) {
+        if let Some(Conn::Client(c)) = self.conns.get_mut(ck) {
+            if matches!(c.io.rx.first(), Some(b'P' | b'Q')) {
+                if let Some(l) = c.listens.as_deref_mut() {
+                    l.statements.retain(|(n, _)| !n.is_empty());
+                }
+            }
+        }
+    }
+
+    /// Makes `stmts` the client's: LISTENs counted on their channels (read
+    /// from now on), UNLISTENs left. A channel worker 0 forgot meanwhile
+    /// is asked for again: with `can_wait` the client waits for it (false
+    /// returned, nothing changed), else it is listened to at once and gets
+    /// what comes once the upstream hears it.
+    fn register(
+        &mut self,
+        cx: &mut Context<'_, WorkerTimer>,
+        ck: Key,
+        hub: &Arc<Hub>,
+        route: &Arc<ResolvedRoute>,
+        stmts: &[ListenStmt],
+        can_wait: bool,
+    ) -> bool {
+        let me = self.w.id;
         let mut left = Vec::new();
-        for s in &stmts {
+        let mut added: Vec<Arc<Channel>> = Vec::new();
+        for s in stmts {
+            let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+                return true;
+            };
+            let listens = c.listens.get_or_insert_with(|| Box::new(Listens::new(hub)));
             match s {
                 ListenStmt::Listen(name) => {
                     if listens.channels.iter().any(|(ch, _)| &*ch.name == name) {
                         continue;
                     }
-                    let ch = hub.channel(name);
+                    let mut ch = hub.channel(name);
                     ch.count(me, true);
                     // Worker 0 forgets a channel whose count it saw at 0
                     // under the hub's lock: counted first, then looked up
                     // again, this LISTEN either kept it or sees it gone
                     // (and waits for a fresh one, as on a first LISTEN).
                     let kept = hub.find(name).is_some_and(|c| Arc::ptr_eq(&c, &ch))
-                        && ch.active.load(std::sync::atomic::Ordering::Acquire);
+                        && ch.active.load(Ordering::Acquire);
                     if !kept {
                         ch.count(me, false);
                         let fresh = hub.channel(name);
-                        if !fresh
-                            .requested
-                            .swap(true, std::sync::atomic::Ordering::AcqRel)
-                        {
-                            self.subscribe_upstream(cx, &hub, &route);
+                        if !fresh.requested.swap(true, Ordering::AcqRel) {
+                            self.subscribe_upstream(cx, hub, route);
                         }
-                        self.w.listen_waits.push((fresh, ck));
-                        for ch in left {
-                            self.leave_channel(cx, ck, &ch);
+                        if can_wait {
+                            self.w.listen_waits.push((fresh, ck));
+                            // Undone: the request is answered whole later.
+                            for ch in added {
+                                self.leave_channel(cx, ck, &ch);
+                            }
+                            return false;
                         }
-                        return Listened::Waiting;
+                        fresh.count(me, true);
+                        ch = fresh;
                     }
+                    let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+                        return true;
+                    };
+                    let listens = c.listens.get_or_insert_with(|| Box::new(Listens::new(hub)));
                     let at = ch.cursor_now();
                     self.w
                         .listening
@@ -286,7 +585,8 @@ impl Worker {
                         .or_insert_with(|| (Arc::clone(&ch), Vec::new()))
                         .1
                         .push(ck);
-                    listens.channels.push((ch, at));
+                    listens.channels.push((Arc::clone(&ch), at));
+                    added.push(ch);
                 }
                 ListenStmt::Unlisten(name) => {
                     if let Some(i) = listens
@@ -302,29 +602,43 @@ impl Worker {
                 }
             }
         }
-        let _ = c.io.rx.split_to(len.min(c.io.rx.len()));
-        if let Some(described) = extended {
-            backend::parse_complete(&mut c.io.out);
-            backend::bind_complete(&mut c.io.out);
-            if described {
-                backend::no_data(&mut c.io.out);
-            }
-        }
-        for s in &stmts {
-            let tag = if matches!(s, ListenStmt::Listen(_)) {
-                "LISTEN"
-            } else {
-                "UNLISTEN"
-            };
-            backend::command_complete(&mut c.io.out, tag);
-        }
-        backend::ready_for_query(&mut c.io.out, TransactionStatus::Idle);
-        c.io.flush();
         for ch in left {
             self.leave_channel(cx, ck, &ch);
         }
-        self.deliver(cx, ck);
-        Listened::Answered
+        true
+    }
+
+    /// The transaction of a client that LISTENed or UNLISTENed in it
+    /// ended (`Listens::ready`): committed, what it asked takes effect now;
+    /// rolled back, it is forgotten.
+    pub(super) fn listen_block_ended(&mut self, cx: &mut Context<'_, WorkerTimer>, ck: Key) {
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
+            return;
+        };
+        let Some(l) = c.listens.as_deref_mut() else {
+            return;
+        };
+        let Some(committed) = l.outcome.take() else {
+            return;
+        };
+        let stmts = std::mem::take(&mut l.pending);
+        let hub = Arc::clone(&l.hub);
+        let Some(route) = c.route.clone() else {
+            return;
+        };
+        debug!(
+            "{}: transaction with {} LISTEN/UNLISTEN {}",
+            c.id,
+            stmts.len(),
+            if committed {
+                "committed"
+            } else {
+                "rolled back"
+            }
+        );
+        if committed {
+            self.register(cx, ck, &hub, &route, &stmts, false);
+        }
     }
 
     /// Asks worker 0 to LISTEN upstream to the channels of `hub` it does
@@ -562,11 +876,7 @@ impl Worker {
         for ch in u.hub.channels() {
             let heard = u.heard.iter().any(|n| *n == ch.name)
                 || u.sent.iter().any(|(n, l)| *n == ch.name && *l);
-            if !heard
-                && ch.listening()
-                    + usize::from(ch.requested.load(std::sync::atomic::Ordering::Acquire))
-                    > 0
-            {
+            if !heard && ch.listening() + usize::from(ch.requested.load(Ordering::Acquire)) > 0 {
                 frontend::query(&mut u.io.out, &notify::statement("LISTEN", &ch.name));
                 u.sent.push_back((Arc::clone(&ch.name), true));
             }
@@ -598,9 +908,8 @@ impl Worker {
             if !u.hub.forget_if_unheard(&ch.name) {
                 return;
             }
-            ch.active.store(false, std::sync::atomic::Ordering::Release);
-            ch.requested
-                .store(false, std::sync::atomic::Ordering::Release);
+            ch.active.store(false, Ordering::Release);
+            ch.requested.store(false, Ordering::Release);
             u.heard.retain(|n| *n != ch.name);
             if matches!(u.phase, Phase::Ready) {
                 frontend::query(&mut u.io.out, &notify::statement("UNLISTEN", &ch.name));
@@ -694,8 +1003,7 @@ impl Worker {
                                     if listen {
                                         u.heard.push(Arc::clone(&name));
                                         if let Some(ch) = u.hub.find(&name) {
-                                            ch.active
-                                                .store(true, std::sync::atomic::Ordering::Release);
+                                            ch.active.store(true, Ordering::Release);
                                             confirmed.push(ch);
                                         }
                                     }
@@ -772,7 +1080,7 @@ impl Worker {
             self.w.upstreams.remove(&hub.key);
         }
         for ch in hub.channels() {
-            ch.active.store(false, std::sync::atomic::Ordering::Release);
+            ch.active.store(false, Ordering::Release);
         }
         if hub.is_empty() || self.w.draining {
             info!("LISTEN connection to {} closed: {why}", hub.key.host);
@@ -807,8 +1115,7 @@ impl Worker {
     /// its channels gets an ErrorResponse (its connection stays).
     fn upstream_failed(&mut self, cx: &mut Context<'_, WorkerTimer>, hub: &Arc<Hub>, why: &str) {
         for ch in hub.channels() {
-            ch.requested
-                .store(false, std::sync::atomic::Ordering::Release);
+            ch.requested.store(false, Ordering::Release);
             for (i, peer) in self.w.peers.iter().enumerate() {
                 if i != self.w.id {
                     let _ = peer.send(WorkerCmd::ListenFailed {
@@ -832,7 +1139,17 @@ impl Worker {
             let Some(Conn::Client(c)) = self.conns.get_mut(ck) else {
                 continue;
             };
-            if let Some(head) = head_query(&c.io.rx) {
+            if c.server.is_some() {
+                // Inside a transaction: its server runs the LISTEN (and
+                // keeps the client, as in session pooling) rather than an
+                // error the server's transaction would not share.
+                if let Some(l) = c.listens.as_deref_mut() {
+                    l.direct = true;
+                }
+                self.drive_client(cx, ck);
+                continue;
+            }
+            if let Some(head) = head_query(&c.io.rx, true) {
                 let len = head.len;
                 let _ = c.io.rx.split_to(len.min(c.io.rx.len()));
             }
@@ -859,12 +1176,67 @@ mod tests {
     use bytes::BytesMut;
     use odissey_protocol::frontend;
 
+    fn listens() -> Listens {
+        let hub = Arc::new(Hub::new(
+            HubKey {
+                storage: "s".into(),
+                host: "h:1".into(),
+                database: "d".into(),
+            },
+            1,
+            8,
+            1024,
+        ));
+        let mut l = Listens::new(&hub);
+        l.pending.push(ListenStmt::Listen("a".into()));
+        l
+    }
+
+    #[test]
+    fn a_transaction_block_ends_as_its_closing_tag_and_status_say() {
+        use TransactionStatus::{Failed, Idle, InTransaction};
+        // (tags before the ReadyForQuery, its status, a savepoint opened
+        // since the LISTEN) -> committed?
+        type Case = (
+            &'static [&'static [u8]],
+            TransactionStatus,
+            bool,
+            Option<bool>,
+        );
+        let cases: &[Case] = &[
+            (&[b"COMMIT\0"], Idle, false, Some(true)),
+            (&[b"ROLLBACK\0"], Idle, false, Some(false)),
+            // COMMIT of a failed transaction answers ROLLBACK.
+            (&[b"ROLLBACK\0"], Idle, true, Some(false)),
+            (&[b"PREPARE TRANSACTION\0"], Idle, false, Some(false)),
+            (&[b"SELECT 1\0"], InTransaction, false, None),
+            (&[b"SELECT 1\0"], Failed, false, None),
+            (&[b"COMMIT\0"], InTransaction, false, Some(true)),
+            (&[b"ROLLBACK\0"], InTransaction, false, Some(false)),
+            // ROLLBACK TO a savepoint opened after the LISTEN.
+            (&[b"ROLLBACK\0"], InTransaction, true, None),
+            (&[b"SAVEPOINT\0", b"RELEASE\0"], InTransaction, true, None),
+        ];
+        for (tags, status, savepoint, want) in cases {
+            let mut l = listens();
+            for t in *tags {
+                l.command_done(t);
+            }
+            l.ready(*status, *savepoint);
+            assert_eq!(l.outcome, *want, "{tags:?} {status:?} {savepoint}");
+            // The tag does not outlive its ReadyForQuery.
+            l.outcome = None;
+            l.ready(InTransaction, false);
+            assert_eq!(l.outcome, None);
+        }
+    }
+
     #[test]
     fn listen_requests_are_found_in_both_protocols() {
         let mut b = BytesMut::new();
         frontend::query(&mut b, "LISTEN a");
-        let h = head_query(&b).unwrap();
-        assert_eq!((h.sql, h.len, h.extended), ("LISTEN a", b.len(), None));
+        let h = head_query(&b, false).unwrap();
+        assert_eq!((h.sql, h.len, h.ext), (Some("LISTEN a"), b.len(), None));
         // psycopg's execute(): Parse, Bind, Describe portal, Execute, Sync.
         let mut b = BytesMut::new();
         frontend::parse(&mut b, "", "LISTEN a", &[]);
@@ -872,24 +1244,68 @@ mod tests {
         frontend::describe(&mut b, b'P', "");
         frontend::execute(&mut b, "", 0);
         frontend::sync(&mut b);
-        let h = head_query(&b).unwrap();
+        let h = head_query(&b, false).unwrap();
+        let ext = Ext {
+            parse: Some(""),
+            bind: Some(""),
+            describe_portal: true,
+            execute: true,
+            ..Ext::default()
+        };
         assert_eq!(
-            (h.sql, h.len, h.extended),
-            ("LISTEN a", b.len(), Some(true))
+            (h.sql, h.len, h.ext),
+            (Some("LISTEN a"), b.len(), Some(ext))
         );
-        // Not yet all in, named, or with parameters: not ours.
-        assert!(head_query(&b[..b.len() - 1]).is_none());
+        // asyncpg's fetch(): a named statement prepared and described...
         let mut b = BytesMut::new();
-        frontend::parse(&mut b, "s1", "LISTEN a", &[]);
-        frontend::bind(&mut b, "", "s1", &[]);
+        frontend::parse(&mut b, "__asyncpg_stmt_1__", "LISTEN \"a\"", &[]);
+        frontend::describe(&mut b, b'S', "__asyncpg_stmt_1__");
+        frontend::flush(&mut b);
+        let h = head_query(&b, false).unwrap();
+        let ext = Ext {
+            parse: Some("__asyncpg_stmt_1__"),
+            describe_statement: true,
+            flush: true,
+            ..Ext::default()
+        };
+        assert_eq!((h.sql, h.ext), (Some("LISTEN \"a\""), Some(ext)));
+        // ...then bound and executed, looked at only when the client has
+        // LISTENs prepared.
+        let mut b = BytesMut::new();
+        frontend::bind(&mut b, "", "__asyncpg_stmt_1__", &[]);
         frontend::execute(&mut b, "", 0);
         frontend::sync(&mut b);
-        assert!(head_query(&b).is_none());
+        assert!(head_query(&b, false).is_none());
+        let h = head_query(&b, true).unwrap();
+        let ext = Ext {
+            bind: Some("__asyncpg_stmt_1__"),
+            execute: true,
+            ..Ext::default()
+        };
+        assert_eq!((h.sql, h.len, h.ext), (None, b.len(), Some(ext)));
+        // Not yet all in, bound to another statement, or with parameters:
+        // not a LISTEN request.
+        let mut b = BytesMut::new();
+        frontend::parse(&mut b, "", "LISTEN a", &[]);
+        frontend::bind(&mut b, "", "", &[]);
+        frontend::execute(&mut b, "", 0);
+        frontend::sync(&mut b);
+        assert!(head_query(&b[..b.len() - 1], false).is_none());
+        let mut b = BytesMut::new();
+        frontend::parse(&mut b, "s1", "LISTEN a", &[]);
+        frontend::bind(&mut b, "", "s2", &[]);
+        frontend::execute(&mut b, "", 0);
+        frontend::sync(&mut b);
+        assert!(head_query(&b, true).is_none());
         let mut b = BytesMut::new();
         frontend::parse(&mut b, "", "LISTEN a", &[]);
         frontend::bind(&mut b, "", "", &[Some(b"x")]);
         frontend::execute(&mut b, "", 0);
         frontend::sync(&mut b);
-        assert!(head_query(&b).is_none());
+        assert!(head_query(&b, false).is_none());
+        let mut b = BytesMut::new();
+        frontend::parse(&mut b, "", "SELECT 1", &[]);
+        frontend::sync(&mut b);
+        assert!(head_query(&b, true).is_none());
     }
 }

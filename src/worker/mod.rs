@@ -921,9 +921,13 @@ impl Worker {
                     listen::Listened::Answered => true,
                     listen::Listened::Waiting => return,
                 },
-                ClientNext::Relay => match self.relay_pair(cx, ck) {
-                    Some(progress) => progress,
-                    None => return,
+                ClientNext::Relay => match self.try_listen_linked(cx, ck) {
+                    listen::Listened::No => match self.relay_pair(cx, ck) {
+                        Some(progress) => progress,
+                        None => return,
+                    },
+                    listen::Listened::Answered => true,
+                    listen::Listened::Waiting => return,
                 },
                 ClientNext::Console(command) => {
                     self.w.send(SysCmd::Console {

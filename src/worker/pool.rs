@@ -209,7 +209,11 @@ impl Worker {
         let listens = match self.conns.get_mut(ck) {
             Some(Conn::Client(c)) => {
                 c.unlink();
-                c.listens.is_some()
+                c.listens.as_deref_mut().is_some_and(|l| {
+                    // Its transaction is over.
+                    l.direct = false;
+                    true
+                })
             }
             _ => false,
         };

@@ -1,34 +1,80 @@
-"""psycopg 3 listeners through transaction pooling (odissey port in argv[1],
-PostgreSQL's in argv[2]): 10 autocommit connections and one in psycopg's
-default transactions LISTEN, another notifies;
-each listener's conn.notifies() gets every notification once, in order."""
+"""psycopg 3 listeners through transaction pooling (odissey's port in
+argv[1], listeners in argv[2]): half in autocommit, half in psycopg's
+default transactions (the LISTEN takes effect at COMMIT), one more whose
+LISTEN is rolled back. Prints "listening" once all are set and waits for a
+line on stdin (the test looks at odissey meanwhile), then a notifier sends
+20 notifications: every listener gets each once, in order, the rolled-back
+one none; the first ten UNLISTEN and get no more, the others get the rest."""
 import sys
 
 import psycopg
 
 POOLER = f"host=127.0.0.1 port={sys.argv[1]} dbname=test user=trust_user"
+COUNT = int(sys.argv[2])
+CH = "psy_jobs"
 
-listeners = [psycopg.connect(POOLER, autocommit=True) for _ in range(10)]
-for conn in listeners:
-    conn.execute("LISTEN psy_jobs")
-# psycopg's default (no autocommit): the LISTEN runs inside a transaction
-# and takes effect at COMMIT, as on PostgreSQL.
-default = psycopg.connect(POOLER)
-default.execute("LISTEN psy_jobs")
-default.commit()
-listeners.append(default)
-with psycopg.connect(POOLER, autocommit=True) as notifier:
-    for i in range(5):
-        notifier.execute("SELECT pg_notify('psy_jobs', %s)", (f"p{i}",))
 failures = 0
-for k, conn in enumerate(listeners):
-    got = [(n.channel, n.payload) for n in conn.notifies(timeout=5, stop_after=5)]
-    want = [("psy_jobs", f"p{i}") for i in range(5)]
-    if got != want:
-        print(f"listener {k}: got {got}, want {want}")
-        failures += 1
-    conn.execute("UNLISTEN psy_jobs")
-    conn.commit()
+
+
+def fail(msg):
+    global failures
+    print(msg, flush=True)
+    failures += 1
+
+
+listeners = []
+for k in range(COUNT):
+    if k % 2 == 0:
+        conn = psycopg.connect(POOLER, autocommit=True)
+        conn.execute(f"LISTEN {CH}")
+    else:
+        # psycopg's default: BEGIN first, the LISTEN in the transaction.
+        conn = psycopg.connect(POOLER)
+        conn.execute(f"LISTEN {CH}")
+        conn.commit()
+    listeners.append(conn)
+rolled = psycopg.connect(POOLER)
+rolled.execute(f"LISTEN {CH}")
+rolled.rollback()
+
+print("listening", flush=True)
+sys.stdin.readline()
+
+
+def expect(conn, want, timeout=10):
+    got = [(n.channel, n.payload)
+           for n in conn.notifies(timeout=timeout, stop_after=len(want) or None)]
+    return got == want, got
+
+
+with psycopg.connect(POOLER, autocommit=True) as notifier:
+    for i in range(20):
+        if i % 2:
+            notifier.execute("SELECT pg_notify(%s, %s)", (CH, f"p{i}"))
+        else:
+            notifier.execute(f"NOTIFY {CH}, 'p{i}'")
+    want = [(CH, f"p{i}") for i in range(20)]
+    for k, conn in enumerate(listeners):
+        ok, got = expect(conn, want)
+        if not ok:
+            fail(f"listener {k}: got {got}, want {want}")
+    ok, got = expect(rolled, [], timeout=0.5)
+    if not ok:
+        fail(f"the rolled-back LISTEN got {got}")
+    for conn in listeners[:10]:
+        conn.execute(f"UNLISTEN {CH}")
+        conn.commit()
+    for i in range(3):
+        notifier.execute("SELECT pg_notify(%s, %s)", (CH, f"late{i}"))
+    late = [(CH, f"late{i}") for i in range(3)]
+    for k, conn in enumerate(listeners):
+        if k < 10:
+            ok, got = expect(conn, [], timeout=0.3)
+        else:
+            ok, got = expect(conn, late)
+        if not ok:
+            fail(f"listener {k} after the UNLISTENs: got {got}")
+for conn in listeners + [rolled]:
     conn.close()
-print(f"psycopg listeners: {failures} failure(s)")
+print(f"psycopg listeners: {failures} failure(s)", flush=True)
 sys.exit(1 if failures else 0)
